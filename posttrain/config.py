@@ -1,0 +1,411 @@
+"""Typed configuration: one dataclass per component, composed into ``PosttrainConfig``.
+
+Every section validates itself; a bad value raises ``ConfigError`` (a ``ValueError``) whose message
+starts with the full dotted key, e.g. ``train.zero_stage: must be one of [1, 2, 3], got 4``.
+YAML presets live in ``configs/``; ``key=value`` overrides use dotted keys and YAML values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem at a dotted key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(key, message)
+
+
+def require_choice(value: Any, key: str, choices: typing.Iterable[Any]) -> None:
+    choices = list(choices)
+    require(value in choices, key, f"must be one of {choices}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class CropConfig:
+    """How training/validation audio is cut. ``antideepfake``: files longer than
+    ``crop_above_seconds`` get one random crop of uniform length in [min_seconds, max_seconds]."""
+
+    policy: Literal["antideepfake", "fixed", "none"] = "antideepfake"
+    crop_above_seconds: float = 13.0
+    min_seconds: float = 10.0
+    max_seconds: float = 13.0
+    fixed_seconds: float = 4.0
+
+    def validate(self) -> None:
+        require_choice(self.policy, "policy", ["antideepfake", "fixed", "none"])
+        require(self.min_seconds > 0, "min_seconds", "must be > 0")
+        require(self.max_seconds >= self.min_seconds, "max_seconds", "must be >= min_seconds")
+        require(self.fixed_seconds > 0, "fixed_seconds", "must be > 0")
+
+
+@dataclass
+class StreamConfig:
+    """Streaming loader over WebDataset shard sets (see ``posttrain.data.stream``)."""
+
+    shards: list[str] = field(default_factory=list)  # shard directories (each with index.json)
+    weights: list[float] = field(default_factory=list)  # per shard set; empty = all 1.0
+    sample_rate_hz: int = 16000
+    max_batch_seconds: float = 100.0  # audio seconds per batch per rank, padding excluded
+    max_batch_size: int = 64
+    num_buckets: int = 20
+    shuffle_buffer: int = 1000
+    num_workers: int = 2
+    seed: int = 1234
+    normalize: bool = True  # per-utterance zero mean / unit variance
+    crop: CropConfig = field(default_factory=CropConfig)
+
+    def validate(self) -> None:
+        require(not self.weights or len(self.weights) == len(self.shards), "weights",
+                f"needs one weight per shard set ({len(self.shards)}), got {len(self.weights)}")
+        require(all(w > 0 for w in self.weights), "weights", "must all be > 0")
+        require(self.sample_rate_hz > 0, "sample_rate_hz", "must be > 0")
+        require(self.max_batch_seconds > 0, "max_batch_seconds", "must be > 0")
+        require(self.max_batch_size >= 1, "max_batch_size", "must be >= 1")
+        require(self.num_buckets >= 1, "num_buckets", "must be >= 1")
+        require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
+        require(self.num_workers >= 0, "num_workers", "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    train: StreamConfig = field(default_factory=StreamConfig)
+    valid: StreamConfig = field(default_factory=lambda: StreamConfig(shuffle_buffer=0, num_workers=0))
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # see posttrain.models.presets.PRESETS
+    pretrained: str | None = None  # hub id or local path of SSL weights; None = random init
+    gradient_checkpointing: bool = False
+    mask_time_prob: float = 0.0  # SpecAugment time masking during training; 0 = off
+    mask_time_length: int = 10
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    freeze_feature_encoder: bool = False
+
+    def validate(self) -> None:
+        require(0.0 <= self.mask_time_prob < 1.0, "mask_time_prob", "must be in [0, 1)")
+        require(self.mask_time_length >= 1, "mask_time_length", "must be >= 1")
+        require(0.0 <= self.hidden_dropout < 1.0, "hidden_dropout", "must be in [0, 1)")
+        require(0.0 <= self.attention_dropout < 1.0, "attention_dropout", "must be in [0, 1)")
+
+
+# ----------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-7
+    weight_decay: float = 0.01
+    eps: float = 1e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip_norm: float = 100.0  # 0 disables clipping
+
+    def validate(self) -> None:
+        require(self.lr >= 0, "lr", "must be >= 0")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(self.eps > 0, "eps", "must be > 0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+                "must be two numbers in [0, 1)")
+        require(self.grad_clip_norm >= 0, "grad_clip_norm", "must be >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warm-up to ``optim.lr`` over ``warmup_steps``, then exponential decay reaching
+    ``final_lr_ratio * lr`` at ``decay_end_steps`` (held constant after)."""
+
+    warmup_steps: int = 80_000
+    decay_end_steps: int = 800_000
+    final_lr_ratio: float = 0.01
+
+    def validate(self) -> None:
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(self.decay_end_steps >= self.warmup_steps, "decay_end_steps", "must be >= warmup_steps")
+        require(0 < self.final_lr_ratio <= 1, "final_lr_ratio", "must be in (0, 1]")
+
+
+@dataclass
+class SamConfig:
+    """Sharpness-aware minimisation (Foret et al.; ASAM: Kwon et al.)."""
+
+    enabled: bool = False
+    rho: float = 0.005
+    adaptive: bool = False
+    adaptive_eta: float = 0.01  # ASAM's T = |w| + eta
+    variant: Literal["sam", "looksam"] = "sam"
+    looksam_every_steps: int = 5  # LookSAM: full SAM step every k steps
+    looksam_alpha: float = 0.7
+
+    def validate(self) -> None:
+        require(self.rho > 0, "rho", "must be > 0")
+        require(self.adaptive_eta >= 0, "adaptive_eta", "must be >= 0")
+        require_choice(self.variant, "variant", ["sam", "looksam"])
+        require(self.looksam_every_steps >= 1, "looksam_every_steps", "must be >= 1")
+        require(self.looksam_alpha >= 0, "looksam_alpha", "must be >= 0")
+
+
+@dataclass
+class RawBoostConfig:
+    """RawBoost (Tak et al., ICASSP 2022); defaults are the reference code's."""
+
+    enabled: bool = False
+    algo: int = 5
+    n_f: int = 5
+    n_bands: int = 5
+    min_f_hz: float = 20.0
+    max_f_hz: float = 8000.0
+    min_bw_hz: float = 100.0
+    max_bw_hz: float = 1000.0
+    min_coeff: int = 10
+    max_coeff: int = 100
+    min_g_db: float = 0.0
+    max_g_db: float = 0.0
+    min_bias_db: float = 5.0
+    max_bias_db: float = 20.0
+    p_percent: float = 10.0
+    g_sd: float = 2.0
+    snr_min_db: float = 10.0
+    snr_max_db: float = 40.0
+    seed: int = 1234
+
+    def validate(self) -> None:
+        require(self.algo in range(9), "algo", f"must be in 0..8, got {self.algo!r}")
+        require(self.n_f >= 1, "n_f", "must be >= 1")
+        require(self.n_bands >= 1, "n_bands", "must be >= 1")
+        require(0 < self.min_f_hz <= self.max_f_hz, "max_f_hz", "must be >= min_f_hz > 0")
+        require(0 < self.min_bw_hz <= self.max_bw_hz, "max_bw_hz", "must be >= min_bw_hz > 0")
+        require(3 <= self.min_coeff <= self.max_coeff, "max_coeff", "must be >= min_coeff >= 3")
+        require(self.min_g_db <= self.max_g_db, "max_g_db", "must be >= min_g_db")
+        require(self.min_bias_db <= self.max_bias_db, "max_bias_db", "must be >= min_bias_db")
+        require(0 <= self.p_percent <= 100, "p_percent", "must be in [0, 100]")
+        require(self.snr_min_db <= self.snr_max_db, "snr_max_db", "must be >= snr_min_db")
+
+
+@dataclass
+class DualPathConfig:
+    """Dual-path data augmentation with gradient alignment (DPDA)."""
+
+    enabled: bool = False
+    method: Literal["pcgrad", "gradvac", "cagrad", "sum"] = "pcgrad"
+    gradvac_beta: float = 0.5
+    cagrad_c: float = 0.5
+    rawboost_algo: int = 4
+
+    def validate(self) -> None:
+        require_choice(self.method, "method", ["pcgrad", "gradvac", "cagrad", "sum"])
+        require(0 <= self.gradvac_beta <= 1, "gradvac_beta", "must be in [0, 1]")
+        require(self.cagrad_c >= 0, "cagrad_c", "must be >= 0")
+        require(self.rawboost_algo in range(1, 9), "rawboost_algo", "must be in 1..8")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 800_000  # optimiser steps
+    max_epochs: int = 30
+    grad_accum_steps: int = 1
+    zero_stage: int = 2
+    precision: Literal["bf16", "fp32"] = "bf16"
+    seed: int = 1234
+    max_consecutive_skips: int = 10  # non-finite steps in a row before training stops
+    log_every_steps: int = 10
+    valid_every_steps: int = 1000  # 0 = only at the end of each epoch
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def validate(self) -> None:
+        require(self.max_steps >= 1, "max_steps", "must be >= 1")
+        require(self.max_epochs >= 1, "max_epochs", "must be >= 1")
+        require(self.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
+        require_choice(self.zero_stage, "zero_stage", [0, 1, 2, 3])
+        require_choice(self.precision, "precision", ["bf16", "fp32"])
+        require(self.max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1")
+        require(self.log_every_steps >= 1, "log_every_steps", "must be >= 1")
+        require(self.valid_every_steps >= 0, "valid_every_steps", "must be >= 0")
+        require_choice(self.device, "device", ["auto", "cpu", "cuda"])
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 5000  # 0 = off
+    every_minutes: float = 60.0  # 0 = off
+    keep_last: int = 3
+    resume: str = "auto"  # auto (from <output_dir>/checkpoints/latest if present) | none | a tag dir
+
+    def validate(self) -> None:
+        require(self.every_steps >= 0, "every_steps", "must be >= 0")
+        require(self.every_minutes >= 0, "every_minutes", "must be >= 0")
+        require(self.keep_last >= 1, "keep_last", "must be >= 1")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "posttrain"
+    run_name: str | None = None
+    system_metrics: bool = True
+
+
+@dataclass
+class PosttrainConfig:
+    output_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
+    rawboost: RawBoostConfig = field(default_factory=RawBoostConfig)
+    dual_path: DualPathConfig = field(default_factory=DualPathConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        require(bool(self.output_dir), "output_dir", "must not be empty")
+        if self.sam.enabled and self.dual_path.enabled:
+            raise ConfigError("dual_path.enabled", "cannot be combined with sam.enabled")
+
+
+# ------------------------------------------------------------------------------------------ machinery
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (building nested dataclasses)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        require(isinstance(value, dict), key, f"must be a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as error:
+                errors.append(error.message)
+        raise ConfigError(key, "; ".join(errors))
+    if origin is Literal:
+        require_choice(value, key, typing.get_args(tp))
+        return value
+    if origin is list:
+        require(isinstance(value, (list, tuple)), key, f"must be a list, got {type(value).__name__}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(item, item_tp, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        require(isinstance(value, dict), key, f"must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is float:
+        require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+                f"must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        require(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        require(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        require(isinstance(value, str), key, f"must be a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(key, f"unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys and bad values raise ``ConfigError``."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(_join(prefix, key), f"unknown key (known: {sorted(names)})")
+    kwargs = {name: _coerce(value, hints[name], _join(prefix, name)) for name, value in data.items()}
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ConfigError as error:
+            raise ConfigError(_join(prefix, error.key), error.message) from None
+    return obj
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested mapping, in place."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(override, "override must look like section.key=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, f"'{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    with path.open() as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: top level must be a mapping")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = (),
+                cls: type = PosttrainConfig) -> Any:
+    """Defaults <- YAML file <- ``key=value`` overrides, validated."""
+    data = load_yaml(path) if path is not None else {}
+    apply_overrides(data, overrides)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as error:
+        where = f" (in {path})" if path is not None else ""
+        raise ConfigError(error.key, error.message + where) from None
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,69 @@
+"""The batch every consumer (train step, eval, embed) receives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+REAL_LABEL = 1  # label ids: 1 = real (bona fide), 0 = fake; logit order is [fake, real]
+FAKE_LABEL = 0
+LABEL_IDS = {"real": REAL_LABEL, "fake": FAKE_LABEL}
+
+
+@dataclass
+class Batch:
+    """Zero-padded waveforms with their true lengths; padding must be masked by every consumer.
+
+    ``waveforms [B, T] float32``, ``lengths [B] int64`` (samples), ``labels [B] int64`` (1 = real),
+    ``ids``: sample ids, ``meta``: the per-sample JSON metadata from the shard.
+    A batch with ``B == 0`` is a *join* batch: the rank has run out of data this epoch but must still
+    take part in collectives (see ``posttrain.data.stream``).
+    """
+
+    waveforms: torch.Tensor
+    lengths: torch.Tensor
+    labels: torch.Tensor
+    ids: list[str] = field(default_factory=list)
+    meta: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.waveforms.shape[0])
+
+    @property
+    def is_empty(self) -> bool:
+        return len(self) == 0
+
+    @property
+    def seconds(self) -> float:
+        """Audio seconds carried (padding excluded), assuming 16 kHz unless meta says otherwise."""
+        return float(self.lengths.sum()) / 16000.0
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "Batch":
+        return Batch(
+            waveforms=self.waveforms.to(device, non_blocking=non_blocking),
+            lengths=self.lengths.to(device, non_blocking=non_blocking),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+            ids=self.ids,
+            meta=self.meta,
+        )
+
+    def padding_mask(self) -> torch.Tensor:
+        """``[B, T] bool``, True on valid samples."""
+        positions = torch.arange(self.waveforms.shape[1], device=self.lengths.device)
+        return positions[None, :] < self.lengths[:, None]
+
+    @staticmethod
+    def collate(waveforms: list[torch.Tensor], labels: list[int], ids: list[str],
+                meta: list[dict[str, Any]]) -> "Batch":
+        lengths = torch.tensor([w.numel() for w in waveforms], dtype=torch.long)
+        width = int(lengths.max()) if len(waveforms) else 0
+        padded = torch.zeros(len(waveforms), width, dtype=torch.float32)
+        for row, wave in enumerate(waveforms):
+            padded[row, : wave.numel()] = wave
+        return Batch(padded, lengths, torch.tensor(labels, dtype=torch.long), list(ids), list(meta))
+
+    @staticmethod
+    def empty() -> "Batch":
+        return Batch(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))

@@ -1,0 +1,34 @@
+"""Where this process sits: rank and world size, resolved explicitly."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info(rank: int | None = None, world_size: int | None = None) -> DistInfo:
+    """Explicit arguments win, then an initialised process group, then torchrun/SLURM variables."""
+    if rank is not None and world_size is not None:
+        return DistInfo(rank, world_size, int(os.environ.get("LOCAL_RANK", 0)))
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return DistInfo(torch_dist.get_rank(), torch_dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    env_rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    env_world = os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
+    env_local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    info = DistInfo(int(env_rank), int(env_world), int(env_local))
+    if not 0 <= info.rank < info.world_size:
+        raise ValueError(f"rank {info.rank} is outside world size {info.world_size}")
+    return info
