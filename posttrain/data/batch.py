@@ -67,3 +67,17 @@ class Batch:
     @staticmethod
     def empty() -> "Batch":
         return Batch(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+
+
+def normalize_waveforms(waveforms: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Per-utterance zero mean / unit variance over the valid samples; padding stays zero.
+
+    ``eps`` matches transformers' ``Wav2Vec2FeatureExtractor(do_normalize=True)``, so a published model
+    sees the same input through ``pipeline("audio-classification")`` as during training.
+    """
+    mask = (torch.arange(waveforms.shape[1], device=waveforms.device)[None, :] < lengths[:, None]).to(waveforms.dtype)
+    count = lengths.clamp(min=1).to(waveforms.dtype)[:, None]
+    mean = (waveforms * mask).sum(dim=1, keepdim=True) / count
+    centred = (waveforms - mean) * mask
+    variance = (centred**2).sum(dim=1, keepdim=True) / count
+    return centred / torch.sqrt(variance + eps)

@@ -1,0 +1,104 @@
+"""The detector: SSL encoder -> mean over *valid* frames -> ``Linear(D, 2)``; logits are [fake, real].
+
+Unlike AntiDeepfake, padding never reaches the pooled vector: the frame mask comes from the true
+sample lengths through the feature extractor's own output-length arithmetic, and the same mask
+goes to self-attention. (Group-norm extractors, wav2vec 2.0 small, still normalise their first conv
+layer over the padded time axis; duration bucketing keeps that padding small.)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import HubertModel, PretrainedConfig, PreTrainedModel, Wav2Vec2Model
+
+from posttrain.config import ModelConfig
+from posttrain.models.presets import get_preset
+
+ENCODERS: dict[str, type[PreTrainedModel]] = {"wav2vec2": Wav2Vec2Model, "hubert": HubertModel}
+NUM_CLASSES = 2  # [fake, real]
+
+
+class Detector(nn.Module):
+    def __init__(self, encoder: PreTrainedModel):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, NUM_CLASSES)
+
+    @property
+    def ssl_config(self) -> PretrainedConfig:
+        return self.encoder.config
+
+    def frame_mask(self, lengths: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """``[B, frames] bool``: frames computed from valid samples only."""
+        return self.encoder._get_feature_vector_attention_mask(num_frames, lengths_to_mask(lengths)).bool()
+
+    def embed(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Pooled (penultimate) representation ``[B, D]``."""
+        sample_mask = lengths_to_mask(lengths, waveforms.shape[1])
+        waveforms = waveforms.to(self.head.weight.dtype)
+        hidden = self.encoder(waveforms, attention_mask=sample_mask.long()).last_hidden_state
+        mask = self.frame_mask(lengths, hidden.shape[1]).unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(waveforms, lengths))
+
+
+def lengths_to_mask(lengths: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    width = int(lengths.max()) if width is None else width
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def ssl_overrides(cfg: ModelConfig) -> dict[str, object]:
+    """Training-time settings forced onto any encoder config. LayerDrop is always off: it breaks
+    ZeRO-3 and activation checkpointing, and makes the two passes of a SAM step differ."""
+    return {
+        "layerdrop": 0.0,
+        "apply_spec_augment": cfg.mask_time_prob > 0,
+        "mask_time_prob": cfg.mask_time_prob,
+        "mask_time_length": cfg.mask_time_length,
+        "mask_feature_prob": 0.0,
+        "hidden_dropout": cfg.hidden_dropout,
+        "activation_dropout": cfg.hidden_dropout,
+        "attention_dropout": cfg.attention_dropout,
+        "feat_proj_dropout": cfg.hidden_dropout,
+    }
+
+
+def build_detector(cfg: ModelConfig, ssl_config: PretrainedConfig | dict | None = None) -> Detector:
+    """A detector for ``cfg``: random init from the preset (or from ``ssl_config``, e.g. the one saved
+    with a checkpoint), or pre-trained SSL weights from ``cfg.pretrained`` (hub id or local path)."""
+    preset = get_preset(cfg.preset)
+    encoder_cls = ENCODERS[preset.architecture]
+    overrides = ssl_overrides(cfg)
+    if cfg.pretrained:
+        encoder = _load_pretrained(encoder_cls, cfg.pretrained, overrides)
+    else:
+        if isinstance(ssl_config, dict):
+            ssl_config = encoder_cls.config_class(**{**ssl_config, **overrides})
+        elif ssl_config is None:
+            ssl_config = preset.ssl_config(**overrides)
+        encoder = encoder_cls(ssl_config)
+    if cfg.gradient_checkpointing:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.freeze_feature_encoder:
+        encoder.freeze_feature_encoder()
+    return Detector(encoder)
+
+
+def _load_pretrained(encoder_cls: type[PreTrainedModel], source: str, overrides: dict) -> PreTrainedModel:
+    try:
+        return encoder_cls.from_pretrained(source, **overrides)
+    except OSError as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = (f"it is not in the Hugging Face cache and HF_HUB_OFFLINE is set; on a machine with internet run "
+                f"`huggingface-cli download {source}` (same HF_HOME), or set model.pretrained to a local directory "
+                f"holding config.json and model.safetensors") if offline else str(error)
+        raise FileNotFoundError(f"model.pretrained: cannot load {source!r}: {hint}") from error
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

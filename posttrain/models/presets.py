@@ -1,0 +1,73 @@
+"""Backbone dimensions of every AntiDeepfake SSL encoder, as transformers configs.
+
+Each preset names the transformers architecture, the encoder shape, the feature-extractor kind
+(group norm without conv bias for wav2vec 2.0 small; layer norm, conv bias and pre-LN transformer for
+the large/MMS/XLS-R family; HuBERT XL has no conv bias), the parameter count of the released model
+(for checks) and the hub id of its pre-trained SSL weights. ``tiny*`` presets are for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import HubertConfig, PretrainedConfig, Wav2Vec2Config
+
+ARCHITECTURES: dict[str, type[PretrainedConfig]] = {"wav2vec2": Wav2Vec2Config, "hubert": HubertConfig}
+
+# The released feature extractors all use 7 conv layers of 512 channels (total stride 320 = 20 ms).
+_FULL_CONV = {"conv_dim": [512] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2]}
+_GROUP_NORM = {"feat_extract_norm": "group", "conv_bias": False, "do_stable_layer_norm": False}
+_LAYER_NORM = {"feat_extract_norm": "layer", "conv_bias": True, "do_stable_layer_norm": True}
+_TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+         "conv_dim": [32, 32, 32], "conv_kernel": [10, 3, 3], "conv_stride": [5, 2, 2],
+         "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2}
+
+
+def _shape(layers: int, dim: int, ffn: int, heads: int) -> dict[str, int]:
+    return {"num_hidden_layers": layers, "hidden_size": dim, "intermediate_size": ffn, "num_attention_heads": heads}
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    architecture: str  # key of ARCHITECTURES
+    config_kwargs: dict[str, Any] = field(default_factory=dict)
+    params_millions: float | None = None  # released model size, for checks; None for test presets
+    hub_id: str | None = None  # pre-trained SSL weights
+    antideepfake_repo: str | None = None  # released post-trained detector (without the -nda suffix)
+
+    def ssl_config(self, **overrides: Any) -> PretrainedConfig:
+        return ARCHITECTURES[self.architecture](**{**self.config_kwargs, **overrides})
+
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in [
+        Preset("tiny", "wav2vec2", {**_TINY, **_LAYER_NORM}),
+        Preset("tiny_group_norm", "wav2vec2", {**_TINY, **_GROUP_NORM}),
+        Preset("tiny_hubert", "hubert", {**_TINY, **_LAYER_NORM, "conv_bias": False}),
+        Preset("wav2vec2_small", "wav2vec2", {**_FULL_CONV, **_GROUP_NORM, **_shape(12, 768, 3072, 12)},
+               95, "facebook/wav2vec2-base", "nii-yamagishilab/wav2vec-small-anti-deepfake"),
+        Preset("wav2vec2_large", "wav2vec2", {**_FULL_CONV, **_LAYER_NORM, **_shape(24, 1024, 4096, 16)},
+               317, "facebook/wav2vec2-large-robust", "nii-yamagishilab/wav2vec-large-anti-deepfake"),
+        Preset("mms_300m", "wav2vec2", {**_FULL_CONV, **_LAYER_NORM, **_shape(24, 1024, 4096, 16)},
+               317, "facebook/mms-300m", "nii-yamagishilab/mms-300m-anti-deepfake"),
+        Preset("xlsr_300m", "wav2vec2", {**_FULL_CONV, **_LAYER_NORM, **_shape(24, 1024, 4096, 16)},
+               317, "facebook/wav2vec2-xls-r-300m", None),
+        Preset("mms_1b", "wav2vec2", {**_FULL_CONV, **_LAYER_NORM, **_shape(48, 1280, 5120, 16)},
+               965, "facebook/mms-1b", "nii-yamagishilab/mms-1b-anti-deepfake"),
+        Preset("xlsr_1b", "wav2vec2", {**_FULL_CONV, **_LAYER_NORM, **_shape(48, 1280, 5120, 16)},
+               965, "facebook/wav2vec2-xls-r-1b", "nii-yamagishilab/xls-r-1b-anti-deepfake"),
+        Preset("xlsr_2b", "wav2vec2", {**_FULL_CONV, **_LAYER_NORM, **_shape(48, 1920, 7680, 16)},
+               2200, "facebook/wav2vec2-xls-r-2b", "nii-yamagishilab/xls-r-2b-anti-deepfake"),
+        Preset("hubert_xl", "hubert", {**_FULL_CONV, **_LAYER_NORM, "conv_bias": False, **_shape(48, 1280, 5120, 16)},
+               964, "facebook/hubert-xlarge-ll60k", "nii-yamagishilab/hubert-xlarge-anti-deepfake"),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"model.preset: unknown preset {name!r} (known: {sorted(PRESETS)})")
+    return PRESETS[name]

@@ -1,0 +1,102 @@
+import math
+
+import pytest
+import torch
+from transformers import Wav2Vec2Model
+
+from posttrain.config import ModelConfig
+from posttrain.data.batch import normalize_waveforms
+from posttrain.models.detector import build_detector, count_parameters
+from posttrain.models.presets import PRESETS, get_preset
+
+RELEASED = [name for name, preset in PRESETS.items() if preset.params_millions]
+
+
+def _tolerance_millions(table_value: float) -> float:
+    # The table gives sizes to 2-3 significant figures ("2.2B"): allow 1 % or the rounding step.
+    half_last_digit = 0.5 * 10 ** (math.floor(math.log10(table_value)) - 1)
+    return max(0.01 * table_value, half_last_digit)
+
+
+@pytest.mark.parametrize("name", RELEASED)
+def test_every_released_preset_has_the_table_size(name):
+    preset = get_preset(name)
+    with torch.device("meta"):
+        detector = build_detector(ModelConfig(preset=name))
+    millions = count_parameters(detector) / 1e6
+    assert abs(millions - preset.params_millions) <= _tolerance_millions(preset.params_millions)
+    assert detector.ssl_config.layerdrop == 0.0 and not detector.ssl_config.apply_spec_augment
+
+
+def test_feature_extractor_kinds():
+    small = get_preset("wav2vec2_small").ssl_config()
+    large = get_preset("xlsr_1b").ssl_config()
+    hubert = get_preset("hubert_xl").ssl_config()
+    assert (small.feat_extract_norm, small.conv_bias, small.do_stable_layer_norm) == ("group", False, False)
+    assert (large.feat_extract_norm, large.conv_bias, large.do_stable_layer_norm) == ("layer", True, True)
+    assert (hubert.feat_extract_norm, hubert.conv_bias) == ("layer", False)
+
+
+def test_unknown_preset_names_the_key():
+    with pytest.raises(ValueError, match="model.preset"):
+        build_detector(ModelConfig(preset="xlsr_3b"))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_hubert"])
+def test_padding_never_reaches_the_logits(preset):
+    torch.manual_seed(0)
+    detector = build_detector(ModelConfig(preset=preset)).eval()
+    lengths = torch.tensor([8000, 5000, 3200])
+    waves = [torch.randn(int(n)) for n in lengths]
+    batch = torch.zeros(3, 8000)
+    for row, wave in enumerate(waves):
+        batch[row, : wave.numel()] = wave
+    batch[1, 5000:] = 100.0  # garbage in the padding must not matter
+    with torch.no_grad():
+        batched = detector(batch, lengths)
+        singles = torch.cat([detector(w[None], torch.tensor([w.numel()])) for w in waves])
+    assert batched.shape == (3, 2)
+    torch.testing.assert_close(batched, singles, atol=1e-5, rtol=1e-5)
+
+
+def test_logits_are_a_linear_head_on_the_mean_of_valid_frames():
+    torch.manual_seed(1)
+    detector = build_detector(ModelConfig(preset="tiny")).eval()
+    wave = torch.randn(1, 6400)
+    with torch.no_grad():
+        hidden = detector.encoder(wave).last_hidden_state[0]  # unpadded: every frame valid
+        expected = hidden.mean(dim=0) @ detector.head.weight.T + detector.head.bias
+        got = detector(wave, torch.tensor([6400]))[0]
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_pretrained_weights_load_from_a_local_directory(tmp_path):
+    torch.manual_seed(2)
+    source = Wav2Vec2Model(get_preset("tiny").ssl_config())
+    source.save_pretrained(tmp_path / "ssl")
+    detector = build_detector(ModelConfig(preset="tiny", pretrained=str(tmp_path / "ssl")))
+    loaded = detector.encoder.state_dict()
+    # SpecAugment is off, so its mask embedding is the one weight the detector has no use for.
+    assert set(source.state_dict()) - set(loaded) == {"masked_spec_embed"}
+    for name, tensor in loaded.items():
+        torch.testing.assert_close(tensor, source.state_dict()[name])
+    assert detector.ssl_config.layerdrop == 0.0
+
+
+def test_offline_and_not_cached_gives_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download"):
+        build_detector(ModelConfig(preset="tiny", pretrained="facebook/wav2vec2-xls-r-2b"))
+
+
+def test_normalize_waveforms_matches_per_clip_layer_norm():
+    torch.manual_seed(3)
+    lengths = torch.tensor([1000, 600])
+    waves = torch.randn(2, 1000) * 3 + 1
+    waves[1, 600:] = 0
+    out = normalize_waveforms(waves, lengths)
+    for row, n in enumerate(lengths.tolist()):
+        reference = torch.nn.functional.layer_norm(waves[row, :n], (n,), eps=1e-7)
+        torch.testing.assert_close(out[row, :n], reference, atol=1e-5, rtol=1e-5)
+    assert torch.all(out[1, 600:] == 0)
