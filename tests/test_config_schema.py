@@ -1,0 +1,63 @@
+import pytest
+import yaml
+
+from posttrain.config import (ConfigError, PosttrainConfig, SamConfig, apply_overrides, from_dict, load_config,
+                              save_config, to_dict)
+
+
+def test_defaults_are_the_antideepfake_hyperparameters():
+    cfg = PosttrainConfig()
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.eps, cfg.optim.grad_clip_norm) == (1e-7, 0.01, 1e-6, 100.0)
+    assert (cfg.schedule.warmup_steps, cfg.schedule.decay_end_steps, cfg.schedule.final_lr_ratio) == (80_000, 800_000, 0.01)
+    assert (cfg.train.max_steps, cfg.train.max_epochs, cfg.train.seed) == (800_000, 30, 1234)
+    assert (cfg.data.train.max_batch_seconds, cfg.data.train.num_buckets) == (100.0, 20)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.zero_stage=4", "train.zero_stage"),
+    ("optim.lr=-1", "optim.lr"),
+    ("data.train.crop.max_seconds=1", "data.train.crop.max_seconds"),
+    ("data.train.num_workers=two", "data.train.num_workers"),
+    ("sam.variant=esam2", "sam.variant"),
+    ("rawboost.algo=9", "rawboost.algo"),
+    ("train.zero_stag=2", "train.zero_stag"),
+    ("model.dropout=0.1", "model.dropout"),
+])
+def test_bad_values_raise_value_error_naming_the_key(override, key):
+    with pytest.raises(ValueError) as info:
+        load_config(None, [override])
+    assert str(info.value).startswith(f"{key}:")
+
+
+def test_yaml_then_overrides_then_round_trip(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"train": {"zero_stage": 3, "precision": "fp32"}, "model": {"preset": "xlsr_1b"}}))
+    cfg = load_config(path, ["train.zero_stage=2", "data.train.shards=[a, b]", "sam.enabled=true"])
+    assert (cfg.train.zero_stage, cfg.train.precision, cfg.model.preset) == (2, "fp32", "xlsr_1b")
+    assert cfg.data.train.shards == ["a", "b"] and cfg.sam.enabled
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_error_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  betas: [0.9]\n")
+    with pytest.raises(ConfigError, match=r"optim.betas: .*bad.yaml"):
+        load_config(path)
+
+
+def test_integers_are_accepted_for_floats_but_not_booleans():
+    assert from_dict(SamConfig, {"rho": 1}).rho == 1.0
+    with pytest.raises(ConfigError, match="rho"):
+        from_dict(SamConfig, {"rho": True})
+
+
+def test_sam_and_dual_path_together_are_refused():
+    with pytest.raises(ConfigError, match="dual_path.enabled"):
+        load_config(None, ["sam.enabled=true", "dual_path.enabled=true"])
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["train.max_steps"])
+    assert to_dict(load_config(None, ["model.pretrained=null"]))["model"]["pretrained"] is None
