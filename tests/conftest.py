@@ -9,3 +9,209 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# --- tiny real corpus and shards (owner: shard writer; keep signatures stable, others use them) ---
+import dataclasses  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import soundfile as sf  # noqa: E402
+
+CORPUS_PREFIXES = ("LJ", "VCTK", "ASV5")
+CORPUS_LANGUAGES = ("en", "de", "zh")
+CORPUS_RATES_HZ = (16000, 22050, 44100, 48000, 8000)
+# soundfile format name, subtype, file extension
+CORPUS_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS")}
+# kind of bad file -> the reject reason the shard builder must give it
+BAD_AUDIO_REASONS = {"unreadable": "unreadable", "empty": "empty", "nan": "non-finite", "short": "too-short"}
+
+
+@dataclasses.dataclass
+class TinyCorpus:
+    """A corpus written by ``write_corpus``: ``root`` is the ``$ROOT`` of ``protocol``'s paths."""
+
+    root: Path
+    protocol: Path
+    rows: list  # list[posttrain.data.protocol.ProtocolRow], in CSV order
+    rejects: dict  # id -> expected reject reason (bad files only)
+
+    @property
+    def good_rows(self) -> list:
+        return [row for row in self.rows if row.id not in self.rejects]
+
+
+def _signal(kind: str, frames: int, rate_hz: int, channels: int, rng: np.random.Generator) -> np.ndarray:
+    t = np.arange(frames) / rate_hz
+    columns = []
+    for channel in range(channels):
+        if kind == "sine":
+            wave = 0.5 * np.sin(2 * np.pi * (220.0 + 110.0 * channel + rng.uniform(0, 200)) * t)
+        elif kind == "noise":
+            wave = 0.3 * rng.standard_normal(frames)
+        else:  # linear chirp 100 Hz -> 3 kHz: stays below every rate's Nyquist, including 8 kHz files
+            wave = 0.5 * np.sin(2 * np.pi * (100.0 * t + (2900.0 / (2 * max(t[-1], 1e-3))) * t**2))
+        columns.append(wave)
+    return np.clip(np.stack(columns, axis=1), -0.99, 0.99).astype(np.float32)
+
+
+def write_corpus(directory: Path, name: str = "corpus", *, num_files: int = 12, bad: tuple = (),
+                 seed: int = 0, formats: tuple = ("wav", "flac", "ogg"),
+                 seconds: tuple = (0.4, 1.2)) -> TinyCorpus:
+    """Write ``num_files`` short real audio files (sine/noise/chirp; wav/flac/ogg; 8-48 kHz; mono and
+    stereo) under ``directory/name`` plus ``directory/name.csv`` with ``$ROOT`` paths.
+
+    IDs are ``<PREFIX>-<name>_<i>`` over 3 corpus prefixes (one ID holds a dot, to exercise key
+    sanitising), labels alternate real/fake, fakes carry attacks A01/A02, languages cycle en/de/zh.
+    ``bad`` adds one broken file per kind in ``BAD_AUDIO_REASONS`` (unreadable/empty/nan/short).
+    """
+    from posttrain.data.protocol import ProtocolRow, write_protocol
+
+    rng = np.random.default_rng(seed)
+    root = Path(directory) / name
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    rows, rejects = [], {}
+
+    def add(index: int, relative: str, duration_s: float, rate_hz: int, channels: int, encoding: str,
+            suffix: str = "") -> ProtocolRow:
+        label = "real" if index % 2 == 0 else "fake"
+        row = ProtocolRow(
+            id=f"{CORPUS_PREFIXES[index % len(CORPUS_PREFIXES)]}-{name}_{index:04d}{suffix}",
+            label=label, duration_s=duration_s, path=f"$ROOT/{relative}", sample_rate_hz=rate_hz,
+            attack="-" if label == "real" else f"A0{1 + (index // 2) % 2}", speaker=f"spk{index % 4}",
+            proportion="train", audio_channel=str(channels), audio_encoding=encoding, audio_bit_sample="16",
+            language=CORPUS_LANGUAGES[index % len(CORPUS_LANGUAGES)])
+        rows.append(row)
+        return row
+
+    for index in range(num_files):
+        extension = formats[index % len(formats)]
+        rate_hz = CORPUS_RATES_HZ[index % len(CORPUS_RATES_HZ)]
+        channels = 1 + (index // 3) % 2
+        frames = int(rng.uniform(*seconds) * rate_hz)
+        kind = ("sine", "noise", "chirp")[index % 3]
+        relative = f"audio/{name}_{index:04d}.{extension}"
+        file_format, subtype = CORPUS_FORMATS[extension]
+        sf.write(root / relative, _signal(kind, frames, rate_hz, channels, rng), rate_hz,
+                 format=file_format, subtype=subtype)
+        frames = sf.info(str(root / relative)).frames  # what a recipe would write (lossy codecs may pad)
+        add(index, relative, frames / rate_hz, rate_hz, channels, extension, suffix=".v2" if index == 1 else "")
+
+    for offset, kind in enumerate(bad):
+        index = num_files + offset
+        relative = f"audio/{name}_bad_{kind}.wav"
+        path = root / relative
+        if kind == "unreadable":
+            path.write_bytes(rng.bytes(2048))
+        elif kind == "empty":
+            sf.write(path, np.zeros((0, 1), np.float32), 16000, subtype="PCM_16")
+        elif kind == "nan":
+            wave = _signal("sine", 16000, 16000, 1, rng)
+            wave[100:200] = np.nan
+            sf.write(path, wave, 16000, subtype="FLOAT")
+        elif kind == "short":
+            sf.write(path, _signal("sine", 320, 16000, 1, rng), 16000, subtype="PCM_16")
+        else:
+            raise ValueError(f"unknown bad audio kind {kind!r}; known: {sorted(BAD_AUDIO_REASONS)}")
+        row = add(index, relative, 0.02 if kind == "short" else 1.0, 16000, 1, "wav")
+        rejects[row.id] = BAD_AUDIO_REASONS[kind]
+
+    protocol = Path(directory) / f"{name}.csv"
+    write_protocol(rows, protocol)
+    return TinyCorpus(root=root, protocol=protocol, rows=rows, rejects=rejects)
+
+
+@pytest.fixture
+def make_corpus(tmp_path):
+    """Factory: ``make_corpus(name="corpus", num_files=12, bad=(), seed=0, formats=..., seconds=...)``
+    writes a tiny real corpus under the test's tmp_path and returns a ``TinyCorpus``."""
+
+    def make(name: str = "corpus", **options) -> TinyCorpus:
+        return write_corpus(tmp_path / "corpora", name, **options)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> TinyCorpus:
+    """One 12-file corpus for the whole session: read-only, copy before modifying."""
+    return write_corpus(tmp_path_factory.mktemp("tiny_corpus"), "tiny")
+
+
+@pytest.fixture(scope="session")
+def shard_dir(tiny_corpus, tmp_path_factory) -> Path:
+    """Shards of ``tiny_corpus`` (4 samples per shard -> 3 shards, seed 0): read-only, copy before modifying."""
+    from posttrain.data.shards import build_shards
+
+    out = tmp_path_factory.mktemp("tiny_shards")
+    build_shards([tiny_corpus.protocol], root=tiny_corpus.root, out=out, name="train",
+                 max_samples_per_shard=4, seed=0)
+    return out
+
+
+# --- hand-made shard sets for the streaming loader (owner: stream loader) ---
+
+
+def write_shard_set(directory: Path, name: str, shard_sizes: list, *, seconds: tuple = (0.2, 1.0),
+                    seed: int = 0, corrupt: dict | None = None) -> dict:
+    """Tars ``<name>-%06d.tar`` + ``index.json`` in the shard format, written with webdataset's
+    TarWriter so sizes, durations and broken members are exact. Ids are ``<NAME>-<shard>_<i>``;
+    ``corrupt`` maps an id to ``"audio"`` (garbage FLAC bytes) or ``"json"`` (unparsable JSON).
+    Returns id -> seconds of every sample written (corrupt ones included)."""
+    import hashlib
+    import json
+    from collections import Counter
+
+    import webdataset as wds
+
+    from posttrain.data.audio import encode_flac
+
+    rate_hz, corrupt = 16000, corrupt or {}
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards, durations = [], {}
+    for shard_index, size in enumerate(shard_sizes):
+        tar_name = f"{name}-{shard_index:06d}.tar"
+        keys, labels = [], Counter()
+        with wds.TarWriter(str(directory / tar_name)) as writer:
+            for i in range(size):
+                sample_id = f"{name.upper()}-{shard_index}_{i}"  # already a valid webdataset key
+                frames = int(rng.uniform(*seconds) * rate_hz)
+                wave = 0.3 * np.sin(2 * np.pi * 300 * np.arange(frames) / rate_hz) + 0.05 * rng.standard_normal(frames)
+                label = "real" if i % 2 == 0 else "fake"
+                meta = {"id": sample_id, "label": label, "corpus": name.upper(), "attack": "-", "speaker": "spk0",
+                        "language": "en", "proportion": "train", "duration_s": frames / rate_hz,
+                        "num_samples": frames, "sample_rate_hz": rate_hz, "orig_sample_rate_hz": rate_hz,
+                        "source_path": f"/src/{sample_id}.wav"}
+                flac = encode_flac(wave.astype(np.float32), rate_hz)
+                payload = json.dumps(meta).encode()
+                if corrupt.get(sample_id) == "audio":
+                    flac = b"fLaC" + rng.bytes(200)
+                elif corrupt.get(sample_id) == "json":
+                    payload = b"{not json"
+                writer.write({"__key__": sample_id, "flac": flac, "json": payload})
+                keys.append(sample_id)
+                labels[label] += 1
+                durations[sample_id] = frames / rate_hz
+        data = (directory / tar_name).read_bytes()
+        shards.append({"name": tar_name, "samples": size, "seconds": sum(durations[k] for k in keys),
+                       "labels": dict(labels), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                       "keys": keys})
+    index = {"format": "posttrain-shards", "version": 1, "sample_rate_hz": rate_hz, "seed": seed, "shards": shards,
+             "totals": {"samples": sum(shard_sizes), "seconds": sum(durations.values())}, "rejects": 0}
+    (directory / "index.json").write_text(json.dumps(index))
+    (directory / "rejects.jsonl").write_text("")
+    return durations
+
+
+@pytest.fixture(scope="module")
+def make_shard_set(tmp_path_factory):
+    """Factory: ``make_shard_set(name, shard_sizes, seconds=(0.2, 1.0), seed=0, corrupt=None)`` ->
+    ``(directory, {id: seconds})`` (see ``write_shard_set``)."""
+    root = tmp_path_factory.mktemp("shard_sets")
+
+    def make(name: str, shard_sizes: list, **options) -> tuple:
+        return root / name, write_shard_set(root / name, name, shard_sizes, **options)
+
+    return make

@@ -150,12 +150,14 @@ def read_protocols(paths: Iterable[str | Path]) -> list[ProtocolRow]:
         if not path.is_file():
             problems.append((str(path), None, "protocol file not found"))
             continue
-        for line, row in _read_rows(path, problems):
+        file_problems: list[tuple[str, int | None, str]] = []
+        for line, row in _read_rows(path, file_problems):
             if row.id in first_seen:
-                problems.append((str(path), line, f"duplicate ID {row.id!r} (first at {first_seen[row.id]})"))
+                file_problems.append((str(path), line, f"duplicate ID {row.id!r} (first at {first_seen[row.id]})"))
                 continue
             first_seen[row.id] = f"{path}:{line}"
             rows.append(row)
+        problems += sorted(file_problems, key=lambda problem: problem[1] or 0)
     if problems:
         raise ProtocolError.collect(problems)
     return rows

@@ -1,0 +1,59 @@
+"""``posttrain shards build``: protocol CSVs -> WebDataset shards + index.json (one task or all)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from posttrain.data.audio import AudioError
+from posttrain.data.protocol import ProtocolError
+
+
+def _slurm_array_task() -> tuple[int, int] | None:
+    """(task index, task count) of a SLURM array job, counted from the array's first id."""
+    if "SLURM_ARRAY_TASK_ID" not in os.environ or "SLURM_ARRAY_TASK_COUNT" not in os.environ:
+        return None
+    first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+    return int(os.environ["SLURM_ARRAY_TASK_ID"]) - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--protocol", nargs="+", required=True, help="protocol CSV(s)")
+    parser.add_argument("--root", default=None, help="data root replacing $ROOT in the CSV paths")
+    parser.add_argument("--out", required=True, help="shard directory to write")
+    parser.add_argument("--name", default="train", help="shard file prefix: <name>-000000.tar")
+    parser.add_argument("--max-samples-per-shard", type=int, default=1000)
+    parser.add_argument("--max-shard-mb", type=float, default=1000.0, help="size bound per shard (10^6 bytes)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the global shuffle before sharding")
+    parser.add_argument("--workers", type=int, default=1, help="processes, each building whole shards")
+    parser.add_argument("--strict", action="store_true", help="fail on any rejected audio instead of skipping it")
+    parser.add_argument("--min-seconds", type=float, default=0.1, help="shorter audio is rejected")
+    parser.add_argument("--task-index", type=int, default=None,
+                        help="this task of a split build (default: SLURM_ARRAY_TASK_ID, else 0)")
+    parser.add_argument("--num-tasks", type=int, default=None,
+                        help="tasks of a split build (default: SLURM_ARRAY_TASK_COUNT, else 1)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from posttrain.data.shard_build import ShardBuildError, build_shards
+    from posttrain.data.shards import format_index
+
+    slurm = _slurm_array_task() or (0, 1)
+    task_index = slurm[0] if args.task_index is None else args.task_index
+    num_tasks = slurm[1] if args.num_tasks is None else args.num_tasks
+    try:
+        index = build_shards(args.protocol, args.root, args.out, name=args.name,
+                             max_samples_per_shard=args.max_samples_per_shard, max_shard_mb=args.max_shard_mb,
+                             seed=args.seed, num_workers=args.workers, strict=args.strict,
+                             min_seconds=args.min_seconds, task_index=task_index, num_tasks=num_tasks,
+                             progress=not args.no_progress)
+    except (ProtocolError, ShardBuildError, AudioError, ValueError) as error:
+        print(f"posttrain shards build: {error}", file=sys.stderr)
+        return 1
+    if index is None:
+        print(f"task {task_index} of {num_tasks} done; run `posttrain shards merge {args.out}` after all tasks")
+    else:
+        print(format_index(index))
+    return 0

@@ -1,0 +1,356 @@
+"""Building shard sets: a deterministic plan, split into independent tasks, resumable, atomic.
+
+The plan depends only on the protocol CSVs and the options (never on the task split, worker count or
+machine): rows are sorted by ID, shuffled with the seed (so every shard mixes corpora, languages and
+labels), and cut into contiguous shards bounded by a sample count and by a byte bound derived from
+the CSV durations. Task i of n builds a contiguous range of shards; each finished shard is moved into
+place with ``os.replace`` and recorded in ``.records/<shard>.json``, so a killed task re-run skips
+what is done. ``merge`` turns the per-task indexes into ``index.json`` + ``rejects.jsonl``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from posttrain.data import audio
+from posttrain.data.protocol import LABELS, ProtocolRow, read_protocols
+from posttrain.data.shards import (FORMAT, INDEX_NAME, REJECTS_NAME, SAMPLE_RATE_HZ, TOTAL_GROUPS, VERSION,
+                                   file_sha256, sample_key)
+
+log = logging.getLogger(__name__)
+
+STAGING_DIR = ".staging"
+RECORDS_DIR = ".records"
+TASK_INDEX_GLOB = "index.task-*-of-*.json"
+MEGABYTE = 1_000_000
+# Decoded audio may exceed the CSV duration by this much before it counts as a CSV error; the byte
+# bound of the plan relies on it (``%.6g`` durations and resampling round by far less).
+DURATION_SLACK_RATIO = 1.001
+DURATION_SLACK_S = 0.05
+# FLAC never exceeds 16-bit PCM by more than its frame headers (<0.2 % measured on white noise) plus
+# ~100 bytes of stream header; a tar member adds a 512-byte header and up to 511 bytes of padding.
+FLAC_RATIO = 1.002
+FLAC_HEADER_BYTES = 1024
+TAR_MEMBER_BYTES = 1023 + 512
+TAR_END_BYTES = 10240 + 1024  # end-of-archive blocks, padded to tarfile's 10 KiB record
+# Fixed tar member attributes: shards built anywhere, in any split, are byte-identical.
+TAR_MTIME = 0
+TAR_USER = "posttrain"
+
+
+class ShardBuildError(RuntimeError):
+    """A build that cannot proceed (strict reject, mixed plans, incomplete merge)."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    name: str = "train"
+    max_samples_per_shard: int = 1000
+    max_shard_mb: float = 1000.0  # MB = 10^6 bytes
+    seed: int = 0
+    min_seconds: float = 0.1
+    num_workers: int = 1
+    strict: bool = False
+    task_index: int = 0
+    num_tasks: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = {"max_samples_per_shard": self.max_samples_per_shard >= 1, "max_shard_mb": self.max_shard_mb > 0,
+                  "min_seconds": self.min_seconds >= 0, "num_workers": self.num_workers >= 1,
+                  "num_tasks": self.num_tasks >= 1, "task_index": 0 <= self.task_index < self.num_tasks,
+                  "name": bool(self.name) and sample_key(self.name) == self.name}
+        for option, ok in checks.items():
+            if not ok:
+                raise ValueError(f"shard build option {option}={getattr(self, option)!r} is out of range")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One planned shard: its position, file name and rows in write order."""
+
+    index: int
+    name: str
+    rows: tuple[ProtocolRow, ...]
+
+
+def max_seconds(row: ProtocolRow) -> float:
+    """The longest decoded audio accepted for a row (the plan's byte bound assumes it)."""
+    return row.duration_s * DURATION_SLACK_RATIO + DURATION_SLACK_S
+
+
+def sample_meta(row: ProtocolRow, num_samples: int, orig_sample_rate_hz: int) -> dict[str, Any]:
+    return {"id": row.id, "label": row.label, "corpus": row.corpus, "attack": row.attack, "speaker": row.speaker,
+            "language": row.language, "proportion": row.proportion,
+            "duration_s": round(num_samples / SAMPLE_RATE_HZ, 6), "num_samples": num_samples,
+            "sample_rate_hz": SAMPLE_RATE_HZ, "orig_sample_rate_hz": orig_sample_rate_hz, "source_path": row.path}
+
+
+def _meta_bytes(meta: dict[str, Any]) -> bytes:
+    return json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+
+
+def row_bytes_bound(row: ProtocolRow) -> int:
+    """An upper bound on the tar bytes a row adds (16-bit PCM bounds FLAC at 16 kHz mono)."""
+    num_samples = math.ceil(max_seconds(row) * SAMPLE_RATE_HZ)
+    widest_meta = _meta_bytes(sample_meta(row, 10**12, 10**9))
+    return (math.ceil(2 * num_samples * FLAC_RATIO) + FLAC_HEADER_BYTES + len(widest_meta)
+            + 2 * TAR_MEMBER_BYTES)
+
+
+def plan_shards(rows: list[ProtocolRow], options: BuildOptions) -> list[ShardSpec]:
+    """The deterministic shard plan: seeded global shuffle, then contiguous bounded chunks."""
+    by_key: dict[str, str] = {}
+    for row in rows:
+        other = by_key.setdefault(sample_key(row.id), row.id)
+        if other != row.id:
+            raise ShardBuildError(f"IDs {other!r} and {row.id!r} map to the same shard key {sample_key(row.id)!r}")
+    ordered = sorted(rows, key=lambda row: row.id)  # CSV order and argument order must not matter
+    ordered = [ordered[i] for i in np.random.default_rng(options.seed).permutation(len(ordered))]
+    budget = int(options.max_shard_mb * MEGABYTE) - TAR_END_BYTES
+    chunks: list[list[ProtocolRow]] = []
+    used = budget + 1
+    for row in ordered:
+        size = row_bytes_bound(row)
+        if size > budget:
+            log.warning("%s: up to %.1f MB alone exceeds --max-shard-mb %g; it gets a shard of its own",
+                        row.id, size / MEGABYTE, options.max_shard_mb)
+        if not chunks or len(chunks[-1]) >= options.max_samples_per_shard or used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(row)
+        used += size
+    return [ShardSpec(i, f"{options.name}-{i:06d}.tar", tuple(chunk)) for i, chunk in enumerate(chunks)]
+
+
+def plan_fingerprint(specs: list[ShardSpec], options: BuildOptions) -> str:
+    """Identifies what a shard set holds; parts of different plans never mix in one directory."""
+    content = {"name": options.name, "seed": options.seed, "min_seconds": options.min_seconds,
+               "shards": [[asdict(row) for row in spec.rows] for spec in specs]}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def task_shards(specs: list[ShardSpec], task_index: int, num_tasks: int) -> list[ShardSpec]:
+    """Task ``task_index`` of ``num_tasks`` builds this contiguous slice of the plan."""
+    return specs[task_index * len(specs) // num_tasks:(task_index + 1) * len(specs) // num_tasks]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
+                                         delete=False)
+    try:
+        with handle:
+            handle.write(text)
+        os.chmod(handle.name, 0o644)  # temp files are private; an index is for every reader of the shards
+        os.replace(handle.name, path)
+    except BaseException:
+        os.unlink(handle.name)
+        raise
+
+
+def _load_sample(row: ProtocolRow, root: Path | None, min_seconds: float) -> audio.Waveform:
+    wave = audio.load(row.resolved_path(root), min_seconds=min_seconds)
+    if wave.seconds > max_seconds(row):
+        raise audio.AudioError("duration-mismatch", f"{row.resolved_path(root)}: {wave.seconds:.3f} s of audio, "
+                                                    f"the protocol says {row.duration_s:g} s")
+    return wave
+
+
+def build_shard(spec: ShardSpec, root: Path | None, out: Path, min_seconds: float, strict: bool,
+                fingerprint: str) -> dict[str, Any]:
+    """Write one shard to staging, move it into place, record it; returns its record."""
+    staging = out / STAGING_DIR / f"{spec.name}.partial"
+    keys, rejects = [], []
+    groups: dict[str, Counter] = {group: Counter() for group in TOTAL_GROUPS}
+    group_samples: dict[str, Counter] = {group: Counter() for group in TOTAL_GROUPS}
+    with open(staging, "wb") as handle, wds.TarWriter(handle, encoder=False, mtime=TAR_MTIME, user=TAR_USER,
+                                                        group=TAR_USER) as writer:
+        for row in spec.rows:
+            try:
+                wave = _load_sample(row, root, min_seconds)
+            except audio.AudioError as error:
+                if strict:
+                    raise ShardBuildError(f"--strict: {row.id} ({row.resolved_path(root)}) rejected: {error}") from None
+                rejects.append({"id": row.id, "source_path": str(row.resolved_path(root)), "reason": error.reason,
+                                "detail": error.detail, "shard": spec.name})
+                continue
+            meta = sample_meta(row, len(wave.samples), wave.orig_sample_rate_hz)
+            writer.write({"__key__": sample_key(row.id), "flac": audio.encode_flac(wave.samples),
+                          "json": _meta_bytes(meta)})
+            keys.append(sample_key(row.id))
+            for group, field in TOTAL_GROUPS.items():
+                groups[group][meta[field]] += 1
+                group_samples[group][meta[field]] += meta["num_samples"]
+    record = {"plan": fingerprint, "index": spec.index, "name": spec.name, "keys": keys, "rejects": rejects,
+              "groups": {group: {value: [groups[group][value], group_samples[group][value]]
+                                 for value in sorted(groups[group])} for group in TOTAL_GROUPS}}
+    if keys:
+        record.update(sha256=file_sha256(staging), bytes=staging.stat().st_size)
+        os.replace(staging, out / spec.name)
+    else:  # every row rejected: no tar at all (an empty tar would be a shard with nothing to read)
+        staging.unlink()
+    _atomic_write(out / RECORDS_DIR / f"{spec.name}.json", json.dumps(record, sort_keys=True))
+    return record
+
+
+def _completed_record(spec: ShardSpec, out: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The record of a shard finished by an earlier run of this plan, if its tar is intact."""
+    path = out / RECORDS_DIR / f"{spec.name}.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record.get("plan") != fingerprint:
+        raise ShardBuildError(f"{out} holds shards of a different build plan ({path}); use a new --out directory")
+    if not record["keys"]:
+        return record
+    tar = out / spec.name
+    intact = tar.is_file() and tar.stat().st_size == record["bytes"] and file_sha256(tar) == record["sha256"]
+    return record if intact else None
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one core per worker process: workers, not threads, scale the build
+
+
+def _run_shards(todo: list[ShardSpec], root: Path | None, out: Path, options: BuildOptions,
+                fingerprint: str) -> Iterable[dict[str, Any]]:
+    arguments = (root, out, options.min_seconds, options.strict, fingerprint)
+    if options.num_workers == 1 or len(todo) <= 1:
+        for spec in todo:
+            yield build_shard(spec, *arguments)
+        return
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(min(options.num_workers, len(todo)), mp_context=context,
+                                                initializer=_init_worker) as pool:
+        futures = [pool.submit(build_shard, spec, *arguments) for spec in todo]
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                yield future.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def task_index_path(out: Path, task_index: int, num_tasks: int) -> Path:
+    return out / f"index.task-{task_index:05d}-of-{num_tasks:05d}.json"
+
+
+def build_task(protocols: list[str | Path], root: str | Path | None, out: str | Path,
+               options: BuildOptions) -> Path:
+    """Build (or finish) this task's shards and write its partial index; returns the partial index path."""
+    out = Path(out)
+    root = Path(root) if root is not None else None
+    rows = read_protocols(protocols)
+    specs = plan_shards(rows, options)
+    fingerprint = plan_fingerprint(specs, options)
+    mine = task_shards(specs, options.task_index, options.num_tasks)
+    for directory in (out, out / STAGING_DIR, out / RECORDS_DIR):
+        directory.mkdir(parents=True, exist_ok=True)
+    records = {spec.index: record for spec in mine
+               if (record := _completed_record(spec, out, fingerprint)) is not None}
+    todo = [spec for spec in mine if spec.index not in records]
+    bar = tqdm(total=len(mine), initial=len(records), unit="shard", disable=None if options.progress else True,
+               desc=f"shards task {options.task_index}/{options.num_tasks}")
+    with bar:
+        for record in _run_shards(todo, root, out, options, fingerprint):
+            records[record["index"]] = record
+            bar.update(1)
+            bar.set_postfix(rejects=sum(len(r["rejects"]) for r in records.values()))
+    partial = {"format": f"{FORMAT}-task", "version": VERSION, "plan": fingerprint, "seed": options.seed,
+               "task_index": options.task_index, "num_tasks": options.num_tasks, "num_planned_shards": len(specs),
+               "shards": [records[spec.index] for spec in mine]}
+    path = task_index_path(out, options.task_index, options.num_tasks)
+    _atomic_write(path, json.dumps(partial, sort_keys=True))
+    return path
+
+
+def _group_totals(records: list[dict[str, Any]], group: str) -> dict[str, list[int]]:
+    """``{value: [samples, audio samples at 16 kHz]}`` of one group summed over shard records."""
+    counts: dict[str, list[int]] = {label: [0, 0] for label in LABELS} if group == "by_label" else {}
+    for record in records:
+        for value, (samples, num_samples) in record["groups"][group].items():
+            pair = counts.setdefault(value, [0, 0])
+            pair[0] += samples
+            pair[1] += num_samples
+    return dict(sorted(counts.items()))
+
+
+def _seconds(num_samples: int) -> float:
+    return round(num_samples / SAMPLE_RATE_HZ, 6)
+
+
+def _index_entry(record: dict[str, Any]) -> dict[str, Any]:
+    labels = _group_totals([record], "by_label")
+    return {"name": record["name"], "samples": len(record["keys"]),
+            "seconds": _seconds(sum(pair[1] for pair in labels.values())),
+            "labels": {label: labels[label][0] for label in LABELS},
+            "sha256": record["sha256"], "bytes": record["bytes"], "keys": record["keys"]}
+
+
+def _totals(records: list[dict[str, Any]]) -> dict[str, Any]:
+    # Sums stay integer (audio samples) until the end, so totals do not depend on the summation order.
+    groups = {group: _group_totals(records, group) for group in TOTAL_GROUPS}
+    by_label = groups["by_label"].values()
+    return {"samples": sum(pair[0] for pair in by_label), "seconds": _seconds(sum(pair[1] for pair in by_label)),
+            **{group: {value: {"samples": pair[0], "seconds": _seconds(pair[1])} for value, pair in counts.items()}
+               for group, counts in groups.items()}}
+
+
+def merge(out: str | Path) -> dict[str, Any]:
+    """Merge the partial indexes of a shard build into ``index.json`` and ``rejects.jsonl``."""
+    out = Path(out)
+    partials = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(out.glob(TASK_INDEX_GLOB))]
+    if not partials:
+        raise ShardBuildError(f"{out}: no partial indexes ({TASK_INDEX_GLOB}); run the build tasks first")
+    plans = {partial["plan"] for partial in partials}
+    if len(plans) > 1:
+        raise ShardBuildError(f"{out}: partial indexes come from {len(plans)} different build plans")
+    records = {record["index"]: record for partial in partials for record in partial["shards"]}
+    planned = partials[0]["num_planned_shards"]
+    missing = sorted(set(range(planned)) - set(records))
+    if missing:
+        num_tasks = partials[-1]["num_tasks"]
+        tasks = sorted({task for task in range(num_tasks) for i in missing
+                        if task * planned // num_tasks <= i < (task + 1) * planned // num_tasks})
+        raise ShardBuildError(f"{out}: {len(missing)} of {planned} planned shards are not built yet; "
+                              f"run (or re-run) task(s) {tasks} of {num_tasks}")
+    ordered = [records[i] for i in range(planned)]
+    shards = [_index_entry(record) for record in ordered if record["keys"]]
+    rejects = [reject for record in ordered for reject in record["rejects"]]
+    index = {"format": FORMAT, "version": VERSION, "sample_rate_hz": SAMPLE_RATE_HZ, "seed": partials[0]["seed"],
+             "shards": shards, "totals": _totals(ordered), "rejects": len(rejects)}
+    _atomic_write(out / REJECTS_NAME, "".join(json.dumps(reject, sort_keys=True) + "\n" for reject in rejects))
+    _atomic_write(out / INDEX_NAME, json.dumps(index, indent=1, sort_keys=True) + "\n")
+    staging = out / STAGING_DIR
+    if staging.is_dir() and not any(staging.iterdir()):
+        staging.rmdir()
+    return index
+
+
+def build_shards(protocols: list[str | Path], root: str | Path | None, out: str | Path,
+                 **options: Any) -> dict[str, Any] | None:
+    """Build a shard set (or one task of it) from protocol CSVs; options are ``BuildOptions`` fields.
+
+    A single-task build merges at once and returns the index; task i of n returns ``None`` (run
+    ``merge(out)`` once all tasks are done).
+    """
+    build_options = BuildOptions(**options)
+    build_task(protocols, root, out, build_options)
+    return merge(out) if build_options.num_tasks == 1 else None

@@ -1,0 +1,194 @@
+"""WebDataset shard sets: the on-disk format, reading it back, and verifying it.
+
+A shard directory holds ``<name>-%06d.tar`` files, ``index.json`` and ``rejects.jsonl`` (format in
+HELPERS.md / the README). Each sample is ``<key>.flac`` (16 kHz mono, PCM_16) + ``<key>.json``.
+Building lives in ``posttrain.data.shard_build`` (``build_shards`` is re-exported here).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tarfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from tqdm import tqdm
+
+FORMAT = "posttrain-shards"
+VERSION = 1
+SAMPLE_RATE_HZ = 16_000
+INDEX_NAME = "index.json"
+REJECTS_NAME = "rejects.jsonl"
+SAMPLE_EXTENSIONS = ("flac", "json")  # tar member order within a sample (TarWriter sorts them)
+META_FIELDS = ("id", "label", "corpus", "attack", "speaker", "language", "proportion", "duration_s",
+               "num_samples", "sample_rate_hz", "orig_sample_rate_hz", "source_path")
+TOTAL_GROUPS = {"by_label": "label", "by_corpus": "corpus", "by_language": "language", "by_attack": "attack"}
+
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+class ShardFormatError(ValueError):
+    """A shard directory that does not hold a readable shard set."""
+
+
+def sample_key(sample_id: str) -> str:
+    """The WebDataset key of a sample id: webdataset splits member names at the first dot."""
+    return _KEY_UNSAFE.sub("_", sample_id)
+
+
+def load_index(directory: str | Path) -> dict[str, Any]:
+    """Read ``index.json`` of a shard directory, checking its format and version."""
+    path = Path(directory) / INDEX_NAME
+    if not path.is_file():
+        raise ShardFormatError(f"{path}: no shard index (build or merge the shard set first)")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ShardFormatError(f"{path}: not JSON: {error}") from None
+    if index.get("format") != FORMAT or index.get("version") != VERSION:
+        raise ShardFormatError(f"{path}: format {index.get('format')!r} version {index.get('version')!r}, "
+                               f"expected {FORMAT!r} version {VERSION}")
+    return index
+
+
+def shard_paths(directory: str | Path, index: dict[str, Any] | None = None) -> list[Path]:
+    """Absolute paths of the shards of a directory, in index order."""
+    index = load_index(directory) if index is None else index
+    return [Path(directory).resolve() / shard["name"] for shard in index["shards"]]
+
+
+def iter_shard(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {extension: bytes})`` for each sample of one tar, in tar order.
+
+    Members of a sample are consecutive (as WebDataset requires); a key that reappears later is an error.
+    """
+    seen: set[str] = set()
+    key, files = None, {}
+    with tarfile.open(path, "r|") as archive:
+        for member in archive:
+            if not member.isfile():
+                continue
+            member_key, _, extension = member.name.partition(".")
+            if member_key != key:
+                if key is not None:
+                    yield key, files
+                if member_key in seen:
+                    raise ShardFormatError(f"{path}: key {member_key!r} is split across the tar")
+                seen.add(member_key)
+                key, files = member_key, {}
+            files[extension] = archive.extractfile(member).read()
+    if key is not None:
+        yield key, files
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_sample(key: str, files: dict[str, bytes]) -> list[str]:
+    """Problems of one sample: member set, JSON fields, FLAC decoding and length."""
+    from posttrain.data.audio import decode_flac  # soundfile only; keeps inspect free of it
+
+    if sorted(files) != sorted(SAMPLE_EXTENSIONS):
+        return [f"members {sorted(files)}, expected {list(SAMPLE_EXTENSIONS)}"]
+    try:
+        meta = json.loads(files["json"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return [f"json does not parse: {error}"]
+    problems = [f"json lacks {field!r}" for field in META_FIELDS if field not in meta]
+    if problems:
+        return problems
+    if sample_key(meta["id"]) != key:
+        problems.append(f"json id {meta['id']!r} does not match the key")
+    try:
+        samples, rate = decode_flac(files["flac"])
+    except Exception as error:  # any decoder failure is a corrupt sample here
+        return problems + [f"flac does not decode: {error}"]
+    if rate != SAMPLE_RATE_HZ:
+        problems.append(f"flac at {rate} Hz, expected {SAMPLE_RATE_HZ}")
+    if len(samples) != meta["num_samples"]:
+        problems.append(f"flac has {len(samples)} samples, json says {meta['num_samples']}")
+    return problems
+
+
+def verify_shard(directory: Path, entry: dict[str, Any]) -> list[str]:
+    """Re-hash one shard and re-decode all its samples against its index entry."""
+    path = directory / entry["name"]
+    where = entry["name"]
+    if not path.is_file():
+        return [f"{where}: missing"]
+    problems = []
+    if path.stat().st_size != entry["bytes"]:
+        problems.append(f"{where}: {path.stat().st_size} bytes, index says {entry['bytes']}")
+    if file_sha256(path) != entry["sha256"]:
+        problems.append(f"{where}: sha256 differs from the index")
+    keys, labels, num_samples = [], {"real": 0, "fake": 0}, 0
+    try:
+        for key, files in iter_shard(path):
+            keys.append(key)
+            sample_problems = _check_sample(key, files)
+            problems += [f"{where} key {key}: {problem}" for problem in sample_problems]
+            if not sample_problems:
+                meta = json.loads(files["json"])
+                labels[meta["label"]] = labels.get(meta["label"], 0) + 1
+                num_samples += meta["num_samples"]
+    except (tarfile.TarError, ShardFormatError, OSError, EOFError) as error:
+        return problems + [f"{where}: unreadable tar: {error}"]
+    if keys != entry["keys"]:
+        missing = sorted(set(entry["keys"]) - set(keys))
+        extra = sorted(set(keys) - set(entry["keys"]))
+        detail = f"missing {missing}, unexpected {extra}" if missing or extra else "same keys, different order"
+        problems.append(f"{where}: keys differ from the index: {detail}")
+    if len(keys) != entry["samples"] or labels != entry["labels"]:
+        problems.append(f"{where}: {len(keys)} samples {labels}, index says {entry['samples']} {entry['labels']}")
+    elif abs(num_samples / SAMPLE_RATE_HZ - entry["seconds"]) > 1e-3:
+        problems.append(f"{where}: {num_samples / SAMPLE_RATE_HZ:.3f} s of audio, index says {entry['seconds']}")
+    return problems
+
+
+def verify_shards(directory: str | Path, *, progress: bool = True) -> list[str]:
+    """Every problem of a shard set (empty list = sound): hashes, decoding, keys, counts, rejects."""
+    directory = Path(directory)
+    index = load_index(directory)
+    problems = []
+    for entry in tqdm(index["shards"], desc="verify", unit="shard", disable=None if progress else True):
+        problems += verify_shard(directory, entry)
+    samples = sum(entry["samples"] for entry in index["shards"])
+    if samples != index["totals"]["samples"]:
+        problems.append(f"{INDEX_NAME}: shards hold {samples} samples, totals say {index['totals']['samples']}")
+    rejects_path = directory / REJECTS_NAME
+    rejects = len(rejects_path.read_text(encoding="utf-8").splitlines()) if rejects_path.is_file() else 0
+    if rejects != index["rejects"]:
+        problems.append(f"{REJECTS_NAME}: {rejects} lines, {INDEX_NAME} says {index['rejects']} rejects")
+    return problems
+
+
+def format_index(index: dict[str, Any]) -> str:
+    """The index as text tables: one line per shard, then totals per group."""
+    lines = [f"{'shard':<24} {'samples':>8} {'hours':>8} {'real':>7} {'fake':>7} {'MB':>9}  sha256"]
+    for shard in index["shards"]:
+        lines.append(f"{shard['name']:<24} {shard['samples']:>8} {shard['seconds'] / 3600:>8.3f} "
+                     f"{shard['labels']['real']:>7} {shard['labels']['fake']:>7} {shard['bytes'] / 1e6:>9.2f}"
+                     f"  {shard['sha256'][:12]}")
+    totals = index["totals"]
+    lines.append(f"{'total':<24} {totals['samples']:>8} {totals['seconds'] / 3600:>8.3f}   "
+                 f"({len(index['shards'])} shards, {index['rejects']} rejects, seed {index['seed']})")
+    for group in TOTAL_GROUPS:
+        lines.append(f"\n{group[3:]:<24} {'samples':>8} {'hours':>8}")
+        for value, count in sorted(totals[group].items()):
+            lines.append(f"{value:<24} {count['samples']:>8} {count['seconds'] / 3600:>8.3f}")
+    return "\n".join(lines)
+
+
+def build_shards(protocols, root, out, **options) -> dict[str, Any] | None:
+    """Protocol CSVs -> shard set; see ``posttrain.data.shard_build.build_shards``."""
+    # Imported on use: building needs torch/torchaudio, which readers of shards may not want to load.
+    from posttrain.data.shard_build import build_shards as build
+
+    return build(protocols, root, out, **options)
