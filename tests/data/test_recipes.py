@@ -1,0 +1,355 @@
+"""Corpus recipes on miniature copies of each official layout, written here with real audio files."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from posttrain.data.protocol import read_protocol
+from posttrain.data.recipes import RECIPES, RecipeError, get_recipe, prepare
+from posttrain.data.recipes.base import build_rows
+
+
+@dataclass
+class Layout:
+    """A corpus folder under construction and the protocol rows it must produce."""
+
+    root: Path
+    expected: dict[str, dict] = field(default_factory=dict)
+    durations: dict[Path, float] = field(default_factory=dict)
+
+    def text(self, relative: str, content: str) -> Path:
+        path = self.root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content, encoding="utf-8")
+        return path
+
+    def audio(self, relative: str, rate: int = 16000) -> Path:
+        """A short tone; every file gets its own length so durations are really read from headers."""
+        path = self.root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frames = rate // 10 + 37 * len(self.durations)
+        tone = 0.1 * np.sin(np.arange(frames) * 0.05).astype(np.float32)
+        if path.suffix == ".m4a":
+            raw = path.with_suffix(".tmp.wav")
+            sf.write(raw, tone, rate)
+            subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(raw), "-c:a", "aac", str(path)],
+                           check=True)
+            raw.unlink()
+            self.durations[path] = -1.0  # AAC adds encoder priming: its duration is checked loosely
+        else:
+            sf.write(path, tone, rate)
+            self.durations[path] = sf.info(str(path)).frames / rate
+        return path
+
+    def expect(self, row_id: str, path: Path, label: str, proportion: str = "-", attack: str = "-",
+               speaker: str = "-", language: str = "-") -> None:
+        self.expected[row_id] = dict(path=path, label=label, proportion=proportion, attack=attack,
+                                     speaker=speaker, language=language)
+
+
+# ------------------------------------------------------------------------------------------------
+# one miniature per recipe
+
+
+def make_asvspoof2019_la(lay: Layout) -> None:
+    protocols = "LA/ASVspoof2019_LA_cm_protocols"
+    lay.text(f"{protocols}/ASVspoof2019.LA.cm.train.trn.txt",
+             "LA_0079 LA_T_1138215 - - bonafide\nLA_0079 LA_T_1271820 - A01 spoof\n")
+    lay.text(f"{protocols}/ASVspoof2019.LA.cm.dev.trl.txt", "LA_0069 LA_D_1047731 - - bonafide\n")
+    lay.text(f"{protocols}/ASVspoof2019.LA.cm.eval.trl.txt", "LA_0039 LA_E_2834763 - A11 spoof\n")
+    for name, split, label, proportion, attack in [
+            ("LA_T_1138215", "train", "real", "train", "-"), ("LA_T_1271820", "train", "fake", "train", "A01"),
+            ("LA_D_1047731", "dev", "real", "valid", "-"), ("LA_E_2834763", "eval", "fake", "test", "A11")]:
+        path = lay.audio(f"LA/ASVspoof2019_LA_{split}/flac/{name}.flac")
+        speaker = {"train": "LA_0079", "dev": "LA_0069", "eval": "LA_0039"}[split]
+        lay.expect(f"ASV19LA-{name}", path, label, proportion, attack, speaker, "en")
+
+
+def _make_asvspoof2021(lay: Layout, track: str, lines: list[str]) -> None:
+    lay.text(f"keys/{track}/CM/trial_metadata.txt", "\n".join(lines) + "\n")
+    for line in lines:
+        fields = line.split()
+        path = lay.audio(f"ASVspoof2021_{track}_eval/flac/{fields[1]}.flac")
+        label = "real" if fields[5] == "bonafide" else "fake"
+        lay.expect(f"ASV21{track}-{fields[1]}", path, label, "test", "-" if label == "real" else fields[4],
+                   fields[0], "en")
+
+
+def make_asvspoof2021_la(lay: Layout) -> None:
+    _make_asvspoof2021(lay, "LA", ["LA_0009 LA_E_9332881 alaw ita_tx A07 spoof notrim eval",
+                                   "LA_0012 LA_E_5464494 none loc_tx bonafide bonafide notrim progress"])
+
+
+def make_asvspoof2021_df(lay: Layout) -> None:
+    _make_asvspoof2021(lay, "DF", [
+        "LA_0023 DF_E_2000011 nocodec asvspoof A14 spoof notrim progress traditional_vocoder - - - -",
+        "TGF1 DF_E_2000024 mp3m4a vcc2020 Task2-team12 spoof notrim eval traditional_vocoder Task2 team12 FF G",
+        "LA_0031 DF_E_2000055 low_mp3 asvspoof bonafide bonafide notrim eval bonafide - - - -"])
+
+
+def make_asvspoof5(lay: Layout) -> None:
+    lay.text("ASVspoof5_protocols/ASVspoof5.train.tsv",
+             "T_4850 T_0000000000 F - - - AC3 A05 spoof -\nT_1234 T_0000000001 M - - - - bonafide bonafide -\n")
+    lay.text("ASVspoof5_protocols/ASVspoof5.dev.track_1.tsv", "D_4461 D_0000000169 F - - - AC1 A14 spoof -\n")
+    for name, folder, label, proportion, attack, speaker in [
+            ("T_0000000000", "ASVspoof5_train/flac_T", "fake", "train", "A05", "T_4850"),
+            ("T_0000000001", "ASVspoof5_train/flac_T", "real", "train", "-", "T_1234"),
+            ("D_0000000169", "flac_D", "fake", "valid", "A14", "D_4461")]:
+        lay.expect(f"ASV5-{name}", lay.audio(f"{folder}/{name}.flac"), label, proportion, attack, speaker, "en")
+
+
+def make_mls(lay: Layout) -> None:
+    lay.text("mls_german/train/transcripts.txt", "1844_931_000001\tein satz\n10148_10119_000002\tnoch einer\n")
+    lay.text("mls_german/train/segments.txt", "1844_931_000001\thttp://example/a.mp3\t0.0\t1.0\n")
+    lay.text("mls_polish/test/transcripts.txt", "6892_5944_000010\tzdanie\n")
+    for language, folder, utterance, proportion in [("de", "mls_german/train", "1844_931_000001", "train"),
+                                                    ("de", "mls_german/train", "10148_10119_000002", "train"),
+                                                    ("pl", "mls_polish/test", "6892_5944_000010", "test")]:
+        speaker, book, _ = utterance.split("_")
+        path = lay.audio(f"{folder}/audio/{speaker}/{book}/{utterance}.flac")
+        lay.expect(f"MLS-{language}-{utterance}", path, "real", proportion, "-", f"{language}-{speaker}", language)
+
+
+def _make_libritts(lay: Layout, prefix: str, label: str, attack: str) -> None:
+    for subset, proportion, utterance in [("train-clean-100", "train", "103_1241_000000_000001"),
+                                          ("dev-other", "valid", "116_288045_000003_000000"),
+                                          ("test-clean", "test", "1089_134686_000001_000001")]:
+        speaker, chapter = utterance.split("_")[:2]
+        folder = f"{subset}/{speaker}/{chapter}"
+        lay.text(f"{folder}/{utterance}.normalized.txt", "text")
+        lay.text(f"{folder}/{speaker}_{chapter}.trans.tsv", "x\ty\tz\n")
+        lay.expect(f"{prefix}-{utterance}", lay.audio(f"{folder}/{utterance}.wav", 24000), label, proportion,
+                   attack, speaker, "en")
+
+
+def make_libritts(lay: Layout) -> None:
+    _make_libritts(lay, "LibriTTS", "real", "-")
+
+
+def make_libritts_r(lay: Layout) -> None:
+    _make_libritts(lay, "LibriTTSR", "fake", "miipher")
+
+
+def _make_fleurs(lay: Layout, prefix: str, label: str, attack: str) -> None:
+    for locale, split, proportion, name in [("en_us", "train", "train", "10004088536354799741.wav"),
+                                            ("en_us", "dev", "valid", "1001.wav"),
+                                            ("cmn_hans_cn", "test", "test", "2002.wav")]:
+        lay.text(f"data/{locale}/{split}.tsv", f"1683\t{name}\tRaw text.\traw text\tr a w\t16000\tFEMALE\n")
+        path = lay.audio(f"data/{locale}/audio/{split}/{name}")
+        lay.expect(f"{prefix}-{locale}-{Path(name).stem}", path, label, proportion, attack, "-", locale.split("_")[0])
+
+
+def make_fleurs(lay: Layout) -> None:
+    _make_fleurs(lay, "FLEURS", "real", "-")
+
+
+def make_fleurs_r(lay: Layout) -> None:
+    _make_fleurs(lay, "FLEURSR", "fake", "miipher")
+
+
+def make_voxceleb2(lay: Layout) -> None:
+    lay.expect("VoxCeleb2-id00012-21Uxsk56VDQ-00001", lay.audio("dev/aac/id00012/21Uxsk56VDQ/00001.m4a"),
+               "real", "train", speaker="id00012")
+    lay.expect("VoxCeleb2-id00017-01dfn2spqyE-00002", lay.audio("test/aac/id00017/01dfn2spqyE/00002.wav"),
+               "real", "test", speaker="id00017")
+
+
+def make_wavefake(lay: Layout) -> None:
+    for generator, stem, language, speaker in [("ljspeech_melgan", "LJ001-0001_gen", "en", "LJ"),
+                                               ("jsut_parallel_wavegan", "BASIC5000_0001_gen", "ja", "JSUT"),
+                                               ("common_voices_prompts_from_conformer_fastspeech2_pwg_ljspeech",
+                                                "common_voice_en_1_gen", "en", "LJ")]:
+        path = lay.audio(f"generated_audio/{generator}/{stem}.wav", 22050)
+        lay.expect(f"WF-{generator}-{stem}", path, "fake", "-", generator, speaker, language)
+
+
+def make_mlaad(lay: Layout) -> None:
+    folder = "fake/de/tts_models_de_thorsten_vits"
+    lay.text(f"{folder}/meta.csv", "path|original_file|language|model_name|transcript\n"
+                                   f"./{folder}/a_1.wav|m-ailabs/x.wav|German|vits|Hallo\n")
+    lay.expect("MLAAD-de-tts_models_de_thorsten_vits-a_1", lay.audio(f"{folder}/a_1.wav"), "fake",
+               attack="tts_models_de_thorsten_vits", language="de")
+    lay.expect("MLAAD-en-bark-b_2", lay.audio("fake/en/bark/b_2.wav", 24000), "fake", attack="bark", language="en")
+
+
+def make_spoofceleb(lay: Layout) -> None:
+    rows = {"train": [("a00/id10318/YYsxcZ5saac-00002-006.flac", "id10318", "a00"),
+                      ("a01/id10318/YYsxcZ5saac-00002-007.flac", "id10318", "a01")],
+            "development": [("a06/id10326/NKOA_Q89wDM-00066-003.flac", "id10326", "a06")]}
+    for split, records in rows.items():
+        lay.text(f"metadata/{split}.csv", "file,speaker,attack\n" + "".join(f"{f},{s},{a}\n" for f, s, a in records))
+        for relative, speaker, attack in records:
+            row_id = f"SpoofCeleb-{split}-{relative[:-5].replace('/', '-')}"
+            lay.expect(row_id, lay.audio(f"flac/{split}/{relative}"), "real" if attack == "a00" else "fake",
+                       "train" if split == "train" else "valid", "-" if attack == "a00" else attack, speaker)
+
+
+def make_codecfake(lay: Layout) -> None:
+    lay.text("label/train.txt", "SSB13650058.wav real 0\nF01_SSB13650058.wav fake 1\n")
+    lay.text("label/C7.txt", "F07_p225_001.wav fake 7\n")
+    lay.expect("Codecfake-train-SSB13650058", lay.audio("train/SSB13650058.wav"), "real", "train")
+    lay.expect("Codecfake-train-F01_SSB13650058", lay.audio("train/F01_SSB13650058.wav"), "fake", "train", "F01")
+    lay.expect("Codecfake-C7-F07_p225_001", lay.audio("C7/F07_p225_001.wav"), "fake", "test", "F07")
+
+
+def make_in_the_wild(lay: Layout) -> None:
+    lay.text("meta.csv", "file,speaker,label\n0.wav,Alec Guinness,spoof\n1.wav,Barack Obama,bona-fide\n")
+    lay.expect("ItW-0", lay.audio("0.wav"), "fake", "test", speaker="Alec Guinness", language="en")
+    lay.expect("ItW-1", lay.audio("1.wav"), "real", "test", speaker="Barack Obama", language="en")
+
+
+def make_fakeorreal(lay: Layout) -> None:
+    for version, split, label, name, proportion in [("for-norm", "training", "real", "file1.wav", "train"),
+                                                    ("for-norm", "testing", "fake", "file2.wav", "test"),
+                                                    ("for-original", "validation", "fake", "file3.mp3", "valid")]:
+        path = lay.audio(f"{version}/{split}/{label}/{name}")
+        lay.expect(f"FoR-{version}-{split}-{label}-{Path(name).stem}", path, label, proportion, language="en")
+
+
+def make_add2023(lay: Layout) -> None:
+    for folder, name, word, proportion in [("testR2", "ADD2023_T1.2R2_E_00000003", "genuine", "test"),
+                                           ("testR2", "ADD2023_T1.2R2_E_00000004", "fake", "test"),
+                                           ("train", "ADD2023_T1.2_T_00000001", "fake", "train")]:
+        lay.expect(f"ADD2023-{name}", lay.audio(f"{folder}/wav/{name}.wav"), "real" if word == "genuine" else "fake",
+                   proportion, language="zh")
+        label_file = lay.root / folder / "label.txt"
+        previous = label_file.read_text() if label_file.exists() else ""
+        lay.text(f"{folder}/label.txt", previous + f"{name}.wav {word}\n")
+
+
+def make_deep_voice(lay: Layout) -> None:
+    lay.expect("DeepVoice-real-biden-original", lay.audio("AUDIO/REAL/biden-original.wav", 44100), "real", "test",
+               speaker="biden", language="en")
+    lay.expect("DeepVoice-fake-biden-to-linus", lay.audio("AUDIO/FAKE/biden-to-linus.wav", 44100), "fake", "test",
+               "rvc", "linus", "en")
+
+
+MAKERS = {name.removeprefix("make_"): maker for name, maker in globals().items() if name.startswith("make_")}
+
+
+def test_every_recipe_has_a_miniature():
+    assert sorted(MAKERS) == sorted(RECIPES)
+    assert len(RECIPES) >= 18
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_writes_the_expected_protocol(name, tmp_path):
+    lay = Layout(tmp_path / "corpus")
+    MAKERS[name](lay)
+    out = tmp_path / "protocol.csv"
+    result = prepare(name, lay.root, out, num_workers=2, progress=False)
+    assert result.skipped == []
+    rows = {row.id: row for row in read_protocol(out)}
+    assert sorted(rows) == sorted(lay.expected)
+    for row_id, expected in lay.expected.items():
+        row = rows[row_id]
+        assert (row.label, row.proportion, row.attack, row.speaker, row.language) == (
+            expected["label"], expected["proportion"], expected["attack"], expected["speaker"], expected["language"]
+        ), row_id
+        assert row.path.startswith("$ROOT/")
+        assert row.resolved_path(lay.root).resolve() == expected["path"].resolve()
+        assert row.corpus == get_recipe(name).prefix
+        info = sf.info(str(expected["path"])) if expected["path"].suffix != ".m4a" else None
+        if info is not None:
+            assert row.sample_rate_hz == info.samplerate
+            assert row.duration_s == pytest.approx(lay.durations[expected["path"]], abs=1e-5)
+        else:  # AAC adds encoder priming; the header (ffprobe) still gives about the written length
+            assert row.sample_rate_hz == 16000 and 0.08 < row.duration_s < 0.2
+
+
+# ------------------------------------------------------------------------------------------------
+# malformed layouts: one per recipe family, each error names the offending file (and line)
+
+
+def _break_line(file: str, bad: str):
+    def breaker(lay: Layout) -> str:
+        path = lay.root / file
+        path.write_text(path.read_text() + bad)
+        return f"{path}:{len(path.read_text().splitlines())}"
+    return breaker
+
+
+def _add_file(relative: str, named: str | None = None):
+    """Add a stray file; the error must name ``named`` (the file itself, or its unexpected folder)."""
+    def breaker(lay: Layout) -> str:
+        path = lay.root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        return str(lay.root / (named or relative))
+    return breaker
+
+
+BREAKERS = {
+    "asvspoof2019_la": _break_line("LA/ASVspoof2019_LA_cm_protocols/ASVspoof2019.LA.cm.dev.trl.txt",
+                                   "LA_0069 LA_D_1 - bonafide\n"),
+    "asvspoof2021_df": _break_line("keys/DF/CM/trial_metadata.txt",
+                                   "LA_0023 DF_E_9 nocodec asvspoof A14 maybe notrim eval\n"),
+    "asvspoof5": _break_line("ASVspoof5_protocols/ASVspoof5.train.tsv", "T_4850 T_0000000009 F - - - AC3 A05 spoof\n"),
+    "mls": _break_line("mls_german/train/transcripts.txt", "1844-931-000009\tein satz\n"),
+    "libritts": _add_file("train-clean-100/103/1241/103_1241_x.wav"),
+    "fleurs": _break_line("data/en_us/dev.tsv", "1683\n"),
+    "voxceleb2": _add_file("dev/aac/speaker12/abc/00001.m4a", "dev/aac/speaker12"),
+    "wavefake": _add_file("generated_audio/vctk_hifigan/p225_001.wav", "generated_audio/vctk_hifigan"),
+    "mlaad": _break_line("fake/de/tts_models_de_thorsten_vits/meta.csv", "./x/absent.wav|o|German|vits|Hallo\n"),
+    "spoofceleb": _break_line("metadata/train.csv", "a02/id1/x.flac,id1\n"),
+    "codecfake": _break_line("label/train.txt", "F02_SSB1.wav fake two\n"),
+    "in_the_wild": _break_line("meta.csv", "2.wav,Someone,deepfake\n"),
+    "fakeorreal": _add_file("for-norm/training/unknown/file9.wav", "for-norm/training/unknown"),
+    "add2023": _break_line("testR2/label.txt", "ADD2023_T1.2R2_E_00000009.wav spoofed\n"),
+    "deep_voice": _add_file("AUDIO/FAKE/obama.wav"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BREAKERS))
+def test_malformed_layout_names_the_file(name, tmp_path):
+    lay = Layout(tmp_path / name)
+    MAKERS[name](lay)
+    where = BREAKERS[name](lay)
+    with pytest.raises(RecipeError) as error:
+        build_rows(get_recipe(name), lay.root, progress=False)
+    assert where.split(":")[0] in str(error.value)
+    if ":" in where:  # a protocol line: the line number is named too
+        assert where in str(error.value)
+
+
+def test_missing_and_corrupt_audio_fail_or_are_skipped_and_counted(tmp_path):
+    lay = Layout(tmp_path / "itw")
+    make_in_the_wild(lay)
+    lay.text("meta.csv", (lay.root / "meta.csv").read_text() + "2.wav,Someone,spoof\n3.wav,Someone,spoof\n")
+    (lay.root / "3.wav").write_bytes(b"RIFF....not audio")
+    with pytest.raises(RecipeError, match=r"2\.wav: missing \(listed at .*meta\.csv:4\)"):
+        build_rows(get_recipe("in_the_wild"), lay.root, progress=False)
+    result = build_rows(get_recipe("in_the_wild"), lay.root, skip_missing=True, progress=False)
+    assert sorted(row.id for row in result.rows) == ["ItW-0", "ItW-1"]
+    assert len(result.skipped) == 2
+    assert "2.wav: missing" in result.skipped[0] and "3.wav: unreadable" in result.skipped[1]
+
+
+def test_duplicate_ids_and_unknown_recipe_are_errors(tmp_path):
+    lay = Layout(tmp_path / "asv")
+    make_asvspoof2019_la(lay)
+    protocol = lay.root / "LA/ASVspoof2019_LA_cm_protocols/ASVspoof2019.LA.cm.train.trn.txt"
+    protocol.write_text(protocol.read_text() + "LA_0079 LA_T_1138215 - - bonafide\n")
+    with pytest.raises(RecipeError, match=r"trn\.txt:3: duplicate ID 'LA_T_1138215'"):
+        build_rows(get_recipe("asvspoof2019_la"), lay.root, progress=False)
+    with pytest.raises(RecipeError, match="unknown corpus recipe 'asvspoof2077'"):
+        get_recipe("asvspoof2077")
+
+
+def test_cli_prepare(tmp_path, capsys):
+    from posttrain.cli import main
+
+    lay = Layout(tmp_path / "dv")
+    make_deep_voice(lay)
+    out = tmp_path / "dv.csv"
+    assert main(["data", "prepare", "deep_voice", "--root", str(lay.root), "--out", str(out), "--no-progress"]) == 0
+    assert len(read_protocol(out)) == 2
+    assert "2 rows" in capsys.readouterr().out
+    assert main(["data", "prepare", "deep_voice", "--root", str(tmp_path / "absent"), "--out", str(out)]) == 1
+    assert "corpus root is not a folder" in capsys.readouterr().err
