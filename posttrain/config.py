@@ -64,11 +64,13 @@ class StreamConfig:
     shards: list[str] = field(default_factory=list)  # shard directories (each with index.json)
     weights: list[float] = field(default_factory=list)  # per shard set; empty = all 1.0
     sample_rate_hz: int = 16000
-    max_batch_seconds: float = 100.0  # audio seconds per batch per rank, padding excluded
+    max_batch_seconds: float = 100.0  # padded audio seconds (B x longest) per batch per rank
     max_batch_size: int = 64
     num_buckets: int = 20
     shuffle_buffer: int = 1000
     num_workers: int = 2
+    # fork starts workers in milliseconds (they only read and decode); spawn re-imports torch per worker
+    worker_start_method: Literal["fork", "spawn", "forkserver"] = "fork"
     seed: int = 1234
     normalize: bool = True  # per-utterance zero mean / unit variance
     crop: CropConfig = field(default_factory=CropConfig)
@@ -83,6 +85,7 @@ class StreamConfig:
         require(self.num_buckets >= 1, "num_buckets", "must be >= 1")
         require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
         require(self.num_workers >= 0, "num_workers", "must be >= 0")
+        require_choice(self.worker_start_method, "worker_start_method", ["fork", "spawn", "forkserver"])
 
 
 @dataclass
@@ -190,6 +193,7 @@ class RawBoostConfig:
     snr_min_db: float = 10.0
     snr_max_db: float = 40.0
     seed: int = 1234
+    sample_rate_hz: int = 16000  # the notch filters are designed for this rate (reference: 16 kHz)
 
     def validate(self) -> None:
         require(self.algo in range(9), "algo", f"must be in 0..8, got {self.algo!r}")
@@ -202,6 +206,7 @@ class RawBoostConfig:
         require(self.min_bias_db <= self.max_bias_db, "max_bias_db", "must be >= min_bias_db")
         require(0 <= self.p_percent <= 100, "p_percent", "must be in [0, 100]")
         require(self.snr_min_db <= self.snr_max_db, "snr_max_db", "must be >= snr_min_db")
+        require(self.sample_rate_hz > 0, "sample_rate_hz", "must be > 0")
 
 
 @dataclass
@@ -209,13 +214,16 @@ class DualPathConfig:
     """Dual-path data augmentation with gradient alignment (DPDA)."""
 
     enabled: bool = False
-    method: Literal["pcgrad", "gradvac", "cagrad", "sum"] = "pcgrad"
+    method: Literal["pcgrad", "gradvac", "cagrad", "sum", "mean"] = "pcgrad"
     gradvac_beta: float = 0.5
+    # DPDA's code moves GradVac's target cosine only on steps with a positive cosine (so it stays >= 0);
+    # the GradVac paper (Wang et al., 2021) updates it on every step: set false for that.
+    gradvac_ema_positive_only: bool = True
     cagrad_c: float = 0.5
     rawboost_algo: int = 4
 
     def validate(self) -> None:
-        require_choice(self.method, "method", ["pcgrad", "gradvac", "cagrad", "sum"])
+        require_choice(self.method, "method", ["pcgrad", "gradvac", "cagrad", "sum", "mean"])
         require(0 <= self.gradvac_beta <= 1, "gradvac_beta", "must be in [0, 1]")
         require(self.cagrad_c >= 0, "cagrad_c", "must be >= 0")
         require(self.rawboost_algo in range(1, 9), "rawboost_algo", "must be in 1..8")
@@ -233,12 +241,14 @@ class TrainConfig:
     log_every_steps: int = 10
     valid_every_steps: int = 1000  # 0 = only at the end of each epoch
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # deep-merged last into the DeepSpeed config the engine generates (posttrain.train.engine)
+    deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         require(self.max_steps >= 1, "max_steps", "must be >= 1")
         require(self.max_epochs >= 1, "max_epochs", "must be >= 1")
         require(self.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
-        require_choice(self.zero_stage, "zero_stage", [0, 1, 2, 3])
+        require_choice(self.zero_stage, "zero_stage", [1, 2, 3])  # the skip logic relies on ZeRO's norm check
         require_choice(self.precision, "precision", ["bf16", "fp32"])
         require(self.max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1")
         require(self.log_every_steps >= 1, "log_every_steps", "must be >= 1")
