@@ -215,3 +215,71 @@ def make_shard_set(tmp_path_factory):
         return root / name, write_shard_set(root / name, name, shard_sizes, **options)
 
     return make
+
+
+# --- AntiDeepfake releases and a trained tiny checkpoint (owner: hub export/conversion) ---
+
+# transformers Wav2Vec2Model/HubertModel name -> fairseq name, as regex rewrites applied in order. Written
+# from the reference's key layout (shared/reference section 1), independently of posttrain.hub.antideepfake.
+_FAIRSEQ_REWRITES = [
+    (r"^feature_extractor\.conv_layers\.(\d+)\.conv\.", r"feature_extractor.conv_layers.\1.0."),
+    (r"^feature_projection\.layer_norm\.", "layer_norm."),
+    (r"^feature_projection\.projection\.", "post_extract_proj."),
+    (r"^encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original0$", "encoder.pos_conv.0.weight_g"),
+    (r"^encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original1$", "encoder.pos_conv.0.weight_v"),
+    (r"^encoder\.pos_conv_embed\.conv\.bias$", "encoder.pos_conv.0.bias"),
+    (r"^(encoder\.layers\.\d+)\.attention\.", r"\1.self_attn."),
+    (r"^(encoder\.layers\.\d+)\.layer_norm\.", r"\1.self_attn_layer_norm."),
+    (r"^(encoder\.layers\.\d+)\.feed_forward\.intermediate_dense\.", r"\1.fc1."),
+    (r"^(encoder\.layers\.\d+)\.feed_forward\.output_dense\.", r"\1.fc2."),
+]
+
+
+def fairseq_release_state(detector, seed: int = 0) -> dict:
+    """``detector``'s weights laid out as an AntiDeepfake ``model.safetensors`` (fairseq module names
+    under ``m_ssl.model.``, head ``proj_fc``), plus the pre-training-only tensors a release carries."""
+    import re
+
+    import torch
+
+    norm = detector.ssl_config.feat_extract_norm
+    # the conv norm sits at Sequential index 2: a GroupNorm itself (layer 0 only), or (Transpose, LayerNorm, Transpose)
+    conv_norm = r"feature_extractor.conv_layers.\1.2." if norm == "group" else r"feature_extractor.conv_layers.\1.2.1."
+    rewrites = [(r"^feature_extractor\.conv_layers\.(\d+)\.layer_norm\.", conv_norm), *_FAIRSEQ_REWRITES]
+    state = {}
+    for name, tensor in detector.encoder.state_dict().items():
+        for pattern, replacement in rewrites:
+            name = re.sub(pattern, replacement, name)
+        state[f"m_ssl.model.{name}"] = tensor.detach().clone().contiguous()
+    generator = torch.Generator().manual_seed(seed)
+    hidden = detector.ssl_config.hidden_size
+    extras = {"mask_emb": (hidden,), "final_proj.weight": (16, hidden), "final_proj.bias": (16,)}
+    if detector.ssl_config.model_type == "hubert":
+        extras["label_embs_concat"] = (8, 16)
+    else:
+        extras.update({"quantizer.vars": (1, 8, 8), "quantizer.weight_proj.weight": (8, 32),
+                       "quantizer.weight_proj.bias": (8,), "project_q.weight": (16, 8), "project_q.bias": (16,)})
+    state.update({f"m_ssl.model.{key}": torch.randn(shape, generator=generator) for key, shape in extras.items()})
+    state["proj_fc.weight"] = detector.head.weight.detach().clone()
+    state["proj_fc.bias"] = detector.head.bias.detach().clone()
+    return state
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(shard_dir, tmp_path_factory) -> Path:
+    """A real 2-step post-training run of the tiny preset (DeepSpeed ZeRO-1, fp32, CPU, own process) on
+    ``shard_dir``; returns its output folder (``checkpoints/latest`` inside). Read-only."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    overrides = [f"output_dir={out}", "model.preset=tiny", "train.max_steps=2", "train.zero_stage=1",
+                 "train.precision=fp32", "train.device=cpu", "tracking.enabled=false",
+                 f"data.train.shards=[{shard_dir}]", "data.train.num_workers=0", "data.train.max_batch_seconds=4",
+                 "optim.lr=0.001", "schedule.warmup_steps=0", "schedule.decay_end_steps=2"]
+    script = ("import sys\nfrom posttrain.config import load_config\nfrom posttrain.train.engine import train\n"
+              "train(load_config(None, sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", script, *overrides], capture_output=True, text=True, timeout=600,
+                          cwd=out.parent, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out

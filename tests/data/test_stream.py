@@ -1,0 +1,241 @@
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from posttrain.config import CropConfig, StreamConfig
+from posttrain.data.stream import (ShardSet, ShardStream, balance, crop_window, decode_positions,
+                                   encode_positions, epoch_units, merge_states)
+
+RATE_HZ = 16000
+
+
+@pytest.fixture(scope="module")
+def sets(make_shard_set):
+    """Two shard sets: ``a`` (4 shards, 2 corrupt samples) and ``b`` (3 shards)."""
+    a_dir, a = make_shard_set("a", [5, 7, 3, 6], seed=1, corrupt={"A-1_2": "audio", "A-2_0": "json"})
+    b_dir, b = make_shard_set("b", [4, 4, 5], seed=2)
+    return {"a": a_dir, "b": b_dir, "a_ids": set(a) - {"A-1_2", "A-2_0"}, "b_ids": set(b)}
+
+
+def _cfg(*dirs, **options) -> StreamConfig:
+    defaults = dict(shards=[str(d) for d in dirs], max_batch_seconds=3.0, shuffle_buffer=8, num_workers=0,
+                    max_batch_size=16)
+    defaults.update(options)
+    return StreamConfig(**defaults)
+
+
+def _ids(stream, limit=None) -> list[str]:
+    """Ids of the batches taken; stops right after the ``limit``-th (a batch is consumed once handed out)."""
+    ids = []
+    for step, batch in enumerate(stream, start=1):
+        ids += batch.ids
+        if step == limit:
+            break
+    return ids
+
+
+def _reference_waves(directory: Path) -> dict[str, tuple[np.ndarray, str]]:
+    """id -> (samples, label) read straight from the tars with tarfile + soundfile."""
+    waves, members = {}, {}
+    for tar_path in sorted(directory.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    for parts in members.values():
+        try:
+            meta = json.loads(parts["json"])
+            samples, _ = sf.read(io.BytesIO(parts["flac"]), dtype="float32")
+        except (ValueError, RuntimeError):
+            continue
+        waves[meta["id"]] = (samples, meta["label"])
+    return waves
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_epoch_delivers_every_sample_once_decoded_and_normalised(sets, num_workers):
+    stream = ShardStream(_cfg(sets["a"], num_workers=num_workers), rank=0, world_size=1)
+    reference = _reference_waves(sets["a"])
+    seen = []
+    for batch in stream:
+        assert batch.waveforms.shape[1] == int(batch.lengths.max())
+        for row, sample_id in enumerate(batch.ids):
+            valid = batch.waveforms[row, : batch.lengths[row]].numpy()
+            raw, label = reference[sample_id]
+            expected = (raw - raw.mean()) / np.sqrt(raw.var() + 1e-5)  # layer_norm without affine
+            np.testing.assert_allclose(valid, expected, atol=1e-4)
+            assert float(batch.waveforms[row, batch.lengths[row]:].abs().sum()) == 0.0
+            assert int(batch.labels[row]) == (1 if label == "real" else 0)
+            assert batch.meta[row]["id"] == sample_id
+        seen += batch.ids
+    assert Counter(seen) == Counter(sets["a_ids"])
+    stats = stream.stats()
+    assert stats["samples"] == len(sets["a_ids"]) and stats["corrupt"] == 2
+    assert stats["corrupt_by_reason"] == {"audio": 1, "json": 1}
+    assert stats["join_batches"] == 0 and 0.0 <= stats["padding_fraction"] < 0.5
+    # corrupt samples count as consumed: the state says every shard is fully read
+    assert stream.state_dict()["consumed"] == {"0:0:0": 5, "0:1:0": 7, "0:2:0": 3, "0:3:0": 6}
+
+
+def test_batches_bound_padded_seconds(sets):
+    stream = ShardStream(_cfg(sets["a"], sets["b"], max_batch_seconds=2.5, num_buckets=4), rank=0, world_size=1)
+    for batch in stream:
+        assert len(batch) == 1 or len(batch) * batch.waveforms.shape[1] <= 2.5 * RATE_HZ
+
+
+def test_epoch_order_reseeded_per_epoch_and_reproducible(sets):
+    shard_sets = [ShardSet.load(sets["a"]), ShardSet.load(sets["b"])]
+    orders = [epoch_units(shard_sets, [1.0, 1.0], seed=7, epoch=e) for e in range(4)]
+    assert orders[0] == epoch_units(shard_sets, [1.0, 1.0], seed=7, epoch=0)
+    assert len({tuple(order) for order in orders}) == 4  # a fixed seed would repeat one order
+    assert all(sorted(order) == sorted(orders[0]) for order in orders)
+
+
+def test_weights_are_per_epoch_repeat_factors(sets):
+    shard_sets = [ShardSet.load(sets["a"]), ShardSet.load(sets["b"])]
+    subsets = set()
+    for epoch in range(5):
+        units = epoch_units(shard_sets, [2.5, 0.34], seed=3, epoch=epoch)
+        per_set = Counter(u.set_index for u in units)
+        assert per_set == {0: 4 * 2 + 2, 1: 1}  # floor(w) * n + round(frac(w) * n)
+        occurrences = Counter((u.set_index, u.shard_index) for u in units)
+        assert sorted(occurrences[(0, i)] for i in range(4)) == [2, 2, 3, 3]
+        subsets.add(frozenset(u.shard_index for u in units if u.set_index == 0 and u.occurrence == 2))
+    assert len(subsets) > 1  # the fractional subset is drawn afresh each epoch
+
+    stream = ShardStream(_cfg(sets["a"], sets["b"], weights=[2.0, 1.0]), rank=0, world_size=1)
+    counts = Counter(_ids(stream))
+    assert counts == Counter({i: 2 for i in sets["a_ids"]} | {i: 1 for i in sets["b_ids"]})
+    assert stream.epoch_samples() == 2 * 21 + 13
+
+
+def test_ranks_without_process_group_split_units_disjointly_and_balanced(sets):
+    streams = [ShardStream(_cfg(sets["a"], sets["b"]), rank=r, world_size=2) for r in range(2)]
+    per_rank = [_ids(s) for s in streams]
+    assert Counter(per_rank[0] + per_rank[1]) == Counter(sets["a_ids"] | sets["b_ids"])
+    shard_seconds = [sh.seconds for d in ("a", "b") for sh in ShardSet.load(sets[d]).shards]
+    loads = [s.stats()["source_seconds"] for s in streams]
+    corrupt_seconds = 2.0  # the two corrupt samples (< 1 s each) are not decoded
+    assert abs(loads[0] - loads[1]) <= max(shard_seconds) + corrupt_seconds
+
+
+def test_balance_is_greedy_longest_first():
+    # 5 -> p0, 4 -> p1, 2 -> p1, 2 -> p0, 1 -> p1: loads 7 and 7
+    assert balance([5.0, 1.0, 4.0, 2.0, 2.0], 2) == [[0, 4], [1, 2, 3]]
+    assert balance([1.0], 3) == [[0], [], []]
+
+
+def test_positions_encoding_is_compact_and_round_trips():
+    assert encode_positions(range(7)) == 7
+    assert encode_positions([]) == 0
+    assert encode_positions([0, 1, 2, 5, 6, 9]) == [[0, 3], [5, 7], [9, 10]]
+    assert encode_positions([3, 4]) == [[3, 5]]
+    for positions in ([], [0], [1, 2, 3], [0, 2, 4, 5, 6, 10]):
+        assert decode_positions(encode_positions(positions)) == set(positions)
+
+
+@pytest.mark.parametrize("workers_before,workers_after,stop_after", [(0, 2, 2), (2, 1, 3), (2, 0, 1)])
+def test_interrupted_epoch_resumes_exactly_once(sets, workers_before, workers_after, stop_after):
+    cfg = dict(weights=[2.0, 1.0], shuffle_buffer=16)
+    full = Counter({i: 2 for i in sets["a_ids"]} | {i: 1 for i in sets["b_ids"]})
+    first = ShardStream(_cfg(sets["a"], sets["b"], num_workers=workers_before, **cfg), rank=0, world_size=1)
+    first.set_epoch(3)
+    before = _ids(first, limit=stop_after)
+    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
+    assert state["epoch"] == 3 and sum(map(len, before)) > 0
+
+    resumed = ShardStream(_cfg(sets["a"], sets["b"], num_workers=workers_after, **cfg), rank=0, world_size=1)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(3)  # the engine's loop calls it; the same epoch keeps the restored progress
+    after = _ids(resumed)
+    assert Counter(before) + Counter(after) == full
+    # each of the 2 corrupt samples of set a (weight 2) is counted once over both runs
+    assert first.stats()["corrupt"] + resumed.stats()["corrupt"] == 4
+    resumed.set_epoch(4)  # a new epoch starts from scratch
+    assert Counter(_ids(resumed)) == full
+
+
+def test_merged_states_of_two_ranks_resume_on_one(sets):
+    streams = [ShardStream(_cfg(sets["a"], sets["b"]), rank=r, world_size=2) for r in range(2)]
+    before = _ids(streams[0], limit=2) + _ids(streams[1], limit=1)
+    merged = merge_states([s.state_dict() for s in streams])
+    single = ShardStream(_cfg(sets["a"], sets["b"], num_workers=1), rank=0, world_size=1)
+    single.load_state_dict(merged)
+    assert Counter(before + _ids(single)) == Counter(sets["a_ids"] | sets["b_ids"])
+
+
+def test_load_state_rejects_a_different_setup(sets):
+    state = ShardStream(_cfg(sets["a"]), rank=0, world_size=1).state_dict()
+    with pytest.raises(ValueError, match="seed"):
+        ShardStream(_cfg(sets["a"], seed=1), rank=0, world_size=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="shard sets differ"):
+        ShardStream(_cfg(sets["a"], sets["b"]), rank=0, world_size=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="epoch"):
+        merge_states([state, dict(state, epoch=1)])
+
+
+def test_crop_window_policies():
+    rng = np.random.default_rng(0)
+    adf = CropConfig()
+    for seconds in (13.5, 20.0, 60.0):
+        start, length = crop_window(int(seconds * RATE_HZ), adf, RATE_HZ, rng)
+        assert 10 * RATE_HZ <= length <= 13 * RATE_HZ and 0 <= start <= seconds * RATE_HZ - length
+    assert crop_window(13 * RATE_HZ, adf, RATE_HZ, rng) == (0, 13 * RATE_HZ)  # not longer than 13 s
+    lengths = {crop_window(30 * RATE_HZ, adf, RATE_HZ, rng)[1] for _ in range(200)}
+    assert len(lengths) > 100  # uniform random length, not a constant
+    fixed = CropConfig(policy="fixed", fixed_seconds=4.0)
+    assert crop_window(10 * RATE_HZ, fixed, RATE_HZ, rng)[1] == 4 * RATE_HZ
+    assert crop_window(3 * RATE_HZ, fixed, RATE_HZ, rng) == (0, 3 * RATE_HZ)
+    assert crop_window(100 * RATE_HZ, CropConfig(policy="none"), RATE_HZ, rng) == (0, 100 * RATE_HZ)
+
+
+def test_loader_crops_reproducibly_per_epoch(sets):
+    crop = CropConfig(crop_above_seconds=0.5, min_seconds=0.3, max_seconds=0.4)
+    reference = _reference_waves(sets["b"])
+
+    def lengths(epoch):
+        stream = ShardStream(_cfg(sets["b"], crop=crop, normalize=False), rank=0, world_size=1, epoch=epoch)
+        out = {}
+        for batch in stream:
+            for row, sample_id in enumerate(batch.ids):
+                n = int(batch.lengths[row])
+                raw = reference[sample_id][0]
+                if raw.size > 0.5 * RATE_HZ:
+                    assert 0.3 * RATE_HZ <= n <= 0.4 * RATE_HZ
+                    wave = batch.waveforms[row, :n].numpy()
+                    starts = [s for s in range(raw.size - n + 1) if np.array_equal(raw[s:s + n], wave)]
+                    assert starts, "the crop is a contiguous window of the file"
+                else:
+                    assert n == raw.size
+                out[sample_id] = n
+        return out
+
+    assert lengths(0) == lengths(0)  # seeded per (seed, epoch, sample): identical on a re-read
+    assert lengths(0) != lengths(1)
+
+
+def test_stream_command_prints_per_epoch_table(sets, capsys):
+    from posttrain.cli import main
+
+    assert main(["stream", "--shards", str(sets["a"]), str(sets["b"]), "--weights", "1", "2",
+                 "--num-workers", "0", "--epochs", "2", "--max-batch-seconds", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header, rows = lines[0].split(), [line.split() for line in lines[1:3]]
+    assert header[:3] == ["epoch", "batches", "samples"]
+    samples_per_epoch = len(sets["a_ids"]) + 2 * len(sets["b_ids"])
+    assert [row[0] for row in rows] == ["0", "1"]
+    assert all(int(row[2]) == samples_per_epoch and int(row[5]) == 2 for row in rows)  # 2 corrupt per epoch
+    assert main(["stream", "--shards", str(sets["a"]), "--weights", "1", "2"]) == 2  # clear error, no traceback
+
+
+def test_streams_a_shard_set_from_the_shard_builder(shard_dir, tiny_corpus):
+    stream = ShardStream(_cfg(shard_dir, num_workers=2), rank=0, world_size=1)
+    ids = _ids(stream)
+    assert Counter(ids) == Counter(row.id for row in tiny_corpus.good_rows)  # incl. an id with a dot
+    assert stream.stats()["corrupt"] == 0

@@ -1,0 +1,87 @@
+"""The streaming loader in real process groups: 2 ranks (gloo, spawned) x 0/1/2 DataLoader workers."""
+
+import json
+import os
+import socket
+from collections import Counter
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from posttrain.config import StreamConfig
+from posttrain.data.stream import ShardStream
+
+WORLD_SIZE = 2
+STOP_AFTER = 2  # batches taken on every rank before the simulated interruption
+
+
+def _cfg(dirs, num_workers):
+    return StreamConfig(shards=[str(d) for d in dirs], weights=[1.0, 2.0], max_batch_seconds=2.0,
+                        shuffle_buffer=8, num_workers=num_workers)
+
+
+def _epoch(stream, limit=None):
+    ids, batches, joins = [], 0, 0
+    for batch in stream:
+        ids += batch.ids
+        batches += 1
+        joins += batch.is_empty
+        if batches == limit:
+            break
+    return {"ids": ids, "batches": batches, "joins": joins}
+
+
+def _rank_main(rank, port, dirs, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    try:
+        result = {f"full{w}": _epoch(ShardStream(_cfg(dirs, w))) for w in (0, 1, 2)}
+        first = ShardStream(_cfg(dirs, 2))  # rank and world size come from the process group
+        result["before"] = _epoch(first, limit=STOP_AFTER)
+        state = first.global_state_dict()  # collective: every rank gets the merged state
+        resumed = ShardStream(_cfg(dirs, 1))
+        resumed.load_state_dict(json.loads(json.dumps(state)))
+        result["after"] = _epoch(resumed)
+        result["state"] = state
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
+            json.dump(result, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_two_ranks_deliver_each_sample_once_with_equal_batch_counts_and_resume(make_shard_set, tmp_path):
+    # unbalanced shards: the rank holding the 12-sample shard has more batches, the other must join
+    u_dir, u = make_shard_set("u", [12, 2, 2], seconds=(0.5, 1.0), seed=3, corrupt={"U-0_5": "audio"})
+    v_dir, v = make_shard_set("v", [3, 3, 3], seconds=(0.2, 0.6), seed=4)
+    dirs = [str(u_dir), str(v_dir)]
+    expected = Counter({i: 1 for i in u if i != "U-0_5"}) + Counter({i: 2 for i in v})  # weights 1 and 2
+
+    mp.spawn(_rank_main, args=(_free_port(), dirs, str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+
+    for workers in (0, 1, 2):
+        runs = [result[f"full{workers}"] for result in results]
+        assert Counter(runs[0]["ids"] + runs[1]["ids"]) == expected, workers
+        assert runs[0]["batches"] == runs[1]["batches"], workers
+        assert runs[0]["joins"] + runs[1]["joins"] > 0, workers
+
+    before = [i for result in results for i in result["before"]["ids"]]
+    after = [i for result in results for i in result["after"]["ids"]]
+    assert all(result["before"]["batches"] == STOP_AFTER for result in results)
+    assert results[0]["after"]["batches"] == results[1]["after"]["batches"]
+    assert Counter(before) + Counter(after) == expected  # 2 workers -> 1 worker, same world size
+
+    # world size 2 -> 1: the merged global state resumes on a single process
+    assert results[0]["state"] == results[1]["state"]
+    single = ShardStream(_cfg(dirs, 2), rank=0, world_size=1)
+    single.load_state_dict(results[0]["state"])
+    assert Counter(before) + Counter(_epoch(single)["ids"]) == expected
