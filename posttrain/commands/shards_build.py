@@ -19,7 +19,11 @@ def _slurm_array_task() -> tuple[int, int] | None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--protocol", nargs="+", required=True, help="protocol CSV(s)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--protocol", nargs="+", help="protocol CSV(s)")
+    source.add_argument("--mix", default=None, help="a mix definition (shards/*.yaml) instead of --protocol; "
+                                                    "--root is then its data root")
+    parser.add_argument("--split", choices=("train", "valid"), default="train", help="split of the --mix to build")
     parser.add_argument("--root", default=None, help="data root replacing $ROOT in the CSV paths")
     parser.add_argument("--out", required=True, help="shard directory to write")
     parser.add_argument("--name", default="train", help="shard file prefix: <name>-000000.tar")
@@ -34,6 +38,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-tasks", type=int, default=None,
                         help="tasks of a split build (default: SLURM_ARRAY_TASK_COUNT, else 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from posttrain.data import build_submit
+
+    build_submit.add_arguments(parser)
+
+
+def _mix_protocol(args: argparse.Namespace) -> list[str]:
+    """One split of a mix written as one protocol CSV in the output folder (what the tasks read)."""
+    from posttrain.data.mix import load_mix, write_mix_protocol
+
+    if args.root is None:
+        raise ValueError("--mix needs --root (the data root of the mix)")
+    out = os.path.join(args.out, f"protocol.{args.split}.csv")
+    return [str(write_mix_protocol(load_mix(args.mix), args.root, args.split, out))]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,13 +60,18 @@ def run(args: argparse.Namespace) -> int:
     slurm = _slurm_array_task() or (0, 1)
     task_index = slurm[0] if args.task_index is None else args.task_index
     num_tasks = slurm[1] if args.num_tasks is None else args.num_tasks
+    from posttrain.data import build_submit
+    from posttrain.data.shard_build import BuildOptions
+
+    options = dict(name=args.name, max_samples_per_shard=args.max_samples_per_shard, max_shard_mb=args.max_shard_mb,
+                   seed=args.seed, num_workers=args.workers, strict=args.strict, min_seconds=args.min_seconds,
+                   task_index=task_index, num_tasks=num_tasks, progress=not args.no_progress)
     try:
-        index = build_shards(args.protocol, args.root, args.out, name=args.name,
-                             max_samples_per_shard=args.max_samples_per_shard, max_shard_mb=args.max_shard_mb,
-                             seed=args.seed, num_workers=args.workers, strict=args.strict,
-                             min_seconds=args.min_seconds, task_index=task_index, num_tasks=num_tasks,
-                             progress=not args.no_progress)
-    except (ProtocolError, ShardBuildError, AudioError, ValueError) as error:
+        protocols = _mix_protocol(args) if args.mix else args.protocol
+        if build_submit.submitted(args):
+            return build_submit.run_submitted(args, protocols, BuildOptions(**options))
+        index = build_shards(protocols, args.root, args.out, **options)
+    except (ProtocolError, ShardBuildError, AudioError, ValueError, FileNotFoundError) as error:
         print(f"posttrain shards build: {error}", file=sys.stderr)
         return 1
     if index is None:
