@@ -11,10 +11,13 @@ from pathlib import Path
 from posttrain.data.protocol import write_protocol
 from posttrain.data.recipes import (add2023, asvspoof, codecfake, deep_voice, fakeorreal, fleurs, in_the_wild,
                                     libritts, mlaad, mls, spoofceleb, voxceleb2, wavefake)
+from posttrain.data.recipes import (aishell3, cfad, cnceleb2, codecfake_vctk, cvoicefake, decro, dfadd, diffusion, dsd,
+                                    habla, ljspeech, vocoded, voicemos)
 from posttrain.data.recipes.base import Entry, PrepareResult, Recipe, RecipeError, build_rows
 
 _MODULES = (asvspoof, mls, libritts, fleurs, voxceleb2, wavefake, mlaad, spoofceleb, codecfake, in_the_wild,
-            fakeorreal, add2023, deep_voice)
+            fakeorreal, add2023, deep_voice, aishell3, cnceleb2, ljspeech, vocoded, cvoicefake, codecfake_vctk,
+            diffusion, cfad, dfadd, dsd, decro, habla, voicemos)
 RECIPES: dict[str, Recipe] = {recipe.name: recipe for module in _MODULES for recipe in module.RECIPES}
 
 
