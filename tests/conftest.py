@@ -283,3 +283,54 @@ def tiny_checkpoint(shard_dir, tmp_path_factory) -> Path:
                           cwd=out.parent, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def valid_shard_dir(tmp_path_factory) -> Path:
+    """Shards of a second 8-file corpus (seed 1, 4 samples per shard): a held-out validation set for
+    training tests. Read-only."""
+    from posttrain.data.shards import build_shards
+
+    corpus = write_corpus(tmp_path_factory.mktemp("valid_corpus"), "valid", num_files=8, seed=1)
+    out = tmp_path_factory.mktemp("valid_shards")
+    build_shards([corpus.protocol], root=corpus.root, out=out, name="valid", max_samples_per_shard=4, seed=0)
+    return out
+
+
+# --- hand-made embeddings folders (owner: neural-collapse selection) ---
+
+
+def write_embedding_set(directory: Path, embeddings: np.ndarray, meta: list, *, model: dict | None = None) -> Path:
+    """An embeddings folder in the ``posttrain embed`` format (``posttrain.select.embed``) holding
+    ``embeddings`` ([count, dim], float32 or float16) and one metadata dict per row (row numbers added)."""
+    import json
+
+    from posttrain.select.embed import EMBEDDINGS_NAME, MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, META_NAME
+
+    directory.mkdir(parents=True, exist_ok=True)
+    np.save(directory / EMBEDDINGS_NAME, embeddings)
+    lines = [json.dumps({"row": row, **item}) for row, item in enumerate(meta)]
+    (directory / META_NAME).write_text("".join(line + "\n" for line in lines))
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "dim": int(embeddings.shape[1]),
+                "count": int(embeddings.shape[0]), "dtype": str(embeddings.dtype), "model": model or {}}
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return directory
+
+
+# --- a tiny exported model for inference tests (owner: eval/score/embed) ---
+
+
+@pytest.fixture(scope="session")
+def tiny_export_dir(tmp_path_factory) -> Path:
+    """A random-init tiny detector (seed 0) saved as a transformers export folder, the format
+    ``load_model`` accepts everywhere. Read-only."""
+    import torch
+
+    from posttrain.config import ModelConfig
+    from posttrain.hub.export import export_detector, identity_document
+    from posttrain.models.detector import build_detector
+
+    torch.manual_seed(0)
+    detector = build_detector(ModelConfig(preset="tiny"))
+    out = tmp_path_factory.mktemp("tiny_export") / "model"
+    return export_detector(detector, out, identity_document(detector, preset="tiny"), "# tiny test model\n")

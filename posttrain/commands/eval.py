@@ -1,0 +1,79 @@
+"""``posttrain eval --model M (--protocol CSV --root DIR | --shards DIR) --out DIR``: score a test set
+and write the report (score file, metrics.json, table, DET and histogram plots, result.yaml).
+
+Runs on several ranks under torchrun (each rank scores a disjoint share; rank 0 writes the report).
+The score of record is ``logit_diff`` (real logit minus fake logit); with a calibration (given, or
+stored with the model) actDCF and Cllr are computed on its LLRs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from posttrain.eval.inference import add_arguments
+    from posttrain.eval.report import GROUPINGS
+
+    parser.add_argument("--model", required=True,
+                        help="transformers export folder, posttrain checkpoint, AntiDeepfake release or hub id")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--protocol", type=Path, help="protocol CSV of the test set")
+    data.add_argument("--shards", type=Path, help="shard folder (index.json) of the test set")
+    parser.add_argument("--root", type=Path, default=None, help="data root replacing $ROOT in protocol paths")
+    parser.add_argument("--out", type=Path, required=True, help="report folder")
+    parser.add_argument("--by", nargs="+", action="extend", default=[], choices=sorted(GROUPINGS),
+                        help="also report per group")
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help="calibration.json (default: the one stored with the model, if any)")
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="N", help="bootstrap resamples for the EER CI")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from posttrain.eval.calibration import CalibrationError
+    from posttrain.eval.inference import (ProtocolSource, ShardSource, config_from_args, device_from_args,
+                                          process_group, run_inference)
+    from posttrain.eval.report import SCORE_TYPES, write_report
+    from posttrain.eval.scoring import SCORE_TYPE, logit_diff, resolve_calibration
+    from posttrain.models.loading import load_model
+
+    definition = SCORE_TYPES[SCORE_TYPE]
+    with process_group() as info:
+        try:
+            cfg = config_from_args(args)
+            source = ShardSource(args.shards) if args.shards else ProtocolSource(args.protocol, args.root)
+            device = device_from_args(args, info)
+            model, identity = load_model(args.model, device)
+            calibration, calibration_source = resolve_calibration(args.calibration, identity)
+            if calibration is not None and calibration.score_definition not in ("", definition, SCORE_TYPE):
+                raise CalibrationError(f"the calibration maps {calibration.score_definition!r}, eval scores "
+                                       f"are {definition!r}")
+        except (ValueError, FileNotFoundError) as error:  # config, protocol, shard, model, calibration errors
+            print(f"posttrain eval: error: {error}", file=sys.stderr)
+            return 2
+        result = run_inference(model, source, cfg, device=device, info=info)
+        if result is None:  # not rank 0: the report is rank 0's
+            return 0
+        if not result.outputs:
+            print(f"posttrain eval: error: no sample could be scored ({len(result.skipped)} skipped)", file=sys.stderr)
+            return 1
+        records = [{"id": out.id, "score": float(logit_diff(out.logits)), "label": out.meta["label"],
+                    "attack": out.meta.get("attack"), "language": out.meta.get("language"),
+                    "corpus": out.meta.get("corpus"), "score_type": SCORE_TYPE,
+                    "logit_fake": float(out.logits[0]), "logit_real": float(out.logits[1])} for out in result.outputs]
+        data_identity = {**source.identity(), "scored": len(result.outputs), "skipped": len(result.skipped),
+                         "audio_seconds": result.seconds, "windows": result.windows, "world_size": info.world_size,
+                         "inference": cfg.describe(), "calibration_source": calibration_source}
+        report = write_report(args.out, records, score_definition=definition, model_identity=identity,
+                              data_identity=data_identity, skipped=[s.to_dict() for s in result.skipped],
+                              group_by=list(dict.fromkeys(args.by)), calibration=calibration,
+                              bootstrap_resamples=args.bootstrap, seed=args.seed)
+    print(report["table"], end="")
+    for item in result.skipped:
+        print(f"skipped {item.id}: {item.reason}: {item.detail}")
+    print(f"scored {len(result.outputs)}, skipped {len(result.skipped)}; report: {args.out}")
+    return 0

@@ -1,0 +1,148 @@
+"""Long-audio scoring: windows over a file, aggregation of window outputs, and score definitions.
+
+Windows
+    A file of ``N`` samples is cut into windows starting at ``0, hop, 2*hop, ...`` of ``window``
+    samples each; the first window that reaches the end of the file is the last one. With the default
+    ``hop == window`` (13 s, the longest training crop) the windows tile the file without overlap.
+    The last window is shorter (what is left). A tail shorter than ``min_tail_seconds`` is not scored
+    on its own (a fraction of a second is a noisy score, and shorter than the model's receptive field
+    at the extreme): it is merged into the window before it, which then runs to the end of the file
+    (at most ``window + min_tail`` long). Every sample of the file is thus covered, and a file no
+    longer than ``window + min_tail`` is scored whole in one window. ``window_seconds = 0`` scores
+    every file whole (AntiDeepfake's test protocol; unbounded memory on long files).
+    Each window is normalised on its own (zero mean, unit variance), as training normalises each crop.
+
+Aggregation (window outputs -> one file output)
+    ``mean_logits`` (default): the mean of the window logits weighted by window length in samples.
+    The head is linear, so this equals the head applied to the length-weighted mean of the pooled
+    window embeddings, and the file's ``logit_diff`` is the length-weighted mean of the windows'.
+    ``max_fake``: the file takes the logits (and embedding) of its most fake window, the one with the
+    lowest ``logit_diff`` (highest P(fake); the earliest on ties): a file is as fake as its worst
+    window, for audio where only a part is synthetic.
+
+Scores (higher = bona fide)
+    ``logit_diff = logit_real - logit_fake`` is the score of record; ``p_real = softmax(logits)[real]
+    = sigmoid(logit_diff)``; ``llr`` = the calibration's affine map of ``logit_diff`` when a
+    calibration is given or stored with the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from posttrain.eval.calibration import Calibration, CalibrationError, load_calibration
+from posttrain.eval.metrics import ASVSPOOF5_COSTS, DetectionCosts
+
+SAMPLE_RATE_HZ = 16_000
+SCORE_TYPE = "logit_diff"  # the ScoreType written to score files (posttrain.eval.report.SCORE_TYPES)
+AGGREGATIONS = ("mean_logits", "max_fake")
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    window_seconds: float = 13.0  # 0 = score every file whole
+    hop_seconds: float = 13.0
+    min_tail_seconds: float = 1.0
+
+    def validate(self) -> None:
+        if self.window_seconds < 0:
+            raise ValueError(f"window_seconds: must be >= 0 (0 = whole files), got {self.window_seconds}")
+        if self.window_seconds > 0 and not 0 < self.hop_seconds <= self.window_seconds:
+            raise ValueError(f"hop_seconds: must be in (0, window_seconds={self.window_seconds}], "
+                             f"got {self.hop_seconds} (a larger hop would leave audio unscored)")
+        if self.min_tail_seconds < 0:
+            raise ValueError(f"min_tail_seconds: must be >= 0, got {self.min_tail_seconds}")
+
+    def spans(self, num_samples: int, sample_rate_hz: int = SAMPLE_RATE_HZ) -> list[tuple[int, int]]:
+        """``[start, stop)`` sample ranges of the windows of a file (module docstring)."""
+        if self.window_seconds == 0:
+            return [(0, num_samples)]
+        window = max(1, round(self.window_seconds * sample_rate_hz))
+        hop = max(1, round(self.hop_seconds * sample_rate_hz))
+        min_tail = round(self.min_tail_seconds * sample_rate_hz)
+        spans = []
+        for start in range(0, max(num_samples, 1), hop):
+            stop = min(start + window, num_samples)
+            if spans and stop - start < min_tail:
+                spans[-1] = (spans[-1][0], num_samples)
+            else:
+                spans.append((start, stop))
+            if stop == num_samples:
+                break
+        return spans
+
+
+def aggregate(lengths: np.ndarray, logits: np.ndarray, embeddings: np.ndarray | None,
+              rule: str = "mean_logits") -> tuple[np.ndarray, np.ndarray | None]:
+    """Window outputs (in window order) -> the file's ``(logits [2], embedding [D] | None)``."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if rule == "mean_logits":
+        weights = np.asarray(lengths, dtype=np.float64)
+        weights = weights / weights.sum()
+        pooled = None if embeddings is None else weights @ np.asarray(embeddings, dtype=np.float64)
+        return weights @ logits, pooled
+    if rule == "max_fake":
+        worst = int(np.argmin(logit_diff(logits)))  # argmin returns the first (earliest) on ties
+        return logits[worst], None if embeddings is None else np.asarray(embeddings[worst], dtype=np.float64)
+    raise ValueError(f"aggregation: unknown rule {rule!r}; expected one of {AGGREGATIONS}")
+
+
+def logit_diff(logits: np.ndarray) -> np.ndarray:
+    """``logit_real - logit_fake`` of ``[..., 2]`` logits in [fake, real] order."""
+    logits = np.asarray(logits, dtype=np.float64)
+    return logits[..., 1] - logits[..., 0]
+
+
+def p_real(logits: np.ndarray) -> np.ndarray:
+    """Softmax probability of the real class: ``sigmoid(logit_diff)`` (scipy's overflow-free expit)."""
+    from scipy.special import expit
+
+    return expit(logit_diff(logits))
+
+
+def calibration_from_identity(identity: Mapping[str, Any]) -> Calibration | None:
+    """The calibration stored in a model's ``posttrain.json`` (``publish --calibration``), if any."""
+    stored = identity.get("calibration")
+    if not stored:
+        return None
+    try:
+        values = {key: float(stored[key]) for key in ("slope", "offset", "prior_bona_fide")}
+    except (KeyError, TypeError, ValueError) as error:
+        raise CalibrationError(f"posttrain.json: calibration: unusable entry ({error!r})") from None
+    if not all(math.isfinite(value) for value in values.values()):
+        raise CalibrationError(f"posttrain.json: calibration: non-finite values {values}")
+    return Calibration(**values, score_definition=str(stored.get("score_definition", "")),
+                       fitted_on=dict(stored.get("fitted_on") or {}))
+
+
+def resolve_calibration(path: str | Path | None, identity: Mapping[str, Any]) -> tuple[Calibration | None, str]:
+    """``(calibration, where it came from)``: an explicit file wins over the model's stored one."""
+    if path is not None:
+        return load_calibration(path), str(path)
+    stored = calibration_from_identity(identity)
+    return stored, ("model posttrain.json" if stored is not None else "none")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How a score becomes a bona fide / spoof decision."""
+
+    threshold: float  # on logit_diff: bona fide when score >= threshold
+    rule: str
+
+    @staticmethod
+    def of(calibration: Calibration | None, costs: DetectionCosts = ASVSPOOF5_COSTS) -> "Decision":
+        if calibration is None:
+            return Decision(0.0, "uncalibrated: bona fide when logit_diff >= 0 (the argmax of the two logits)")
+        threshold = calibration.score_threshold(costs)
+        return Decision(threshold, f"calibrated: bona fide when the LLR >= the Bayes threshold of costs "
+                                   f"(P_spoof {costs.p_spoof}, C_miss {costs.c_miss}, C_fa {costs.c_fa}), "
+                                   f"i.e. logit_diff >= {threshold:.6g}")
+
+    def label(self, score: float) -> str:
+        return "real" if score >= self.threshold else "fake"
