@@ -1,0 +1,122 @@
+"""Submit post-training through submitit: SLURM, or this machine with ``--local`` (LocalExecutor).
+
+    python launch/submit.py xlsr_2b --nodes 4 --gpus-per-node 8 --partition gpu [key=value ...]
+    python launch/submit.py demo --local --gpus-per-node 2 train.device=cpu
+
+submitit starts one task per GPU (no torchrun); each task exports the torch.distributed variables
+from the SLURM (or local) job environment and runs ``posttrain.train.engine.train``. Near the time
+limit (or on preemption) submitit calls ``checkpoint()`` on global rank 0 inside a signal handler:
+it only asks for a requeue. Collective DeepSpeed checkpoints are written periodically by the training
+loop; the requeued job resumes from ``<output_dir>/checkpoints/latest`` (``checkpoint.resume=auto``),
+so the output directory must stay the same: it is fixed here, at submission.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs" / "posttrain"
+
+
+def resolve_config(preset: str, config_dir: Path = CONFIG_DIR) -> Path:
+    """``configs/posttrain/PRESET.yaml`` (or an existing .yaml path); an unknown preset raises,
+    listing the available ones."""
+    path = Path(preset)
+    if path.suffix == ".yaml" and path.is_file():
+        return path.resolve()
+    path = config_dir / f"{preset}.yaml"
+    if path.is_file():
+        return path.resolve()
+    available = sorted(p.stem for p in config_dir.glob("*.yaml"))
+    raise FileNotFoundError(f"unknown preset {preset!r}: no {path}; available presets: "
+                            f"{', '.join(available) or '(none)'}")
+
+
+class PosttrainJob(submitit.helpers.Checkpointable):
+    """One task of a post-training job (one per GPU); picklable, resubmitted as-is on requeue."""
+
+    def __init__(self, config_path: str, overrides: list[str]):
+        self.config_path = config_path
+        self.overrides = list(overrides)
+
+    def __call__(self) -> Any:
+        # Keep every GPU visible: the default (one GPU per task) leaves LOCAL_RANK > 0 pointing at a
+        # device the task cannot see, which breaks torch.cuda.set_device(LOCAL_RANK).
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        return self.train()
+
+    def train(self) -> Any:
+        from posttrain.config import load_config
+        from posttrain.train.engine import train
+
+        return train(load_config(self.config_path, self.overrides))
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        # Runs on rank 0 only, inside a signal handler: a collective save here would hang. Requeue only.
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("preset", help="configs/posttrain/PRESET.yaml, or a path to a .yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. optim.lr=1e-6")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--tasks-per-node", type=int, default=None,
+                        help="processes per node; default one per GPU (1 without GPU)")
+    parser.add_argument("--cpus-per-task", type=int, default=8)
+    parser.add_argument("--timeout-min", type=int, default=48 * 60)
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("--account", default=None)
+    parser.add_argument("--job-name", default=None, help="default posttrain-PRESET")
+    parser.add_argument("--output-dir", default=None, help="default runs/PRESET/JOB_NAME (stable across requeues)")
+    parser.add_argument("--signal-delay-s", type=int, default=180, help="requeue signal lead time before the limit")
+    parser.add_argument("--max-requeues", type=int, default=10, help="timeouts/preemptions resubmitted")
+    parser.add_argument("--logs", default="logs/submitit", help="submitit's folder (pickles, logs)")
+    parser.add_argument("--local", action="store_true", help="run on this machine (submitit LocalExecutor)")
+    return parser.parse_args(argv)
+
+
+def make_executor(args: argparse.Namespace, job_name: str) -> submitit.AutoExecutor:
+    """SLURM (or, with ``--local``, this machine): one task per GPU on each node."""
+    executor = submitit.AutoExecutor(folder=Path(args.logs) / job_name / "%j", cluster="local" if args.local else None,
+                                     slurm_max_num_timeout=args.max_requeues)
+    additional = {"account": args.account} if args.account else {}
+    executor.update_parameters(
+        name=job_name, nodes=args.nodes, tasks_per_node=args.tasks_per_node or max(args.gpus_per_node, 1),
+        gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, timeout_min=args.timeout_min,
+        slurm_partition=args.partition, slurm_additional_parameters=additional,
+        slurm_signal_delay_s=args.signal_delay_s)
+    return executor
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = resolve_config(args.preset)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    job_name = args.job_name or f"posttrain-{config.stem}"
+    output_dir = args.output_dir or str(Path("runs") / config.stem / job_name)
+    # submission-time overrides first, so the user's own output_dir=... still wins
+    job = PosttrainJob(str(config), [f"output_dir={Path(output_dir).resolve()}", *args.overrides])
+    if args.gpus_per_node == 0:  # CPU processes: DeepSpeed's CPU accelerator (gloo)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    submitted = make_executor(args, job_name).submit(job)
+    print(f"submitted {job_name} as job {submitted.job_id}: config {config}, output {output_dir}")
+    if args.local:  # the local executor's tasks die with this process: wait for them
+        submitted.result()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""launch/slurm_posttrain.sh under fake ``sbatch``/``srun``/``scontrol`` that record what they get and
+run the single-node path for real: a real torchrun (c10d rendezvous) starts 2 ranks that join a gloo
+process group, in place of ``posttrain train`` (POSTTRAIN_TRAIN_CMD)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+JOB_ID = 4242
+
+FAKE_SBATCH = r'''
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+record = Path(os.environ["FAKE_SLURM_RECORD"])
+args = sys.argv[1:]
+flags = [a for a in args if a.startswith("-")]
+script, script_args = args[len(flags)], args[len(flags) + 1:]  # the script uses --key=value flags only
+options = {}
+for line in open(script):
+    if line.startswith("#SBATCH "):
+        key, _, value = line.split()[1].partition("=")
+        options[key] = value
+options.update(flag.partition("=")[::2] for flag in flags)
+with open(record / "sbatch.jsonl", "a") as out:
+    out.write(json.dumps({"argv": args, "options": options, "cwd": os.getcwd()}) + "\n")
+job_id = os.environ.get("FAKE_JOB_ID", "4242")
+env = dict(os.environ, SLURM_JOB_ID=job_id, SLURM_JOB_NAME=options["--job-name"], SLURM_JOB_NODELIST="localhost",
+           SLURM_JOB_NUM_NODES=options["--nodes"], SLURM_NNODES=options["--nodes"], SLURM_SUBMIT_DIR=os.getcwd(),
+           SLURM_CPUS_PER_TASK=options["--cpus-per-task"])
+# like SLURM, run a spool copy of the script: it must not rely on its own location
+spool = record / f"slurm_script_{job_id}"
+shutil.copy(script, spool)
+batch = subprocess.Popen(["bash", str(spool), *script_args], env=env, cwd=options.get("--chdir", os.getcwd()))
+(record / "batch.pid").write_text(str(batch.pid))
+print(f"Submitted batch job {job_id}")
+sys.exit(batch.wait())
+'''
+
+FAKE_SRUN = r'''
+import json, os, subprocess, sys
+from pathlib import Path
+record = Path(os.environ["FAKE_SLURM_RECORD"])
+args = sys.argv[1:]
+flags = [a for a in args if a.startswith("--")]
+command = args[len(flags):]
+with open(record / "srun.jsonl", "a") as out:
+    out.write(json.dumps({"flags": flags, "command": command, "env": dict(os.environ)}) + "\n")
+env = dict(os.environ, SLURM_PROCID="0", SLURM_NODEID="0", SLURM_LOCALID="0", SLURM_NTASKS="1", SLURM_STEP_ID="0")
+sys.exit(subprocess.call(command, env=env))
+'''
+
+FAKE_SCONTROL = r'''
+import os, sys
+from pathlib import Path
+if sys.argv[1:3] == ["show", "hostnames"]:
+    print("\n".join(sys.argv[3].split(",")))
+else:
+    with open(Path(os.environ["FAKE_SLURM_RECORD"]) / "scontrol.log", "a") as out:
+        out.write(" ".join(sys.argv[1:]) + "\n")
+'''
+
+# stands in for `posttrain train`: one process per rank, joins the process group torchrun set up
+RANK_RECORDER = r'''
+import json, os, sys, time
+from pathlib import Path
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+total = torch.tensor([dist.get_rank() + 1])
+dist.all_reduce(total)
+keys = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+        "TORCHELASTIC_RUN_ID", "OMP_NUM_THREADS", "NCCL_DEBUG", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "SLURM_JOB_ID",
+        "SLURM_RESTART_COUNT"]
+record = Path(os.environ["FAKE_SLURM_RECORD"])
+(record / f"rank{dist.get_rank()}.json").write_text(json.dumps(
+    {"argv": sys.argv[1:], "env": {k: os.environ.get(k) for k in keys}, "all_reduce": total.item()}))
+release = os.environ.get("FAKE_RELEASE_FILE")
+while release and not Path(release).exists():  # "training" until the test lets it finish
+    time.sleep(0.1)
+dist.destroy_process_group()
+'''
+
+
+@pytest.fixture
+def slurm(tmp_path, monkeypatch):
+    """A fake cluster: tools on PATH, a project root with two presets, a record folder."""
+    bin_dir, record, root = tmp_path / "bin", tmp_path / "record", tmp_path / "project"
+    for folder in (bin_dir, record, root / "configs" / "posttrain"):
+        folder.mkdir(parents=True)
+    for name, source in {"sbatch": FAKE_SBATCH, "srun": FAKE_SRUN, "scontrol": FAKE_SCONTROL}.items():
+        tool = bin_dir / name
+        tool.write_text(f"#!{sys.executable}\n{source}")
+        tool.chmod(0o755)
+    (root / "launch").symlink_to(REPO / "launch")
+    for preset in ("alpha", "beta"):
+        (root / "configs" / "posttrain" / f"{preset}.yaml").write_text("train:\n  max_steps: 1\n")
+    recorder = tmp_path / "record_rank.py"
+    recorder.write_text(RANK_RECORDER)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_RECORD", str(record))
+    monkeypatch.setenv("POSTTRAIN_TRAIN_CMD", f"{sys.executable} {recorder}")
+    monkeypatch.setenv("GPUS_PER_NODE", "2")  # CPU "GPUs": two gloo ranks
+    for name in ("POSTTRAIN_ROOT", "SLURM_JOB_ID", "MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "OUTPUT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    return root, record
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _ranks(record: Path) -> list[dict]:
+    return [json.loads((record / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def test_unknown_preset_fails_listing_presets(slurm):
+    root, record = slurm
+    result = subprocess.run(["bash", str(root / "launch" / "slurm_posttrain.sh"), "gamma"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "unknown preset 'gamma'" in result.stderr
+    assert "available presets: alpha beta" in result.stderr
+    assert not (record / "sbatch.jsonl").exists()  # nothing was submitted
+
+
+@pytest.mark.dist
+def test_self_submit_flags_rendezvous_and_rank_environment(slurm, monkeypatch):
+    root, record = slurm
+    for name, value in {"NODES": "1", "CPUS_PER_TASK": "4", "TIME_LIMIT": "01:00:00", "PARTITION": "gpu",
+                        "ACCOUNT": "speech", "SBATCH_ARGS": "--qos=high --exclusive"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    result = subprocess.run(["bash", str(root / "launch" / "slurm_posttrain.sh"), "alpha", "optim.lr=0.5"],
+                            capture_output=True, text=True, timeout=120, cwd=root.parent)
+    assert result.returncode == 0, result.stderr
+
+    (submission,) = _jsonl(record / "sbatch.jsonl")
+    config = str((root / "configs" / "posttrain" / "alpha.yaml").resolve())
+    assert submission["argv"][-2:] == [config, "optim.lr=0.5"]
+    options = submission["options"]
+    assert options["--job-name"] == "posttrain-alpha" and options["--chdir"] == str(root)
+    assert (options["--nodes"], options["--gpus-per-node"], options["--cpus-per-task"]) == ("1", "2", "4")
+    assert (options["--time"], options["--partition"], options["--account"]) == ("01:00:00", "gpu", "speech")
+    assert "--qos=high" in submission["argv"] and "--exclusive" in submission["argv"]
+    assert options["--requeue"] == "" and options["--signal"] == "B:USR1@180"
+    assert options["--output"] == "logs/%x-%j.out" and (root / "logs").is_dir()
+
+    (step,) = _jsonl(record / "srun.jsonl")
+    assert {"--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=4"} <= set(step["flags"])
+    port = str(20000 + JOB_ID % 20000)
+    assert (step["env"]["MASTER_ADDR"], step["env"]["MASTER_PORT"], step["env"]["NNODES"]) == ("localhost", port, "1")
+    torchrun = step["command"][2]
+    for argument in ('--rdzv-backend=c10d', '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"',
+                     '--rdzv-id="$SLURM_JOB_ID"', '--nnodes="$NNODES"', '--nproc-per-node="$GPUS_PER_NODE"'):
+        assert argument in torchrun
+
+    ranks = _ranks(record)
+    for rank, seen in enumerate(ranks):
+        env = seen["env"]
+        assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"]) == (str(rank), str(rank), "2", "2")
+        assert env["GROUP_RANK"] == "0" and env["TORCHELASTIC_RUN_ID"] == str(JOB_ID)
+        assert env["OMP_NUM_THREADS"] == "2"  # 4 CPUs / 2 ranks
+        assert env["NCCL_DEBUG"] == "WARN" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+        assert seen["argv"] == ["--config", config, "output_dir=runs/alpha/posttrain-alpha", "optim.lr=0.5"]
+        assert seen["all_reduce"] == 1 + 2  # both ranks joined one process group
+
+
+@pytest.mark.dist
+def test_usr1_requeues_and_the_requeued_job_keeps_its_output_dir(slurm, monkeypatch, tmp_path):
+    root, record = slurm
+    release = tmp_path / "release"
+    monkeypatch.setenv("FAKE_RELEASE_FILE", str(release))
+    # submitted with sbatch directly from the project root: the job name comes from #SBATCH
+    command = ["sbatch", str(root / "launch" / "slurm_posttrain.sh"), "beta"]
+    job = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while not all((record / f"rank{rank}.json").exists() for rank in range(2)):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.2)
+    os.kill(int((record / "batch.pid").read_text()), signal.SIGUSR1)  # SLURM's --signal=B:USR1
+    while not (record / "scontrol.log").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    release.touch()
+    stdout, stderr = job.communicate(timeout=60)
+    assert job.returncode == 0, stderr
+    assert (record / "scontrol.log").read_text() == f"requeue {JOB_ID}\n"
+    first = _ranks(record)
+    assert first[0]["argv"][2] == "output_dir=runs/beta/posttrain"
+
+    # the requeued job: same id and name, SLURM counts the restart
+    for rank in range(2):
+        (record / f"rank{rank}.json").unlink()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    rerun = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    second = _ranks(record)
+    assert second[0]["env"]["SLURM_RESTART_COUNT"] == "1"
+    assert [seen["argv"] for seen in second] == [seen["argv"] for seen in first]
