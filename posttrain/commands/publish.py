@@ -1,0 +1,84 @@
+"""``posttrain publish --checkpoint CKPT --out DIR``: a stock transformers model with its card.
+
+The checkpoint is consolidated to fp32 (any model accepted by ``--model`` works too: an export or an
+AntiDeepfake release), exported as ``*ForSequenceClassification`` + feature extractor, and described by
+a model card built from the training config, the training shard indexes and the given ``result.yaml``
+files. ``--push`` uploads the folder with huggingface_hub (token from ``HF_TOKEN`` or ``hf auth login``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="DeepSpeed checkpoint folder or tag folder (or any model spec posttrain accepts)")
+    parser.add_argument("--out", type=Path, required=True, help="export folder (replaced if it exists)")
+    parser.add_argument("--results", type=Path, nargs="+", action="extend", default=[], metavar="RESULT_YAML",
+                        help="result.yaml of each test set, shown on the card")
+    parser.add_argument("--calibration", type=Path, default=None, help="calibration.json published with the model")
+    parser.add_argument("--shards", nargs="+", default=None, metavar="DIR",
+                        help="training shard folders for the card's data table (default: the training config's)")
+    parser.add_argument("--repo-id", default=None, help="hub repository ORG/NAME (named on the card; needed by --push)")
+    parser.add_argument("--push", action="store_true", help="upload the folder to --repo-id")
+    parser.add_argument("--private", action="store_true", help="create the hub repository as private")
+
+
+def calibration_entry(path: Path) -> dict[str, Any]:
+    """The calibration as stored in posttrain.json, with its Bayes decision threshold on raw scores."""
+    from posttrain.eval.calibration import load_calibration
+    from posttrain.eval.metrics import ASVSPOOF5_COSTS
+
+    calibration = load_calibration(path)
+    return {**calibration.to_dict(), "score_threshold": calibration.score_threshold(ASVSPOOF5_COSTS),
+            "threshold_costs": asdict(ASVSPOOF5_COSTS)}
+
+
+def training_shards(identity: dict[str, Any]) -> list[str]:
+    config = (identity.get("training") or {}).get("config") or {}
+    return list(((config.get("data") or {}).get("train") or {}).get("shards") or [])
+
+
+def push_to_hub(folder: Path, repo_id: str, *, private: bool = False) -> str:
+    """Create (or reuse) the model repository and upload ``folder`` as one commit; returns its URL."""
+    from huggingface_hub import HfApi  # only when pushing: publishing offline never needs the client
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
+                               commit_message=f"posttrain publish: {folder.name}")
+    return str(getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from posttrain.hub.card import CardInputs, read_result, render_card, training_data
+    from posttrain.hub.export import export_detector
+    from posttrain.models.detector import count_parameters
+    from posttrain.models.loading import load_model
+
+    if args.push and not args.repo_id:
+        print("posttrain publish: error: --push needs --repo-id ORG/NAME", file=sys.stderr)
+        return 2
+    try:
+        results = [read_result(path) for path in args.results]
+        detector, identity = load_model(args.checkpoint)
+        identity.pop("loaded_from")  # where it was read this time: not part of the published identity
+        if args.calibration is not None:
+            identity["calibration"] = calibration_entry(args.calibration)
+        shards = args.shards if args.shards is not None else training_shards(identity)
+        card = render_card(CardInputs(identity=identity, num_parameters=count_parameters(detector),
+                                      repo_id=args.repo_id, results=results,
+                                      training_data=training_data(shards) if shards else None))
+        out = export_detector(detector, args.out, identity, card)
+    except (ValueError, FileNotFoundError) as error:  # incl. Calibration/Conversion/Export errors
+        print(f"posttrain publish: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    if args.push:
+        print(f"pushed to {push_to_hub(out, args.repo_id, private=args.private)}")
+    return 0

@@ -1,0 +1,237 @@
+"""posttrain ``Detector`` <-> stock transformers ``{Wav2Vec2,Hubert}ForSequenceClassification``.
+
+The transformers classifier computes ``classifier(masked_mean(projector(hidden)))``. A linear map
+commutes with a (masked) mean, so ``projector = Detector.head`` (``classifier_proj_size = 2``) and
+``classifier = identity`` give exactly posttrain's ``head(masked_mean(hidden))``: the frame mask
+comes from the same ``_get_feature_vector_attention_mask`` in both, and without an attention mask
+both average every frame. The published folder is self-describing and loads with
+``AutoModelForAudioClassification`` / ``pipeline("audio-classification")``:
+
+``config.json``, ``model.safetensors``, ``preprocessor_config.json`` (per-utterance normalisation,
+as in training), ``README.md`` (model card) and ``posttrain.json`` (identity: preset, SSL config,
+calibration, licence, provenance). A folder is written beside its destination and renamed into place,
+so a half-written export never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from transformers import (AutoConfig, HubertForSequenceClassification, PretrainedConfig, PreTrainedModel,
+                          Wav2Vec2FeatureExtractor, Wav2Vec2ForSequenceClassification)
+
+from posttrain.data.batch import FAKE_LABEL, LABEL_IDS, REAL_LABEL
+from posttrain.models.detector import NUM_CLASSES, Detector
+from posttrain.models.presets import ARCHITECTURES, PRESETS
+
+CLASSIFIERS: dict[str, type[PreTrainedModel]] = {"wav2vec2": Wav2Vec2ForSequenceClassification,
+                                                 "hubert": HubertForSequenceClassification}
+ID2LABEL = {FAKE_LABEL: "fake", REAL_LABEL: "real"}
+IDENTITY_NAME = "posttrain.json"
+IDENTITY_FORMAT, IDENTITY_VERSION = "posttrain-model", 1
+SAMPLE_RATE_HZ = 16_000
+SCORE_DEFINITION = "logit_diff"  # real logit minus fake logit: higher = bona fide
+# Inference-time encoder settings: no LayerDrop, no SpecAugment (so no mask embedding either).
+INFERENCE_SETTINGS = {"layerdrop": 0.0, "apply_spec_augment": False, "mask_time_prob": 0.0,
+                      "mask_feature_prob": 0.0}
+# Encoder-config fields a preset is recognised by (heads and strides leave no trace in the weights,
+# so a preset supplies them).
+SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "conv_dim", "conv_kernel",
+                "conv_bias", "feat_extract_norm", "num_conv_pos_embeddings", "num_conv_pos_embedding_groups")
+
+
+class ExportError(ValueError):
+    """A model folder that cannot be turned into a posttrain detector, naming the file and field."""
+
+
+def architecture_of(config: PretrainedConfig) -> str:
+    for name, config_cls in ARCHITECTURES.items():
+        if isinstance(config, config_cls):
+            return name
+    raise ExportError(f"model_type {config.model_type!r}: only {sorted(ARCHITECTURES)} encoders are supported")
+
+
+def matching_presets(architecture: str, shape: Mapping[str, Any]) -> list[str]:
+    """Presets of ``architecture`` whose encoder agrees with every field given in ``shape``."""
+    matches = []
+    for name, preset in PRESETS.items():
+        if preset.architecture != architecture:
+            continue
+        config = preset.ssl_config()
+        if all(_same(getattr(config, key), value) for key, value in shape.items()):
+            matches.append(name)
+    return matches
+
+
+def _same(left: Any, right: Any) -> bool:
+    return list(left) == list(right) if isinstance(left, (list, tuple)) else left == right
+
+
+def config_shape(config: PretrainedConfig) -> dict[str, Any]:
+    return {key: getattr(config, key) for key in SHAPE_FIELDS}
+
+
+def feature_extractor() -> Wav2Vec2FeatureExtractor:
+    """The training input pipeline as a transformers feature extractor: 16 kHz mono, per-utterance
+    zero mean / unit variance (eps 1e-7 as ``normalize_waveforms``), zero padding with a mask. The mask
+    is returned for group-norm encoders too (transformers' own wav2vec2-base extractors omit it):
+    posttrain trains and scores them with it."""
+    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE_HZ, padding_value=0.0,
+                                    do_normalize=True, return_attention_mask=True)
+
+
+def to_transformers(detector: Detector) -> PreTrainedModel:
+    """A ``*ForSequenceClassification`` whose logits equal ``detector``'s. Its parameters are the
+    detector's own tensors (no copy: a 2B model fits once in memory), so don't train both."""
+    architecture = architecture_of(detector.ssl_config)
+    classifier_cls = CLASSIFIERS[architecture]
+    config = classifier_cls.config_class.from_dict({
+        **detector.ssl_config.to_dict(), **INFERENCE_SETTINGS,
+        "id2label": dict(ID2LABEL), "label2id": {label: index for index, label in ID2LABEL.items()},
+        "classifier_proj_size": NUM_CLASSES, "use_weighted_layer_sum": False,
+        "architectures": [classifier_cls.__name__]})
+    with torch.device("meta"):  # no random init of weights that are overwritten next
+        model = classifier_cls(config)
+    prefix = model.base_model_prefix
+    state = {f"{prefix}.{key}": value for key, value in detector.encoder.state_dict().items()
+             if key != "masked_spec_embed"}  # SpecAugment's mask vector: training only
+    head = detector.head
+    state.update({"projector.weight": head.weight.detach(), "projector.bias": head.bias.detach(),
+                  "classifier.weight": torch.eye(NUM_CLASSES, dtype=head.weight.dtype),
+                  "classifier.bias": torch.zeros(NUM_CLASSES, dtype=head.weight.dtype)})
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def from_transformers(model: PreTrainedModel) -> Detector:
+    """The detector computing ``model``'s logits in [fake, real] order: ``head = classifier o projector``
+    (any two-label audio classifier whose labels are named fake/real, without a weighted layer sum)."""
+    config = model.config
+    if getattr(config, "use_weighted_layer_sum", False):
+        raise ExportError("config.json: use_weighted_layer_sum: posttrain pools the last layer only")
+    order = _label_rows(config.id2label)
+    encoder = getattr(model, model.base_model_prefix)
+    detector = Detector(encoder)
+    with torch.no_grad():
+        projector, classifier = model.projector, model.classifier
+        weight = classifier.weight @ projector.weight
+        bias = classifier.weight @ projector.bias + classifier.bias
+        detector.head.weight.copy_(weight[order])
+        detector.head.bias.copy_(bias[order])
+    return detector.eval()
+
+
+def _label_rows(id2label: Mapping[int, str]) -> list[int]:
+    """Row of the classifier for each posttrain class id ([fake, real])."""
+    by_name = {str(name).lower(): int(index) for index, name in id2label.items()}
+    if len(id2label) != NUM_CLASSES or set(by_name) != set(LABEL_IDS):
+        raise ExportError(f"config.json: id2label: expected the two labels {sorted(LABEL_IDS)}, "
+                          f"got {dict(id2label)}")
+    return [by_name[ID2LABEL[class_id]] for class_id in range(NUM_CLASSES)]
+
+
+def identity_document(detector: Detector, *, preset: str | None, calibration: Mapping[str, Any] | None = None,
+                      license_id: str | None = None, base_model: str | None = None,
+                      source: Mapping[str, Any] | None = None,
+                      training: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``posttrain.json``: what the model is, where it came from and how to read its scores."""
+    return {"format": IDENTITY_FORMAT, "version": IDENTITY_VERSION, "preset": preset,
+            "architecture": architecture_of(detector.ssl_config),
+            "ssl_config": detector.ssl_config.to_dict(),
+            "labels": [ID2LABEL[i] for i in range(NUM_CLASSES)], "score_definition": SCORE_DEFINITION,
+            "sample_rate_hz": SAMPLE_RATE_HZ, "calibration": dict(calibration) if calibration else None,
+            "license": license_id, "base_model": base_model, "source": dict(source or {}),
+            "training": dict(training) if training else None}
+
+
+def export_detector(detector: Detector, out_dir: str | Path, identity: Mapping[str, Any],
+                    card_text: str) -> Path:
+    """Write the transformers export of ``detector`` into ``out_dir`` (replaced whole, atomically)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        to_transformers(detector).save_pretrained(staging, safe_serialization=True)
+        feature_extractor().save_pretrained(staging)
+        (staging / IDENTITY_NAME).write_text(json.dumps(identity, indent=2, default=str) + "\n", encoding="utf-8")
+        (staging / "README.md").write_text(card_text, encoding="utf-8")
+        os.chmod(staging, 0o755)  # mkdtemp makes 0700 folders
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _replace_dir(staging: Path, out_dir: Path) -> None:
+    """Move ``staging`` to ``out_dir``; an existing ``out_dir`` is moved aside first, deleted after."""
+    if not out_dir.exists():
+        os.replace(staging, out_dir)
+        return
+    if not out_dir.is_dir():
+        raise ExportError(f"{out_dir}: exists and is not a folder")
+    retired = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
+    os.replace(out_dir, retired / out_dir.name)
+    os.replace(staging, out_dir)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def is_export_dir(path: str | Path) -> bool:
+    """A folder holding a transformers audio-classification config (``config.json`` with a
+    ``model_type``); AntiDeepfake's hub-mixin folders also have a config.json, without one."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ExportError(f"{config_path}: not JSON: {error}") from None
+
+
+def read_identity(path: str | Path) -> dict[str, Any] | None:
+    identity_path = Path(path) / IDENTITY_NAME
+    if not identity_path.is_file():
+        return None
+    try:
+        identity = json.loads(identity_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ExportError(f"{identity_path}: not JSON: {error}") from None
+    if identity.get("format") != IDENTITY_FORMAT:
+        raise ExportError(f"{identity_path}: format: expected {IDENTITY_FORMAT!r}, got {identity.get('format')!r}")
+    return identity
+
+
+def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[Detector, dict[str, Any]]:
+    """A transformers export folder (posttrain's or any compatible one) -> ``(Detector, identity)``."""
+    path = Path(path)
+    _check_preprocessor(path)
+    config = AutoConfig.from_pretrained(path)
+    classifier_cls = CLASSIFIERS[architecture_of(config)]
+    model = classifier_cls.from_pretrained(path, **INFERENCE_SETTINGS)
+    detector = from_transformers(model).to(device)
+    identity = read_identity(path)
+    if identity is None:  # someone else's model: describe it from its config
+        matches = matching_presets(architecture_of(config), config_shape(config))
+        identity = {"format": IDENTITY_FORMAT, "version": IDENTITY_VERSION,
+                    "preset": matches[0] if matches else None, "architecture": architecture_of(config),
+                    "ssl_config": detector.ssl_config.to_dict(), "calibration": None,
+                    "score_definition": SCORE_DEFINITION}
+    return detector, identity
+
+
+def _check_preprocessor(path: Path) -> None:
+    """posttrain feeds normalised 16 kHz audio: a model expecting anything else would score differently."""
+    preprocessor = path / "preprocessor_config.json"
+    if not preprocessor.is_file():
+        return
+    settings = json.loads(preprocessor.read_text(encoding="utf-8"))
+    if settings.get("sampling_rate", SAMPLE_RATE_HZ) != SAMPLE_RATE_HZ:
+        raise ExportError(f"{preprocessor}: sampling_rate: expected {SAMPLE_RATE_HZ}, got {settings['sampling_rate']}")
+    if settings.get("do_normalize") is False:
+        raise ExportError(f"{preprocessor}: do_normalize: false, but posttrain normalises every utterance")
