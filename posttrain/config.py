@@ -241,6 +241,8 @@ class TrainConfig:
     log_every_steps: int = 10
     valid_every_steps: int = 1000  # 0 = only at the end of each epoch
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # "auto": sam / dual_path / plain from those sections; or any mode registered in posttrain.train.step
+    step_mode: str = "auto"
     # deep-merged last into the DeepSpeed config the engine generates (posttrain.train.engine)
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -253,6 +255,7 @@ class TrainConfig:
         require(self.max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1")
         require(self.log_every_steps >= 1, "log_every_steps", "must be >= 1")
         require(self.valid_every_steps >= 0, "valid_every_steps", "must be >= 0")
+        require(bool(self.step_mode), "step_mode", "must not be empty (auto, plain, sam, dual_path, ...)")
         require_choice(self.device, "device", ["auto", "cpu", "cuda"])
 
 

@@ -1,0 +1,29 @@
+"""``posttrain train``: post-train a detector with DeepSpeed (run it on every rank: torchrun, SLURM)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="YAML preset, e.g. configs/posttrain/xlsr_1b.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides with YAML values, e.g. train.max_steps=1000 optim.lr=1.0e-6")
+
+
+def run(args: argparse.Namespace) -> int:
+    from posttrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # imported after the config is valid: DeepSpeed picks its accelerator on import (see engine)
+    from posttrain.train.engine import train
+
+    result = train(cfg)
+    progress = result.progress
+    best = "n/a" if progress.best_valid_eer is None else f"{100 * progress.best_valid_eer:.2f} %"
+    print(f"trained {progress.step} steps ({progress.samples} samples, {progress.skipped_steps} skipped), "
+          f"epoch {progress.epoch}; best validation EER {best}; last checkpoint {result.last_checkpoint}")
+    return 0

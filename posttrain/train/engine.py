@@ -1,0 +1,445 @@
+"""Post-training with DeepSpeed: engine set-up, the ``train(cfg)`` loop, validation, checkpoint cadence.
+
+The loop is short on purpose: it groups the loader's batches into ``grad_accum_steps`` micro-batches,
+calls the configured step mode (``posttrain.train.step``) once per optimiser step, and around it
+logs, validates, and writes collective checkpoints (``posttrain.train.checkpoint``). Every decision
+that leads to a collective (stop, validate, save) is taken identically on every rank: from step
+counts, from all-reduced values, or broadcast from rank 0 (the wall-clock checkpoint timer).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import yaml
+
+from posttrain.config import PosttrainConfig, to_dict
+from posttrain.data.batch import Batch
+from posttrain.train import checkpoint as ckpt
+from posttrain.train.schedule import build_scheduler
+from posttrain.train.step import SkippableAdamW, StepContext, StepStats, dummy_batch, get_step_mode, make_augment, step_mode_name
+from posttrain.train.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Raised on every rank after ``train.max_consecutive_skips`` non-finite steps in a row."""
+
+
+@dataclass
+class Progress:
+    """Counters saved in every checkpoint."""
+
+    step: int = 0  # optimiser steps taken (skipped ones included)
+    epoch: int = 0  # the epoch in progress
+    samples: int = 0  # global training samples seen
+    audio_seconds: float = 0.0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    best_valid_eer: float | None = None
+    best_tag: str | None = None
+    last_valid_eer: float | None = None
+
+
+@dataclass
+class TrainResult:
+    progress: Progress
+    output_dir: Path
+    last_checkpoint: Path | None
+    mlflow_run_id: str | None
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per logged step
+
+
+# ------------------------------------------------------------------------------------------ set-up
+
+
+def resolve_device(cfg: PosttrainConfig) -> torch.device:
+    want = cfg.train.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device: cuda requested but no CUDA device is visible")
+    if want == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(device: torch.device) -> None:
+    """DeepSpeed's process group (gloo on CPU, NCCL on GPU); a plain ``python`` run becomes a world of
+    one. DeepSpeed picks its accelerator when first imported, hence the environment first."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    if device.type == "cpu":
+        # DeepSpeed's CPU comm backend JIT-compiles a shared-memory kernel (about 2 minutes on two
+        # cores) that only its *inference* all-reduce uses; training collectives go through
+        # torch.distributed (gloo). Marking the op incompatible makes the backend skip the build.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not torch_dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def deepspeed_config(cfg: PosttrainConfig, *, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config generated from the typed config, ``train.deepspeed_overrides`` merged last.
+
+    Batches are dynamic (bounded by audio seconds), so ``train_micro_batch_size_per_gpu`` is a
+    nominal 1: DeepSpeed uses it only for its own sample counter. Stage 3 keeps no parameter
+    persistent so every parameter lives only in its owner's partition (SAM perturbs partitions)."""
+    train = cfg.train
+    zero: dict[str, Any] = {"stage": train.zero_stage, "overlap_comm": False, "contiguous_gradients": True}
+    if train.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "gradient_clipping": cfg.optim.grad_clip_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # the client AdamW (see step.SkippableAdamW)
+        "steps_per_print": 2**31 - 1,  # the loop logs; DeepSpeed's own progress lines are noise
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
+    }
+    return _merge(config, train.deepspeed_overrides)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: PosttrainConfig) -> SkippableAdamW:
+    optim = cfg.optim
+    return SkippableAdamW([p for p in model.parameters() if p.requires_grad], lr=optim.lr,
+                          betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+
+
+# --------------------------------------------------------------------------------------- collectives
+
+
+def _world_size() -> int:
+    return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+
+
+def _broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank."""
+    tensor = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    if torch_dist.is_initialized() and _world_size() > 1:
+        torch_dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+
+def validate(engine: Any, cfg: PosttrainConfig, device: torch.device) -> tuple[float, int]:
+    """(EER, samples) on ``data.valid``, scores = logit_real - logit_fake gathered from every rank.
+    Collective. Join batches forward the dummy input so ZeRO-3's gathers stay in lockstep."""
+    from posttrain.data.stream import ShardStream
+    from posttrain.eval.metrics import eer, split_classes
+
+    stream = ShardStream(cfg.data.valid)  # fresh each time: its state would mark everything consumed
+    scores: list[float] = []
+    labels: list[int] = []
+    engine.eval()
+    try:
+        with torch.no_grad():
+            for batch in stream:
+                if batch.is_empty:
+                    dummy = dummy_batch(cfg.data.valid.sample_rate_hz, device)
+                    engine(dummy.waveforms, dummy.lengths)
+                    continue
+                batch = batch.to(device)
+                logits = engine(batch.waveforms, batch.lengths).float()
+                scores += (logits[:, 1] - logits[:, 0]).tolist()
+                labels += batch.labels.tolist()
+    finally:
+        engine.train()
+    gathered: list[Any] = [None] * _world_size()
+    if _world_size() > 1:
+        torch_dist.all_gather_object(gathered, (scores, labels))
+    else:
+        gathered = [(scores, labels)]
+    all_scores = [s for part, _ in gathered for s in part]
+    all_labels = [y for _, part in gathered for y in part]
+    try:
+        bona, spoof = split_classes(all_scores, all_labels)
+        value, _ = eer(bona, spoof)
+    except ValueError as error:
+        raise ValueError(f"data.valid: cannot compute the validation EER on {cfg.data.valid.shards}: {error}") from None
+    return value, len(all_scores)
+
+
+# -------------------------------------------------------------------------------------------- the loop
+
+
+def micro_batch_groups(batches: Iterator[Batch], size: int) -> Iterator[list[Batch]]:
+    """Consecutive groups of ``size`` batches; a short last group is padded with join batches (the
+    loader yields the same number of batches on every rank, so every rank pads alike)."""
+    group: list[Batch] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group + [Batch.empty() for _ in range(size - len(group))]
+
+
+class _Meter:
+    """Sums of step statistics between two log lines."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = self.applied = 0
+        self.loss = self.samples = self.seconds = 0.0
+        self.started = time.perf_counter()
+
+    def add(self, stats: StepStats) -> None:
+        self.steps += 1
+        self.samples += stats.samples
+        self.seconds += stats.audio_seconds
+        if not stats.skipped:
+            self.applied += 1
+            self.loss += stats.loss
+
+    def metrics(self, stats: StepStats, progress: Progress) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        metrics = {"train/loss": self.loss / self.applied if self.applied else float("nan"),
+                   "train/lr": stats.lr, "train/grad_norm": stats.grad_norm,
+                   "train/audio_seconds_per_s": self.seconds / elapsed, "train/samples_per_s": self.samples / elapsed,
+                   "train/skipped_steps": progress.skipped_steps, "train/epoch": progress.epoch,
+                   "train/samples": progress.samples}
+        metrics.update({f"train/{key}": value for key, value in stats.extra.items()})
+        return metrics
+
+
+class Trainer:
+    """The state of one training run; ``train(cfg)`` is the entry point."""
+
+    def __init__(self, cfg: PosttrainConfig):
+        import deepspeed
+
+        from posttrain.data.stream import ShardStream
+        from posttrain.models.detector import build_detector
+
+        self.cfg = cfg
+        self.device = resolve_device(cfg)
+        init_distributed(self.device)
+        self.rank, self.world_size = torch_dist.get_rank(), torch_dist.get_world_size()
+        self.output_dir = Path(cfg.output_dir)
+        self.root = ckpt.checkpoint_root(self.output_dir)
+        self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+        resume = ckpt.find_resume(cfg.checkpoint.resume, self.output_dir)
+        self.resumed_from = resume
+        metadata = ckpt.read_metadata(resume) if resume is not None else None
+        seed_everything(cfg.train.seed)  # identical initial weights on every rank
+        self.model = build_detector(cfg.model, ssl_config=metadata["ssl_config"] if metadata else None)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
+        universal = metadata is not None and metadata["world_size"] != self.world_size
+        if universal:
+            ckpt.convert_to_universal(resume)
+        self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=self.optimizer,
+                                               config=deepspeed_config(cfg, load_universal=universal))
+        self.stream = ShardStream(cfg.data.train)
+        self.progress = Progress()
+        self.ctx = StepContext(cfg=cfg, optimizer=self.optimizer, scheduler=self.scheduler, device=self.device,
+                               world_size=self.world_size, augment=make_augment(cfg))
+        run_id = None
+        seed_everything(cfg.train.seed + 1000 * (self.rank + 1))  # dropout/masks differ per rank
+        if metadata is not None:
+            run_id = self._restore(resume, metadata, universal)
+        self.tracker = Tracker(cfg.tracking, active=self.rank == 0)
+        self.run_id = self.tracker.start(run_id, to_dict(cfg)) or run_id
+        self.last_checkpoint: Path | None = resume
+        self.last_saved_step = self.progress.step if resume is not None else -1
+        self.last_save_time = time.monotonic()
+        self.history: list[dict[str, float]] = []
+
+    def _restore(self, tag_dir: Path, metadata: dict[str, Any], universal: bool) -> str | None:
+        ckpt.load_checkpoint(self.engine, tag_dir, universal=universal)
+        self.scheduler.load_state_dict(metadata["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        self.stream.load_state_dict(metadata["loader"])
+        self.progress = Progress(**metadata["progress"])
+        self.ctx.state = dict(metadata.get("step_state", {}))
+        if not ckpt.load_rng(tag_dir, self.rank):
+            log.warning("%s: no RNG state for rank %d (saved at world size %d); keeping fresh seeds",
+                        tag_dir, self.rank, metadata["world_size"])
+        log.info("resumed from %s at step %d (epoch %d)", tag_dir, self.progress.step, self.progress.epoch)
+        return metadata.get("mlflow_run_id")
+
+    # -- persistence
+    def _metadata(self, loader_state: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"config": to_dict(cfg), "preset": cfg.model.preset,
+                "ssl_config": json.loads(self.model.ssl_config.to_json_string(use_diff=False)),
+                "loader": loader_state, "scheduler": self.scheduler.state_dict(),
+                "step_state": self.ctx.state, "mlflow_run_id": self.run_id, "progress": asdict(self.progress),
+                "world_size": self.world_size, "zero_stage": cfg.train.zero_stage,
+                "precision": cfg.train.precision, "step_mode": step_mode_name(cfg), "saved_unix_s": time.time()}
+
+    def save(self, *, best: bool = False) -> Path:
+        """Collective checkpoint of the current state."""
+        tag = ckpt.tag_for_step(self.progress.step)
+        if (self.root / tag).exists():  # the epoch ended right after a save at this step: keep that one intact
+            tag = f"{tag}-epoch{self.progress.epoch}"
+        if best:
+            self.progress.best_tag = tag
+        loader_state = self.stream.global_state_dict()  # collective
+        tag_dir = ckpt.save_checkpoint(self.engine, self.root, tag, self._metadata(loader_state), self.config_yaml,
+                                       self.cfg.checkpoint.keep_last, best=best)
+        self.last_checkpoint, self.last_saved_step = tag_dir, self.progress.step
+        self.last_save_time = time.monotonic()
+        self.tracker.log_metrics({"checkpoint/step": self.progress.step}, self.progress.step)
+        return tag_dir
+
+    def _checkpoint_due(self) -> bool:
+        every_steps, every_minutes = self.cfg.checkpoint.every_steps, self.cfg.checkpoint.every_minutes
+        due = bool(every_steps) and self.progress.step % every_steps == 0
+        if every_minutes:  # rank 0's clock decides for everyone, so all enter the save together
+            elapsed = time.monotonic() - self.last_save_time >= every_minutes * 60
+            due = _broadcast_flag(elapsed, self._collective_device()) or due
+        return due
+
+    def _collective_device(self) -> torch.device:
+        return self.device if torch_dist.get_backend() == "nccl" else torch.device("cpu")
+
+    # -- validation
+    def run_validation(self) -> bool:
+        """Validate; True when the EER improved on the best so far (then the caller saves as best)."""
+        if not self.cfg.data.valid.shards:
+            return False
+        value, count = validate(self.engine, self.cfg, self.device)
+        self.progress.last_valid_eer = value
+        improved = self.progress.best_valid_eer is None or value < self.progress.best_valid_eer
+        if improved:
+            self.progress.best_valid_eer = value
+        self.tracker.log_metrics({"valid/eer": value, "valid/samples": count,
+                                  "valid/best_eer": self.progress.best_valid_eer}, self.progress.step)
+        return improved
+
+    # -- loop
+    def _after_step(self, stats: StepStats, meter: _Meter, bar: Any) -> None:
+        progress = self.progress
+        progress.step += 1
+        progress.samples += stats.samples
+        progress.audio_seconds += stats.audio_seconds
+        meter.add(stats)
+        if stats.skipped:
+            progress.skipped_steps += 1
+            progress.consecutive_skips += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                        progress.step, progress.consecutive_skips)
+            if progress.consecutive_skips >= self.cfg.train.max_consecutive_skips:
+                raise NonFiniteTrainingError(
+                    f"{progress.consecutive_skips} consecutive non-finite steps (train.max_consecutive_skips="
+                    f"{self.cfg.train.max_consecutive_skips}) at step {progress.step}, epoch {progress.epoch}: "
+                    f"check the learning rate, precision and data; last checkpoint: {self.last_checkpoint}")
+        else:
+            progress.consecutive_skips = 0
+        bar.update(1)
+        if progress.step % self.cfg.train.log_every_steps == 0:
+            metrics = meter.metrics(stats, progress)
+            self.history.append({"step": progress.step, **metrics})
+            self.tracker.log_metrics(metrics, progress.step)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{stats.lr:.2e}", epoch=progress.epoch)
+            meter.reset()
+
+    def _run_epoch(self, step_fn: Any, meter: _Meter, bar: Any) -> bool:
+        """Train until the epoch ends (True) or ``max_steps`` is reached (False)."""
+        cfg, progress = self.cfg, self.progress
+        self.stream.set_epoch(progress.epoch)
+        self.ctx.epoch = progress.epoch
+        for micro_batches in micro_batch_groups(iter(self.stream), cfg.train.grad_accum_steps):
+            self.ctx.step = progress.step
+            stats = step_fn(self.engine, micro_batches, self.ctx)
+            self._after_step(stats, meter, bar)
+            improved = bool(cfg.train.valid_every_steps) and progress.step % cfg.train.valid_every_steps == 0 \
+                and self.run_validation()
+            if improved or self._checkpoint_due():
+                self.save(best=improved)
+            if progress.step >= cfg.train.max_steps:
+                return False
+        return True
+
+    def fit(self) -> TrainResult:
+        from tqdm import tqdm
+
+        cfg, progress = self.cfg, self.progress
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.write_atomic(self.output_dir / "config.yaml", self.config_yaml)
+            self.tracker.log_artifact(self.output_dir / "config.yaml")
+            for directory in cfg.data.train.shards + cfg.data.valid.shards:
+                self.tracker.log_artifact(Path(directory) / "index.json", f"shards/{Path(directory).name}")
+        step_fn = get_step_mode(step_mode_name(cfg))
+        meter = _Meter()
+        bar = tqdm(total=cfg.train.max_steps, initial=progress.step, disable=self.rank != 0, desc="train",
+                   unit="step", dynamic_ncols=True)
+        status = "FAILED"
+        try:
+            while progress.step < cfg.train.max_steps and progress.epoch < cfg.train.max_epochs:
+                if not self._run_epoch(step_fn, meter, bar):
+                    break
+                progress.epoch += 1
+                self.stream.set_epoch(progress.epoch)  # the checkpoint then resumes at the next epoch
+                improved = self.run_validation()
+                self.save(best=improved)
+            if self.last_saved_step != progress.step:
+                self.save(best=False)
+            status = "FINISHED"
+        finally:
+            bar.close()
+            self.tracker.finish(status)
+        return TrainResult(progress=progress, output_dir=self.output_dir, last_checkpoint=self.last_checkpoint,
+                           mlflow_run_id=self.run_id, history=self.history)
+
+
+def train(cfg: PosttrainConfig) -> TrainResult:
+    """Post-train a detector as ``cfg`` says; resumes from ``checkpoint.resume`` (``auto``: the
+    output directory's ``latest``). Call on every rank (torchrun, SLURM or a plain ``python``)."""
+    return Trainer(cfg).fit()

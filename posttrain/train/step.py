@@ -1,0 +1,250 @@
+"""One optimiser step over ``grad_accum_steps`` micro-batches, in a mode chosen by the config.
+
+A *step mode* is a function ``(engine, micro_batches, ctx) -> StepStats`` registered under a name;
+the training loop calls ``get_step_mode(step_mode_name(cfg))`` and never knows which one ran.
+"plain" lives here; "sam" and "dual_path" register themselves from their own modules (listed in
+``STEP_MODE_MODULES``, imported on first use). Every mode is built from the same blocks:
+
+1. ``prepare(ctx, micro_batches)``: to the device, RawBoost drawn once per micro-batch (reuse the
+   result for every pass of the step: SAM's two passes must see the same waveforms);
+2. ``global_counts(ctx, batches)``: one all_reduce of the step's samples and audio seconds, which
+   fixes the loss scale so the gradient is the mean over every sample of the global step, however
+   dynamic batching spread them over ranks and micro-batches;
+3. ``micro_loss(engine, batch, scale)`` then ``backward(engine, loss, is_last)``, per micro-batch
+   (a join batch, ``B == 0``, runs a tiny dummy input with loss x 0 so ZeRO's hooks and collectives
+   stay in lockstep across ranks);
+4. ``finish_step(engine, ctx, ...)``: one all_reduce of (loss sum, non-finite count) so every rank
+   takes the same decision; a non-finite step leaves weights, optimiser state and schedule
+   untouched, while ``engine.step()`` still runs so DeepSpeed's counters and gradient buffers
+   advance and clear as on any boundary.
+
+Non-finite *gradients* with a finite loss are caught by DeepSpeed itself: ZeRO 1-3 skip the update
+when the (globally reduced) gradient norm is not finite, which ``engine.was_step_applied()`` reports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+
+from posttrain.config import PosttrainConfig
+from posttrain.data.batch import Batch, normalize_waveforms
+
+if TYPE_CHECKING:  # deepspeed picks its accelerator at import: the engine module imports it first
+    from deepspeed import DeepSpeedEngine
+
+# A join batch still runs this much (silent-ish) audio: long enough for every preset's conv stack.
+DUMMY_SECONDS = 0.1
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next ``step()`` can be turned into a no-op: DeepSpeed's ZeRO optimisers call the
+    base optimiser's ``step`` on the fp32 partitions, so skipping it here keeps master weights and
+    Adam moments unchanged while DeepSpeed's own bookkeeping runs as usual."""
+
+    skip_next: bool = False
+
+    def step(self, closure=None):
+        if self.skip_next:
+            return None
+        return super().step(closure)
+
+
+@dataclass
+class StepStats:
+    loss: float  # mean cross-entropy over the step's global samples (NaN/inf when non-finite)
+    grad_norm: float  # global gradient norm before clipping (inf when DeepSpeed found it non-finite)
+    lr: float  # the learning rate this step used
+    samples: int  # global, join batches excluded
+    audio_seconds: float  # global, padding excluded
+    skipped: bool
+    extra: dict[str, float] = field(default_factory=dict)  # mode-specific metrics, logged as-is
+
+
+@dataclass
+class StepContext:
+    """What a step mode may use. ``state`` holds mode state that must survive a resume (e.g. an EMA):
+    keep it JSON-serialisable, it is saved in every checkpoint's ``posttrain.json``."""
+
+    cfg: PosttrainConfig
+    optimizer: SkippableAdamW
+    scheduler: LambdaLR
+    device: torch.device
+    world_size: int
+    epoch: int = 0
+    step: int = 0  # optimiser steps done before this one
+    augment: Callable[[Batch, int], Batch] | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sample_rate_hz(self) -> int:
+        return self.cfg.data.train.sample_rate_hz
+
+
+StepFn = Callable[["DeepSpeedEngine", list[Batch], StepContext], StepStats]
+
+_STEP_MODES: dict[str, StepFn] = {}
+# Modes implemented elsewhere register on import; their module is imported when the mode is asked for.
+STEP_MODE_MODULES: dict[str, str] = {"sam": "posttrain.train.sam", "dual_path": "posttrain.train.align"}
+
+
+def register_step_mode(name: str) -> Callable[[StepFn], StepFn]:
+    """Decorator: ``@register_step_mode("sam") def sam_step(engine, micro_batches, ctx): ...``."""
+
+    def register(fn: StepFn) -> StepFn:
+        if name in _STEP_MODES and _STEP_MODES[name] is not fn:
+            raise ValueError(f"step mode {name!r} is already registered ({_STEP_MODES[name].__qualname__})")
+        _STEP_MODES[name] = fn
+        return fn
+
+    return register
+
+
+def step_mode_name(cfg: PosttrainConfig) -> str:
+    """``train.step_mode`` when set explicitly, else from the sam / dual_path sections."""
+    if cfg.train.step_mode != "auto":
+        return cfg.train.step_mode
+    if cfg.sam.enabled:
+        return "sam"
+    if cfg.dual_path.enabled:
+        return "dual_path"
+    return "plain"
+
+
+def get_step_mode(name: str) -> StepFn:
+    if name not in _STEP_MODES and name in STEP_MODE_MODULES:
+        importlib.import_module(STEP_MODE_MODULES[name])
+    if name not in _STEP_MODES:
+        raise ValueError(f"unknown step mode {name!r} (registered: {sorted(_STEP_MODES)})")
+    return _STEP_MODES[name]
+
+
+# ------------------------------------------------------------------------------------------ blocks
+
+
+def make_augment(cfg: PosttrainConfig) -> Callable[[Batch, int], Batch] | None:
+    """The on-device augmentation hook (RawBoost when ``cfg.rawboost.enabled``), or None.
+
+    RawBoost runs on the loader's normalised waveforms, so the result is normalised again: the
+    encoder keeps seeing zero-mean unit-variance input, as in the reference pipeline where
+    normalisation follows RawBoost."""
+    if not cfg.rawboost.enabled:
+        return None
+    from posttrain.augment.rawboost import RawBoost
+
+    rawboost = RawBoost(cfg.rawboost)
+    renormalise = cfg.data.train.normalize
+
+    def augment(batch: Batch, epoch: int) -> Batch:
+        augmented = rawboost(batch, epoch)
+        if renormalise and not augmented.is_empty:
+            augmented.waveforms = normalize_waveforms(augmented.waveforms, augmented.lengths)
+        return augmented
+
+    return augment
+
+
+def prepare(ctx: StepContext, micro_batches: list[Batch]) -> list[Batch]:
+    """Micro-batches on the device, augmented once (draws depend on sample id and epoch only)."""
+    batches = [batch.to(ctx.device) for batch in micro_batches]
+    if ctx.augment is not None:
+        batches = [ctx.augment(batch, ctx.epoch) for batch in batches]
+    return batches
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def global_counts(ctx: StepContext, batches: list[Batch]) -> tuple[int, float]:
+    """(samples, audio seconds) of the whole step over all ranks: one all_reduce."""
+    samples = sum(len(batch) for batch in batches)
+    seconds = sum(float(batch.lengths.sum()) for batch in batches) / ctx.sample_rate_hz
+    total_samples, total_seconds = _all_reduce_sum([samples, seconds], ctx.device)
+    return int(round(total_samples)), total_seconds
+
+
+def loss_scale(ctx: StepContext, global_samples: int) -> float:
+    """Factor on a micro-batch's summed loss so that, after DeepSpeed divides by the accumulation
+    steps and averages over ranks, the gradient is the mean over the step's global samples."""
+    return ctx.world_size * ctx.cfg.train.grad_accum_steps / global_samples if global_samples else 0.0
+
+
+def dummy_batch(sample_rate_hz: int, device: torch.device) -> Batch:
+    """The stand-in input of a join batch: one short deterministic tone, label fake."""
+    num_samples = int(DUMMY_SECONDS * sample_rate_hz)
+    wave = 0.1 * torch.sin(torch.arange(num_samples, dtype=torch.float32, device=device) * 0.05)
+    return Batch(wave[None, :], torch.tensor([num_samples], device=device),
+                 torch.zeros(1, dtype=torch.long, device=device))
+
+
+def micro_loss(engine: "DeepSpeedEngine", batch: Batch, scale: float,
+               ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to back-propagate, detached summed cross-entropy of the real samples).
+
+    A join batch forwards ``dummy_batch`` and returns its loss x 0: zero gradient, same hooks."""
+    if batch.is_empty:
+        dummy = dummy_batch(ctx.sample_rate_hz, ctx.device)
+        logits = engine(dummy.waveforms, dummy.lengths)
+        loss = F.cross_entropy(logits.float(), dummy.labels, reduction="sum") * 0.0
+        return loss, torch.zeros((), device=ctx.device)
+    logits = engine(batch.waveforms, batch.lengths)
+    ce_sum = F.cross_entropy(logits.float(), batch.labels, reduction="sum")
+    return ce_sum * scale, ce_sum.detach()
+
+
+def backward(engine: "DeepSpeedEngine", loss: torch.Tensor, is_last: bool) -> None:
+    """Back-propagate one micro-batch; the last one of the step is the accumulation boundary
+    (gradients are reduced across ranks there). ``engine.step()`` is then called once per step."""
+    engine.set_gradient_accumulation_boundary(is_last)
+    engine.backward(loss)
+
+
+def finish_step(engine: "DeepSpeedEngine", ctx: StepContext, loss_sum: torch.Tensor, samples: int,
+                seconds: float, extra: dict[str, float] | None = None) -> StepStats:
+    """Agree on finiteness (one all_reduce), then take (or skip) the update; see the module doc."""
+    local_bad = float(not bool(torch.isfinite(loss_sum)))
+    total_loss, bad = _all_reduce_sum([float(loss_sum), local_bad], ctx.device)
+    nonfinite = bad > 0 or not math.isfinite(total_loss)
+    lr = float(ctx.scheduler.get_last_lr()[0])
+    ctx.optimizer.skip_next = nonfinite
+    try:
+        engine.set_gradient_accumulation_boundary(True)
+        engine.step()
+    finally:
+        ctx.optimizer.skip_next = False
+    skipped = nonfinite or not engine.was_step_applied()
+    if not skipped:
+        ctx.scheduler.step()
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+    return StepStats(loss=total_loss / samples if samples else 0.0, grad_norm=grad_norm, lr=lr,
+                     samples=samples, audio_seconds=seconds, skipped=skipped, extra=dict(extra or {}))
+
+
+# -------------------------------------------------------------------------------------------- plain
+
+
+@register_step_mode("plain")
+def plain_step(engine: "DeepSpeedEngine", micro_batches: list[Batch], ctx: StepContext) -> StepStats:
+    """Cross-entropy, gradient accumulation over the micro-batches, one AdamW update."""
+    batches = prepare(ctx, micro_batches)
+    samples, seconds = global_counts(ctx, batches)
+    scale = loss_scale(ctx, samples)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for index, batch in enumerate(batches):
+        loss, ce_sum = micro_loss(engine, batch, scale, ctx)
+        backward(engine, loss, is_last=index == len(batches) - 1)
+        loss_sum = loss_sum + ce_sum.double()
+    return finish_step(engine, ctx, loss_sum, samples, seconds)
