@@ -72,7 +72,6 @@ class StreamConfig:
     # fork starts workers in milliseconds (they only read and decode); spawn re-imports torch per worker
     worker_start_method: Literal["fork", "spawn", "forkserver"] = "fork"
     seed: int = 1234
-    normalize: bool = True  # per-utterance zero mean / unit variance
     crop: CropConfig = field(default_factory=CropConfig)
 
     def validate(self) -> None:

@@ -47,7 +47,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -197,12 +196,6 @@ def sample_rng(seed: int, epoch: int, unit: Unit, key: str) -> np.random.Generat
     return np.random.default_rng(int.from_bytes(digest, "little"))
 
 
-def normalize(wave: torch.Tensor) -> torch.Tensor:
-    """Zero mean, unit variance over the utterance (``layer_norm`` without affine, as the
-    AntiDeepfake recipe); applied before padding, so pads never enter the statistics."""
-    return F.layer_norm(wave, wave.shape)
-
-
 @dataclass
 class Decoded:
     unit: str
@@ -311,8 +304,6 @@ class EpochReader(IterableDataset):
         rng = sample_rng(self.cfg.seed, self.epoch, unit, sample["__key__"])
         start, length = crop_window(samples.size, self.cfg.crop, sample_rate_hz, rng)
         wave = torch.from_numpy(samples[start:start + length])  # a view: collation copies it once
-        if self.cfg.normalize:
-            wave = normalize(wave)
         return Decoded(unit.name, position, wave, label, str(meta.get("id", sample["__key__"])), meta,
                        samples.size / sample_rate_hz)
 

@@ -22,7 +22,7 @@ LICENSE_NAMES = {"cc-by-nc-sa-4.0": "Creative Commons Attribution-NonCommercial-
                                     "(https://creativecommons.org/licenses/by-nc-sa/4.0/)"}
 # config sections (and keys) shown as training hyper-parameters
 HYPERPARAMETER_SECTIONS = ("model", "optim", "schedule", "train", "sam", "rawboost", "dual_path")
-DATA_KEYS = ("max_batch_seconds", "max_batch_size", "num_buckets", "normalize", "crop", "weights")
+DATA_KEYS = ("max_batch_seconds", "max_batch_size", "num_buckets", "crop", "weights")
 
 
 @dataclass

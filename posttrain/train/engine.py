@@ -30,7 +30,8 @@ from posttrain.config import PosttrainConfig, to_dict
 from posttrain.data.batch import Batch
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.schedule import build_scheduler
-from posttrain.train.step import SkippableAdamW, StepContext, StepStats, dummy_batch, get_step_mode, make_augment, step_mode_name
+from posttrain.train.step import (SkippableAdamW, StepContext, StepStats, dummy_batch, get_step_mode, make_augment,
+                                  model_inputs, step_mode_name)
 from posttrain.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def validate(engine: Any, cfg: PosttrainConfig, device: torch.device) -> tuple[f
                     dummy = dummy_batch(cfg.data.valid.sample_rate_hz, device)
                     engine(dummy.waveforms, dummy.lengths)
                     continue
-                batch = batch.to(device)
+                batch = model_inputs(batch.to(device))
                 logits = engine(batch.waveforms, batch.lengths).float()
                 scores += (logits[:, 1] - logits[:, 0]).tolist()
                 labels += batch.labels.tolist()

@@ -131,33 +131,30 @@ def get_step_mode(name: str) -> StepFn:
 
 
 def make_augment(cfg: PosttrainConfig) -> Callable[[Batch, int], Batch] | None:
-    """The on-device augmentation hook (RawBoost when ``cfg.rawboost.enabled``), or None.
-
-    RawBoost runs on the loader's normalised waveforms, so the result is normalised again: the
-    encoder keeps seeing zero-mean unit-variance input, as in the reference pipeline where
-    normalisation follows RawBoost."""
+    """The on-device augmentation hook (RawBoost when ``cfg.rawboost.enabled``), or None."""
     if not cfg.rawboost.enabled:
         return None
     from posttrain.augment.rawboost import RawBoost
 
-    rawboost = RawBoost(cfg.rawboost)
-    renormalise = cfg.data.train.normalize
+    return RawBoost(cfg.rawboost)
 
-    def augment(batch: Batch, epoch: int) -> Batch:
-        augmented = rawboost(batch, epoch)
-        if renormalise and not augmented.is_empty:
-            augmented.waveforms = normalize_waveforms(augmented.waveforms, augmented.lengths)
-        return augmented
 
-    return augment
+def model_inputs(batch: Batch) -> Batch:
+    """Per-utterance normalisation, the last input step. The loader hands over raw audio because
+    RawBoost's non-linear and clipping terms assume waveforms in [-1, 1] (reference pipeline:
+    crop -> RawBoost -> normalise)."""
+    if not batch.is_empty:
+        batch.waveforms = normalize_waveforms(batch.waveforms, batch.lengths)
+    return batch
 
 
 def prepare(ctx: StepContext, micro_batches: list[Batch]) -> list[Batch]:
-    """Micro-batches on the device, augmented once (draws depend on sample id and epoch only)."""
+    """Micro-batches on the device, augmented once (draws depend on sample id and epoch only), then
+    normalised."""
     batches = [batch.to(ctx.device) for batch in micro_batches]
     if ctx.augment is not None:
         batches = [ctx.augment(batch, ctx.epoch) for batch in batches]
-    return batches
+    return [model_inputs(batch) for batch in batches]
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -59,7 +59,7 @@ def _reference_waves(directory: Path) -> dict[str, tuple[np.ndarray, str]]:
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_epoch_delivers_every_sample_once_decoded_and_normalised(sets, num_workers):
+def test_epoch_delivers_every_sample_once_decoded_and_raw(sets, num_workers):
     stream = ShardStream(_cfg(sets["a"], num_workers=num_workers), rank=0, world_size=1)
     reference = _reference_waves(sets["a"])
     seen = []
@@ -68,8 +68,8 @@ def test_epoch_delivers_every_sample_once_decoded_and_normalised(sets, num_worke
         for row, sample_id in enumerate(batch.ids):
             valid = batch.waveforms[row, : batch.lengths[row]].numpy()
             raw, label = reference[sample_id]
-            expected = (raw - raw.mean()) / np.sqrt(raw.var() + 1e-5)  # layer_norm without affine
-            np.testing.assert_allclose(valid, expected, atol=1e-4)
+            # raw audio: normalisation is the train step's, after on-device augmentation
+            np.testing.assert_allclose(valid, raw, atol=1e-6)
             assert float(batch.waveforms[row, batch.lengths[row]:].abs().sum()) == 0.0
             assert int(batch.labels[row]) == (1 if label == "real" else 0)
             assert batch.meta[row]["id"] == sample_id
@@ -200,7 +200,7 @@ def test_loader_crops_reproducibly_per_epoch(sets):
     reference = _reference_waves(sets["b"])
 
     def lengths(epoch):
-        stream = ShardStream(_cfg(sets["b"], crop=crop, normalize=False), rank=0, world_size=1, epoch=epoch)
+        stream = ShardStream(_cfg(sets["b"], crop=crop), rank=0, world_size=1, epoch=epoch)
         out = {}
         for batch in stream:
             for row, sample_id in enumerate(batch.ids):

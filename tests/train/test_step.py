@@ -8,7 +8,8 @@ from posttrain.config import load_config
 from posttrain.data.batch import Batch
 from posttrain.train import step as step_module
 from posttrain.train.engine import deepspeed_config, micro_batch_groups
-from posttrain.train.step import SkippableAdamW, get_step_mode, loss_scale, make_augment, register_step_mode, step_mode_name
+from posttrain.train.step import (SkippableAdamW, get_step_mode, loss_scale, make_augment, model_inputs,
+                                  register_step_mode, step_mode_name)
 
 
 def test_registry_selects_modes_from_the_config():
@@ -64,16 +65,19 @@ def test_skippable_adamw_leaves_weights_and_moments_untouched():
     assert not torch.equal(weight.detach(), saved_weight) and int(optimizer.state[weight]["step"]) == 2
 
 
-def test_rawboost_hook_augments_once_and_renormalises():
+def test_rawboost_runs_on_raw_audio_then_inputs_are_normalised():
     assert make_augment(load_config(None, [])) is None
     augment = make_augment(load_config(None, ["rawboost.enabled=true", "rawboost.algo=5"]))
     torch.manual_seed(0)
-    waves = [torch.randn(3000), torch.randn(2000)]
+    waves = [0.1 * torch.randn(3000), 0.1 * torch.randn(2000)]  # raw audio in [-1, 1], as the loader gives
     batch = Batch.collate(waves, [1, 0], ["A-1", "B-2"], [{}, {}])
-    out = augment(batch, 0)
-    again = augment(batch, 0)
-    assert torch.equal(out.waveforms, again.waveforms)  # drawn from (seed, id, epoch): SAM passes agree
-    assert not torch.allclose(out.waveforms[0, :3000], batch.waveforms[0, :3000])
+    augmented = augment(batch, 0)
+    assert torch.equal(augmented.waveforms, augment(batch, 0).waveforms)  # (seed, id, epoch): SAM passes agree
+    assert not torch.allclose(augmented.waveforms[0, :3000], batch.waveforms[0, :3000])
+    out = model_inputs(Batch(augmented.waveforms.clone(), batch.lengths, batch.labels, batch.ids, batch.meta))
+    # The order matters: LnL's non-linear terms are not scale-invariant, so augmenting normalised audio differs.
+    normalised_first = model_inputs(augment(model_inputs(Batch.collate(waves, [1, 0], ["A-1", "B-2"], [{}, {}])), 0))
+    assert not torch.allclose(out.waveforms, normalised_first.waveforms, atol=1e-3)
     assert out.waveforms[1, 2000:].abs().max() == 0  # padding stays zero
     valid = out.waveforms[1, :2000]
     assert float(valid.mean()) == pytest.approx(0.0, abs=1e-5) and float(valid.std(unbiased=False)) == pytest.approx(1.0, abs=1e-3)
