@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     report_dir = output_dir / "eval" / "test"
     _stage("evaluation on the held-out test split",
            ["eval", "--model", str(output_dir / "checkpoints"), "--shards", str(shards_dir / "test"),
-            "--out", str(report_dir), "--by", "corpus", "language", "--window-seconds", "0", "--no-progress"])
+            "--out", str(report_dir), "--by", "language", "attack", "--window-seconds", "0", "--no-progress"])
     print(f"\nDone. Report: {report_dir}/ (metrics.json, det.png, histograms.png, result.yaml); "
           f"MLflow: mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}")
     return 0
