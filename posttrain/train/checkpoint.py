@@ -188,6 +188,9 @@ def load_rng(tag_dir: Path, rank: int) -> bool:
 def save_checkpoint(engine: "DeepSpeedEngine", root: Path, tag: str, metadata: dict[str, Any],
                     config_yaml: str, keep_last: int, *, best: bool = False) -> Path:
     """Collective: every rank calls it. Returns the tag folder."""
+    from posttrain.train.sam import assert_not_perturbed
+
+    assert_not_perturbed(engine, "write a checkpoint")  # never between a SAM step's two passes
     root = Path(root)
     tag_dir = root / tag
     rank = _rank()

@@ -98,3 +98,23 @@ def test_epoch_end_tags_sort_after_the_same_step(tmp_path):
     assert ckpt.list_tags(tmp_path) == [tags[0], epoch_end.name, tags[1]]
     ckpt.write_pointer(tmp_path, tags[1])
     assert ckpt.prune(tmp_path, keep_last=1) == [tags[0], epoch_end.name]
+
+
+def test_no_checkpoint_can_be_written_between_the_two_sam_passes(tmp_path):
+    from posttrain.train import sam
+    from posttrain.train.checkpoint import save_checkpoint
+
+    class Engine:
+        saved = False
+
+        def save_checkpoint(self, *args, **kwargs):
+            self.saved = True
+
+    engine = Engine()
+    sam._perturbed.add(engine)
+    try:
+        with pytest.raises(sam.PerturbedWeightsError, match="write a checkpoint"):
+            save_checkpoint(engine, tmp_path, "step-00000001", {}, "", keep_last=1)
+    finally:
+        sam._perturbed.discard(engine)
+    assert not engine.saved and not (tmp_path / "step-00000001").exists()

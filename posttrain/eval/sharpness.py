@@ -1,0 +1,364 @@
+"""m-sharpness of a detector on a test set, overall and per group, and its rank correlation with EER.
+
+Per batch ``B`` (model in eval mode): ``S_B = L_B(w + e_B) - L_B(w)`` with ``e_B = rho g_B / ||g_B||``
+(adaptive: ASAM's ``rho T^2 g_B / ||T g_B||``, the same ascent as training, ``posttrain.train.sam``);
+the set's sharpness is the batch-size-weighted mean of ``S_B``. Batches are fixed-size draws (seeded
+order) *within* the set or group measured. Under several ranks each rank takes every
+``world_size``-th batch and the weighted sums are all-reduced once.
+
+Samples are read by random access into the shard tars (one catalogue pass over the members'
+offsets), so groups and nested subsets cost only the audio they use; an undecodable sample is
+skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tarfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from torch import nn
+
+from posttrain.config import SamConfig
+from posttrain.data.audio import decode_flac
+from posttrain.data.batch import normalize_waveforms
+from posttrain.data.shards import load_index, shard_paths
+from posttrain.dist import DistInfo
+from posttrain.train.partitions import OwnedParameters
+from posttrain.train.sam import NORM_EPS, ascent_direction_
+
+SAMPLE_RATE_HZ = 16000
+GROUP_FIELDS = ("corpus", "attack", "language", "speaker")
+
+
+# ----------------------------------------------------------------------------- one batch
+
+
+def module_parameters(model: nn.Module) -> tuple[OwnedParameters, list[torch.Tensor]]:
+    """A single-process model as ``OwnedParameters`` (it owns everything) with its current gradients."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+    views = [p.detach().view(-1) for _, p in named]
+    owned = OwnedParameters(stage=0, names=[n for n, _ in named], model=views, master=views, group=None)
+    return owned, [p.grad.detach().view(-1) for _, p in named]
+
+
+def batch_sharpness(model: nn.Module, loss_fn: Callable[[], torch.Tensor], rho: float, *, adaptive: bool = False,
+                    eta: float = 0.01) -> tuple[float, float]:
+    """``(S_B, L_B(w))`` for the batch ``loss_fn`` evaluates (a mean loss at the model's current
+    weights). The weights are perturbed in place and restored by copy; gradients are cleared."""
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        loss = loss_fn()
+        loss.backward()
+    owned, grads = module_parameters(model)
+    norm = ascent_direction_(owned, grads, SamConfig(rho=rho, adaptive=adaptive, adaptive_eta=eta), loss.device)
+    base = float(loss.detach())
+    if not (math.isfinite(norm) and norm > 0):
+        model.zero_grad(set_to_none=True)
+        return (0.0 if norm == 0 else float("nan")), base
+    saved = [t.clone() for t in owned.model]
+    try:
+        torch._foreach_add_(owned.model, grads, alpha=rho / (norm + NORM_EPS))
+        with torch.no_grad():
+            perturbed = float(loss_fn())
+    finally:
+        torch._foreach_copy_(owned.model, saved)
+        model.zero_grad(set_to_none=True)
+    return perturbed - base, base
+
+
+# --------------------------------------------------------------------------------- the data
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    id: str
+    label: int  # 1 = real
+    meta: dict[str, Any]
+    tar: str
+    offset: int  # of the FLAC member's data in the tar
+    size: int
+
+
+def catalog(directory: str | Path) -> list[CatalogEntry]:
+    """Every sample of a shard set with its metadata and where its FLAC bytes lie (index order)."""
+    directory = Path(directory)
+    entries = []
+    for path in shard_paths(directory, load_index(directory)):
+        flac: dict[str, tuple[int, int]] = {}
+        metas: dict[str, dict[str, Any]] = {}
+        with tarfile.open(path, "r:") as archive:
+            for member in archive:
+                key, _, extension = member.name.partition(".")
+                if extension == "flac":
+                    flac[key] = (member.offset_data, member.size)
+                elif extension == "json":
+                    try:
+                        metas[key] = json.loads(archive.extractfile(member).read())
+                    except ValueError as error:
+                        raise ValueError(f"{path}: {member.name}: unparsable metadata: {error}") from None
+        for key, meta in metas.items():
+            if key not in flac:
+                raise ValueError(f"{path}: sample {key!r} has no .flac member")
+            label = {"real": 1, "fake": 0}.get(meta.get("label"))
+            if label is None:
+                raise ValueError(f"{path}: sample {key!r}: label {meta.get('label')!r} is not real/fake")
+            entries.append(CatalogEntry(str(meta["id"]), label, meta, str(path), *flac[key]))
+    return entries
+
+
+def group_of(entry: CatalogEntry, field_name: str) -> str:
+    if field_name == "corpus":
+        return str(entry.meta.get("corpus") or entry.id.split("-", 1)[0])
+    return str(entry.meta.get(field_name, "-"))
+
+
+@dataclass
+class LoadedBatch:
+    waveforms: torch.Tensor  # [B, T] normalised, zero padded
+    lengths: torch.Tensor
+    labels: torch.Tensor
+    skipped: list[str] = field(default_factory=list)  # ids that failed to decode
+
+
+def load_batch(entries: Sequence[CatalogEntry], *, max_seconds: float, normalize: bool = True) -> LoadedBatch:
+    """Decode (first ``max_seconds`` of each sample), pad and normalise a batch; corrupt audio is skipped."""
+    waves, labels, skipped = [], [], []
+    max_samples = int(max_seconds * SAMPLE_RATE_HZ)
+    for entry in entries:
+        with open(entry.tar, "rb") as handle:
+            handle.seek(entry.offset)
+            data = handle.read(entry.size)
+        try:
+            wave, rate = decode_flac(data)
+            if rate != SAMPLE_RATE_HZ or len(wave) == 0 or not np.isfinite(wave).all():
+                raise ValueError(f"{rate} Hz, {len(wave)} samples")
+        except Exception:  # any decoder failure: the sample is corrupt, the batch goes on without it
+            skipped.append(entry.id)
+            continue
+        waves.append(torch.from_numpy(np.ascontiguousarray(wave[:max_samples], dtype=np.float32)))
+        labels.append(entry.label)
+    lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
+    batch = torch.zeros(len(waves), int(lengths.max()) if waves else 0)
+    for row, wave in enumerate(waves):
+        batch[row, :len(wave)] = wave
+    if normalize and waves:
+        batch = normalize_waveforms(batch, lengths)
+    return LoadedBatch(batch, lengths, torch.tensor(labels, dtype=torch.long), skipped)
+
+
+def draw_batches(entries: Sequence[CatalogEntry], batch_size: int, seed: int) -> list[list[CatalogEntry]]:
+    """Fixed-size batches of a seeded permutation (the last one may be smaller)."""
+    order = np.random.default_rng(seed).permutation(len(entries))
+    return [[entries[i] for i in order[start:start + batch_size]] for start in range(0, len(order), batch_size)]
+
+
+# ---------------------------------------------------------------------------- m-sharpness
+
+
+@dataclass
+class SharpnessConfig:
+    rho: float = 0.05
+    adaptive: bool = False
+    adaptive_eta: float = 0.01
+    batch_size: int = 32
+    max_seconds: float = 6.0
+    seed: int = 0
+    normalize: bool = True
+
+
+@dataclass
+class SetSharpness:
+    sharpness: float  # batch-size-weighted mean of S_B
+    loss: float  # weighted mean of L_B(w)
+    samples: int
+    batches: int
+    skipped: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sharpness": self.sharpness, "loss": self.loss, "samples": self.samples, "batches": self.batches,
+                "skipped": self.skipped}
+
+
+def _cross_entropy(model: nn.Module, batch: LoadedBatch, device: torch.device) -> Callable[[], torch.Tensor]:
+    waveforms, lengths, labels = batch.waveforms.to(device), batch.lengths.to(device), batch.labels.to(device)
+    return lambda: F.cross_entropy(model(waveforms, lengths).float(), labels)
+
+
+def measure_sets(model: nn.Module, sets: dict[str, Sequence[CatalogEntry]], cfg: SharpnessConfig, *,
+                 device: torch.device, info: DistInfo = DistInfo(), progress: bool = False) -> dict[str, SetSharpness]:
+    """m-sharpness of each named set of samples. Every rank calls it with the same ``sets``; rank r
+    measures batches r, r + world, ... of each set; ONE all-reduce of the weighted sums at the end."""
+    from tqdm import tqdm
+
+    model.eval()
+    plan = [(name, batch) for index, (name, entries) in enumerate(sets.items())
+            for batch in draw_batches(list(entries), cfg.batch_size, cfg.seed + index)]
+    names = list(sets)
+    sums = torch.zeros(len(names), 5, dtype=torch.float64)  # sum n*S, sum n*L, n, batches, skipped
+    mine = plan[info.rank::info.world_size]
+    for name, entries in tqdm(mine, desc="sharpness", unit="batch", disable=not progress):
+        batch = load_batch(entries, max_seconds=cfg.max_seconds, normalize=cfg.normalize)
+        row = sums[names.index(name)]
+        row[4] += len(batch.skipped)
+        if len(batch.labels) == 0:
+            continue
+        value, loss = batch_sharpness(model, _cross_entropy(model, batch, device), cfg.rho,
+                                      adaptive=cfg.adaptive, eta=cfg.adaptive_eta)
+        size = len(batch.labels)
+        row += torch.tensor([size * value, size * loss, size, 1, 0], dtype=torch.float64)
+    if info.world_size > 1 and torch_dist.is_initialized():
+        reduced = sums.to(device)
+        torch_dist.all_reduce(reduced, op=torch_dist.ReduceOp.SUM)
+        sums = reduced.cpu()
+    results = {}
+    for name, (weighted, loss, count, batches, skipped) in zip(names, sums.tolist()):
+        results[name] = SetSharpness(weighted / count if count else float("nan"),
+                                     loss / count if count else float("nan"), int(count), int(batches), int(skipped))
+    return results
+
+
+def grouped_sets(entries: Sequence[CatalogEntry], by: str | None) -> dict[str, list[CatalogEntry]]:
+    """``{"all": entries}`` plus one set per value of the ``by`` field (sorted)."""
+    sets: dict[str, list[CatalogEntry]] = {"all": list(entries)}
+    if by:
+        for value in sorted({group_of(e, by) for e in entries}):
+            sets[f"{by}={value}"] = [e for e in entries if group_of(e, by) == value]
+    return sets
+
+
+def format_sharpness_table(results: dict[str, SetSharpness]) -> str:
+    width = max(len(name) for name in results)
+    lines = [f"{'set':<{width}}  {'sharpness':>11}  {'loss':>9}  {'samples':>7}  {'batches':>7}  {'skipped':>7}"]
+    for name, r in results.items():
+        lines.append(f"{name:<{width}}  {r.sharpness:>11.6f}  {r.loss:>9.5f}  {r.samples:>7d}  {r.batches:>7d}  "
+                     f"{r.skipped:>7d}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ nested subsets
+
+
+@dataclass(frozen=True)
+class Subset:
+    name: str  # e.g. "attack:3"
+    groups: tuple[str, ...]  # the groups it contains (attack subsets also hold every bona fide sample)
+    entries: tuple[CatalogEntry, ...]
+
+
+def nested_subsets(entries: Sequence[CatalogEntry], by: str, *, steps: int | None, seed: int) -> list[Subset]:
+    """Growing subsets over a seeded order of the ``by`` groups. By attack, each subset holds every
+    bona fide sample plus the spoofs of its first k attacks (the bona fide "-" group is not an
+    attack); otherwise both classes of its first k groups. ``steps`` subsets with k spread evenly
+    from 1 to the number of groups (default: every k). Subsets without both classes are dropped."""
+    if by == "attack":
+        bona = [e for e in entries if e.label == 1]
+        values = sorted({group_of(e, by) for e in entries if e.label == 0})
+    else:
+        bona = []
+        values = sorted({group_of(e, by) for e in entries})
+    order = [values[i] for i in np.random.default_rng(seed).permutation(len(values))]
+    count = len(order) if steps is None else min(steps, len(order))
+    sizes = sorted({int(round(k)) for k in np.linspace(1, len(order), count)}) if order else []
+    subsets = []
+    for k in sizes:
+        chosen = set(order[:k])
+        members = [e for e in entries if group_of(e, by) in chosen and (by != "attack" or e.label == 0)]
+        members = bona + members
+        if {e.label for e in members} == {0, 1}:
+            subsets.append(Subset(f"{by}:{k}", tuple(order[:k]), tuple(members)))
+    return subsets
+
+
+@dataclass
+class Correlation:
+    spearman: float
+    spearman_p: float
+    kendall: float
+    kendall_p: float
+    points: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spearman": self.spearman, "spearman_p": self.spearman_p, "kendall": self.kendall,
+                "kendall_p": self.kendall_p, "points": self.points}
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> Correlation:
+    """Spearman's rho and Kendall's tau (with p-values, scipy.stats) between paired values."""
+    from scipy import stats
+
+    if len(x) != len(y):
+        raise ValueError(f"rank_correlation: {len(x)} x values vs {len(y)} y values")
+    if len(x) < 3:
+        raise ValueError(f"rank_correlation: {len(x)} points; at least 3 nested subsets are needed "
+                         "(more groups, or a larger --steps)")
+    spearman = stats.spearmanr(x, y)
+    kendall = stats.kendalltau(x, y)
+    return Correlation(float(spearman.statistic), float(spearman.pvalue), float(kendall.statistic),
+                       float(kendall.pvalue), len(x))
+
+
+def plot_correlation(path: str | Path, sharpness: Sequence[float], eers: Sequence[float], labels: Sequence[str],
+                     correlation: Correlation, *, title: str = "") -> None:
+    """Scatter of EER against sharpness, one labelled point per subset (PNG, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.0, 4.5))
+    axes.scatter(sharpness, [100 * e for e in eers], color="tab:blue")
+    for x, y, label in zip(sharpness, eers, labels):
+        axes.annotate(label, (x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axes.set_xlabel("m-sharpness")
+    axes.set_ylabel("EER (%)")
+    axes.set_title(f"{title}Spearman {correlation.spearman:.3f} (p={correlation.spearman_p:.3g}), "
+                   f"Kendall {correlation.kendall:.3f} (p={correlation.kendall_p:.3g})", fontsize=9)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    figure.savefig(tmp, dpi=120)
+    plt.close(figure)
+    tmp.replace(path)
+
+
+def scores_of(model: nn.Module, entries: Sequence[CatalogEntry], cfg: SharpnessConfig, *, device: torch.device,
+              info: DistInfo = DistInfo(), progress: bool = False) -> dict[str, float]:
+    """``logit_real - logit_fake`` per sample id (this rank's share of fixed-order batches, then
+    gathered on every rank)."""
+    from tqdm import tqdm
+
+    model.eval()
+    batches = [list(entries[i:i + cfg.batch_size]) for i in range(0, len(entries), cfg.batch_size)]
+    scores: dict[str, float] = {}
+    with torch.no_grad():
+        for chunk in tqdm(batches[info.rank::info.world_size], desc="scores", unit="batch", disable=not progress):
+            batch = load_batch(chunk, max_seconds=cfg.max_seconds, normalize=cfg.normalize)
+            if len(batch.labels) == 0:
+                continue
+            skipped = set(batch.skipped)
+            logits = model(batch.waveforms.to(device), batch.lengths.to(device)).float().cpu()
+            kept = [e.id for e in chunk if e.id not in skipped]
+            scores.update(zip(kept, (logits[:, 1] - logits[:, 0]).tolist()))
+    if info.world_size > 1 and torch_dist.is_initialized():
+        parts: list[Any] = [None] * info.world_size
+        torch_dist.all_gather_object(parts, scores)
+        scores = {k: v for part in parts for k, v in part.items()}
+    return scores
+
+
+def subset_eer(subset: Subset, scores: dict[str, float]) -> float:
+    from posttrain.eval.metrics import eer, split_classes
+
+    kept = [e for e in subset.entries if e.id in scores]
+    bona, spoof = split_classes([scores[e.id] for e in kept], [e.label for e in kept])
+    return eer(bona, spoof)[0]

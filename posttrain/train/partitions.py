@@ -1,0 +1,230 @@
+"""The parameter and reduced-gradient elements *this rank owns* in a DeepSpeed engine (ZeRO 0-3).
+
+Algorithms that need global scalars of the whole gradient (SAM's norm, gradient alignment's dot
+products) or that edit weights in place work on these partitions: each rank computes partial sums
+over its own elements and ONE all-reduce over ``OwnedParameters.group`` gives the global value,
+with no element counted twice and no full gradient ever materialised.
+
+Every list below holds flat 1-D views, one per trainable parameter this rank owns a piece of, all
+in the same order (``names[i]`` is the module's parameter name, used e.g. by ASAM's weight rule):
+
+============  ======================================  =============================  ========================
+stage         ``model`` (what the forward computes     ``master`` (fp32 the optimiser  gradients (after the
+              with; perturb these)                     updates)                        boundary backward)
+============  ======================================  =============================  ========================
+0 (fp32)      the whole ``param.data``                 the same tensor                 ``param.grad`` (already
+                                                                                       all-reduced; replicated)
+1, 2          ``param._hp_mapping.lp_fragment``: this  ``_hp_mapping.hp_fragment``:    the fragment of
+              rank's slice of the flat bit16/fp32      the slice of                    ``averaged_gradients``
+              buffer the model's params view           ``single_partition_of_fp32_     (``get_lp_grad_fragment``)
+              (the rest of each param is a full        groups``; a separate copy
+              replica, refreshed by                    in fp32 *and* bf16
+              ``sync_model_copies``)
+3             ``param.ds_tensor`` (the partition the   the slice of                    ``averaged_gradients``:
+              next forward all-gathers from)           ``fp32_partitioned_groups_      views of the optimiser's
+                                                       flat``; in fp32 it IS           flat grad partition buffer
+                                                       ``ds_tensor`` (aliased)
+============  ======================================  =============================  ========================
+
+ZeRO-1/2/3 pad their partitions; padding elements have zero gradient (and are not listed for 1/2),
+so sums are exact. Stage 0 in bf16 (DeepSpeed's ``BF16_Optimizer``) and optimiser offload are not
+supported: both raise ``NotImplementedError`` naming the setting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass
+class OwnedParameters:
+    """This rank's share of the trainable parameters (see the module doc for what each stage exposes).
+
+    ``group`` is the process group whose ranks' shares tile the model exactly once; ``None`` means
+    every rank holds everything (stage 0), so local sums already are global."""
+
+    stage: int
+    names: list[str]
+    model: list[torch.Tensor]
+    master: list[torch.Tensor]
+    group: Any
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.model)
+
+    @property
+    def master_aliases_model(self) -> bool:
+        """True when editing ``model`` also edits the optimiser's master weights (ZeRO-3 fp32, stage 0):
+        an in-place perturbation must then be undone from a saved copy, not from the master."""
+        return any(m.data_ptr() == p.data_ptr() for m, p in zip(self.master, self.model))
+
+
+def zero_stage(engine: Any) -> int:
+    return int(engine.zero_optimization_stage())
+
+
+def _check_supported(engine: Any) -> int:
+    stage = zero_stage(engine)
+    if stage == 0 and engine.bfloat16_enabled():
+        raise NotImplementedError("partitions: ZeRO stage 0 with bf16 (DeepSpeed's BF16_Optimizer) is not "
+                                  "supported; use zero_optimization.stage >= 1 for bf16")
+    if stage > 0 and (engine.zero_cpu_offload() or getattr(engine.optimizer, "offload_optimizer", False)):
+        raise NotImplementedError("partitions: zero_optimization.offload_optimizer is not supported")
+    return stage
+
+
+def _names(engine: Any) -> dict[int, str]:
+    return {id(param): name for name, param in engine.module.named_parameters()}
+
+
+def owned_parameters(engine: Any) -> OwnedParameters:
+    """This rank's owned parameter views. Cheap (a walk over the parameters): build it per step, as
+    checkpoint loading may re-point DeepSpeed's buffers."""
+    stage = _check_supported(engine)
+    names = _names(engine)
+    optimizer = engine.optimizer
+    if stage == 0:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        views = [p.detach().view(-1) for p in params]
+        return OwnedParameters(0, [names.get(id(p), "") for p in params], views, views, None)
+    if stage in (1, 2):
+        params = [p for group in optimizer.bit16_groups for p in group if p._hp_mapping is not None]
+        return OwnedParameters(stage, [names.get(id(p), "") for p in params],
+                               [p._hp_mapping.lp_fragment.detach().view(-1) for p in params],
+                               [p._hp_mapping.hp_fragment.detach().view(-1) for p in params], _dp_group_1_2(optimizer))
+    params, masters = [], []
+    for group, flat_master in zip(optimizer.fp16_groups, optimizer.fp32_partitioned_groups_flat):
+        offset = 0
+        for param in group:
+            size = param.partition_numel()
+            if param.requires_grad:
+                params.append(param)
+                masters.append(flat_master.detach().narrow(0, offset, size))
+            offset += size
+    persistent = [names.get(id(p), "?") for p in params if getattr(p, "ds_persist", False)]
+    if persistent:
+        raise ValueError(f"partitions: ZeRO-3 keeps {len(persistent)} parameters persistent (e.g. {persistent[0]}); "
+                         "set zero_optimization.stage3_param_persistence_threshold to 0 so the forward reads "
+                         "every parameter from its partition")
+    return OwnedParameters(3, [names.get(id(p), "") for p in params], [p.ds_tensor.detach().view(-1) for p in params],
+                           masters, optimizer.dp_process_group)
+
+
+def _dp_group_1_2(optimizer: Any) -> Any:
+    groups = optimizer.real_dp_process_group
+    if any(group is not groups[0] for group in groups):
+        raise NotImplementedError("partitions: parameter groups with different data-parallel groups (MoE) "
+                                  "are not supported")
+    return groups[0]
+
+
+def owned_gradients(engine: Any) -> list[torch.Tensor]:
+    """The reduced gradient over this rank's owned elements, aligned with ``owned_parameters(engine)``.
+
+    Valid between the accumulation-boundary ``engine.backward`` and ``engine.step()``; these are
+    DeepSpeed's own buffers: editing them in place changes what ``step()`` applies."""
+    stage = _check_supported(engine)
+    optimizer = engine.optimizer
+    if stage == 0:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        missing = [i for i, p in enumerate(params) if p.grad is None]
+        if missing:
+            raise RuntimeError("partitions: no gradient yet (call engine.backward at the accumulation boundary first)")
+        return [p.grad.detach().view(-1) for p in params]
+    if stage in (1, 2):
+        grads = []
+        for group in optimizer.bit16_groups:
+            for param in group:
+                if param._hp_mapping is None:
+                    continue
+                try:
+                    fragment = param._hp_mapping.get_lp_grad_fragment(param._index_in_param_group)
+                except ValueError as error:
+                    raise RuntimeError(f"partitions: {error}") from None
+                grads.append(fragment.detach().reshape(-1))
+        return grads
+    averaged = optimizer.averaged_gradients  # {sub-group index: [grad partition per param]}
+    if any(averaged.get(i) is None for i in range(len(optimizer.fp16_groups))):
+        raise RuntimeError("partitions: no gradient yet (call engine.backward at the accumulation boundary first)")
+    return [grad.detach().view(-1) for i, group in enumerate(optimizer.fp16_groups)
+            for param, grad in zip(group, averaged[i]) if param.requires_grad]
+
+
+def sync_model_copies(engine: Any) -> None:
+    """After in-place edits of ``owned_parameters(engine).model``, make the tensors the forward reads
+    see them. ZeRO-1/2 keep a full model replica on every rank: all-gather the owned slices (the
+    same collective ``step()`` ends with). ZeRO-3 reads the partitions at the next forward and
+    stage 0 owns everything: nothing to do. Collective under ZeRO-1/2."""
+    if zero_stage(engine) not in (1, 2):
+        return
+    from deepspeed.runtime.utils import all_gather_dp_groups
+
+    optimizer = engine.optimizer
+    all_gather_dp_groups(groups_flat=optimizer.bit16_groups_flat,
+                         partitioned_param_groups=optimizer.parallel_partitioned_bit16_groups,
+                         dp_process_group=optimizer.real_dp_process_group,
+                         start_alignment_factor=optimizer.nccl_start_alignment_factor,
+                         allgather_bucket_size=optimizer.allgather_bucket_size)
+
+
+def check_partitions_released(engine: Any) -> None:
+    """ZeRO-3: every owned parameter must be released (not gathered), or an edit of its partition
+    would not reach the next forward. A no-op for the other stages."""
+    if zero_stage(engine) != 3:
+        return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    names = _names(engine)
+    gathered = [names.get(id(p), "?") for group in engine.optimizer.fp16_groups for p in group
+                if p.ds_status != ZeroParamStatus.NOT_AVAILABLE]
+    if gathered:
+        raise RuntimeError(f"partitions: {len(gathered)} ZeRO-3 parameters are still gathered after backward "
+                           f"(e.g. {gathered[0]}); editing their partitions would not reach the next forward")
+
+
+# ---------------------------------------------------------------------------------- global sums
+
+
+def global_sums(partials: torch.Tensor, group: Any) -> torch.Tensor:
+    """Sum a small vector of per-rank partial sums over ``group`` (one all-reduce; ``None``: every rank
+    holds everything, return as is). Returns a new tensor."""
+    total = partials.clone()
+    if group is not None and torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM, group=group)
+    return total
+
+
+def accumulation_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 tensors, fp64 when any is fp64."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def local_sum_of_squares(tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """``sum_i ||t_i||^2`` (float64 scalar) over local tensors; at least fp32 accumulation per tensor."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    norms = torch._foreach_norm(list(tensors), 2, dtype=accumulation_dtype(tensors))
+    return torch.stack(norms).double().square().sum()
+
+
+def local_dot(first: Sequence[torch.Tensor], second: Sequence[torch.Tensor],
+              device: torch.device | None = None) -> torch.Tensor:
+    """``sum_i <a_i, b_i>`` (float64 scalar) over local tensor pairs of equal sizes."""
+    if not first:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    dtype = accumulation_dtype([*first, *second])
+    dots = [torch.dot(a.reshape(-1).to(dtype), b.reshape(-1).to(dtype)) for a, b in zip(first, second)]
+    return torch.stack(dots).double().sum()
+
+
+def global_sum_of_squares(tensors: Sequence[torch.Tensor], group: Any,
+                          device: torch.device | None = None) -> torch.Tensor:
+    """``||concat over ranks of tensors||^2`` (float64 scalar): local ``_foreach_norm`` partial sums,
+    then ONE all-reduce over ``group`` (``None``: the tensors already are the whole)."""
+    return global_sums(local_sum_of_squares(tensors, device), group)

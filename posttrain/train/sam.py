@@ -1,0 +1,260 @@
+"""Sharpness-aware minimisation inside a DeepSpeed engine: SAM, ASAM and LookSAM as one fused step.
+
+One call of ``sharpness_aware_step(engine, run_pass, cfg)`` does, with ``run_pass`` running the
+forward and ``engine.backward`` of every micro-batch of the step (boundary at the last one):
+
+1. first pass at ``w`` -> reduced gradient ``g`` on this rank's partitions (``partitions``);
+2. the global norm from partial sums of squares, ONE all-reduce (never a per-rank norm);
+3. ``e = rho g / ||g||``; ASAM: ``e = rho T^2 g / ||T g||`` with ``T = |w| + eta`` on parameters whose
+   name contains ``weight`` (conv/linear/norm weights, the weight-norm factors of the positional
+   conv) and ``T = 1`` elsewhere (biases), as in the official ASAM code (SamsungLabs/ASAM);
+4. ``w += e`` in place on the owned model-side partitions with ``torch._foreach`` ops, made visible
+   to the forward (ZeRO-1/2: all-gather of the owned slices; ZeRO-3: the next forward gathers the
+   partitions), then ``engine.optimizer.zero_grad()`` and the gradient buffers zeroed;
+5. second pass on the SAME inputs with the SAME dropout/SpecAugment draws (the Python, NumPy and
+   torch RNG states are captured before pass 1 and restored before pass 2);
+6. the weights restored by COPY (never by subtracting ``e``, which is not exact in bf16): from the
+   optimiser's fp32 master when that is a separate tensor (ZeRO-1/2 and ZeRO-3 bf16, where
+   DeepSpeed keeps the model copy equal to the rounded master, so no extra memory), else from a
+   saved copy of the owned partitions (ZeRO-3 fp32 and stage 0, where the master IS the perturbed
+   tensor): at most one copy of the locally owned parameters;
+7. ``apply_update`` (``engine.step()``): DeepSpeed clips and applies the second-pass gradient only
+   (the first was discarded in 4). A ZeRO-1/2 step skipped by DeepSpeed (overflow) ends without its
+   all-gather; the replicas are then re-synchronised here.
+
+LookSAM (Liu et al., CVPR 2022; ``sam.variant: looksam``): the full step above every
+``looksam_every_steps`` steps, which also stores ``g_v = g_s - <g_s, g>/||g||^2 g`` (the part of the
+SAM gradient orthogonal to the plain one) as an fp32 copy of the owned gradient partitions; the
+steps between run one pass and update with ``g + alpha ||g|| / ||g_v|| g_v``. The copy is not
+checkpointed: after a resume the first step is a full one.
+
+The weights are perturbed only inside this one call, and a checkpoint written by the loop between
+two calls never sees them; ``assert_not_perturbed(engine)`` lets checkpoint code verify it (the
+flag also stays up if a pass raised, since the replicas may then be inconsistent).
+
+Fine-tune path (accelerate + DeepSpeed): ``accelerator.backward`` also calls ``engine.step()``, so
+``run_pass`` must call the engine's own backward: ``engine = accelerator.deepspeed_engine_wrapped.engine``
+(the prepared model is that ``DeepSpeedEngine``), ``run_pass = lambda: (l := loss(engine(x)), engine.backward(l))[0].detach()``,
+then ``sharpness_aware_step(engine, run_pass, cfg.sam, step_index=step)``.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as torch_dist
+
+from posttrain.config import SamConfig
+from posttrain.data.batch import Batch
+from posttrain.train.checkpoint import rng_state, set_rng_state
+from posttrain.train.partitions import (OwnedParameters, check_partitions_released, global_sums,
+                                        local_dot, local_sum_of_squares, owned_gradients, owned_parameters,
+                                        sync_model_copies, zero_stage)
+from posttrain.train.step import (StepContext, StepStats, backward, finish_step, global_counts, loss_scale,
+                                  micro_loss, prepare, register_step_mode)
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+NORM_EPS = 1e-12  # added to the norm as in the reference SAM/ASAM code
+CHUNK_NUMEL = 1 << 24  # ASAM's |w| + eta is built per chunk of this many elements, not for the whole model
+
+_perturbed: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_looksam_directions: "weakref.WeakKeyDictionary[Any, list[torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+class PerturbedWeightsError(RuntimeError):
+    """The engine's weights are SAM-perturbed: nothing may be saved or evaluated now."""
+
+
+def is_perturbed(engine: Any) -> bool:
+    return engine in _perturbed
+
+
+def assert_not_perturbed(engine: Any, action: str = "checkpoint") -> None:
+    """Raise when ``engine`` is between the two passes of a SAM step (or a pass failed mid-step)."""
+    if engine in _perturbed:
+        raise PerturbedWeightsError(f"sam: cannot {action}: the weights are perturbed (inside a SAM step, or one "
+                                    "failed between its passes and the model replicas may be inconsistent)")
+
+
+@dataclass
+class SamOutcome:
+    """What one ``sharpness_aware_step`` saw. Losses are this rank's values as ``run_pass`` returned them."""
+
+    first_loss: torch.Tensor  # at w
+    second_loss: torch.Tensor | None  # at w + e (None on a LookSAM reuse step)
+    grad_norm: float  # global ||g|| of the first pass (ASAM: ||T g||)
+    full_step: bool  # False on a LookSAM reuse step
+    perturbed: bool  # False when the norm was 0 or non-finite (no ascent taken)
+    update: Any = None  # what apply_update returned
+
+
+# ------------------------------------------------------------------------------------- the ascent
+
+
+def _weight_indices(names: Sequence[str]) -> list[int]:
+    return [i for i, name in enumerate(names) if "weight" in name]
+
+
+def _chunks(indices: list[int], sizes: Sequence[int]) -> list[list[int]]:
+    chunks, current, numel = [], [], 0
+    for i in indices:
+        if current and numel + sizes[i] > CHUNK_NUMEL:
+            chunks.append(current)
+            current, numel = [], 0
+        current.append(i)
+        numel += sizes[i]
+    return chunks + ([current] if current else [])
+
+
+def _scale_by_t_(owned: OwnedParameters, grads: list[torch.Tensor], eta: float) -> None:
+    """``g <- T g`` in place, ``T = |w| + eta`` (fp32) on the weight tensors, chunk by chunk."""
+    indices = _weight_indices(owned.names)
+    for chunk in _chunks(indices, [t.numel() for t in owned.model]):
+        t = [w.abs().to(torch.promote_types(w.dtype, torch.float32)) for w in (owned.model[i] for i in chunk)]
+        torch._foreach_add_(t, eta)
+        torch._foreach_mul_([grads[i] for i in chunk], t)
+
+
+def ascent_direction_(owned: OwnedParameters, grads: list[torch.Tensor], cfg: SamConfig,
+                      device: torch.device) -> float:
+    """Turn ``grads`` (the owned reduced gradient) into the unnormalised ascent direction in place
+    (SAM: ``g``; ASAM: ``T^2 g``) and return the global norm that normalises it (``||g||`` / ``||T g||``).
+    One all-reduce."""
+    if cfg.adaptive:
+        _scale_by_t_(owned, grads, cfg.adaptive_eta)
+    norm = math.sqrt(float(global_sums(local_sum_of_squares(grads, device), owned.group)))
+    if cfg.adaptive:
+        _scale_by_t_(owned, grads, cfg.adaptive_eta)
+    return norm
+
+
+# ------------------------------------------------------------------------------------------ the step
+
+
+def _store_plain_gradient(engine: Any, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """LookSAM: the first-pass gradient, kept (fp32, owned partitions) to project the SAM gradient on."""
+    stored = _looksam_directions.get(engine)
+    if stored is None or [t.numel() for t in stored] != [g.numel() for g in grads]:
+        flat = torch.empty(sum(g.numel() for g in grads), dtype=torch.float32, device=grads[0].device if grads else None)
+        stored = list(flat.split([g.numel() for g in grads]))
+        _looksam_directions[engine] = stored
+    torch._foreach_copy_(stored, grads)
+    return stored
+
+
+def _orthogonal_component_(stored: list[torch.Tensor], sam_grads: list[torch.Tensor], group: Any,
+                           device: torch.device) -> None:
+    """``stored`` (holding ``g``) <- ``g_s - <g_s, g>/||g||^2 g``. One all-reduce."""
+    partials = torch.stack([local_dot(sam_grads, stored, device), local_sum_of_squares(stored, device)])
+    dot, norm_sq = global_sums(partials, group).tolist()
+    torch._foreach_mul_(stored, -dot / norm_sq if norm_sq > 0 else 0.0)
+    torch._foreach_add_(stored, sam_grads)
+
+
+def _reuse_orthogonal_component_(grads: list[torch.Tensor], stored: list[torch.Tensor], alpha: float, group: Any,
+                                 device: torch.device) -> float:
+    """LookSAM's cheap step: ``g <- g + alpha ||g||/||g_v|| g_v`` in place; returns ``||g||``. One all-reduce."""
+    partials = torch.stack([local_sum_of_squares(grads, device), local_sum_of_squares(stored, device)])
+    grad_sq, direction_sq = global_sums(partials, group).tolist()
+    grad_norm = math.sqrt(grad_sq)
+    if direction_sq > 0 and math.isfinite(grad_norm):
+        torch._foreach_add_(grads, stored, alpha=alpha * grad_norm / math.sqrt(direction_sq))
+    return grad_norm
+
+
+def sharpness_aware_step(engine: "DeepSpeedEngine", run_pass: Callable[[], torch.Tensor], cfg: SamConfig, *,
+                         step_index: int = 0,
+                         apply_update: Callable[[SamOutcome], Any] | None = None) -> SamOutcome:
+    """One SAM / ASAM / LookSAM optimiser step (see the module doc). Collective: every rank calls it.
+
+    ``run_pass()`` forwards every micro-batch of the step and calls ``engine.backward`` on each (the
+    accumulation boundary at the last), returning a detached loss tensor (e.g. the local loss sum).
+    ``apply_update(outcome)`` takes the update once the weights are restored (default ``engine.step()``);
+    its return value is ``outcome.update``. ``step_index`` (optimiser steps done so far) schedules
+    LookSAM's full steps."""
+    device = torch.device(engine.device)
+    looksam = cfg.variant == "looksam"
+    stored = _looksam_directions.get(engine) if looksam else None
+    full_step = stored is None or step_index % cfg.looksam_every_steps == 0
+    rng = rng_state()
+    first_loss = run_pass()
+    owned = owned_parameters(engine)
+    grads = owned_gradients(engine)
+    if not full_step:
+        norm = _reuse_orthogonal_component_(grads, stored, cfg.looksam_alpha, owned.group, device)
+        outcome = SamOutcome(first_loss, None, norm, full_step=False, perturbed=False)
+        outcome.update = apply_update(outcome) if apply_update else engine.step()
+        return outcome
+
+    plain = _store_plain_gradient(engine, grads) if looksam else None
+    norm = ascent_direction_(owned, grads, cfg, device)
+    perturb = math.isfinite(norm) and norm > 0
+    saved = None
+    _perturbed.add(engine)
+    if perturb:
+        check_partitions_released(engine)
+        if owned.master_aliases_model:
+            saved = [t.clone() for t in owned.model]
+        torch._foreach_add_(owned.model, grads, alpha=cfg.rho / (norm + NORM_EPS))
+        sync_model_copies(engine)
+    engine.optimizer.zero_grad()
+    torch._foreach_zero_(grads)  # some ZeRO-1/2 buffers (fp32 accumulation of bf16) accumulate across backward calls
+    set_rng_state(rng)  # the same dropout / SpecAugment draws as the first pass
+    second_loss = run_pass()
+    if perturb:  # restore by copy: the saved partitions, or the master DeepSpeed rounds the model copy from
+        torch._foreach_copy_(owned.model, saved if saved is not None else owned.master)
+    del saved
+    if plain is not None:
+        _orthogonal_component_(plain, owned_gradients(engine), owned.group, device)
+    outcome = SamOutcome(first_loss, second_loss, norm, full_step=True, perturbed=perturb)
+    outcome.update = apply_update(outcome) if apply_update else engine.step()
+    if perturb and zero_stage(engine) in (1, 2) and getattr(engine.optimizer, "overflow", False):
+        sync_model_copies(engine)  # the skipped step did not all-gather the restored slices
+    _perturbed.discard(engine)
+    return outcome
+
+
+# ------------------------------------------------------------------------------------ the step mode
+
+
+def _global_sum(value: torch.Tensor, device: torch.device) -> float:
+    group = torch_dist.group.WORLD if torch_dist.is_available() and torch_dist.is_initialized() else None
+    return float(global_sums(value.double().reshape(1).to(device), group)[0])
+
+
+@register_step_mode("sam")
+def sam_step(engine: "DeepSpeedEngine", micro_batches: list[Batch], ctx: StepContext) -> StepStats:
+    """The ``sam`` step mode (``sam.enabled``): cross-entropy as in ``plain``, the update from the
+    gradient at ``w + e``. Extras: ``sam/grad_norm`` (first pass), ``sam/loss_increase``
+    (mean L(w + e) - L(w) over the step's samples) and ``sam/full_step`` (LookSAM)."""
+    batches = prepare(ctx, micro_batches)  # augmented once: both passes see the same waveforms
+    samples, seconds = global_counts(ctx, batches)
+    scale = loss_scale(ctx, samples)
+
+    def run_pass() -> torch.Tensor:
+        loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        for index, batch in enumerate(batches):
+            loss, ce_sum = micro_loss(engine, batch, scale, ctx)
+            backward(engine, loss, is_last=index == len(batches) - 1)
+            loss_sum = loss_sum + ce_sum.double()
+        return loss_sum
+
+    def apply_update(outcome: SamOutcome) -> StepStats:
+        # the reported loss is L(w); a non-finite L(w + e) (0 x inf = NaN) still makes every rank skip
+        loss = outcome.first_loss if outcome.second_loss is None else outcome.first_loss + 0.0 * outcome.second_loss
+        extra = {"sam/grad_norm": outcome.grad_norm, "sam/full_step": float(outcome.full_step)}
+        return finish_step(engine, ctx, loss, samples, seconds, extra)
+
+    outcome = sharpness_aware_step(engine, run_pass, ctx.cfg.sam, step_index=ctx.step, apply_update=apply_update)
+    stats: StepStats = outcome.update
+    if outcome.second_loss is not None and samples:
+        increase = _global_sum(outcome.second_loss - outcome.first_loss, ctx.device)
+        stats.extra["sam/loss_increase"] = increase / samples
+    return stats
