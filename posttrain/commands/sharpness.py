@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     from posttrain.eval.inference import default_device, process_group
     from posttrain.eval.sharpness import catalog, format_sharpness_table, grouped_sets, measure_sets
-    from posttrain.train.checkpoint import write_atomic
+    from posttrain.data.files import write_text_atomic
 
     with process_group() as info:
         try:
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                 "config": vars(cfg), "world_size": info.world_size,
                 "sets": {name: result.to_dict() for name, result in results.items()}}
     table = format_sharpness_table(results)
-    write_atomic(args.out / "sharpness.json", json.dumps(document, indent=1))
-    write_atomic(args.out / "sharpness.txt", table + "\n")
+    write_text_atomic(args.out / "sharpness.json", json.dumps(document, indent=1))
+    write_text_atomic(args.out / "sharpness.txt", table + "\n")
     print(table)
     return 0

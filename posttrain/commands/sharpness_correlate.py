@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.eval.inference import default_device, process_group
     from posttrain.eval.sharpness import (catalog, measure_sets, nested_subsets, plot_correlation, rank_correlation,
                                           scores_of, subset_eer)
-    from posttrain.train.checkpoint import write_atomic
+    from posttrain.data.files import write_text_atomic
 
     with process_group() as info:
         try:
@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     document = {"model": model_description(identity), "shards": str(args.shards), "by": args.by,
                 "config": vars(cfg), "subsets": rows, "correlation": correlation.to_dict()}
     table = format_table(rows, correlation.to_dict())
-    write_atomic(args.out / "correlation.json", json.dumps(document, indent=1))
-    write_atomic(args.out / "correlation.txt", table + "\n")
+    write_text_atomic(args.out / "correlation.json", json.dumps(document, indent=1))
+    write_text_atomic(args.out / "correlation.txt", table + "\n")
     plot_correlation(args.out / "correlation.png", [r["sharpness"] for r in rows], [r["eer"] for r in rows],
                      [r["name"].split(":")[-1] for r in rows], correlation, title=f"by {args.by}: ")
     print(table)

@@ -8,12 +8,13 @@ AudioBitSample,Language``. ``ID`` is ``<CORPUS_PREFIX>-<file id>``; ``Label`` is
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
+
+from posttrain.data.files import write_text_atomic
 
 COLUMNS = ("ID", "Label", "Duration", "SampleRate", "Path", "Attack", "Speaker", "Proportion",
            "AudioChannel", "AudioEncoding", "AudioBitSample", "Language")
@@ -170,22 +171,14 @@ def read_protocol(path: str | Path) -> list[ProtocolRow]:
 
 def write_protocol(rows: Iterable[ProtocolRow], path: str | Path) -> int:
     """Write rows atomically (temp file + rename); returns the number of rows."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(COLUMNS)
     count = 0
-    handle = tempfile.NamedTemporaryFile("w", newline="", encoding="utf-8", dir=path.parent,
-                                         prefix=f".{path.name}.", delete=False)
-    try:
-        with handle:
-            writer = csv.writer(handle)
-            writer.writerow(COLUMNS)
-            for row in rows:
-                writer.writerow(row.to_csv_row())
-                count += 1
-        os.replace(handle.name, path)
-    except BaseException:
-        os.unlink(handle.name)
-        raise
+    for row in rows:
+        writer.writerow(row.to_csv_row())
+        count += 1
+    write_text_atomic(path, buffer.getvalue())
     return count
 
 

@@ -17,7 +17,6 @@ import logging
 import math
 import multiprocessing
 import os
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from posttrain.data import audio
+from posttrain.data.files import write_text_atomic
 from posttrain.data.protocol import LABELS, ProtocolRow, read_protocols
 from posttrain.data.shards import (FORMAT, INDEX_NAME, REJECTS_NAME, SAMPLE_RATE_HZ, TOTAL_GROUPS, VERSION,
                                    file_sha256, sample_key)
@@ -150,19 +150,6 @@ def task_shards(specs: list[ShardSpec], task_index: int, num_tasks: int) -> list
     return specs[task_index * len(specs) // num_tasks:(task_index + 1) * len(specs) // num_tasks]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
-                                         delete=False)
-    try:
-        with handle:
-            handle.write(text)
-        os.chmod(handle.name, 0o644)  # temp files are private; an index is for every reader of the shards
-        os.replace(handle.name, path)
-    except BaseException:
-        os.unlink(handle.name)
-        raise
-
-
 def _load_sample(row: ProtocolRow, root: Path | None, min_seconds: float) -> audio.Waveform:
     wave = audio.load(row.resolved_path(root), min_seconds=min_seconds)
     if wave.seconds > max_seconds(row):
@@ -204,7 +191,7 @@ def build_shard(spec: ShardSpec, root: Path | None, out: Path, min_seconds: floa
         os.replace(staging, out / spec.name)
     else:  # every row rejected: no tar at all (an empty tar would be a shard with nothing to read)
         staging.unlink()
-    _atomic_write(out / RECORDS_DIR / f"{spec.name}.json", json.dumps(record, sort_keys=True))
+    write_text_atomic(out / RECORDS_DIR / f"{spec.name}.json", json.dumps(record, sort_keys=True))
     return record
 
 
@@ -277,7 +264,7 @@ def build_task(protocols: list[str | Path], root: str | Path | None, out: str | 
                "task_index": options.task_index, "num_tasks": options.num_tasks, "num_planned_shards": len(specs),
                "shards": [records[spec.index] for spec in mine]}
     path = task_index_path(out, options.task_index, options.num_tasks)
-    _atomic_write(path, json.dumps(partial, sort_keys=True))
+    write_text_atomic(path, json.dumps(partial, sort_keys=True))
     return path
 
 
@@ -336,8 +323,8 @@ def merge(out: str | Path) -> dict[str, Any]:
     rejects = [reject for record in ordered for reject in record["rejects"]]
     index = {"format": FORMAT, "version": VERSION, "sample_rate_hz": SAMPLE_RATE_HZ, "seed": partials[0]["seed"],
              "shards": shards, "totals": _totals(ordered), "rejects": len(rejects)}
-    _atomic_write(out / REJECTS_NAME, "".join(json.dumps(reject, sort_keys=True) + "\n" for reject in rejects))
-    _atomic_write(out / INDEX_NAME, json.dumps(index, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(out / REJECTS_NAME, "".join(json.dumps(reject, sort_keys=True) + "\n" for reject in rejects))
+    write_text_atomic(out / INDEX_NAME, json.dumps(index, indent=1, sort_keys=True) + "\n")
     staging = out / STAGING_DIR
     if staging.is_dir() and not any(staging.iterdir()):
         staging.rmdir()

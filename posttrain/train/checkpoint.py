@@ -37,6 +37,7 @@ import torch
 import torch.distributed as torch_dist
 
 from posttrain.config import ModelConfig
+from posttrain.data.files import write_text_atomic
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -76,16 +77,6 @@ def _rank() -> int:
 # ------------------------------------------------------------------------------------ small files
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def read_pointer(root: Path, name: str = LATEST) -> str | None:
     """The tag a pointer file names, or None when there is none."""
     path = Path(root) / name
@@ -100,7 +91,7 @@ def write_pointer(root: Path, tag: str, name: str = LATEST) -> None:
     if not is_complete(Path(root) / tag):
         raise CheckpointError(f"{Path(root) / tag}: not a complete checkpoint ({METADATA_FILE} missing); "
                               f"refusing to point {name} at it")
-    write_atomic(Path(root) / name, tag + "\n")
+    write_text_atomic(Path(root) / name, tag + "\n")
 
 
 def is_complete(tag_dir: Path) -> bool:
@@ -202,9 +193,9 @@ def save_checkpoint(engine: "DeepSpeedEngine", root: Path, tag: str, metadata: d
     os.replace(tmp, rng_file)
     _barrier()  # every rank has finished its DeepSpeed files and RNG state
     if rank == 0:
-        write_atomic(tag_dir / "config.yaml", config_yaml)
+        write_text_atomic(tag_dir / "config.yaml", config_yaml)
         record = {"format": METADATA_FORMAT, "version": METADATA_VERSION, "tag": tag, **metadata}
-        write_atomic(tag_dir / METADATA_FILE, json.dumps(record, indent=1, sort_keys=True))
+        write_text_atomic(tag_dir / METADATA_FILE, json.dumps(record, indent=1, sort_keys=True))
         write_pointer(root, tag, LATEST)
         if best:
             write_pointer(root, tag, BEST)

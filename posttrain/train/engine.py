@@ -28,6 +28,7 @@ import yaml
 
 from posttrain.config import PosttrainConfig, to_dict
 from posttrain.data.batch import Batch
+from posttrain.data.files import write_text_atomic
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.schedule import build_scheduler
 from posttrain.train.step import (SkippableAdamW, StepContext, StepStats, dummy_batch, get_step_mode, make_augment,
@@ -413,7 +414,7 @@ class Trainer:
         cfg, progress = self.cfg, self.progress
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.write_atomic(self.output_dir / "config.yaml", self.config_yaml)
+            write_text_atomic(self.output_dir / "config.yaml", self.config_yaml)
             self.tracker.log_artifact(self.output_dir / "config.yaml")
             for directory in cfg.data.train.shards + cfg.data.valid.shards:
                 self.tracker.log_artifact(Path(directory) / "index.json", f"shards/{Path(directory).name}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from posttrain.data.recipes.base import Entry, Recipe, RecipeError, audio_files, read_csv_records, require_dir, subdirs
+from posttrain.data.recipes.base import Entry, Recipe, RecipeError, read_csv_records, require_dir, subdirs
 
 
 def _check_meta(model_dir: Path, names: set[str]) -> None:
