@@ -67,7 +67,8 @@ class StreamConfig:
     max_batch_seconds: float = 100.0  # padded audio seconds (B x longest) per batch per rank
     max_batch_size: int = 64
     num_buckets: int = 20
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples: a sample leaves the read order by at most this many places
+    interleave_shards: int = 4  # shards each worker reads at once, so every batch mixes several shards
     num_workers: int = 2
     # fork starts workers in milliseconds (they only read and decode); spawn re-imports torch per worker
     worker_start_method: Literal["fork", "spawn", "forkserver"] = "fork"
@@ -83,6 +84,7 @@ class StreamConfig:
         require(self.max_batch_size >= 1, "max_batch_size", "must be >= 1")
         require(self.num_buckets >= 1, "num_buckets", "must be >= 1")
         require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
+        require(self.interleave_shards >= 1, "interleave_shards", "must be >= 1")
         require(self.num_workers >= 0, "num_workers", "must be >= 0")
         require_choice(self.worker_start_method, "worker_start_method", ["fork", "spawn", "forkserver"])
 
@@ -210,7 +212,17 @@ class RawBoostConfig:
 
 @dataclass
 class DualPathConfig:
-    """Dual-path data augmentation with gradient alignment (DPDA)."""
+    """Dual-path data augmentation with gradient alignment (DPDA; ``posttrain.train.dual_path``).
+
+    Each step runs every micro-batch clean and RawBoost-augmented (``rawboost_algo`` with the other
+    ``rawboost.*`` parameters; ``rawboost.enabled`` is ignored, the clean path stays clean) and
+    combines the two gradients with ``method``.
+
+    Not combinable with ``sam``: SAM needs ONE gradient to perturb along and one to update with, and a
+    dual-path step has two, aligned non-linearly (the combination depends on their cosine); perturbing
+    along the aligned gradient and aligning again at ``w + e`` has no published definition or
+    evidence, and costs four forward/backward passes per step.
+    """
 
     enabled: bool = False
     method: Literal["pcgrad", "gradvac", "cagrad", "sum", "mean"] = "pcgrad"
@@ -298,6 +310,73 @@ class PosttrainConfig:
         require(bool(self.output_dir), "output_dir", "must not be empty")
         if self.sam.enabled and self.dual_path.enabled:
             raise ConfigError("dual_path.enabled", "cannot be combined with sam.enabled")
+
+
+# ------------------------------------------------------------------------------------------ fine-tune
+
+
+@dataclass
+class EvalSetConfig:
+    """One fine-tune test set: a shard set of segments, reported per segment and per source file."""
+
+    name: str  # report folder under <output_dir>/eval/ and the MLflow metric prefix, e.g. "4s"
+    shards: str  # shard directory (index.json) of the test segments
+    # segment -> file mapping (``posttrain data df2024``'s <N>s/segments.csv); None: file ids are read
+    # from the segment id convention <file id>-<N>s-<k>
+    segments_csv: str | None = None
+
+    def validate(self) -> None:
+        require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty folder name")
+        require(bool(self.shards), "shards", "must not be empty")
+
+
+@dataclass
+class FinetuneSection:
+    """Where a fine-tune starts and what it is tested on (``finetune.py``, ``posttrain.train.finetune``)."""
+
+    init_from: str = ""  # any posttrain.models.loading.load_model spec: checkpoint, export, release, hub id
+    init_preset: str | None = None  # only to tell apart presets of identical shape in a release conversion
+    # output folder of ``posttrain data df2024 --shards``: fills data.train.shards (when empty) with
+    # shards/<train_segment_seconds>s/train and the test sets (when none are listed) with
+    # shards/<N>s/test + <N>s/segments.csv for every N in eval_segment_seconds that was built
+    df2024_dir: str | None = None
+    train_segment_seconds: int = 13
+    eval_segment_seconds: list[int] = field(default_factory=lambda: [4, 10, 13, 30, 50])
+    test_sets: list[EvalSetConfig] = field(default_factory=list)
+    file_aggregation: Literal["mean_logits", "max_fake"] = "mean_logits"  # segment outputs -> file output
+    eval_window_seconds: float = 0.0  # 0: every test segment scored whole (the test protocol)
+    eval_batch_seconds: float = 200.0  # padded audio seconds per inference forward pass
+    evaluate: bool = True  # score the test sets with the final checkpoint
+
+    def validate(self) -> None:
+        require(self.train_segment_seconds > 0, "train_segment_seconds", "must be > 0")
+        require(all(n > 0 for n in self.eval_segment_seconds), "eval_segment_seconds", "must all be > 0")
+        require(self.eval_window_seconds >= 0, "eval_window_seconds", "must be >= 0")
+        require(self.eval_batch_seconds > 0, "eval_batch_seconds", "must be > 0")
+        names = [test.name for test in self.test_sets]
+        require(len(names) == len(set(names)), "test_sets", f"names must be unique, got {names}")
+
+
+@dataclass
+class FinetuneConfig(PosttrainConfig):
+    """Post-training's schema with the Deepfake-Eval-2024 fine-tune defaults (AntiDeepfake: lr 1e-6,
+    10 epochs, at most 50k steps, RawBoost algo 5) and the ``finetune`` section. The schedule is a
+    constant learning rate: the reference gives no fine-tune warm-up or decay."""
+
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=0, decay_end_steps=0,
+                                                                            final_lr_ratio=1.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=50_000, max_epochs=10))
+    rawboost: RawBoostConfig = field(default_factory=lambda: RawBoostConfig(enabled=True, algo=5))
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+
+    def validate(self) -> None:
+        super().validate()
+        # checked here, not in the section: a section left out of the YAML is never validated on its own
+        require(bool(self.finetune.init_from), "finetune.init_from",
+                "required: the model to fine-tune (checkpoint, export, AntiDeepfake release or hub id)")
+        require(self.model.pretrained is None, "model.pretrained",
+                "must stay unset: a fine-tune starts from finetune.init_from")
 
 
 # ------------------------------------------------------------------------------------------ machinery

@@ -41,6 +41,10 @@ def batch_by_seconds(items: Iterable[Item], length_of: Callable[[Item], int], *,
     bucket is emitted just before an item would break its bound. An item longer than
     ``max_batch_seconds`` on its own is emitted as a batch of one (it cannot be split). At the end
     every non-empty bucket is flushed. Every item is emitted exactly once.
+
+    Resumable: a bucket's batches depend only on its own items since its last batch, so running
+    again on the input minus the items of the first ``k`` batches (in the same order) yields
+    exactly batches ``k+1, ...`` (the loader's exact resume relies on this).
     """
     budget_samples = max_batch_seconds * sample_rate_hz
     edges_samples = [edge * sample_rate_hz for edge in edges_seconds]

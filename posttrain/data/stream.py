@@ -10,19 +10,35 @@ Units of work
 Order and split
     The units of an epoch are shuffled with a generator seeded by ``(seed, epoch)`` (a fixed seed
     would repeat the same order every epoch), then split across ranks and, inside a rank, across
-    DataLoader workers, both balanced by seconds still to read (greedy longest-first, the index
-    holds per-shard seconds). Inside a worker, samples pass a seeded shuffle buffer and are grouped
-    by ``posttrain.data.batching`` into batches of bounded padded seconds.
+    *roles* (one per DataLoader worker, one when the main process reads), both balanced by seconds
+    to read (greedy longest-first, the index holds per-shard seconds). This assignment is the
+    epoch's *plan*: a function of ``(seed, epoch, world size, roles)`` and of the positions already
+    consumed when it was made (its ``base``, empty unless a resume changed the world size or the
+    worker count, which re-balances the remaining work).
 
-Exactly once
-    The state is ``{epoch, seed, consumed: {unit: positions}}`` where positions are indexes into the
-    shard's ``keys`` list, stored as a count ``k`` (positions ``0..k-1``; a fully read shard is its
-    sample count) or a list of ``[start, stop)`` ranges. Consumption is recorded in the main process
-    when a batch is handed out, never when a worker prefetches. Corrupt or missing samples are
-    recorded as consumed too (and counted), so a resume neither retries nor loses them. On resume,
-    fully consumed units are dropped and workers skip consumed members while reading the tar; the
-    remaining work is re-split for the current world size and worker count, so both may change.
-    ``global_state_dict()`` merges the states of all ranks (one ``all_gather_object``).
+Sample order (``read_order``)
+    A role deals its units round-robin into ``interleave_shards`` lanes; each lane keeps its units in
+    order and the lanes are spread evenly over the role's whole stream, so every stretch of the stream
+    alternates between that many shards, from the first sample to the last. Every sample then moves
+    by a uniform random offset of up to ``shuffle_buffer`` places. A worker reads each tar front to
+    back on demand and holds at most about ``shuffle_buffer + interleave_shards`` undelivered samples
+    (as FLAC bytes). Unlike a shuffle buffer, whose output depends on when reading started, the order
+    is a pure function of the plan: a resumed role recomputes it and drops the consumed samples.
+    Samples are then grouped by ``posttrain.data.batching`` into batches of bounded padded seconds.
+
+Exactly once and exact resume
+    The state holds ``{epoch, seed, consumed: {unit: positions}, plan, cursors}`` where positions are
+    indexes into the shard's ``keys`` list, stored as a count ``k`` (positions ``0..k-1``; a fully
+    read shard is its sample count) or a list of ``[start, stop)`` ranges. Consumption is recorded
+    in the main process when a batch is handed out, never when a worker prefetches. Corrupt or
+    missing samples are recorded as consumed too (and counted), so a resume neither retries nor
+    loses them. The main process takes the roles' batches in turn (round-robin; a finished role
+    leaves the turn) and ``cursors`` keeps each rank's next role. A role's consumed batches are a
+    prefix of its batch sequence and the batcher restarts identically on what remains (see
+    ``batch_by_seconds``), so a resume at the same world size and worker count hands out exactly
+    the batches of an uninterrupted run, in the same order. Otherwise the remaining work is
+    re-planned: every sample is still read exactly once. ``global_state_dict()`` merges the states
+    of all ranks (one ``all_gather_object``).
 
 Equal batch counts
     When a process group is initialised and ``world_size > 1``, each step costs one ``all_reduce``
@@ -38,7 +54,7 @@ import hashlib
 import json
 import math
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +74,7 @@ from posttrain.data.shards import INDEX_NAME, ShardFormatError, load_index, shar
 from posttrain.dist import dist_info
 
 STATE_FORMAT = "posttrain-stream"
-STATE_VERSION = 1
+STATE_VERSION = 2  # version 1 states (no plan) still load: their remaining work is re-planned
 
 # ------------------------------------------------------------------------------------------ shard sets
 
@@ -161,13 +177,44 @@ def decode_positions(encoded: int | list[list[int]]) -> set[int]:
 
 @dataclass(frozen=True)
 class UnitTask:
-    """What a worker needs to read one unit: the tar, its keys and the positions to skip."""
+    """What a role reads of one unit: the tar, its keys, the positions the plan gives it (in tar
+    order) and the positions already consumed (skipped)."""
 
     unit: Unit
     path: str
     keys: tuple[str, ...]
+    planned: np.ndarray
     skip: frozenset[int]
-    seconds_left: float
+    seconds: float  # planned audio seconds, for balancing
+
+
+def seeded_rng(*parts: object) -> np.random.Generator:
+    """A generator seeded by a hash of ``parts`` (stable across processes, unlike ``hash``)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
+def read_order(unit_sizes: list[int], lanes: int, window: int, rng: np.random.Generator) -> np.ndarray:
+    """The order in which a role hands out its samples, as indexes into the concatenation of its
+    units' samples (see "Sample order" in the module docstring). Every sample gets a place on a
+    line of ``sum(unit_sizes)`` places: units are dealt into ``lanes`` lanes, a lane's samples are
+    spaced evenly (with a random phase) over the whole line, then each place moves by up to
+    ``window``; sorting the places gives the order."""
+    sizes = np.asarray(unit_sizes, dtype=np.int64)
+    total = int(sizes.sum())
+    lanes = max(1, min(lanes, len(sizes)))
+    lane_of_unit = np.arange(len(sizes)) % lanes
+    start_in_lane = np.zeros(len(sizes), dtype=np.int64)
+    lane_sizes = np.zeros(lanes, dtype=np.int64)
+    for unit, size in enumerate(sizes):  # a loop over units, not samples
+        start_in_lane[unit] = lane_sizes[lane_of_unit[unit]]
+        lane_sizes[lane_of_unit[unit]] += size
+    unit_of_sample = np.repeat(np.arange(len(sizes)), sizes)
+    index_in_unit = np.arange(total) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    index_in_lane = start_in_lane[unit_of_sample] + index_in_unit
+    spacing = total / lane_sizes[lane_of_unit[unit_of_sample]]
+    place = (index_in_lane + rng.random(total)) * spacing + rng.random(total) * window
+    return np.argsort(place, kind="stable")
 
 
 # --------------------------------------------------------------------------------------- per sample
@@ -191,9 +238,7 @@ def crop_window(num_samples: int, crop: CropConfig, sample_rate_hz: int,
 
 def sample_rng(seed: int, epoch: int, unit: Unit, key: str) -> np.random.Generator:
     """Per-sample generator: the same crop on resume, a different one each epoch and repeat."""
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{unit.set_index}/{unit.occurrence}/{key}".encode(),
-                             digest_size=8).digest()
-    return np.random.default_rng(int.from_bytes(digest, "little"))
+    return seeded_rng(seed, epoch, unit.set_index, unit.occurrence, key)
 
 
 @dataclass
@@ -225,8 +270,10 @@ class CorruptSample(ValueError):
 
 @dataclass
 class Delivery:
-    """What a worker hands to the main process: a batch (or None) and the positions it settles."""
+    """What a role hands to the main process: a batch, or None as its last delivery, and the
+    positions it settles."""
 
+    role: int
     batch: Batch | None
     consumed: list[tuple[str, int]]
     corrupt: list[Corrupt]
@@ -245,47 +292,79 @@ class TarErrors:
         return True
 
 
-class EpochReader(IterableDataset):
-    """One rank's share of an epoch; each DataLoader worker reads its own seconds-balanced part."""
+class UnitReader:
+    """Reads one unit's tar front to back with webdataset, on demand: ``take(position)`` returns that
+    member's files, holding the members read before it. Consumed members are never loaded."""
 
-    def __init__(self, cfg: StreamConfig, epoch: int, rank: int, tasks: list[UnitTask]):
+    def __init__(self, task: UnitTask):
+        self.task = task
+        self.position_of = {key: i for i, key in enumerate(task.keys)}
+        skip_keys = {task.keys[i] for i in task.skip}
+        self.samples = wds.tarfile_samples([{"url": task.path}], handler=TarErrors(),
+                                           select_files=lambda fname: fname.split(".", 1)[0] not in skip_keys)
+        self.held: dict[int, dict[str, Any]] = {}
+
+    def take(self, position: int) -> dict[str, Any] | None:
+        """The member at ``position``, or None when the tar does not hold it (missing)."""
+        while position not in self.held:
+            sample = next(self.samples, None)
+            if sample is None:
+                return None
+            key = sample["__key__"]
+            if key not in self.position_of:
+                raise ValueError(f"{self.task.path}: member {key!r} is not listed in the shard index")
+            self.held[self.position_of[key]] = sample
+        return self.held.pop(position)
+
+    def close(self) -> None:
+        self.samples.close()
+
+
+class EpochReader(IterableDataset):
+    """One rank's share of an epoch; role ``r`` (DataLoader worker ``r``, or the main process as
+    role 0) reads ``roles[r]``."""
+
+    def __init__(self, cfg: StreamConfig, epoch: int, rank: int, world_size: int, roles: list[list[UnitTask]]):
         super().__init__()
-        self.cfg, self.epoch, self.rank, self.tasks = cfg, epoch, rank, tasks
+        self.cfg, self.epoch, self.rank, self.world_size, self.roles = cfg, epoch, rank, world_size, roles
 
     def __iter__(self) -> Iterator[Delivery]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        part = balance([task.seconds_left for task in self.tasks], num_workers)[worker]
-        tasks = [self.tasks[i] for i in part]
-        stages: list[Any] = [lambda: self._read(tasks)]
-        if self.cfg.shuffle_buffer > 1:
-            rng = random.Random(f"{self.cfg.seed}/{self.epoch}/{self.rank}/{worker}/{num_workers}/shuffle")
-            stages.append(wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng))
-        stages.append(self._batch)
-        return iter(wds.DataPipeline(*stages))
+        role = info.id if info is not None else 0
+        return self._batch(role, self._read(self.roles[role], self._slots(role)))
 
-    def _read(self, tasks: list[UnitTask]) -> Iterator[Decoded | Corrupt]:
-        for task in tasks:
-            yield from self._read_unit(task)
+    def _slots(self, role: int) -> list[tuple[int, int]]:
+        """``(task index, position)`` of the role's unconsumed samples in the plan's order."""
+        tasks = self.roles[role]
+        if not tasks:
+            return []
+        rng = seeded_rng(self.cfg.seed, self.epoch, self.world_size, len(self.roles), self.rank, role, "order")
+        window = self.cfg.shuffle_buffer if self.cfg.shuffle_buffer > 1 else 0
+        sizes = [len(task.planned) for task in tasks]
+        order = read_order(sizes, self.cfg.interleave_shards, window, rng)
+        task_of = np.repeat(np.arange(len(tasks)), sizes)
+        positions = np.concatenate([task.planned for task in tasks])
+        consumed = np.concatenate([np.isin(task.planned, list(task.skip)) for task in tasks])
+        order = order[~consumed[order]]
+        return list(zip(task_of[order].tolist(), positions[order].tolist()))
 
-    def _read_unit(self, task: UnitTask) -> Iterator[Decoded | Corrupt]:
-        name = task.unit.name
-        position_of = {key: i for i, key in enumerate(task.keys)}
-        skip_keys = {task.keys[i] for i in task.skip}
-        seen = set(task.skip)
-        samples = wds.tarfile_samples([{"url": task.path}], handler=TarErrors(),
-                                      select_files=lambda fname: fname.split(".", 1)[0] not in skip_keys)
-        for sample in samples:
-            key = sample["__key__"]
-            if key not in position_of:
-                raise ValueError(f"{task.path}: member {key!r} is not listed in the shard index")
-            position = position_of[key]
-            seen.add(position)
+    def _read(self, tasks: list[UnitTask], slots: list[tuple[int, int]]) -> Iterator[Decoded | Corrupt]:
+        left = Counter(index for index, _ in slots)
+        readers: dict[int, UnitReader] = {}
+        for index, position in slots:
+            reader = readers.get(index) or readers.setdefault(index, UnitReader(tasks[index]))
+            sample = reader.take(position)
+            left[index] -= 1
+            if not left[index]:  # close each tar as soon as its last sample is out
+                readers.pop(index).close()
+            unit = tasks[index].unit
+            if sample is None:
+                yield Corrupt(unit.name, position, "missing")
+                continue
             try:
-                yield self._decode(task.unit, position, sample)
+                yield self._decode(unit, position, sample)
             except CorruptSample as error:
-                yield Corrupt(name, position, error.reason)
-        yield from (Corrupt(name, p, "missing") for p in range(len(task.keys)) if p not in seen)
+                yield Corrupt(unit.name, position, error.reason)
 
     def _decode(self, unit: Unit, position: int, sample: dict[str, Any]) -> Decoded:
         if "json" not in sample or "flac" not in sample:
@@ -307,7 +386,7 @@ class EpochReader(IterableDataset):
         return Decoded(unit.name, position, wave, label, str(meta.get("id", sample["__key__"])), meta,
                        samples.size / sample_rate_hz)
 
-    def _batch(self, items: Iterator[Decoded | Corrupt]) -> Iterator[Delivery]:
+    def _batch(self, role: int, items: Iterator[Decoded | Corrupt]) -> Iterator[Delivery]:
         pending: list[Corrupt] = []
 
         def decoded_only() -> Iterator[Decoded]:
@@ -328,11 +407,10 @@ class EpochReader(IterableDataset):
         for group in groups:
             batch = Batch.collate([d.wave for d in group], [d.label for d in group],
                                   [d.sample_id for d in group], [d.meta for d in group])
-            yield Delivery(batch, [(d.unit, d.position) for d in group], pending[:],
+            yield Delivery(role, batch, [(d.unit, d.position) for d in group], pending[:],
                            sum(d.source_seconds for d in group))
             pending.clear()
-        if pending:
-            yield Delivery(None, [], pending[:], 0.0)
+        yield Delivery(role, None, [], pending[:], 0.0)  # always: the main process learns the role is done
 
 
 # ------------------------------------------------------------------------------------------ main side
@@ -370,10 +448,13 @@ class ShardStream:
             raise ValueError("stream.shards: no shard directories given")
         info = dist_info(rank, world_size)
         self.cfg, self.rank, self.world_size = cfg, info.rank, info.world_size
+        self.num_roles = max(1, cfg.num_workers)
         self.sets = [ShardSet.load(directory) for directory in cfg.shards]
         self.weights = list(cfg.weights) or [1.0] * len(self.sets)
         self.epoch = epoch
         self._consumed: dict[str, set[int]] = {}
+        self._base: dict[str, set[int]] = {}  # consumed when the epoch's plan was made
+        self._cursor = 0  # the role whose batch this rank hands out next
         self._stats = StreamStats()
 
     # -- epoch plan
@@ -384,16 +465,19 @@ class ShardStream:
         """Samples in the whole current epoch, over all ranks (corrupt ones included)."""
         return sum(self._shard(u).samples for u in epoch_units(self.sets, self.weights, self.cfg.seed, self.epoch))
 
-    def _rank_tasks(self) -> list[UnitTask]:
+    def _role_tasks(self) -> list[list[UnitTask]]:
+        """This rank's units per role, as the plan assigns them (see the module docstring)."""
         tasks = []
         for unit in epoch_units(self.sets, self.weights, self.cfg.seed, self.epoch):
             shard = self._shard(unit)
-            skip = frozenset(self._consumed.get(unit.name, ()))
-            if len(skip) < shard.samples:
-                seconds_left = shard.seconds * (shard.samples - len(skip)) / shard.samples
-                tasks.append(UnitTask(unit, shard.path, shard.keys, skip, seconds_left))
-        part = balance([task.seconds_left for task in tasks], self.world_size)[self.rank]
-        return [tasks[i] for i in part]
+            base = self._base.get(unit.name, set())
+            if len(base) < shard.samples:
+                planned = np.setdiff1d(np.arange(shard.samples), np.fromiter(base, dtype=np.int64, count=len(base)))
+                tasks.append(UnitTask(unit, shard.path, shard.keys, planned,
+                                      frozenset(self._consumed.get(unit.name, ())),
+                                      shard.seconds * len(planned) / shard.samples))
+        mine = [tasks[i] for i in balance([task.seconds for task in tasks], self.world_size)[self.rank]]
+        return [[mine[i] for i in part] for part in balance([task.seconds for task in mine], self.num_roles)]
 
     # -- iteration
     def set_epoch(self, epoch: int) -> None:
@@ -401,16 +485,17 @@ class ShardStream:
         its progress."""
         if epoch != self.epoch:
             self.epoch = epoch
-            self._consumed = {}
+            self._consumed, self._base, self._cursor = {}, {}, 0
 
     def __iter__(self) -> Iterator[Batch]:
-        reader = EpochReader(self.cfg, self.epoch, self.rank, self._rank_tasks())
+        roles = self._role_tasks()
+        reader = EpochReader(self.cfg, self.epoch, self.rank, self.world_size, roles)
         loader = DataLoader(reader, batch_size=None, num_workers=self.cfg.num_workers,
                             multiprocessing_context=self.cfg.worker_start_method if self.cfg.num_workers else None)
-        deliveries = iter(loader)
+        batches = self._in_turn(iter(loader), len(roles))
         agree = self.world_size > 1 and torch_dist.is_available() and torch_dist.is_initialized()
         while True:
-            delivery = self._next_batch(deliveries)
+            delivery = next(batches, None)
             if agree:
                 if not _any_rank(delivery is not None):
                     return
@@ -423,12 +508,27 @@ class ShardStream:
             self._record(delivery)
             yield delivery.batch
 
-    def _next_batch(self, deliveries: Iterator[Delivery]) -> Delivery | None:
-        for delivery in deliveries:
+    def _in_turn(self, deliveries: Iterator[Delivery], num_roles: int) -> Iterator[Delivery]:
+        """The roles' batches round-robin from ``self._cursor``, a role leaving the turn at its last
+        delivery. The DataLoader's own interleave restarts at worker 0 and depends on which workers
+        ended; this one is a function of the batches handed out, so a resume continues it."""
+        waiting: dict[int, deque[Delivery]] = {role: deque() for role in range(num_roles)}
+        role = self._cursor
+        while waiting:
+            while not waiting[role]:
+                delivery = next(deliveries, None)
+                if delivery is None:
+                    raise RuntimeError(f"loader: role {role} ended without its last delivery")
+                waiting[delivery.role].append(delivery)
+            delivery = waiting[role].popleft()
+            if delivery.batch is None:
+                self._record(delivery)
+                del waiting[role]
+            later = [r for r in waiting if r > role]
+            role = min(later or waiting, default=0)
             if delivery.batch is not None:
-                return delivery
-            self._record(delivery)
-        return None
+                self._cursor = role
+                yield delivery
 
     def _record(self, delivery: Delivery) -> None:
         stats = self._stats
@@ -462,8 +562,9 @@ class ShardStream:
     def state_dict(self) -> dict[str, Any]:
         """This rank's consumption (merge over ranks with ``global_state_dict`` before saving)."""
         return {"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": self.epoch, "seed": self.cfg.seed,
-                "sets": self._identity(),
-                "consumed": {unit: encode_positions(p) for unit, p in sorted(self._consumed.items()) if p}}
+                "sets": self._identity(), "consumed": _encode_units(self._consumed),
+                "plan": {"world_size": self.world_size, "roles": self.num_roles, "base": _encode_units(self._base)},
+                "cursors": {str(self.rank): self._cursor}}
 
     def global_state_dict(self) -> dict[str, Any]:
         """The union of every rank's state. A collective when a process group is initialised:
@@ -475,7 +576,9 @@ class ShardStream:
         return self.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+        """Restore a (merged) state. At the saved world size and worker count the saved plan and
+        cursors continue the epoch exactly; otherwise the remaining work is re-planned."""
+        if state.get("format") != STATE_FORMAT or state.get("version") not in (1, STATE_VERSION):
             raise ValueError(f"loader state: expected format {STATE_FORMAT} v{STATE_VERSION}, "
                              f"got {state.get('format')!r} v{state.get('version')!r}")
         if state["seed"] != self.cfg.seed:
@@ -483,21 +586,36 @@ class ShardStream:
         if state["sets"] != self._identity():
             raise ValueError(f"loader state: shard sets differ (saved {state['sets']}, now {self._identity()})")
         self.epoch = int(state["epoch"])
-        self._consumed = {unit: decode_positions(p) for unit, p in state["consumed"].items()}
+        self._consumed = _decode_units(state["consumed"])
+        plan = state.get("plan")
+        if plan is not None and (plan["world_size"], plan["roles"]) == (self.world_size, self.num_roles):
+            self._base = _decode_units(plan["base"])
+            self._cursor = int(state["cursors"].get(str(self.rank), 0))
+        else:
+            self._base, self._cursor = _decode_units(state["consumed"]), 0
+
+
+def _encode_units(positions: dict[str, set[int]]) -> dict[str, int | list[list[int]]]:
+    return {unit: encode_positions(p) for unit, p in sorted(positions.items()) if p}
+
+
+def _decode_units(encoded: dict[str, int | list[list[int]]]) -> dict[str, set[int]]:
+    return {unit: decode_positions(p) for unit, p in encoded.items()}
 
 
 def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     """Union of the per-rank loader states of one epoch (what a checkpoint must hold)."""
-    epochs = {state["epoch"] for state in states}
-    if len(epochs) != 1:
-        raise ValueError(f"loader states disagree on the epoch: {sorted(epochs)}")
+    for name in ("epoch", "plan"):
+        values = {json.dumps(state.get(name), sort_keys=True) for state in states}
+        if len(values) != 1:
+            raise ValueError(f"loader states disagree on the {name}: {sorted(values)}")
     consumed: dict[str, set[int]] = {}
+    cursors: dict[str, int] = {}
     for state in states:
-        for unit, encoded in state["consumed"].items():
-            consumed.setdefault(unit, set()).update(decode_positions(encoded))
-    merged = dict(states[0])
-    merged["consumed"] = {unit: encode_positions(p) for unit, p in sorted(consumed.items())}
-    return merged
+        for unit, positions in _decode_units(state["consumed"]).items():
+            consumed.setdefault(unit, set()).update(positions)
+        cursors.update(state.get("cursors", {}))
+    return dict(states[0], consumed=_encode_units(consumed), cursors=cursors)
 
 
 def _any_rank(has_data: bool) -> bool:

@@ -8,8 +8,8 @@ from posttrain.data.batching import PaddingMeter, batch_by_seconds, bucket_edges
 RATE_HZ = 100  # a small rate keeps the arithmetic readable; nothing depends on 16 kHz
 
 
-def _batches(lengths, *, max_seconds=10.0, max_size=64, num_buckets=20, longest_seconds=2.0):
-    items = list(enumerate(lengths))
+def _batches(lengths, *, max_seconds=10.0, max_size=64, num_buckets=20, longest_seconds=2.0, items=None):
+    items = list(enumerate(lengths)) if items is None else items
     return list(batch_by_seconds(items, lambda item: item[1], sample_rate_hz=RATE_HZ,
                                  max_batch_seconds=max_seconds, max_batch_size=max_size,
                                  edges_seconds=bucket_edges(num_buckets, longest_seconds)))
@@ -31,6 +31,19 @@ def test_batches_bound_padded_seconds_and_size_and_emit_each_item_once():
         assert len(batch) * width <= 6.0 * RATE_HZ
         assert 1 <= len(batch) <= 8
     assert Counter(index for batch in batches for index, _ in batch) == Counter(range(len(lengths)))
+
+
+def test_rerun_without_the_first_batches_items_repeats_the_remaining_batches():
+    """What an exact resume needs: the items of the batches already handed out are dropped and the
+    rest (partly filled buckets included) is fed again in its original order."""
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(10, 200, size=300).tolist() + [900]  # one item over the budget
+    options = dict(max_seconds=6.0, max_size=8, num_buckets=4, longest_seconds=20.0)
+    batches = _batches(lengths, **options)
+    for handed_out in (1, 7, len(batches) // 2, len(batches) - 1):
+        done = {index for batch in batches[:handed_out] for index, _ in batch}
+        rest = [(index, length) for index, length in enumerate(lengths) if index not in done]
+        assert _batches(None, items=rest, **options) == batches[handed_out:], handed_out
 
 
 def test_item_longer_than_budget_becomes_a_batch_of_one():

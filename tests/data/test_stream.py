@@ -10,7 +10,7 @@ import soundfile as sf
 
 from posttrain.config import CropConfig, StreamConfig
 from posttrain.data.stream import (ShardSet, ShardStream, balance, crop_window, decode_positions,
-                                   encode_positions, epoch_units, merge_states)
+                                   encode_positions, epoch_units, merge_states, read_order)
 
 RATE_HZ = 16000
 
@@ -159,6 +159,80 @@ def test_interrupted_epoch_resumes_exactly_once(sets, workers_before, workers_af
     assert first.stats()["corrupt"] + resumed.stats()["corrupt"] == 4
     resumed.set_epoch(4)  # a new epoch starts from scratch
     assert Counter(_ids(resumed)) == full
+
+
+def _batch_ids(stream, limit=None) -> list[list[str]]:
+    """Ids per batch handed out; stops right after the ``limit``-th."""
+    batches = []
+    for batch in stream:
+        batches.append(batch.ids)
+        if len(batches) == limit:
+            break
+    return batches
+
+
+def _stream(sets, state=None, *, rank=0, world_size=1, **options):
+    """A stream over both sets (weights 2 and 1) at epoch 3, restored from ``state`` as a checkpoint
+    stores it (JSON)."""
+    options = dict(dict(weights=[2.0, 1.0], shuffle_buffer=16, max_batch_seconds=2.0), **options)
+    stream = ShardStream(_cfg(sets["a"], sets["b"], **options), rank=rank, world_size=world_size, epoch=3)
+    if state is not None:
+        stream.load_state_dict(json.loads(json.dumps(state)))
+    return stream
+
+
+@pytest.mark.parametrize("num_workers,world_size", [(0, 1), (1, 1), (2, 1), (2, 2)])
+def test_mid_epoch_resume_hands_out_the_uninterrupted_batches(sets, num_workers, world_size):
+    """Same world size and worker count: the resumed run's batches (ids, in order) are exactly the
+    rest of an uninterrupted epoch, wherever it stopped; corrupt samples are counted once."""
+    where = dict(rank=world_size - 1, world_size=world_size, num_workers=num_workers)
+    full = _stream(sets, **where)
+    expected = _batch_ids(full)
+    assert len(expected) >= 6
+    for stop in (1, len(expected) // 2, len(expected) - 1):
+        first = _stream(sets, **where)
+        before = _batch_ids(first, limit=stop)
+        resumed = _stream(sets, first.state_dict(), **where)
+        assert before + _batch_ids(resumed) == expected, stop
+        assert first.stats()["corrupt"] + resumed.stats()["corrupt"] == full.stats()["corrupt"]
+
+
+def test_replanned_resume_is_itself_resumed_exactly(sets):
+    """2 workers -> 1 re-plans the rest of the epoch (still exactly once); a second interruption
+    under the new plan resumes exactly (0 workers read like 1: one role)."""
+    first = _stream(sets, num_workers=2)
+    before = _batch_ids(first, limit=3)
+    state = first.state_dict()
+    expected = _batch_ids(_stream(sets, state, num_workers=1))
+    everything = Counter({i: 2 for i in sets["a_ids"]} | {i: 1 for i in sets["b_ids"]})
+    assert Counter(i for batch in before + expected for i in batch) == everything
+    second = _stream(sets, state, num_workers=1)
+    middle = _batch_ids(second, limit=2)
+    assert middle + _batch_ids(_stream(sets, second.state_dict(), num_workers=0)) == expected
+
+
+def test_read_order_mixes_lanes_within_a_bounded_window():
+    sizes = [50, 80, 30, 60, 70, 40, 90]
+    lanes, window = 3, 20
+    order = read_order(sizes, lanes, window, np.random.default_rng(0))
+    assert sorted(order.tolist()) == list(range(sum(sizes)))
+    assert np.array_equal(order, read_order(sizes, lanes, window, np.random.default_rng(0)))
+    unit_of = np.repeat(np.arange(len(sizes)), sizes)[order]
+    index_in_unit = (np.arange(sum(sizes)) - np.repeat(np.cumsum(sizes) - sizes, sizes))[order]
+    # from the first sample to the last, every stretch of 30 mixes samples of all three lanes' shards
+    assert all(len(set(unit_of[s:s + 30].tolist())) >= lanes for s in range(0, sum(sizes) - 30, 10))
+    # reading each unit front to back on demand holds few samples: at most window + lanes
+    read_up_to, held, most = [0] * len(sizes), 0, 0
+    for unit, index in zip(unit_of.tolist(), index_in_unit.tolist()):
+        if index >= read_up_to[unit]:
+            held += index - read_up_to[unit]
+            read_up_to[unit] = index + 1
+        else:
+            held -= 1
+        most = max(most, held)
+    assert most <= window + lanes
+    # without a window and with one lane the units are read in order, sample by sample
+    assert read_order(sizes, 1, 0, np.random.default_rng(0)).tolist() == list(range(sum(sizes)))
 
 
 def test_merged_states_of_two_ranks_resume_on_one(sets):

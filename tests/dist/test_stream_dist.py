@@ -22,14 +22,13 @@ def _cfg(dirs, num_workers):
 
 
 def _epoch(stream, limit=None):
-    ids, batches, joins = [], 0, 0
+    per_batch = []
     for batch in stream:
-        ids += batch.ids
-        batches += 1
-        joins += batch.is_empty
-        if batches == limit:
+        per_batch.append(batch.ids)
+        if len(per_batch) == limit:
             break
-    return {"ids": ids, "batches": batches, "joins": joins}
+    return {"ids": [i for ids in per_batch for i in ids], "batches": len(per_batch),
+            "joins": sum(not ids for ids in per_batch), "per_batch": per_batch}
 
 
 def _rank_main(rank, port, dirs, out_dir):
@@ -43,6 +42,9 @@ def _rank_main(rank, port, dirs, out_dir):
         resumed = ShardStream(_cfg(dirs, 1))
         resumed.load_state_dict(json.loads(json.dumps(state)))
         result["after"] = _epoch(resumed)
+        same = ShardStream(_cfg(dirs, 2))  # same world size and worker count: an exact resume
+        same.load_state_dict(json.loads(json.dumps(state)))
+        result["after_same"] = _epoch(same)
         result["state"] = state
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
             json.dump(result, handle)
@@ -79,6 +81,8 @@ def test_two_ranks_deliver_each_sample_once_with_equal_batch_counts_and_resume(m
     assert all(result["before"]["batches"] == STOP_AFTER for result in results)
     assert results[0]["after"]["batches"] == results[1]["after"]["batches"]
     assert Counter(before) + Counter(after) == expected  # 2 workers -> 1 worker, same world size
+    for result in results:  # 2 workers -> 2 workers: each rank hands out the uninterrupted batches, joins too
+        assert result["before"]["per_batch"] + result["after_same"]["per_batch"] == result["full2"]["per_batch"]
 
     # world size 2 -> 1: the merged global state resumes on a single process
     assert results[0]["state"] == results[1]["state"]
