@@ -334,3 +334,49 @@ def tiny_export_dir(tmp_path_factory) -> Path:
     detector = build_detector(ModelConfig(preset="tiny"))
     out = tmp_path_factory.mktemp("tiny_export") / "model"
     return export_detector(detector, out, identity_document(detector, preset="tiny"), "# tiny test model\n")
+
+
+# --- a tiny Deepfake-Eval-2024 layout, prepared and sharded by the CLI (owner: fine-tune) ---
+
+# file name, seconds, label, split: wav/mp3/m4a like the published set; real = tones, fake = noise
+DF2024_FILES = (("a1.mp3", 5.0, "Fake", "Train"), ("b2.wav", 4.5, "Real", "Train"), ("c3.m4a", 3.1, "Real", "Train"),
+                ("d4.wav", 6.0, "Fake", "Train"), ("e5.wav", 2.5, "Real", "Train"), ("f6.mp3", 3.5, "Fake", "Train"),
+                ("g7.wav", 4.2, "Real", "Test"), ("h8.mp3", 5.5, "Fake", "Test"), ("i9.m4a", 2.2, "Real", "Test"),
+                ("j10.wav", 3.3, "Fake", "Test"), ("k11.wav", 6.1, "Real", "Test"), ("l12.wav", 1.5, "Fake", "Test"))
+
+
+@pytest.fixture(scope="session")
+def tiny_df2024(tmp_path_factory) -> Path:
+    """``posttrain data df2024 --segment-seconds 2 4 --shards`` output for ``DF2024_FILES``, plus
+    ``shards/2s/train_x3``: the 2 s training segments again in shards of 3 samples (the default shard
+    size puts them all in one shard, which one rank would read alone). Read-only."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("df2024")
+    audio_dir = root / "audio-data"
+    audio_dir.mkdir()
+    rng = np.random.default_rng(7)
+    for name, seconds, label, _ in DF2024_FILES:
+        rate_hz = 44100 if name.endswith(".mp3") else 22050
+        t = np.arange(int(seconds * rate_hz)) / rate_hz
+        wave = 0.4 * np.sin(2 * np.pi * rng.uniform(200, 600) * t) if label == "Real" \
+            else 0.2 * rng.standard_normal(t.size)
+        if name.endswith(".wav"):
+            sf.write(audio_dir / name, wave.astype(np.float32), rate_hz)
+        else:  # compressed formats through ffmpeg, as the published files are
+            sf.write(root / "tmp.wav", wave.astype(np.float32), rate_hz)
+            subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(root / "tmp.wav"), str(audio_dir / name)],
+                           check=True)
+    metadata = root / "audio-metadata-publish.csv"
+    metadata.write_text("Filename,Date,Ground Truth (Real/Fake),Public Comments,Finetuning Set (Train/Test)\n"
+                        + "".join(f"{name},2024-05-01,{label},,{split}\n" for name, _, label, split in DF2024_FILES))
+    out = root / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for command in (["data", "df2024", "--metadata", str(metadata), "--audio-dir", str(audio_dir), "--out", str(out),
+                     "--segment-seconds", "2", "4", "--shards", "--no-progress"],
+                    ["shards", "build", "--protocol", str(out / "2s" / "train.csv"), "--root", str(out), "--out",
+                     str(out / "shards" / "2s" / "train_x3"), "--max-samples-per-shard", "3", "--no-progress"]):
+        done = subprocess.run([sys.executable, "-m", "posttrain", *command], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-4000:]
+    return out

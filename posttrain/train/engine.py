@@ -114,11 +114,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     merged = copy.deepcopy(base)
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_dicts(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -145,7 +145,7 @@ def deepspeed_config(cfg: PosttrainConfig, *, load_universal: bool = False) -> d
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
-    return _merge(config, train.deepspeed_overrides)
+    return merge_dicts(config, train.deepspeed_overrides)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: PosttrainConfig) -> SkippableAdamW:
@@ -259,32 +259,31 @@ class _Meter:
 class Trainer:
     """The state of one training run; ``train(cfg)`` is the entry point."""
 
-    def __init__(self, cfg: PosttrainConfig):
-        import deepspeed
-
+    def __init__(self, cfg: PosttrainConfig, device: torch.device | None = None):
+        """``device`` given: the process group is already up (e.g. accelerate's); else it is started."""
         from posttrain.data.stream import ShardStream
-        from posttrain.models.detector import build_detector
 
         self.cfg = cfg
-        self.device = resolve_device(cfg)
-        init_distributed(self.device)
+        if device is None:
+            device = resolve_device(cfg)
+            init_distributed(device)
+        self.device = device
         self.rank, self.world_size = torch_dist.get_rank(), torch_dist.get_world_size()
         self.output_dir = Path(cfg.output_dir)
         self.root = ckpt.checkpoint_root(self.output_dir)
-        self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
         resume = ckpt.find_resume(cfg.checkpoint.resume, self.output_dir)
         self.resumed_from = resume
         metadata = ckpt.read_metadata(resume) if resume is not None else None
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
-        self.model = build_detector(cfg.model, ssl_config=metadata["ssl_config"] if metadata else None)
+        self.model = self._build_model(metadata)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
         universal = metadata is not None and metadata["world_size"] != self.world_size
         if universal:
             ckpt.convert_to_universal(resume)
-        self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=self.optimizer,
-                                               config=deepspeed_config(cfg, load_universal=universal))
+        self.engine = self._build_engine(universal)
+        self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)  # after the engine may have set the stage
         self.stream = ShardStream(cfg.data.train)
         self.progress = Progress()
         self.ctx = StepContext(cfg=cfg, optimizer=self.optimizer, scheduler=self.scheduler, device=self.device,
@@ -299,6 +298,18 @@ class Trainer:
         self.last_saved_step = self.progress.step if resume is not None else -1
         self.last_save_time = time.monotonic()
         self.history: list[dict[str, float]] = []
+
+    def _build_model(self, metadata: dict[str, Any] | None) -> torch.nn.Module:
+        from posttrain.models.detector import build_detector
+
+        return build_detector(self.cfg.model, ssl_config=metadata["ssl_config"] if metadata else None)
+
+    def _build_engine(self, load_universal: bool) -> Any:
+        import deepspeed
+
+        engine, *_ = deepspeed.initialize(model=self.model, optimizer=self.optimizer,
+                                          config=deepspeed_config(self.cfg, load_universal=load_universal))
+        return engine
 
     def _restore(self, tag_dir: Path, metadata: dict[str, Any], universal: bool) -> str | None:
         ckpt.load_checkpoint(self.engine, tag_dir, universal=universal)
