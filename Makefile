@@ -15,8 +15,6 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e ".[test]"
-	@# DeepSpeed JIT-compiles its CPU shared-memory collective op on first use (~2 min): do it once here.
-	DS_ACCELERATOR=cpu $(VENV)/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 
 system-packages:
