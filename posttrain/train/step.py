@@ -93,7 +93,7 @@ StepFn = Callable[["DeepSpeedEngine", list[Batch], StepContext], StepStats]
 
 _STEP_MODES: dict[str, StepFn] = {}
 # Modes implemented elsewhere register on import; their module is imported when the mode is asked for.
-STEP_MODE_MODULES: dict[str, str] = {"sam": "posttrain.train.sam", "dual_path": "posttrain.train.align"}
+STEP_MODE_MODULES: dict[str, str] = {"sam": "posttrain.train.sam", "dual_path": "posttrain.train.dual_path"}
 
 
 def register_step_mode(name: str) -> Callable[[StepFn], StepFn]:
