@@ -252,7 +252,6 @@ class _Meter:
                    "train/audio_seconds_per_s": self.seconds / elapsed, "train/samples_per_s": self.samples / elapsed,
                    "train/skipped_steps": progress.skipped_steps, "train/epoch": progress.epoch,
                    "train/samples": progress.samples}
-        metrics.update({f"train/{key}": value for key, value in stats.extra.items()})
         return metrics
 
 
@@ -395,6 +394,8 @@ class Trainer:
         else:
             progress.consecutive_skips = 0
         bar.update(1)
+        if stats.extra:  # a step mode's own diagnostics (SAM loss increase, dual-path cosine) are per step
+            self.tracker.log_metrics({f"train/{key}": value for key, value in stats.extra.items()}, progress.step)
         if progress.step % self.cfg.train.log_every_steps == 0:
             metrics = meter.metrics(stats, progress)
             self.history.append({"step": progress.step, **metrics})

@@ -117,7 +117,7 @@ def test_sam_finetune_from_a_checkpoint_then_publish_and_eval(tiny_df2024, tiny_
                "model.gradient_checkpointing=false", f"finetune.df2024_dir={tiny_df2024}",
                "finetune.train_segment_seconds=4", "finetune.eval_segment_seconds=[4]", "data.train.num_workers=0",
                "data.train.max_batch_seconds=8", "train.device=cpu", "train.precision=fp32", "train.max_steps=2",
-               "train.log_every_steps=1", "optim.lr=0.001", "sam.rho=0.05",
+               "train.log_every_steps=2", "optim.lr=0.001", "sam.rho=0.05",
                f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "tracking.system_metrics=false"]
     done = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
@@ -127,7 +127,10 @@ def test_sam_finetune_from_a_checkpoint_then_publish_and_eval(tiny_df2024, tiny_
     assert metadata["preset"] == "tiny"  # taken from the post-trained checkpoint it started from
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
         names = {name for (name,) in db.execute("SELECT DISTINCT key FROM metrics")}
+        steps_logged = dict(db.execute("SELECT key, COUNT(DISTINCT step) FROM metrics "
+                                       "WHERE key IN ('train/sam/grad_norm', 'train/loss') GROUP BY key"))
     assert {"train/sam/grad_norm", "train/sam/loss_increase", "test/4s/segment_eer", "test/4s/file_eer"} <= names
+    assert steps_logged == {"train/sam/grad_norm": 2, "train/loss": 1}  # step-mode diagnostics: every step
 
     report = out / "eval" / "4s"
     export = tmp_path / "export"
