@@ -235,6 +235,22 @@ _FAIRSEQ_REWRITES = [
 ]
 
 
+def random_detector(preset: str = "tiny", seed: int = 0):
+    """A random tiny detector (eval mode) whose every tensor differs from its default initialisation,
+    so a conversion that drops or swaps a tensor cannot go unnoticed."""
+    import torch
+
+    from posttrain.config import ModelConfig
+    from posttrain.models.detector import build_detector
+
+    torch.manual_seed(seed)
+    detector = build_detector(ModelConfig(preset=preset)).eval()
+    with torch.no_grad():
+        for parameter in detector.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return detector
+
+
 def fairseq_release_state(detector, seed: int = 0) -> dict:
     """``detector``'s weights laid out as an AntiDeepfake ``model.safetensors`` (fairseq module names
     under ``m_ssl.model.``, head ``proj_fc``), plus the pre-training-only tensors a release carries."""

@@ -41,8 +41,8 @@ import torch.distributed as torch_dist
 from posttrain.data.batch import Batch
 from posttrain.train.align import AlignStats, GradientAligner, combine_, partial_products
 from posttrain.train.partitions import global_sums, owned_gradients, owned_parameters
-from posttrain.train.step import (StepContext, StepStats, backward, finish_step, global_counts, loss_scale,
-                                  micro_loss, model_inputs, register_step_mode)
+from posttrain.train.step import (StepContext, StepStats, finish_step, forward_backward, global_counts, loss_scale,
+                                  model_inputs, register_step_mode)
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -158,16 +158,6 @@ def _warn_single_path_augment_ignored(algo: int) -> None:
                 "RawBoost algo %d)", algo)
 
 
-def _run_pass(engine: "DeepSpeedEngine", batches: list[Batch], scale: float, ctx: StepContext) -> torch.Tensor:
-    """Forward + backward of every micro-batch, boundary at the last; this rank's summed cross-entropy."""
-    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    for index, batch in enumerate(batches):
-        loss, ce_sum = micro_loss(engine, batch, scale, ctx)
-        backward(engine, loss, is_last=index == len(batches) - 1)
-        loss_sum = loss_sum + ce_sum.double()
-    return loss_sum
-
-
 @register_step_mode("dual_path")
 def dual_path_step(engine: "DeepSpeedEngine", micro_batches: list[Batch], ctx: StepContext,
                    augment: Augment | None = None) -> StepStats:
@@ -180,12 +170,12 @@ def dual_path_step(engine: "DeepSpeedEngine", micro_batches: list[Batch], ctx: S
     scale = loss_scale(ctx, samples)
     tracker = ConflictTracker(ctx)
 
-    loss_clean = _run_pass(engine, clean, scale, ctx)
+    loss_clean = forward_backward(engine, clean, scale, ctx)
     grads = owned_gradients(engine)
     saved = copy_gradients(grads)
     engine.optimizer.zero_grad()
     torch._foreach_zero_(grads)
-    loss_aug = _run_pass(engine, augmented, scale, ctx)
+    loss_aug = forward_backward(engine, augmented, scale, ctx)
     stats = align_partitions_(saved, owned_gradients(engine), owned_parameters(engine).group, tracker, ctx.device)
     del saved
 

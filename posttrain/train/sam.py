@@ -55,8 +55,8 @@ from posttrain.train.checkpoint import rng_state, set_rng_state
 from posttrain.train.partitions import (OwnedParameters, check_partitions_released, global_sums,
                                         local_dot, local_sum_of_squares, owned_gradients, owned_parameters,
                                         sync_model_copies, zero_stage)
-from posttrain.train.step import (StepContext, StepStats, backward, finish_step, global_counts, loss_scale,
-                                  micro_loss, prepare, register_step_mode)
+from posttrain.train.step import (StepContext, StepStats, finish_step, forward_backward, global_counts, loss_scale,
+                                  prepare, register_step_mode)
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -239,12 +239,7 @@ def sam_step(engine: "DeepSpeedEngine", micro_batches: list[Batch], ctx: StepCon
     scale = loss_scale(ctx, samples)
 
     def run_pass() -> torch.Tensor:
-        loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-        for index, batch in enumerate(batches):
-            loss, ce_sum = micro_loss(engine, batch, scale, ctx)
-            backward(engine, loss, is_last=index == len(batches) - 1)
-            loss_sum = loss_sum + ce_sum.double()
-        return loss_sum
+        return forward_backward(engine, batches, scale, ctx)
 
     def apply_update(outcome: SamOutcome) -> StepStats:
         # the reported loss is L(w); a non-finite L(w + e) (0 x inf = NaN) still makes every rank skip

@@ -233,15 +233,21 @@ def finish_step(engine: "DeepSpeedEngine", ctx: StepContext, loss_sum: torch.Ten
 # -------------------------------------------------------------------------------------------- plain
 
 
-@register_step_mode("plain")
-def plain_step(engine: "DeepSpeedEngine", micro_batches: list[Batch], ctx: StepContext) -> StepStats:
-    """Cross-entropy, gradient accumulation over the micro-batches, one AdamW update."""
-    batches = prepare(ctx, micro_batches)
-    samples, seconds = global_counts(ctx, batches)
-    scale = loss_scale(ctx, samples)
+def forward_backward(engine: "DeepSpeedEngine", batches: list[Batch], scale: float, ctx: StepContext) -> torch.Tensor:
+    """Forward + backward of every micro-batch, accumulation boundary at the last; returns this rank's
+    summed cross-entropy. One pass of every step mode (SAM and dual path run two)."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     for index, batch in enumerate(batches):
         loss, ce_sum = micro_loss(engine, batch, scale, ctx)
         backward(engine, loss, is_last=index == len(batches) - 1)
         loss_sum = loss_sum + ce_sum.double()
+    return loss_sum
+
+
+@register_step_mode("plain")
+def plain_step(engine: "DeepSpeedEngine", micro_batches: list[Batch], ctx: StepContext) -> StepStats:
+    """Cross-entropy, gradient accumulation over the micro-batches, one AdamW update."""
+    batches = prepare(ctx, micro_batches)
+    samples, seconds = global_counts(ctx, batches)
+    loss_sum = forward_backward(engine, batches, loss_scale(ctx, samples), ctx)
     return finish_step(engine, ctx, loss_sum, samples, seconds)

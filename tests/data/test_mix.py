@@ -214,7 +214,7 @@ def test_local_tasks_build_equals_one_task_build(make_corpus, tmp_path):
     from posttrain.data.shards import file_sha256, verify_shards
 
     first = make_corpus("alpha", num_files=8, bad=("unreadable",), seed=1)
-    second = make_corpus("beta", num_files=8, seed=2)
+    make_corpus("beta", num_files=8, seed=2)
     data_root = first.protocol.parent  # corpora/: alpha/, alpha.csv, beta/, beta.csv
     mix_path = tmp_path / "mix.yaml"
     mix_path.write_text(yaml.safe_dump({"name": "two", "corpora": [

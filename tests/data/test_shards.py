@@ -58,7 +58,7 @@ def test_plan_is_a_seeded_shuffle_independent_of_csv_order(make_corpus, tmp_path
     reversed_csv = tmp_path / "reversed.csv"
     write_protocol(list(reversed(read_protocol(corpus.protocol))), reversed_csv)
     first = build_shards([corpus.protocol], corpus.root, tmp_path / "a", max_samples_per_shard=4, progress=False)
-    second = build_shards([reversed_csv], corpus.root, tmp_path / "b", max_samples_per_shard=4, progress=False)
+    build_shards([reversed_csv], corpus.root, tmp_path / "b", max_samples_per_shard=4, progress=False)
     other_seed = build_shards([corpus.protocol], corpus.root, tmp_path / "c", max_samples_per_shard=4, seed=1,
                               progress=False)
     assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")

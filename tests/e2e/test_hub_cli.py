@@ -12,15 +12,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import fairseq_release_state
+from conftest import fairseq_release_state, random_detector
 from safetensors.torch import save_file
 from transformers import AutoModelForAudioClassification
 
-from posttrain.config import ModelConfig
 from posttrain.data.shards import load_index
 from posttrain.eval.calibration import fit_calibration, load_calibration, save_calibration
 from posttrain.eval.report import write_report
-from posttrain.models.detector import build_detector
 
 pytestmark = pytest.mark.slow
 SNAPSHOT = "89abcdef0123456789abcdef0123456789abcdef"
@@ -30,15 +28,6 @@ def posttrain(*args, cwd, **env):
     return subprocess.run([sys.executable, "-m", "posttrain", *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", **env})
-
-
-def tiny_detector(preset: str, seed: int):
-    torch.manual_seed(seed)
-    detector = build_detector(ModelConfig(preset=preset)).eval()
-    with torch.no_grad():
-        for parameter in detector.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return detector
 
 
 def assert_same_logits(folder, detector):
@@ -54,7 +43,7 @@ def front_matter(readme):
 
 
 def test_hub_convert_a_local_release(tmp_path):
-    reference = tiny_detector("tiny_group_norm", seed=0)
+    reference = random_detector("tiny_group_norm", seed=0)
     save_file(fairseq_release_state(reference), tmp_path / "model.safetensors")
     done = posttrain("hub", "convert", tmp_path / "model.safetensors", "--out", tmp_path / "export", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -66,7 +55,7 @@ def test_hub_convert_a_local_release(tmp_path):
 
 
 def test_hub_download_reads_the_cache_offline_and_explains_an_empty_one(tmp_path):
-    reference = tiny_detector("tiny_hubert", seed=1)
+    reference = random_detector("tiny_hubert", seed=1)
     snapshot = tmp_path / "hf_home" / "hub" / "models--someone--tiny-anti-deepfake" / "snapshots" / SNAPSHOT
     snapshot.mkdir(parents=True)
     (snapshot.parents[1] / "refs").mkdir()
@@ -138,7 +127,7 @@ def test_publish_push_uploads_the_folder(tmp_path, monkeypatch):
     from posttrain.commands import publish
     from posttrain.hub.export import export_detector, identity_document
 
-    detector = tiny_detector("tiny", seed=2)
+    detector = random_detector("tiny", seed=2)
     export_detector(detector, tmp_path / "source", identity_document(detector, preset="tiny"), "# card\n")
     calls = []
 

@@ -12,7 +12,7 @@ import re
 
 import pytest
 import torch
-from conftest import fairseq_release_state
+from conftest import fairseq_release_state, random_detector
 from safetensors.torch import save_file
 
 from posttrain.config import ModelConfig
@@ -22,16 +22,6 @@ from posttrain.models.detector import build_detector
 
 TINY_PRESETS = ["tiny", "tiny_group_norm", "tiny_hubert"]
 PRETRAINING_MODULES = {"mask_emb", "final_proj", "quantizer", "project_q", "label_embs_concat"}
-
-
-def reference_detector(preset: str, seed: int = 0):
-    """A random tiny detector whose every tensor differs from its default init."""
-    torch.manual_seed(seed)
-    detector = build_detector(ModelConfig(preset=preset)).eval()
-    with torch.no_grad():
-        for parameter in detector.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return detector
 
 
 def padded_batch(seed: int = 0):
@@ -50,7 +40,7 @@ def write_release(detector, folder, state=None):
 
 @pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_release_converts_exactly_with_every_key_accounted_for(preset, tmp_path):
-    reference = reference_detector(preset)
+    reference = random_detector(preset)
     state = fairseq_release_state(reference)
     write_release(reference, tmp_path, state)
 
@@ -70,7 +60,7 @@ def test_release_converts_exactly_with_every_key_accounted_for(preset, tmp_path)
 
 
 def test_speechbrain_ckpt_converts_like_the_safetensors_file(tmp_path):
-    reference = reference_detector("tiny_group_norm", seed=1)
+    reference = random_detector("tiny_group_norm", seed=1)
     torch.save(fairseq_release_state(reference), tmp_path / "model.ckpt")
     detector, identity = convert_checkpoint(tmp_path / "model.ckpt")
     waves, lengths = padded_batch(1)
@@ -107,7 +97,7 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
     ("drop", "m_ssl.model.encoder.pos_conv.0.weight_g"),
 ])
 def test_unknown_and_missing_keys_are_named(action, key, tmp_path):
-    reference = reference_detector("tiny")
+    reference = random_detector("tiny")
     state = fairseq_release_state(reference)
     if action == "extra":
         state[key] = torch.zeros(3)
@@ -145,7 +135,7 @@ def test_the_fourteen_released_names_map_to_their_presets():
 
 
 def test_a_named_preset_must_have_the_checkpoint_shape(tmp_path):
-    path = write_release(reference_detector("tiny"), tmp_path)
+    path = write_release(random_detector("tiny"), tmp_path)
     with pytest.raises(ConversionError, match="preset 'tiny_hubert' does not have this checkpoint's shape"):
         convert_checkpoint(path, preset="tiny_hubert")
     # a released repo id brings its preset: tiny weights under the small model's name are refused
@@ -154,7 +144,7 @@ def test_a_named_preset_must_have_the_checkpoint_shape(tmp_path):
 
 
 def test_a_parametrized_pos_conv_weight_norm_converts_too(tmp_path):
-    reference = reference_detector("tiny")
+    reference = random_detector("tiny")
     renamed = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}
     state = {}
     for key, tensor in fairseq_release_state(reference).items():
@@ -166,7 +156,7 @@ def test_a_parametrized_pos_conv_weight_norm_converts_too(tmp_path):
 
 
 def test_a_hubert_without_label_embeddings_converts_when_its_preset_is_named(tmp_path):
-    reference = reference_detector("tiny_hubert")
+    reference = random_detector("tiny_hubert")
     state = {k: v for k, v in fairseq_release_state(reference).items() if "label_embs" not in k}
     detector, identity = convert_checkpoint(write_release(reference, tmp_path, state), preset="tiny_hubert")
     assert identity["preset"] == "tiny_hubert" and type(detector.encoder).__name__ == "HubertModel"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import fairseq_release_state
+from conftest import fairseq_release_state, random_detector
 from safetensors.torch import save_file
 from transformers import AutoModelForAudioClassification
 
@@ -15,15 +15,6 @@ from posttrain.models.detector import build_detector
 from posttrain.models.loading import ModelNotAvailableError, hub_snapshot, load_model, model_format
 
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as the cache names snapshots
-
-
-def tiny_detector(preset: str = "tiny", seed: int = 0):
-    torch.manual_seed(seed)
-    detector = build_detector(ModelConfig(preset=preset)).eval()
-    with torch.no_grad():
-        for parameter in detector.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return detector
 
 
 def batch(seed: int = 0):
@@ -50,7 +41,7 @@ def cache_release(cache, repo_id, detector):
 
 
 def test_export_folder_and_release_file_and_folder(tmp_path):
-    reference = tiny_detector("tiny_hubert")
+    reference = random_detector("tiny_hubert")
     export_dir = export_detector(reference, tmp_path / "export", identity_document(reference, preset="tiny_hubert"),
                                  "# card\n")
     (tmp_path / "release").mkdir()
@@ -68,7 +59,7 @@ def test_export_folder_and_release_file_and_folder(tmp_path):
 
 def test_a_release_folder_with_a_hub_mixin_config_is_still_a_release(tmp_path):
     # PyTorchModelHubMixin writes its init arguments as config.json: not a transformers config
-    reference = tiny_detector()
+    reference = random_detector()
     save_file(fairseq_release_state(reference), tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text('{"model_name": "tiny"}')
     assert model_format(tmp_path) == "antideepfake"
@@ -80,7 +71,7 @@ def test_hub_repo_id_from_the_cache_offline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # HF_HOME/hub of this test
     assert constants.HF_HUB_OFFLINE  # tests run offline (conftest)
-    reference = tiny_detector("tiny_group_norm", seed=1)
+    reference = random_detector("tiny_group_norm", seed=1)
     cache_release(tmp_path / "hub", "someone/tiny-anti-deepfake", reference)
 
     detector, identity = load_model("someone/tiny-anti-deepfake")
