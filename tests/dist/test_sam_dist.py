@@ -118,6 +118,8 @@ def _t_factors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def reference_weights(case: Case) -> dict[str, torch.Tensor]:
+    from posttrain.data.batch import normalize_waveforms
+
     model = make_model(case.model)
     params = dict(model.named_parameters())
     optimizer = torch.optim.AdamW(params.values(), lr=case.lr, betas=BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
@@ -125,7 +127,8 @@ def reference_weights(case: Case) -> dict[str, torch.Tensor]:
 
     def gradient(waves, lengths, labels):
         model.zero_grad()
-        F.cross_entropy(model(waves, lengths), labels).backward()
+        # the step's last input stage: per-utterance normalisation on the device
+        F.cross_entropy(model(normalize_waveforms(waves, lengths), lengths), labels).backward()
         return {name: p.grad.clone() for name, p in params.items()}
 
     for step, (waves, lengths, labels) in enumerate(make_data(case)):
