@@ -308,9 +308,14 @@ BREAKERS = {
 
 @pytest.mark.parametrize("name", sorted(BREAKERS))
 def test_malformed_layout_names_the_file(name, tmp_path):
+    assert_malformed_layout_is_named(name, MAKERS[name], BREAKERS[name], tmp_path)
+
+
+def assert_malformed_layout_is_named(name, make, breaks, tmp_path):
+    """Build the miniature, break it, and expect an error naming the file (and the line, for protocols)."""
     lay = Layout(tmp_path / name)
-    MAKERS[name](lay)
-    where = BREAKERS[name](lay)
+    make(lay)
+    where = breaks(lay)
     with pytest.raises(RecipeError) as error:
         build_rows(get_recipe(name), lay.root, progress=False)
     assert where.split(":")[0] in str(error.value)
