@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch.distributed as torch_dist
@@ -32,3 +33,10 @@ def dist_info(rank: int | None = None, world_size: int | None = None) -> DistInf
     if not 0 <= info.rank < info.world_size:
         raise ValueError(f"rank {info.rank} is outside world size {info.world_size}")
     return info
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a single-node rendezvous (tests, one-machine runs)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import random
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ import yaml
 from posttrain.config import PosttrainConfig, to_dict
 from posttrain.data.batch import Batch
 from posttrain.data.files import write_text_atomic
+from posttrain.dist import free_port
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.schedule import build_scheduler
 from posttrain.train.step import (SkippableAdamW, StepContext, StepStats, dummy_batch, get_step_mode, make_augment,
@@ -80,12 +80,6 @@ def resolve_device(cfg: PosttrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_distributed(device: torch.device) -> None:
     """DeepSpeed's process group (gloo on CPU, NCCL on GPU); a plain ``python`` run becomes a world of
     one. DeepSpeed picks its accelerator when first imported, hence the environment first."""
@@ -94,7 +88,7 @@ def init_distributed(device: torch.device) -> None:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
 
     if device.type == "cpu":

@@ -240,8 +240,25 @@ def test_every_recipe_has_a_miniature():
 
 @pytest.mark.parametrize("name", sorted(MAKERS))
 def test_recipe_writes_the_expected_protocol(name, tmp_path):
+    lay, rows = prepare_miniature(name, MAKERS[name], tmp_path)
+    for row_id, expected in lay.expected.items():
+        row = rows[row_id]
+        assert row.path.startswith("$ROOT/")
+        assert row.resolved_path(lay.root).resolve() == expected["path"].resolve()
+        assert row.corpus == get_recipe(name).prefix
+        info = sf.info(str(expected["path"])) if expected["path"].suffix != ".m4a" else None
+        if info is not None:
+            assert row.sample_rate_hz == info.samplerate
+            assert row.duration_s == pytest.approx(lay.durations[expected["path"]], abs=1e-5)
+        else:  # AAC adds encoder priming; the header (ffprobe) still gives about the written length
+            assert row.sample_rate_hz == 16000 and 0.08 < row.duration_s < 0.2
+
+
+def prepare_miniature(name, make, tmp_path):
+    """Run recipe ``name`` on its miniature layout; every expected row must come out with its label,
+    split, attack, speaker and language. Returns the layout and the rows by id."""
     lay = Layout(tmp_path / "corpus")
-    MAKERS[name](lay)
+    make(lay)
     out = tmp_path / "protocol.csv"
     result = prepare(name, lay.root, out, num_workers=2, progress=False)
     assert result.skipped == []
@@ -252,15 +269,7 @@ def test_recipe_writes_the_expected_protocol(name, tmp_path):
         assert (row.label, row.proportion, row.attack, row.speaker, row.language) == (
             expected["label"], expected["proportion"], expected["attack"], expected["speaker"], expected["language"]
         ), row_id
-        assert row.path.startswith("$ROOT/")
-        assert row.resolved_path(lay.root).resolve() == expected["path"].resolve()
-        assert row.corpus == get_recipe(name).prefix
-        info = sf.info(str(expected["path"])) if expected["path"].suffix != ".m4a" else None
-        if info is not None:
-            assert row.sample_rate_hz == info.samplerate
-            assert row.duration_s == pytest.approx(lay.durations[expected["path"]], abs=1e-5)
-        else:  # AAC adds encoder priming; the header (ffprobe) still gives about the written length
-            assert row.sample_rate_hz == 16000 and 0.08 < row.duration_s < 0.2
+    return lay, rows
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 from dataclasses import asdict, dataclass
 
 import pytest
@@ -20,6 +19,8 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+
+from posttrain.dist import free_port
 
 WORLD_SIZE = 2
 MLP_SAMPLES = 256
@@ -326,16 +327,10 @@ def _worker(rank: int, port: int, cases: list[dict], out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("dual_path_dist") / "results.pt")
-    mp.spawn(_worker, args=(_free_port(), [asdict(c) for c in CASES + BF16_CASES], out), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(free_port(), [asdict(c) for c in CASES + BF16_CASES], out), nprocs=WORLD_SIZE, join=True)
     return [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(WORLD_SIZE)]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from posttrain.config import load_config
 from posttrain.data.batch import normalize_waveforms
 from posttrain.data.stream import ShardSet
+from posttrain.dist import free_port
 from posttrain.models.detector import build_detector
 from posttrain.train.checkpoint import consolidate_fp32, load_detector_from_checkpoint, read_metadata, read_pointer
 from posttrain.train.engine import seed_everything
@@ -158,14 +158,8 @@ def _rank_main(rank, world_size, port, program, shards, work):
     globals()[program](shards, Path(work))
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _spawn(program, world_size, shards, work):
-    mp.spawn(_rank_main, args=(world_size, _free_port(), program, tuple(str(s) for s in shards), str(work)),
+    mp.spawn(_rank_main, args=(world_size, free_port(), program, tuple(str(s) for s in shards), str(work)),
              nprocs=world_size, join=True)
 
 

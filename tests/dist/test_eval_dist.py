@@ -5,13 +5,13 @@ exactly once, the same embeddings folder."""
 import csv
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch.multiprocessing as mp
 
 from posttrain.cli import main
+from posttrain.dist import free_port
 from posttrain.select.embed import load_embeddings
 
 WORLD_SIZE = 2
@@ -34,12 +34,6 @@ def _rank_main(rank, ports, model, shards, out_dir):
         json.dump(codes, handle)
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _scores(path):
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
@@ -49,7 +43,7 @@ def _scores(path):
 def runs(tiny_export_dir, make_shard_set, tmp_path_factory):
     shards, durations = make_shard_set("dist", [3, 4, 2, 3], corrupt={CORRUPT: "audio"})
     out = tmp_path_factory.mktemp("eval_dist")
-    mp.spawn(_rank_main, args=((_free_port(), _free_port()), str(tiny_export_dir), str(shards), str(out)),
+    mp.spawn(_rank_main, args=((free_port(), free_port()), str(tiny_export_dir), str(shards), str(out)),
              nprocs=WORLD_SIZE, join=True)
     for command in ("eval", "embed"):  # the 1-process references, same code path, no process group
         assert main(_args(command, tiny_export_dir, shards, out / f"{command}-1")) == 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import yaml
 
 from posttrain.data.shards import load_index
 from posttrain.data.stream import decode_positions
+from posttrain.dist import free_port
 from posttrain.models.loading import load_model
 from posttrain.train.checkpoint import read_metadata, read_pointer
 
@@ -51,12 +51,6 @@ sys.exit(finetune.main())
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def launched(tiny_df2024, tiny_export_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("finetune_accelerate")
@@ -67,7 +61,7 @@ def launched(tiny_df2024, tiny_export_dir, tmp_path_factory):
     train_shards = tiny_df2024 / "shards" / "2s" / "train_x3"
     out = work / "run"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(_free_port()),
+               str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
                str(script), "--config", str(REPO / "configs" / "finetune" / "df2024.yaml"),
                f"output_dir={out}", f"finetune.init_from={tiny_export_dir}", "finetune.init_preset=null",
                "model.preset=tiny", "model.gradient_checkpointing=false", f"finetune.df2024_dir={tiny_df2024}",

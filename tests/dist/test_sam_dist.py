@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from dataclasses import asdict, dataclass
 
 import pytest
@@ -16,6 +15,8 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+
+from posttrain.dist import free_port
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8  # samples per optimiser step, split over ranks then micro-batches
@@ -311,16 +312,10 @@ def _worker(rank: int, port: int, cases: list[dict], out: str, shard_dir: str) -
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory, shard_dir):
     out = str(tmp_path_factory.mktemp("sam_dist") / "results.pt")
-    mp.spawn(_worker, args=(_free_port(), [asdict(c) for c in FP32_CASES + BF16_CASES], out, str(shard_dir)),
+    mp.spawn(_worker, args=(free_port(), [asdict(c) for c in FP32_CASES + BF16_CASES], out, str(shard_dir)),
              nprocs=WORLD_SIZE, join=True)
     return torch.load(out, weights_only=False)
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 from collections import Counter
 
 import pytest
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 
 from posttrain.config import StreamConfig
 from posttrain.data.stream import ShardStream
+from posttrain.dist import free_port
 
 WORLD_SIZE = 2
 STOP_AFTER = 2  # batches taken on every rank before the simulated interruption
@@ -52,12 +52,6 @@ def _rank_main(rank, port, dirs, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.dist
 @pytest.mark.slow
 def test_two_ranks_deliver_each_sample_once_with_equal_batch_counts_and_resume(make_shard_set, tmp_path):
@@ -67,7 +61,7 @@ def test_two_ranks_deliver_each_sample_once_with_equal_batch_counts_and_resume(m
     dirs = [str(u_dir), str(v_dir)]
     expected = Counter({i: 1 for i in u if i != "U-0_5"}) + Counter({i: 2 for i in v})  # weights 1 and 2
 
-    mp.spawn(_rank_main, args=(_free_port(), dirs, str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_rank_main, args=(free_port(), dirs, str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
 
     for workers in (0, 1, 2):

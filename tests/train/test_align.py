@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 from scipy.optimize import minimize_scalar
 
 from posttrain.config import DualPathConfig
+from posttrain.dist import free_port
 from posttrain.train.align import (GradientAligner, cagrad_weight, combine_, partial_products,
                                    process_group_all_reduce)
 
@@ -237,12 +237,6 @@ def test_bad_inputs_raise():
 # ----------------------------------------------------------------------- real 2-process gloo run
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 STEP_COSINES = [0.5, -0.4, 0.1]
 
 
@@ -271,7 +265,7 @@ def _worker(rank, world_size, port, out_dir):
 
 @pytest.mark.dist
 def test_two_process_gloo_matches_single_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for method in ("pcgrad", "gradvac", "cagrad"):
         reference = RefGradVac() if method == "gradvac" else REFERENCES[method]
