@@ -35,11 +35,6 @@ class Batch:
     def is_empty(self) -> bool:
         return len(self) == 0
 
-    @property
-    def seconds(self) -> float:
-        """Audio seconds carried (padding excluded), assuming 16 kHz unless meta says otherwise."""
-        return float(self.lengths.sum()) / 16000.0
-
     def to(self, device: torch.device | str, non_blocking: bool = True) -> "Batch":
         return Batch(
             waveforms=self.waveforms.to(device, non_blocking=non_blocking),
@@ -48,11 +43,6 @@ class Batch:
             ids=self.ids,
             meta=self.meta,
         )
-
-    def padding_mask(self) -> torch.Tensor:
-        """``[B, T] bool``, True on valid samples."""
-        positions = torch.arange(self.waveforms.shape[1], device=self.lengths.device)
-        return positions[None, :] < self.lengths[:, None]
 
     @staticmethod
     def collate(waveforms: list[torch.Tensor], labels: list[int], ids: list[str],

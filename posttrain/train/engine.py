@@ -266,7 +266,6 @@ class Trainer:
         self.root = ckpt.checkpoint_root(self.output_dir)
 
         resume = ckpt.find_resume(cfg.checkpoint.resume, self.output_dir)
-        self.resumed_from = resume
         metadata = ckpt.read_metadata(resume) if resume is not None else None
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         self.model = self._build_model(metadata)
