@@ -110,7 +110,7 @@ def decode_with_ffmpeg(source: str | Path | bytes) -> tuple[np.ndarray, int]:
 
 def to_mono(samples: np.ndarray) -> np.ndarray:
     """``[frames, channels]`` (or 1-D) -> 1-D float32, the mean of the channels."""
-    return samples.astype(np.float32) if samples.ndim == 1 else samples.mean(axis=1, dtype=np.float32)
+    return samples.astype(np.float32, copy=False) if samples.ndim == 1 else samples.mean(axis=1, dtype=np.float32)
 
 
 @functools.lru_cache(maxsize=32)
