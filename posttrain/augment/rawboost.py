@@ -5,9 +5,11 @@ Algorithms (``RawBoostConfig.algo``): 0 none, 1 LnL (linear and non-linear convo
 4 = 1->2->3, 5 = 1->2, 6 = 1->3, 7 = 2->3, 8 = peak-normalise(LnL(x) + ISD(x)).
 
 The random draws (``RawBoostParams``) are separate from the signal processing (``RawBoost.apply``):
-each sample's draws come from its own generator seeded by a stable hash of ``seed:sample_id:epoch``,
-so a resumed run, both passes of a SAM step and every rank see the same augmentation of a sample,
-whatever the batch it lands in. The processing runs on the whole padded batch at once on any
+each sample's draws come from its own generator seeded by a stable hash of the *read*
+``seed:sample_id:epoch:repeat`` (``repeat``: ``Batch.repeats``, which read of its shard within the
+epoch delivered the sample, as for the crop), so a resumed run, both passes of a SAM step, both
+paths of a dual-path step and every rank see the same augmentation of a read, whatever the batch it
+lands in, while the repeats of an oversampled file within one epoch get different noise. The processing runs on the whole padded batch at once on any
 device; every row is processed over its valid region only, as the per-clip reference code would.
 """
 
@@ -33,9 +35,10 @@ USES_SSI = frozenset({3, 4, 6, 7})
 _FREQZ_POINTS = 512
 
 
-def sample_seed(seed: int, sample_id: str, epoch: int) -> int:
-    """A 64-bit seed that is the same in every process (Python's ``hash`` is salted per process)."""
-    digest = hashlib.blake2b(f"{seed}:{sample_id}:{epoch}".encode(), digest_size=8).digest()
+def sample_seed(seed: int, sample_id: str, epoch: int, repeat: int = 0) -> int:
+    """A 64-bit seed of one read that is the same in every process (Python's ``hash`` is salted per
+    process)."""
+    digest = hashlib.blake2b(f"{seed}:{sample_id}:{epoch}:{repeat}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
 
 
@@ -343,13 +346,16 @@ class RawBoost:
         if self.algo not in range(9):
             raise ValueError(f"rawboost algo must be in 0..8, got {self.algo!r}")
 
-    def draw(self, ids: Sequence[str], lengths: torch.Tensor, epoch: int) -> RawBoostParams:
-        """Draws for every sample (on the CPU, so every device sees the same numbers)."""
+    def draw(self, ids: Sequence[str], lengths: torch.Tensor, epoch: int,
+             repeats: Sequence[int] | None = None) -> RawBoostParams:
+        """Draws for every sample (on the CPU, so every device sees the same numbers); ``repeats``
+        (default all 0) tells the reads of one id within the epoch apart."""
         lengths = [int(n) for n in lengths.tolist()]
-        if len(ids) != len(lengths):
-            raise ValueError(f"rawboost: {len(ids)} ids for {len(lengths)} lengths")
+        repeats = list(repeats) if repeats else [0] * len(ids)
+        if not len(ids) == len(lengths) == len(repeats):
+            raise ValueError(f"rawboost: {len(ids)} ids, {len(lengths)} lengths and {len(repeats)} repeats")
         cfg = self.cfg
-        samplers = [_SampleSampler(sample_seed(cfg.seed, sid, epoch)) for sid in ids]
+        samplers = [_SampleSampler(sample_seed(cfg.seed, sid, epoch, repeat)) for sid, repeat in zip(ids, repeats)]
         ranges = []
         if self.algo in USES_LNL:
             ranges += _notch_ranges(cfg, cfg.n_f)
@@ -425,6 +431,6 @@ class RawBoost:
         """A new batch with augmented waveforms (same lengths, labels, ids, meta)."""
         if self.algo == 0 or batch.is_empty:
             return batch
-        params = self.draw(batch.ids, batch.lengths, epoch)
+        params = self.draw(batch.ids, batch.lengths, epoch, batch.repeats)
         waveforms = self.apply(batch.waveforms, batch.lengths, params)
         return dataclasses.replace(batch, waveforms=waveforms)

@@ -17,7 +17,10 @@ class Batch:
     """Zero-padded waveforms with their true lengths; padding must be masked by every consumer.
 
     ``waveforms [B, T] float32``, ``lengths [B] int64`` (samples), ``labels [B] int64`` (1 = real),
-    ``ids``: sample ids, ``meta``: the per-sample JSON metadata from the shard.
+    ``ids``: sample ids, ``meta``: the per-sample JSON metadata from the shard, ``repeats``: which
+    read of its shard within the epoch delivered each sample (0 = the first; a set weight >= 2
+    reads a shard more than once; empty = all 0), so per-read randomness (RawBoost) differs between
+    the repeats of one file as the crop does.
     A batch with ``B == 0`` is a *join* batch: the rank has run out of data this epoch but must still
     take part in collectives (see ``posttrain.data.stream``).
     """
@@ -27,6 +30,7 @@ class Batch:
     labels: torch.Tensor
     ids: list[str] = field(default_factory=list)
     meta: list[dict[str, Any]] = field(default_factory=list)
+    repeats: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.waveforms.shape[0])
@@ -42,17 +46,19 @@ class Batch:
             labels=self.labels.to(device, non_blocking=non_blocking),
             ids=self.ids,
             meta=self.meta,
+            repeats=self.repeats,
         )
 
     @staticmethod
     def collate(waveforms: list[torch.Tensor], labels: list[int], ids: list[str],
-                meta: list[dict[str, Any]]) -> "Batch":
+                meta: list[dict[str, Any]], repeats: list[int] | None = None) -> "Batch":
         lengths = torch.tensor([w.numel() for w in waveforms], dtype=torch.long)
         width = int(lengths.max()) if len(waveforms) else 0
         padded = torch.zeros(len(waveforms), width, dtype=torch.float32)
         for row, wave in enumerate(waveforms):
             padded[row, : wave.numel()] = wave
-        return Batch(padded, lengths, torch.tensor(labels, dtype=torch.long), list(ids), list(meta))
+        return Batch(padded, lengths, torch.tensor(labels, dtype=torch.long), list(ids), list(meta),
+                     list(repeats or []))
 
     @staticmethod
     def empty() -> "Batch":

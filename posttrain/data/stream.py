@@ -250,6 +250,7 @@ class Decoded:
     sample_id: str
     meta: dict[str, Any]
     source_seconds: float
+    repeat: int  # the unit's occurrence: which read of the shard this epoch
 
 
 @dataclass
@@ -384,7 +385,7 @@ class EpochReader(IterableDataset):
         start, length = crop_window(samples.size, self.cfg.crop, sample_rate_hz, rng)
         wave = torch.from_numpy(samples[start:start + length])  # a view: collation copies it once
         return Decoded(unit.name, position, wave, label, str(meta.get("id", sample["__key__"])), meta,
-                       samples.size / sample_rate_hz)
+                       samples.size / sample_rate_hz, unit.occurrence)
 
     def _batch(self, role: int, items: Iterator[Decoded | Corrupt]) -> Iterator[Delivery]:
         pending: list[Corrupt] = []
@@ -406,7 +407,8 @@ class EpochReader(IterableDataset):
                                   edges_seconds=bucket_edges(self.cfg.num_buckets, longest_seconds))
         for group in groups:
             batch = Batch.collate([d.wave for d in group], [d.label for d in group],
-                                  [d.sample_id for d in group], [d.meta for d in group])
+                                  [d.sample_id for d in group], [d.meta for d in group],
+                                  [d.repeat for d in group])
             yield Delivery(role, batch, [(d.unit, d.position) for d in group], pending[:],
                            sum(d.source_seconds for d in group))
             pending.clear()

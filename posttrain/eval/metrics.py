@@ -21,6 +21,15 @@ import numpy as np
 from scipy import stats
 
 POSITIVE_CLASS = "bona fide"
+DECISION_RULE = "bona fide if score >= threshold"
+
+
+def accepts(scores: np.ndarray | float, threshold: float) -> np.ndarray:
+    """THE decision rule (every decision in posttrain goes through here): bona fide when
+    ``score >= threshold``. A score exactly at the threshold is accepted, as ASVspoof 5's actDCF
+    accepts an LLR at the Bayes threshold. On the uncalibrated logit difference (threshold 0) a
+    tie of the two logits is therefore bona fide, where ``argmax`` of [fake, real] would say fake."""
+    return np.asarray(scores) >= threshold
 
 
 @dataclass(frozen=True)
@@ -107,10 +116,10 @@ def bayes_threshold(costs: DetectionCosts = ASVSPOOF5_COSTS) -> float:
 
 
 def act_dcf(llr_bona: np.ndarray, llr_spoof: np.ndarray, costs: DetectionCosts = ASVSPOOF5_COSTS) -> float:
-    """Normalised actual DCF of LLR scores at the Bayes threshold (accept at >=, as ASVspoof 5 does)."""
+    """Normalised actual DCF of LLR scores at the Bayes threshold (``accepts``: at >=, as ASVspoof 5)."""
     threshold = bayes_threshold(costs)
-    miss_rate = float(np.mean(llr_bona < threshold))
-    false_alarm_rate = float(np.mean(llr_spoof >= threshold))
+    miss_rate = float(np.mean(~accepts(llr_bona, threshold)))
+    false_alarm_rate = float(np.mean(accepts(llr_spoof, threshold)))
     cost = costs.c_miss * (1 - costs.p_spoof) * miss_rate + costs.c_fa * costs.p_spoof * false_alarm_rate
     return cost / costs.normaliser
 
@@ -145,11 +154,9 @@ def eer_confidence_interval(bona: np.ndarray, spoof: np.ndarray, *, resamples: i
 def classification_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, object]:
     """Confusion counts and accuracy/precision/recall/F1 with *bona fide* as the positive class.
 
-    A sample is called bona fide when ``score > threshold``: at threshold 0 on the logit difference
-    this is the argmax of the [fake, real] logits (a tie goes to fake), and at the EER threshold it
-    reproduces the FRR of the EER point when scores are untied. Undefined ratios are None.
+    A sample is called bona fide by ``accepts`` (``score >= threshold``). Undefined ratios are None.
     """
-    predicted = scores > threshold
+    predicted = accepts(scores, threshold)
     actual = labels == 1
     tp, fp = int(np.sum(predicted & actual)), int(np.sum(predicted & ~actual))
     fn, tn = int(np.sum(~predicted & actual)), int(np.sum(~predicted & ~actual))
@@ -157,12 +164,19 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, threshold: fl
     recall = tp / (tp + fn) if tp + fn else None
     f1 = (2 * precision * recall / (precision + recall)
           if precision is not None and recall is not None and precision + recall > 0 else None)
-    return {"threshold": float(threshold), "positive_class": POSITIVE_CLASS, "rule": "bona fide if score > threshold",
+    return {"threshold": float(threshold), "positive_class": POSITIVE_CLASS, "rule": DECISION_RULE,
             "tp": tp, "fp": fp, "tn": tn, "fn": fn, "accuracy": (tp + tn) / scores.size,
             "precision": precision, "recall": recall, "f1": f1}
 
 
 _TWO_CLASS_METRICS = ("eer", "eer_threshold", "min_dcf", "min_dcf_threshold", "auc", "act_dcf", "cllr")
+
+
+def eer_operating_threshold(eer_threshold: float | None) -> float | None:
+    """The ``accepts`` threshold of the EER operating point: the EER threshold is the highest REJECTED
+    score (ASVspoof's DET curve), so the point accepts exactly the scores above it, i.e. ``>=`` the
+    next float up. Decisions there reproduce the EER's FRR and FAR."""
+    return None if eer_threshold is None else float(np.nextafter(eer_threshold, np.inf))
 
 
 def compute_metrics(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray,
@@ -175,7 +189,7 @@ def compute_metrics(scores: Sequence[float] | np.ndarray, labels: Sequence[int] 
     EER, minDCF and AUC use ``scores``. actDCF and Cllr use ``llr`` when given (calibrated LLRs;
     ``raw_act_dcf``/``raw_cllr`` then keep the raw-score values) and otherwise treat the raw score
     as an LLR. ``threshold`` sets the decision threshold for accuracy/precision/recall/F1 (default:
-    the EER threshold). Metrics that need both classes are None with the reason in ``undefined``.
+    the EER operating point, ``eer_operating_threshold``). Metrics that need both classes are None with the reason in ``undefined``.
     """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels)
@@ -202,7 +216,7 @@ def compute_metrics(scores: Sequence[float] | np.ndarray, labels: Sequence[int] 
         for name in (*_TWO_CLASS_METRICS, "eer_ci"):
             result[name] = None
             undefined[name] = reason
-    decision_threshold = threshold if threshold is not None else result["eer_threshold"]
+    decision_threshold = threshold if threshold is not None else eer_operating_threshold(result["eer_threshold"])
     if decision_threshold is None:
         result["decision"] = None
         undefined["decision"] = "no threshold given and no EER threshold (single class)"

@@ -36,7 +36,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from posttrain.eval.calibration import Calibration, CalibrationError, load_calibration
-from posttrain.eval.metrics import ASVSPOOF5_COSTS, DetectionCosts
+from posttrain.eval.metrics import ASVSPOOF5_COSTS, DetectionCosts, accepts
 
 SAMPLE_RATE_HZ = 16_000
 SCORE_TYPE = "logit_diff"  # the ScoreType written to score files (posttrain.eval.report.SCORE_TYPES)
@@ -132,17 +132,17 @@ def resolve_calibration(path: str | Path | None, identity: Mapping[str, Any]) ->
 class Decision:
     """How a score becomes a bona fide / spoof decision."""
 
-    threshold: float  # on logit_diff: bona fide when score >= threshold
+    threshold: float  # on logit_diff; the decision is ``metrics.accepts`` (bona fide when score >= threshold)
     rule: str
 
     @staticmethod
     def of(calibration: Calibration | None, costs: DetectionCosts = ASVSPOOF5_COSTS) -> "Decision":
         if calibration is None:
-            return Decision(0.0, "uncalibrated: bona fide when logit_diff >= 0 (the argmax of the two logits)")
+            return Decision(0.0, "uncalibrated: bona fide when logit_diff >= 0 (a tie of the two logits is bona fide)")
         threshold = calibration.score_threshold(costs)
         return Decision(threshold, f"calibrated: bona fide when the LLR >= the Bayes threshold of costs "
                                    f"(P_spoof {costs.p_spoof}, C_miss {costs.c_miss}, C_fa {costs.c_fa}), "
                                    f"i.e. logit_diff >= {threshold:.6g}")
 
     def label(self, score: float) -> str:
-        return "real" if score >= self.threshold else "fake"
+        return "real" if accepts(score, self.threshold) else "fake"

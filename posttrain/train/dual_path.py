@@ -1,7 +1,7 @@
 """Dual-path data augmentation with gradient alignment (DPDA; Truong et al., ICASSP 2026) as a step mode.
 
 Every micro-batch of the step runs twice, clean and RawBoost-augmented (``dual_path.rawboost_algo``,
-drawn once per sample from ``(rawboost.seed, id, epoch)``), one cross-entropy each, and the two
+drawn once per read from ``(rawboost.seed, id, epoch, repeat)``), one cross-entropy each, and the two
 gradients are kept apart until one update:
 
 1. clean pass over all micro-batches (``engine.backward``, boundary at the last): the reduced clean

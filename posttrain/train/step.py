@@ -149,8 +149,8 @@ def model_inputs(batch: Batch) -> Batch:
 
 
 def prepare(ctx: StepContext, micro_batches: list[Batch]) -> list[Batch]:
-    """Micro-batches on the device, augmented once (draws depend on sample id and epoch only), then
-    normalised."""
+    """Micro-batches on the device, augmented once (draws depend on the read: sample id, epoch and
+    repeat), then normalised."""
     batches = [batch.to(ctx.device) for batch in micro_batches]
     if ctx.augment is not None:
         batches = [ctx.augment(batch, ctx.epoch) for batch in batches]

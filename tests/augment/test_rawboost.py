@@ -210,6 +210,34 @@ def test_gain_bias_applies_to_every_nonlinear_order():
     assert gains[:, 1:].min() >= -7 and gains[:, 1:].max() <= -5  # U[-2 - 5, 2 - 7]
 
 
+def test_isd_factor_is_a_product_of_two_uniforms():
+    """(2U-1)(2U-1): mean 0, variance E[(2U-1)^2]^2 = 1/9 (a single 2U-1 would give 1/3), and the
+    distribution P(|f| <= t) = t (1 - ln t) of a product of two U[-1, 1]."""
+    cfg = RawBoostConfig(p_percent=10.0)
+    params = RawBoost(cfg, algo=2).draw([f"s{i}" for i in range(200)], torch.full((200,), 2000), epoch=0)
+    factors = params.isd_factors[params.isd_factors != 0].double()
+    assert factors.numel() > 15000
+    assert float(factors.var()) == pytest.approx(1 / 9, rel=0.05)
+    for t in (0.1, 0.3, 0.6):
+        assert float((factors.abs() <= t).double().mean()) == pytest.approx(t * (1 - np.log(t)), abs=0.015)
+
+
+def test_repeats_of_one_read_differ_and_a_read_reproduces():
+    """A file read twice in one epoch (set weight >= 2) gets different noise per repeat; the same
+    read (seed, id, epoch, repeat) reproduces, whatever the batch."""
+    rb = RawBoost(RawBoostConfig(seed=7), algo=5)
+    clip = make_batch([3000], seed=2)
+    twice = Batch(clip.waveforms.repeat(2, 1), clip.lengths.repeat(2), clip.labels.repeat(2),
+                  clip.ids * 2, clip.meta * 2, repeats=[0, 1])
+    out = rb(twice, epoch=1).waveforms
+    assert (out[0] - out[1]).abs().max() > 1e-2
+    assert torch.equal(rb(clip, epoch=1).waveforms[0], out[0])  # no repeats given = the first read
+    again = Batch(clip.waveforms, clip.lengths, clip.labels, clip.ids, clip.meta, repeats=[1])
+    torch.testing.assert_close(rb(again, epoch=1).waveforms[0], out[1], atol=2e-6, rtol=0)
+    with pytest.raises(ValueError, match="repeats"):
+        rb.draw(clip.ids, clip.lengths, epoch=1, repeats=[0, 1])
+
+
 def test_algo_zero_and_join_batch_pass_through():
     batch = make_batch([500, 300])
     assert RawBoost(RawBoostConfig(), algo=0)(batch, epoch=0) is batch

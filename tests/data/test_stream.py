@@ -115,6 +115,26 @@ def test_weights_are_per_epoch_repeat_factors(sets):
     assert stream.epoch_samples() == 2 * 21 + 13
 
 
+def test_batches_carry_the_read_so_repeats_get_their_own_rawboost(sets):
+    """Weight 2 reads every shard of ``a`` twice per epoch: each file arrives once as repeat 0 and
+    once as repeat 1, and RawBoost (seeded by the read) gives the two copies different noise."""
+    import torch
+
+    from posttrain.augment.rawboost import RawBoost
+    from posttrain.config import RawBoostConfig
+
+    stream = ShardStream(_cfg(sets["a"], weights=[2.0], crop=CropConfig(policy="none")), rank=0, world_size=1)
+    rawboost = RawBoost(RawBoostConfig(), algo=5)
+    reads: dict[str, dict[int, torch.Tensor]] = {}
+    for batch in stream:
+        assert len(batch.repeats) == len(batch)
+        augmented = rawboost(batch, epoch=0)
+        for row, (sample_id, repeat) in enumerate(zip(batch.ids, batch.repeats)):
+            reads.setdefault(sample_id, {})[repeat] = augmented.waveforms[row, : batch.lengths[row]]
+    assert set(reads) == sets["a_ids"] and all(sorted(r) == [0, 1] for r in reads.values())
+    assert all((r[0] - r[1]).abs().max() > 1e-3 for r in reads.values())
+
+
 def test_ranks_without_process_group_split_units_disjointly_and_balanced(sets):
     streams = [ShardStream(_cfg(sets["a"], sets["b"]), rank=r, world_size=2) for r in range(2)]
     per_rank = [_ids(s) for s in streams]

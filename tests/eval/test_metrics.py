@@ -166,13 +166,27 @@ def test_classification_metrics_match_sklearn(threshold):
     bona, spoof = random_scores(5)
     scores = np.concatenate([bona, spoof])
     labels = np.r_[np.ones(bona.size, int), np.zeros(spoof.size, int)]
-    predicted = (scores > threshold).astype(int)
+    predicted = (scores >= threshold).astype(int)
     result = classification_metrics(scores, labels, threshold)
     assert result["accuracy"] == pytest.approx(accuracy_score(labels, predicted))
     assert result["precision"] == pytest.approx(precision_score(labels, predicted, pos_label=1))
     assert result["recall"] == pytest.approx(recall_score(labels, predicted, pos_label=1))
     assert result["f1"] == pytest.approx(f1_score(labels, predicted, pos_label=1))
     assert result["positive_class"] == "bona fide"
+
+
+def test_one_tie_rule_a_score_at_the_threshold_is_bona_fide():
+    """actDCF at the Bayes threshold (ASVspoof 5: accept at >=), the classification metrics and the
+    score command's decision all call a score exactly at the threshold bona fide."""
+    from posttrain.eval.scoring import Decision
+
+    at = bayes_threshold()
+    assert act_dcf(np.array([at]), np.array([at - 1.0])) == 0.0  # the bona fide trial at t is accepted
+    assert act_dcf(np.array([at + 1.0]), np.array([at])) == pytest.approx(10 * 0.05 / 0.5)  # a false alarm
+    result = classification_metrics(np.array([0.0, 0.0, -1.0]), np.array([1, 0, 0]), 0.0)
+    assert (result["tp"], result["fp"], result["tn"], result["fn"]) == (1, 1, 1, 0)
+    assert result["rule"] == "bona fide if score >= threshold"
+    assert Decision.of(None).label(0.0) == "real"
 
 
 def test_eer_threshold_reproduces_the_eer_frr():

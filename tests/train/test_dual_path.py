@@ -62,6 +62,16 @@ def test_clean_path_is_untouched_and_augmented_path_is_rawboost_algo_4_per_sampl
     assert not torch.allclose(next_epoch[0].waveforms, augmented[0].waveforms, atol=1e-3)
 
 
+def test_augmented_path_draws_per_read_so_repeats_differ():
+    ctx = _ctx(epoch=1)
+    one = _raw_batch(lengths=(4000,))
+    twice = Batch(one.waveforms.repeat(2, 1), one.lengths.repeat(2), one.labels.repeat(2), one.ids * 2,
+                  one.meta * 2, repeats=[0, 1])
+    clean, augmented = dual_path.dual_inputs(ctx, [twice], dual_path.path_augment(ctx))
+    assert torch.equal(clean[0].waveforms[0], clean[0].waveforms[1])
+    assert (augmented[0].waveforms[0] - augmented[0].waveforms[1]).abs().max() > 1e-2
+
+
 def _pcgrad_textbook(g_c: torch.Tensor, g_a: torch.Tensor) -> torch.Tensor:
     dot = g_c @ g_a
     if dot < 0:
