@@ -13,19 +13,24 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from posttrain.errors import debug_requested, guarded
+
+    debug, argv = debug_requested(list(sys.argv[1:] if argv is None else argv))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="exit codes: 0 done, 1 the work failed, 2 bad usage or input; "
+                                            "--debug (or POSTTRAIN_DEBUG=1) shows the traceback of an error")
     parser.add_argument("--config", required=True, help="fine-tune YAML (configs/finetune/*.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, values in YAML")
     args = parser.parse_args(argv)
+    return guarded("finetune.py", lambda: run(args.config, args.overrides), debug=debug)
 
+
+def run(config: str, overrides: list[str]) -> int:
     from posttrain.config import FinetuneConfig, load_config
-    from posttrain.train.finetune import finetune
 
-    try:
-        cfg = load_config(args.config, args.overrides, cls=FinetuneConfig)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"finetune.py: error: {error}", file=sys.stderr)
-        return 2
+    cfg = load_config(config, overrides, cls=FinetuneConfig)
+    from posttrain.train.finetune import finetune  # after the config is valid: DeepSpeed picks its device on import
+
     finetune(cfg)
     return 0
 

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from posttrain.errors import DEBUG_ENV, DEBUG_FLAG, EXIT_OK, EXIT_USAGE, debug_requested, guarded
+
 # command words -> (module in posttrain.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "the README's main job: demo corpus -> shards -> post-training -> evaluation"),
@@ -52,22 +54,56 @@ def _overview(prefix: str = "") -> str:
     return "commands:\n" + "\n".join(f"  posttrain {name:<{width}}  {text}" for name, text in rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command, rest = resolve(argv)
-    if command is None:
-        prefix = f"{argv[0]} " if argv and not argv[0].startswith("-") else ""
-        known = any(name.startswith(prefix) for name in COMMANDS)
-        print(_overview(prefix if known else ""))
-        if argv and argv[0] not in ("-h", "--help") and not (known and rest[1:] in ([], ["-h"], ["--help"])):
-            print(f"\nposttrain: unknown command {' '.join(argv)!r}", file=sys.stderr)
-            return 2
-        return 0
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already names it or there is none
+    to show (a required option, an off flag, an empty list, ``None`` explained by the help text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or not action.option_strings or action.required
+                or default in (None, False, argparse.SUPPRESS) or default == []):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def build_parser(command: str):
+    """(the argparse parser of ``command``, its module)."""
     module_name, help_text = COMMANDS[command]
     module = importlib.import_module(f"posttrain.commands.{module_name}")
-    parser = argparse.ArgumentParser(prog=f"posttrain {command}", description=help_text)
+    parser = argparse.ArgumentParser(prog=f"posttrain {command}", description=help_text, formatter_class=HelpFormatter,
+                                     epilog=f"exit codes: 0 done, 1 the work failed, 2 bad usage or input; "
+                                            f"{DEBUG_FLAG} (or {DEBUG_ENV}=1) shows the traceback of an error")
     module.configure(parser)
-    return int(module.run(parser.parse_args(rest)) or 0)
+    return parser, module
+
+
+def _no_command(argv: list[str]) -> int:
+    """``posttrain``, ``posttrain shards`` (a group without its subcommand) or an unknown command."""
+    prefix = f"{argv[0]} " if argv and not argv[0].startswith("-") else ""
+    known = any(name.startswith(prefix) for name in COMMANDS)
+    asked_help = argv[len(prefix.split()):] in (["-h"], ["--help"])
+    print(_overview(prefix if known else ""), file=sys.stdout if asked_help else sys.stderr)
+    if asked_help:
+        return EXIT_OK
+    if not argv:
+        problem = "a command is needed"
+    elif known and prefix and len(argv) == 1:
+        problem = f"'{argv[0]}' needs a subcommand (posttrain {argv[0]} --help lists them)"
+    else:
+        problem = f"unknown command {' '.join(argv)!r}"
+    print(f"\nposttrain: error: {problem}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug, argv = debug_requested(list(sys.argv[1:] if argv is None else argv))
+    command, rest = resolve(argv)
+    if command is None:
+        return _no_command(argv)
+    parser, module = build_parser(command)
+    args = parser.parse_args(rest)  # a usage error exits with 2 and argparse's one-line message
+    return guarded(f"posttrain {command}", lambda: module.run(args), debug=debug)
 
 
 if __name__ == "__main__":

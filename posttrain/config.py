@@ -471,7 +471,11 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(key, f"'{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(key, f"the value in the command line override {override!r} is not valid YAML "
+                                   "(quote it, e.g. key='[a, b]')") from None
     return data
 
 
@@ -480,7 +484,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     with path.open() as handle:
-        data = yaml.safe_load(handle) or {}
+        try:
+            data = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            raise ConfigError("", f"{where}: not valid YAML ({getattr(error, 'problem', None) or error})") from None
     if not isinstance(data, dict):
         raise ConfigError("", f"{path}: top level must be a mapping")
     return data
@@ -488,14 +497,29 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = (),
                 cls: type = PosttrainConfig) -> Any:
-    """Defaults <- YAML file <- ``key=value`` overrides, validated."""
+    """Defaults <- YAML file <- ``key=value`` overrides, validated. An error names where its key was
+    set: the command line override when one set it (a typo there is not the YAML's), else the file."""
+    overrides = list(overrides)
     data = load_yaml(path) if path is not None else {}
     apply_overrides(data, overrides)
     try:
         return from_dict(cls, data)
     except ConfigError as error:
-        where = f" (in {path})" if path is not None else ""
+        override = blamed_override(error.key, overrides)
+        if override is not None:
+            where = f" (set on the command line by {override!r}: fix or drop that override)"
+        else:
+            where = f" (in {path})" if path is not None else ""
         raise ConfigError(error.key, error.message + where) from None
+
+
+def blamed_override(key: str, overrides: typing.Iterable[str]) -> str | None:
+    """The last ``key=value`` override that set ``key``, a value inside it, or a section on its path."""
+    for override in reversed(list(overrides)):
+        set_key = override.partition("=")[0].strip()
+        if set_key and (key == set_key or set_key.startswith(f"{key}.") or key.startswith((f"{set_key}.", f"{set_key}["))):
+            return override
+    return None
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

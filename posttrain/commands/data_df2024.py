@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -25,12 +24,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from posttrain.data import df2024
 
-    try:
-        result = df2024.prepare_df2024(args.metadata, args.audio_dir, args.out, segment_seconds=args.segment_seconds,
-                                       min_segment_seconds=args.min_segment_seconds, shards=args.shards,
-                                       num_workers=args.num_workers, seed=args.seed, progress=not args.no_progress)
-    except df2024.MetadataError as error:
-        print(f"posttrain data df2024: {error}", file=sys.stderr)
-        return 1
+    result = df2024.prepare_df2024(args.metadata, args.audio_dir, args.out, segment_seconds=args.segment_seconds,
+                                   min_segment_seconds=args.min_segment_seconds, shards=args.shards,
+                                   num_workers=args.num_workers, seed=args.seed, progress=not args.no_progress)
     print(df2024.summary(result))
     return 0

@@ -20,14 +20,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.data.recipes import RecipeError, prepare
+    from posttrain.data.recipes import prepare
 
-    try:
-        result = prepare(args.corpus, args.root, args.out, num_workers=args.num_workers,
-                         skip_missing=args.skip_missing, progress=not args.no_progress)
-    except RecipeError as error:
-        print(f"posttrain data prepare: {error}", file=sys.stderr)
-        return 1
+    result = prepare(args.corpus, args.root, args.out, num_workers=args.num_workers,
+                     skip_missing=args.skip_missing, progress=not args.no_progress)
     counts = collections.Counter((row.proportion, row.label) for row in result.rows)
     hours = sum(row.duration_s for row in result.rows) / 3600
     print(f"{args.out}: {len(result.rows)} rows, {hours:.2f} h; "

@@ -32,7 +32,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="fraction kept of every (source, label) group, e.g. 0.2 = 20 %%")
     parser.add_argument("--budget-unit", choices=BUDGET_UNITS, default=defaults.budget_unit,
                         help="the budget counts samples or audio seconds")
-    parser.add_argument("--distance", choices=DISTANCES, default=defaults.distance)
+    parser.add_argument("--distance", choices=DISTANCES, default=defaults.distance,
+                        help="distance of an embedding to its class mean")
     parser.add_argument("--fake-clusters", type=int, default=defaults.fake_clusters,
                         help="k of the k-means clustering of the fake class")
     parser.add_argument("--per", choices=GROUPINGS, default=defaults.per,

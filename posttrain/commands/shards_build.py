@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-
-from posttrain.data.audio import AudioError
-from posttrain.data.protocol import ProtocolError
 
 
 def _slurm_array_task() -> tuple[int, int] | None:
@@ -27,7 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=None, help="data root replacing $ROOT in the CSV paths")
     parser.add_argument("--out", required=True, help="shard directory to write")
     parser.add_argument("--name", default="train", help="shard file prefix: <name>-000000.tar")
-    parser.add_argument("--max-samples-per-shard", type=int, default=1000)
+    parser.add_argument("--max-samples-per-shard", type=int, default=1000, help="samples per shard at most")
     parser.add_argument("--max-shard-mb", type=float, default=1000.0, help="size bound per shard (10^6 bytes)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the global shuffle before sharding")
     parser.add_argument("--workers", type=int, default=1, help="processes, each building whole shards")
@@ -54,7 +50,7 @@ def _mix_protocol(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.data.shard_build import ShardBuildError, build_shards
+    from posttrain.data.shard_build import build_shards
     from posttrain.data.shards import format_index
 
     slurm = _slurm_array_task() or (0, 1)
@@ -66,14 +62,10 @@ def run(args: argparse.Namespace) -> int:
     options = dict(name=args.name, max_samples_per_shard=args.max_samples_per_shard, max_shard_mb=args.max_shard_mb,
                    seed=args.seed, num_workers=args.workers, strict=args.strict, min_seconds=args.min_seconds,
                    task_index=task_index, num_tasks=num_tasks, progress=not args.no_progress)
-    try:
-        protocols = _mix_protocol(args) if args.mix else args.protocol
-        if build_submit.submitted(args):
-            return build_submit.run_submitted(args, protocols, BuildOptions(**options))
-        index = build_shards(protocols, args.root, args.out, **options)
-    except (ProtocolError, ShardBuildError, AudioError, ValueError, FileNotFoundError) as error:
-        print(f"posttrain shards build: {error}", file=sys.stderr)
-        return 1
+    protocols = _mix_protocol(args) if args.mix else args.protocol
+    if build_submit.submitted(args):
+        return build_submit.run_submitted(args, protocols, BuildOptions(**options))
+    index = build_shards(protocols, args.root, args.out, **options)
     if index is None:
         print(f"task {task_index} of {num_tasks} done; run `posttrain shards merge {args.out}` after all tasks")
     else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -11,13 +10,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.data.shard_build import ShardBuildError, merge
+    from posttrain.data.shard_build import merge
     from posttrain.data.shards import format_index
 
-    try:
-        index = merge(args.directory)
-    except ShardBuildError as error:
-        print(f"posttrain shards merge: {error}", file=sys.stderr)
-        return 1
-    print(format_index(index))
+    print(format_index(merge(args.directory)))
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -18,7 +17,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--throughput", type=float, default=DEFAULT_THROUGHPUT,
                         help="audio-seconds per core-second of the shard build "
                              "(measure with `python -m posttrain.bench shards`)")
-    parser.add_argument("--max-samples-per-shard", type=int, default=1000)
+    parser.add_argument("--max-samples-per-shard", type=int, default=1000, help="samples per shard at most")
     parser.add_argument("--max-shard-mb", type=float, default=1000.0, help="size bound per shard (10^6 bytes)")
     parser.add_argument("--name", default="train", help="shard file prefix, as `shards build --name`")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed, as `shards build --seed`")
@@ -28,21 +27,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.config import ConfigError
     from posttrain.data.files import write_bytes_atomic
     from posttrain.data.mix import format_plan, load_mix, plan_mix
-    from posttrain.data.protocol import ProtocolError
-    from posttrain.data.shard_build import BuildOptions, ShardBuildError
+    from posttrain.data.shard_build import BuildOptions
 
-    try:
-        mix = load_mix(args.mix)
-        options = BuildOptions(name=args.name, max_samples_per_shard=args.max_samples_per_shard,
-                               max_shard_mb=args.max_shard_mb, seed=args.seed)
-        plan = plan_mix(mix, Path(args.root), split=args.split, options=options, throughput=args.throughput,
-                        cores=args.cores, tolerance_pct=args.tolerance_pct)
-    except (ConfigError, ProtocolError, ShardBuildError, FileNotFoundError, ValueError) as error:
-        print(f"posttrain shards plan: {error}", file=sys.stderr)
-        return 1
+    mix = load_mix(args.mix)
+    options = BuildOptions(name=args.name, max_samples_per_shard=args.max_samples_per_shard,
+                           max_shard_mb=args.max_shard_mb, seed=args.seed)
+    plan = plan_mix(mix, Path(args.root), split=args.split, options=options, throughput=args.throughput,
+                    cores=args.cores, tolerance_pct=args.tolerance_pct)
     print(format_plan(plan))
     if args.json:
         write_bytes_atomic(args.json, (json.dumps(plan.to_dict(), indent=1) + "\n").encode("utf-8"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from posttrain.config import CropConfig, StreamConfig
@@ -16,14 +15,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", nargs="+", required=True, metavar="DIR", help="shard directories (index.json)")
     parser.add_argument("--weights", nargs="+", type=float, default=[],
                         help="per-set repeat factor per epoch (default 1 each)")
-    parser.add_argument("--max-batch-seconds", type=float, default=defaults.max_batch_seconds)
-    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
-    parser.add_argument("--num-buckets", type=int, default=defaults.num_buckets)
-    parser.add_argument("--num-workers", type=int, default=defaults.num_workers)
-    parser.add_argument("--shuffle-buffer", type=int, default=defaults.shuffle_buffer)
-    parser.add_argument("--crop", choices=["antideepfake", "fixed", "none"], default=CropConfig().policy)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max-batch-seconds", type=float, default=defaults.max_batch_seconds,
+                        help="audio seconds per batch, padding included")
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size, help="samples per batch at most")
+    parser.add_argument("--num-buckets", type=int, default=defaults.num_buckets, help="duration buckets")
+    parser.add_argument("--num-workers", type=int, default=defaults.num_workers, help="DataLoader worker processes")
+    parser.add_argument("--shuffle-buffer", type=int, default=defaults.shuffle_buffer, help="samples in the shuffle buffer")
+    parser.add_argument("--crop", choices=["antideepfake", "fixed", "none"], default=CropConfig().policy, help="how long audio is cut")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="shuffle and crop seed")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs to stream")
 
 
 def _row(values: dict) -> list[str]:
@@ -45,11 +45,7 @@ def run(args: argparse.Namespace) -> int:
                        max_batch_seconds=args.max_batch_seconds, max_batch_size=args.max_batch_size,
                        num_buckets=args.num_buckets, num_workers=args.num_workers,
                        shuffle_buffer=args.shuffle_buffer, seed=args.seed, crop=CropConfig(policy=args.crop))
-    try:
-        stream = ShardStream(cfg)
-    except (ValueError, FileNotFoundError) as error:  # ConfigError and ShardFormatError are ValueErrors
-        print(f"posttrain stream: {error}", file=sys.stderr)
-        return 2
+    stream = ShardStream(cfg)
     rows, previous = [], stream.stats()
     for epoch in range(args.epochs):
         stream.set_epoch(epoch)

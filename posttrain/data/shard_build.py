@@ -31,6 +31,7 @@ from posttrain.data.files import write_text_atomic
 from posttrain.data.protocol import LABELS, ProtocolRow, read_protocols
 from posttrain.data.shards import (FORMAT, INDEX_NAME, REJECTS_NAME, SAMPLE_RATE_HZ, TOTAL_GROUPS, VERSION,
                                    file_sha256, sample_key)
+from posttrain.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,8 @@ TAR_MTIME = 0
 TAR_USER = "posttrain"
 
 
-class ShardBuildError(RuntimeError):
-    """A build that cannot proceed (strict reject, mixed plans, incomplete merge)."""
+class ShardBuildError(UserError, RuntimeError):
+    """A build that cannot proceed (strict reject, mixed plans, incomplete merge): the user's to fix."""
 
 
 @dataclass(frozen=True)

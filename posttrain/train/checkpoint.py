@@ -38,6 +38,7 @@ import torch.distributed as torch_dist
 
 from posttrain.config import ModelConfig
 from posttrain.data.files import write_text_atomic
+from posttrain.errors import UserError
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -53,8 +54,8 @@ BEST = "best"
 TAG_PATTERN = re.compile(r"^step-(\d{8,})(-epoch\d+)?$")
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint folder that cannot be used as given (incomplete, foreign, unreadable)."""
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:

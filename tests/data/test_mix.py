@@ -197,7 +197,7 @@ def test_plan_command_prints_and_writes_json(synthetic_mix, tmp_path, capsys):
     assert saved["build"]["cores"] == 8 and saved["shards"]["max_samples_per_shard"] == 7
     assert {corpus["name"] for corpus in saved["corpora"]} == {"Real", "Fake", "Absent"}
     assert saved["corpora"][0]["found_hours"]["real"] == pytest.approx(_hours(real, proportion={"train", "test"}))
-    assert cli(["shards", "plan", str(tmp_path / "nope.yaml"), "--root", str(root)]) == 1
+    assert cli(["shards", "plan", str(tmp_path / "nope.yaml"), "--root", str(root)]) == 2
 
 
 # ------------------------------------------------------------------------------------- building

@@ -365,5 +365,5 @@ def test_cli_prepare(tmp_path, capsys):
     assert main(["data", "prepare", "deep_voice", "--root", str(lay.root), "--out", str(out), "--no-progress"]) == 0
     assert len(read_protocol(out)) == 2
     assert "2 rows" in capsys.readouterr().out
-    assert main(["data", "prepare", "deep_voice", "--root", str(tmp_path / "absent"), "--out", str(out)]) == 1
+    assert main(["data", "prepare", "deep_voice", "--root", str(tmp_path / "absent"), "--out", str(out)]) == 2
     assert "corpus root is not a folder" in capsys.readouterr().err

@@ -136,7 +136,7 @@ def test_bad_protocol_and_key_collision_fail(make_corpus, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text(corpus.protocol.read_text().replace(",real,", ",maybe,", 1))
     result = _cli("shards", "build", "--protocol", str(bad), "--root", str(corpus.root), "--out", str(tmp_path / "o"))
-    assert result.returncode == 1 and f"{bad}:2: " in result.stderr and "unknown label 'maybe'" in result.stderr
+    assert result.returncode == 2 and f"{bad}:2: " in result.stderr and "unknown label 'maybe'" in result.stderr
     rows = read_protocol(corpus.protocol)
     write_protocol(rows + [ProtocolRow(id=rows[1].id.replace(".", "_"), label="real", duration_s=1.0,
                                        path=rows[1].path)], tmp_path / "collide.csv")
@@ -184,4 +184,4 @@ def test_inspect_and_merge_cli(shard_dir, make_corpus, tmp_path):
                                               r"task\(s\) \[1, 2\] of 3"):
         merge(tmp_path / "split")
     result = _cli("shards", "merge", str(tmp_path / "split"))
-    assert result.returncode == 1 and "[1, 2]" in result.stderr
+    assert result.returncode == 2 and "[1, 2]" in result.stderr
