@@ -44,7 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kmeans-epochs", type=int, default=defaults.kmeans_epochs,
                         help="partial_fit passes over each fake group")
     parser.add_argument("--shards", action="store_true", help="also build shards of the selection in OUT/shards")
-    parser.add_argument("--max-samples-per-shard", type=int, default=1000)
+    parser.add_argument("--max-samples-per-shard", type=int, default=1000, help="samples per shard at most")
 
 
 def _finite(value: float) -> float | None:
