@@ -2,8 +2,9 @@
 
 Unlike AntiDeepfake, padding never reaches the pooled vector: the frame mask comes from the true
 sample lengths through the feature extractor's own output-length arithmetic, and the same mask
-goes to self-attention. (Group-norm extractors, wav2vec 2.0 small, still normalise their first conv
-layer over the padded time axis; duration bucketing keeps that padding small.)
+goes to self-attention. Group-norm extractors (wav2vec 2.0 small) take their first conv layer's
+statistics over valid frames only (``posttrain.models.masked_norm``), so a padded batch scores as
+batch 1 for every backbone.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from transformers import HubertModel, PretrainedConfig, PreTrainedModel, Wav2Vec2Model
 
 from posttrain.config import ModelConfig
+from posttrain.models.masked_norm import first_conv_frames, install_masked_group_norm
 from posttrain.models.presets import get_preset
 
 ENCODERS: dict[str, type[PreTrainedModel]] = {"wav2vec2": Wav2Vec2Model, "hubert": HubertModel}
@@ -26,6 +28,8 @@ class Detector(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.head = nn.Linear(encoder.config.hidden_size, NUM_CLASSES)
+        # a plain attribute (a tuple), not a submodule: its parameters are the encoder's own
+        self._group_norm = (install_masked_group_norm(encoder),)
 
     @property
     def ssl_config(self) -> PretrainedConfig:
@@ -38,6 +42,8 @@ class Detector(nn.Module):
     def embed(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Pooled (penultimate) representation ``[B, D]``."""
         sample_mask = lengths_to_mask(lengths, waveforms.shape[1])
+        if self._group_norm[0] is not None:
+            self._group_norm[0].valid_frames = first_conv_frames(self.encoder, lengths)
         waveforms = waveforms.to(self.head.weight.dtype)
         hidden = self.encoder(waveforms, attention_mask=sample_mask.long()).last_hidden_state
         mask = self.frame_mask(lengths, hidden.shape[1]).unsqueeze(-1).to(hidden.dtype)

@@ -42,7 +42,22 @@ def test_unknown_preset_names_the_key():
         build_detector(ModelConfig(preset="xlsr_3b"))
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny_hubert"])
+# one tiny preset per backbone family of the released models: (architecture, conv norm, conv bias)
+TINY_FAMILIES = {("wav2vec2", "group", False): "tiny_group_norm", ("wav2vec2", "layer", True): "tiny",
+                 ("hubert", "layer", False): "tiny_hubert"}
+
+
+def _family(name: str) -> tuple[str, str, bool]:
+    config = get_preset(name).ssl_config()
+    return get_preset(name).architecture, config.feat_extract_norm, config.conv_bias
+
+
+def test_every_preset_family_has_a_tiny_twin_in_the_padding_test():
+    assert {_family(name) for name in PRESETS} <= set(TINY_FAMILIES)
+    assert all(_family(tiny) == family for family, tiny in TINY_FAMILIES.items())
+
+
+@pytest.mark.parametrize("preset", sorted(TINY_FAMILIES.values()))
 def test_padding_never_reaches_the_logits(preset):
     torch.manual_seed(0)
     detector = build_detector(ModelConfig(preset=preset)).eval()
