@@ -81,7 +81,7 @@ def build_detector(cfg: ModelConfig, ssl_config: PretrainedConfig | dict | None 
     encoder_cls = ENCODERS[preset.architecture]
     overrides = ssl_overrides(cfg)
     if cfg.pretrained:
-        encoder = _load_pretrained(encoder_cls, cfg.pretrained, overrides)
+        encoder = _load_pretrained(encoder_cls, cfg.pretrained, {**overrides, **preset.pretrained_overrides})
     else:
         if isinstance(ssl_config, dict):
             ssl_config = encoder_cls.config_class(**{**ssl_config, **overrides})

@@ -19,6 +19,10 @@ ARCHITECTURES: dict[str, type[PretrainedConfig]] = {"wav2vec2": Wav2Vec2Config, 
 _FULL_CONV = {"conv_dim": [512] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2]}
 _GROUP_NORM = {"feat_extract_norm": "group", "conv_bias": False, "do_stable_layer_norm": False}
 _LAYER_NORM = {"feat_extract_norm": "layer", "conv_bias": True, "do_stable_layer_norm": True}
+# fairseq HuBERT has no conv bias (AntiDeepfake's HBT_configs too), but the hub config of
+# facebook/hubert-xlarge-ll60k says conv_bias: true: loading it as is adds conv biases the released
+# detector does not have. Forced onto the pre-trained config of the HuBERT presets.
+_FAIRSEQ_HUBERT = {"conv_bias": False}
 _TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
          "conv_dim": [32, 32, 32], "conv_kernel": [10, 3, 3], "conv_stride": [5, 2, 2],
          "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2}
@@ -36,6 +40,7 @@ class Preset:
     params_millions: float | None = None  # released model size, for checks; None for test presets
     hub_id: str | None = None  # pre-trained SSL weights
     antideepfake_repo: str | None = None  # released post-trained detector (without the -nda suffix)
+    pretrained_overrides: dict[str, Any] = field(default_factory=dict)  # fixes to the hub_id config
 
     def ssl_config(self, **overrides: Any) -> PretrainedConfig:
         return ARCHITECTURES[self.architecture](**{**self.config_kwargs, **overrides})
@@ -46,7 +51,8 @@ PRESETS: dict[str, Preset] = {
     for preset in [
         Preset("tiny", "wav2vec2", {**_TINY, **_LAYER_NORM}),
         Preset("tiny_group_norm", "wav2vec2", {**_TINY, **_GROUP_NORM}),
-        Preset("tiny_hubert", "hubert", {**_TINY, **_LAYER_NORM, "conv_bias": False}),
+        Preset("tiny_hubert", "hubert", {**_TINY, **_LAYER_NORM, **_FAIRSEQ_HUBERT},
+               pretrained_overrides=_FAIRSEQ_HUBERT),
         Preset("wav2vec2_small", "wav2vec2", {**_FULL_CONV, **_GROUP_NORM, **_shape(12, 768, 3072, 12)},
                95, "facebook/wav2vec2-base", "nii-yamagishilab/wav2vec-small-anti-deepfake"),
         Preset("wav2vec2_large", "wav2vec2", {**_FULL_CONV, **_LAYER_NORM, **_shape(24, 1024, 4096, 16)},
@@ -61,8 +67,9 @@ PRESETS: dict[str, Preset] = {
                965, "facebook/wav2vec2-xls-r-1b", "nii-yamagishilab/xls-r-1b-anti-deepfake"),
         Preset("xlsr_2b", "wav2vec2", {**_FULL_CONV, **_LAYER_NORM, **_shape(48, 1920, 7680, 16)},
                2200, "facebook/wav2vec2-xls-r-2b", "nii-yamagishilab/xls-r-2b-anti-deepfake"),
-        Preset("hubert_xl", "hubert", {**_FULL_CONV, **_LAYER_NORM, "conv_bias": False, **_shape(48, 1280, 5120, 16)},
-               964, "facebook/hubert-xlarge-ll60k", "nii-yamagishilab/hubert-xlarge-anti-deepfake"),
+        Preset("hubert_xl", "hubert", {**_FULL_CONV, **_LAYER_NORM, **_FAIRSEQ_HUBERT, **_shape(48, 1280, 5120, 16)},
+               964, "facebook/hubert-xlarge-ll60k", "nii-yamagishilab/hubert-xlarge-anti-deepfake",
+               pretrained_overrides=_FAIRSEQ_HUBERT),
     ]
 }
 

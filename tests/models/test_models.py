@@ -115,3 +115,20 @@ def test_normalize_waveforms_matches_per_clip_layer_norm():
         reference = torch.nn.functional.layer_norm(waves[row, :n], (n,), eps=1e-7)
         torch.testing.assert_close(out[row, :n], reference, atol=1e-5, rtol=1e-5)
     assert torch.all(out[1, 600:] == 0)
+
+
+def test_hubert_presets_drop_the_conv_bias_the_hub_config_claims(tmp_path):
+    """facebook/hubert-xlarge-ll60k's config says conv_bias: true, fairseq's HuBERT (and so the
+    released detector) has none: loading the pre-trained weights follows the released model."""
+    from transformers import HubertModel
+
+    assert get_preset("hubert_xl").pretrained_overrides == {"conv_bias": False}
+    torch.manual_seed(4)
+    hub_like = HubertModel(get_preset("tiny_hubert").ssl_config(conv_bias=True))  # the hub's claim
+    hub_like.save_pretrained(tmp_path / "ssl")
+    detector = build_detector(ModelConfig(preset="tiny_hubert", pretrained=str(tmp_path / "ssl")))
+    assert detector.ssl_config.conv_bias is False
+    assert all(layer.conv.bias is None for layer in detector.encoder.feature_extractor.conv_layers)
+    source = hub_like.state_dict()
+    for name, tensor in detector.encoder.state_dict().items():
+        torch.testing.assert_close(tensor, source[name])
