@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "the README's main job: demo corpus -> shards -> post-training -> evaluation"),
     "data demo": ("data_demo", "build the demo corpus (klettres recordings vs espeak-ng speech)"),
     "data prepare": ("data_prepare", "write the protocol CSV of a corpus from its official layout"),
+    "data deepvoice-segments": ("data_deepvoice_segments", "cut DEEP-VOICE into AntiDeepfake's logged test segments"),
     "data df2024": ("data_df2024", "Deepfake-Eval-2024: protocol CSVs, transcoding, segmentation"),
     "shards build": ("shards_build", "protocol CSVs -> WebDataset shards + index.json"),
     "shards plan": ("shards_plan", "hours found vs expected for a mix, shard count and build time"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +15,10 @@ import soundfile as sf
 from posttrain.data.protocol import read_protocol
 from posttrain.data.recipes import RECIPES, RecipeError, get_recipe, prepare
 from posttrain.data.recipes.base import build_rows
+
+
+# The rows AntiDeepfake's own protocol scripts wrote for these miniatures (see the README there).
+AD_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "ad_protocols"
 
 
 @dataclass
@@ -94,26 +100,32 @@ def make_asvspoof2021_df(lay: Layout) -> None:
 
 
 def make_asvspoof5(lay: Layout) -> None:
-    lay.text("ASVspoof5_protocols/ASVspoof5.train.tsv",
-             "T_4850 T_0000000000 F - - - AC3 A05 spoof -\nT_1234 T_0000000001 M - - - - bonafide bonafide -\n")
-    lay.text("ASVspoof5_protocols/ASVspoof5.dev.track_1.tsv", "D_4461 D_0000000169 F - - - AC1 A14 spoof -\n")
+    # AD's script reads these header-less files with a header: each one's first row (whose audio exists
+    # here) must not become a protocol row.
+    lay.text("ASVspoof5.train.tsv", "T_4851 T_0000000099 M - - - AC3 A07 spoof -\n"
+                                    "T_4850 T_0000000000 F - - - AC3 A05 spoof -\nT_1234 T_0000000001 M - - - - bonafide bonafide -\n")
+    lay.text("ASVspoof5.dev.track_1.tsv", "D_0001 D_0000000001 F - - - - bonafide bonafide -\n"
+                                          "D_4461 D_0000000169 F - - - AC1 A14 spoof -\n")
+    lay.audio("ASVspoof5_train/flac_T/T_0000000099.flac")
+    lay.audio("ASVspoof5_dev/flac_D/D_0000000001.flac")
     for name, folder, label, proportion, attack, speaker in [
             ("T_0000000000", "ASVspoof5_train/flac_T", "fake", "train", "A05", "T_4850"),
-            ("T_0000000001", "ASVspoof5_train/flac_T", "real", "train", "-", "T_1234"),
-            ("D_0000000169", "flac_D", "fake", "valid", "A14", "D_4461")]:
-        lay.expect(f"ASV5-{name}", lay.audio(f"{folder}/{name}.flac"), label, proportion, attack, speaker, "en")
+            ("T_0000000001", "ASVspoof5_train/flac_T", "real", "train", "bonafide", "T_1234"),
+            ("D_0000000169", "ASVspoof5_dev/flac_D", "fake", "valid", "A14", "D_4461")]:
+        lay.expect(f"ASV5-{attack}-{name}", lay.audio(f"{folder}/{name}.flac"), label, proportion,
+                   "-" if label == "real" else attack, speaker, "en")
 
 
 def make_mls(lay: Layout) -> None:
     lay.text("mls_german/train/transcripts.txt", "1844_931_000001\tein satz\n10148_10119_000002\tnoch einer\n")
     lay.text("mls_german/train/segments.txt", "1844_931_000001\thttp://example/a.mp3\t0.0\t1.0\n")
-    lay.text("mls_polish/test/transcripts.txt", "6892_5944_000010\tzdanie\n")
+    lay.text("mls_italian/test/transcripts.txt", "6892_5944_000010\tfrase\n")
     for language, folder, utterance, proportion in [("de", "mls_german/train", "1844_931_000001", "train"),
                                                     ("de", "mls_german/train", "10148_10119_000002", "train"),
-                                                    ("pl", "mls_polish/test", "6892_5944_000010", "test")]:
+                                                    ("it", "mls_italian/test", "6892_5944_000010", "test")]:
         speaker, book, _ = utterance.split("_")
         path = lay.audio(f"{folder}/audio/{speaker}/{book}/{utterance}.flac")
-        lay.expect(f"MLS-{language}-{utterance}", path, "real", proportion, "-", f"{language}-{speaker}", language)
+        lay.expect(f"MLS-{language.upper()}-{utterance}", path, "real", proportion, "-", f"{language}-{speaker}", language)
 
 
 def _make_libritts(lay: Layout, prefix: str, label: str, attack: str) -> None:
@@ -129,20 +141,20 @@ def _make_libritts(lay: Layout, prefix: str, label: str, attack: str) -> None:
 
 
 def make_libritts(lay: Layout) -> None:
-    _make_libritts(lay, "LibriTTS", "real", "-")
+    _make_libritts(lay, "Libri", "real", "-")
 
 
 def make_libritts_r(lay: Layout) -> None:
-    _make_libritts(lay, "LibriTTSR", "fake", "miipher")
+    _make_libritts(lay, "Libri-R", "fake", "miipher")
 
 
 def _make_fleurs(lay: Layout, prefix: str, label: str, attack: str) -> None:
-    for locale, split, proportion, name in [("en_us", "train", "train", "10004088536354799741.wav"),
-                                            ("en_us", "dev", "valid", "1001.wav"),
-                                            ("cmn_hans_cn", "test", "test", "2002.wav")]:
+    for locale, code, split, proportion, name in [("en_us", "EN", "train", "train", "10004088536354799741.wav"),
+                                                  ("en_us", "EN", "dev", "valid", "1001.wav"),
+                                                  ("cmn_hans_cn", "CN", "test", "test", "2002.wav")]:
         lay.text(f"data/{locale}/{split}.tsv", f"1683\t{name}\tRaw text.\traw text\tr a w\t16000\tFEMALE\n")
         path = lay.audio(f"data/{locale}/audio/{split}/{name}")
-        lay.expect(f"{prefix}-{locale}-{Path(name).stem}", path, label, proportion, attack, "-", locale.split("_")[0])
+        lay.expect(f"{prefix}-{code}-{Path(name).stem}", path, label, proportion, attack, "-", locale.split("_")[0])
 
 
 def make_fleurs(lay: Layout) -> None:
@@ -150,14 +162,14 @@ def make_fleurs(lay: Layout) -> None:
 
 
 def make_fleurs_r(lay: Layout) -> None:
-    _make_fleurs(lay, "FLEURSR", "fake", "miipher")
+    _make_fleurs(lay, "FLEURS-R", "fake", "miipher")
 
 
 def make_voxceleb2(lay: Layout) -> None:
-    lay.expect("VoxCeleb2-id00012-21Uxsk56VDQ-00001", lay.audio("dev/aac/id00012/21Uxsk56VDQ/00001.m4a"),
-               "real", "train", speaker="id00012")
-    lay.expect("VoxCeleb2-id00017-01dfn2spqyE-00002", lay.audio("test/aac/id00017/01dfn2spqyE/00002.wav"),
-               "real", "test", speaker="id00017")
+    for video, clip in [("21Uxsk56VDQ", "00001"), ("21Uxsk56VDQ", "00002"), ("9Zdfx0bGsyE", "00001")]:
+        lay.expect(f"VoxCeleb2-id00012-{video}-{clip}", lay.audio(f"dev/aac/id00012/{video}/{clip}.wav"), "real",
+                   speaker="id00012")
+    lay.audio("test/aac/id00017/01dfn2spqyE/00002.wav")  # AD uses the dev set only: no row for the test set
 
 
 def make_wavefake(lay: Layout) -> None:
@@ -166,7 +178,7 @@ def make_wavefake(lay: Layout) -> None:
                                                ("common_voices_prompts_from_conformer_fastspeech2_pwg_ljspeech",
                                                 "common_voice_en_1_gen", "en", "LJ")]:
         path = lay.audio(f"generated_audio/{generator}/{stem}.wav", 22050)
-        lay.expect(f"WF-{generator}-{stem}", path, "fake", "-", generator, speaker, language)
+        lay.expect(f"WF-{generator}_{stem}", path, "fake", "-", generator, speaker, language)
 
 
 def make_mlaad(lay: Layout) -> None:
@@ -176,6 +188,9 @@ def make_mlaad(lay: Layout) -> None:
     lay.expect("MLAAD-de-tts_models_de_thorsten_vits-a_1", lay.audio(f"{folder}/a_1.wav"), "fake",
                attack="tts_models_de_thorsten_vits", language="de")
     lay.expect("MLAAD-en-bark-b_2", lay.audio("fake/en/bark/b_2.wav", 24000), "fake", attack="bark", language="en")
+    lay.expect("MLAAD-ZH-tts_models_zh-CN_baker_tacotron2-DDC-GST-c_3",
+               lay.audio("fake/zh-cn/tts_models_zh-CN_baker_tacotron2-DDC-GST/c_3.wav"), "fake",
+               attack="tts_models_zh-CN_baker_tacotron2-DDC-GST", language="zh-cn")
 
 
 def make_spoofceleb(lay: Layout) -> None:
@@ -185,49 +200,55 @@ def make_spoofceleb(lay: Layout) -> None:
     for split, records in rows.items():
         lay.text(f"metadata/{split}.csv", "file,speaker,attack\n" + "".join(f"{f},{s},{a}\n" for f, s, a in records))
         for relative, speaker, attack in records:
-            row_id = f"SpoofCeleb-{split}-{relative[:-5].replace('/', '-')}"
+            row_id = f"SpoofCeleb-{relative.removesuffix('.flac')}"
             lay.expect(row_id, lay.audio(f"flac/{split}/{relative}"), "real" if attack == "a00" else "fake",
                        "train" if split == "train" else "valid", "-" if attack == "a00" else attack, speaker)
 
 
 def make_codecfake(lay: Layout) -> None:
-    lay.text("label/train.txt", "SSB13650058.wav real 0\nF01_SSB13650058.wav fake 1\n")
-    lay.text("label/C7.txt", "F07_p225_001.wav fake 7\n")
-    lay.expect("Codecfake-train-SSB13650058", lay.audio("train/SSB13650058.wav"), "real", "train")
-    lay.expect("Codecfake-train-F01_SSB13650058", lay.audio("train/F01_SSB13650058.wav"), "fake", "train", "F01")
-    lay.expect("Codecfake-C7-F07_p225_001", lay.audio("C7/F07_p225_001.wav"), "fake", "test", "F07")
+    # AD reads train, dev and C7 only (C1-C6 never become rows), and drops each label file's first row.
+    lay.text("label/train.txt", "SSB00000001.wav real 0\nSSB13650058.wav real 0\nF01_SSB13650058.wav fake 1\n")
+    lay.text("label/dev.txt", "F02_SSB00000002.wav fake 2\nSSB00000003.wav real 0\n")
+    lay.text("label/C7.txt", "F07_p225_000.wav fake 7\nF07_p225_001.wav fake 7\n")
+    lay.text("label/C1.txt", "F01_p225_002.wav fake 1\nF01_p225_003.wav fake 1\n")
+    for dropped in ("train/SSB00000001.wav", "dev/F02_SSB00000002.wav", "C7/F07_p225_000.wav",
+                    "C1/F01_p225_002.wav", "C1/F01_p225_003.wav"):
+        lay.audio(dropped)
+    lay.expect("Codecf-SSB13650058", lay.audio("train/SSB13650058.wav"), "real", "train")
+    lay.expect("Codecf-F01_SSB13650058", lay.audio("train/F01_SSB13650058.wav"), "fake", "train", "F01")
+    lay.expect("Codecf-SSB00000003", lay.audio("dev/SSB00000003.wav"), "real", "valid")
+    lay.expect("Codecf-F07_p225_001", lay.audio("C7/F07_p225_001.wav"), "fake", "test", "F07")
 
 
 def make_in_the_wild(lay: Layout) -> None:
     lay.text("meta.csv", "file,speaker,label\n0.wav,Alec Guinness,spoof\n1.wav,Barack Obama,bona-fide\n")
-    lay.expect("ItW-0", lay.audio("0.wav"), "fake", "test", speaker="Alec Guinness", language="en")
-    lay.expect("ItW-1", lay.audio("1.wav"), "real", "test", speaker="Barack Obama", language="en")
+    lay.expect("ItW-0", lay.audio("0.wav"), "fake", speaker="Alec Guinness", language="en")
+    lay.expect("ItW-1", lay.audio("1.wav"), "real", speaker="Barack Obama", language="en")
 
 
-def make_fakeorreal(lay: Layout) -> None:
-    for version, split, label, name, proportion in [("for-norm", "training", "real", "file1.wav", "train"),
-                                                    ("for-norm", "testing", "fake", "file2.wav", "test"),
-                                                    ("for-original", "validation", "fake", "file3.mp3", "valid")]:
-        path = lay.audio(f"{version}/{split}/{label}/{name}")
-        lay.expect(f"FoR-{version}-{split}-{label}-{Path(name).stem}", path, label, proportion, language="en")
+def make_fakeorreal(lay: Layout) -> None:  # the root is one version folder (AD: for-original)
+    for split, label, name, proportion in [("training", "real", "file1.wav", "train"),
+                                           ("testing", "fake", "file2.wav", "test"),
+                                           ("validation", "fake", "file3.mp3", "valid")]:
+        path = lay.audio(f"{split}/{label}/{name}")
+        lay.expect(f"FoR-{split}-{label}-{Path(name).stem}", path, label, proportion, language="en")
 
 
-def make_add2023(lay: Layout) -> None:
-    for folder, name, word, proportion in [("testR2", "ADD2023_T1.2R2_E_00000003", "genuine", "test"),
-                                           ("testR2", "ADD2023_T1.2R2_E_00000004", "fake", "test"),
-                                           ("train", "ADD2023_T1.2_T_00000001", "fake", "train")]:
-        lay.expect(f"ADD2023-{name}", lay.audio(f"{folder}/wav/{name}.wav"), "real" if word == "genuine" else "fake",
-                   proportion, language="zh")
-        label_file = lay.root / folder / "label.txt"
-        previous = label_file.read_text() if label_file.exists() else ""
-        lay.text(f"{folder}/label.txt", previous + f"{name}.wav {word}\n")
+def make_add2023(lay: Layout) -> None:  # the root is Track1.2/testR2, the set AD evaluates
+    lines = []
+    for name, word in [("ADD2023_T1.2R2_E_00000003", "genuine"), ("ADD2023_T1.2R2_E_00000004", "fake")]:
+        lay.expect(f"ADD2023-{name}.wav", lay.audio(f"wav/{name}.wav"), "real" if word == "genuine" else "fake",
+                   "test", language="zh")
+        lines.append(f"{name}.wav {word}\n")
+    lay.text("label.txt", "".join(lines))
 
 
-def make_deep_voice(lay: Layout) -> None:
-    lay.expect("DeepVoice-real-biden-original", lay.audio("AUDIO/REAL/biden-original.wav", 44100), "real", "test",
-               speaker="biden", language="en")
-    lay.expect("DeepVoice-fake-biden-to-linus", lay.audio("AUDIO/FAKE/biden-to-linus.wav", 44100), "fake", "test",
-               "rvc", "linus", "en")
+def make_deep_voice(lay: Layout) -> None:  # AD's logged segments of the recordings
+    for n in (1, 2):
+        lay.expect(f"DeepVoice-VC_biden-original_seg_{n}", lay.audio(f"AUDIO_SEGMENTS/REAL/biden-original_seg_{n}.wav",
+                   44100), "real", speaker="biden", language="en")
+    lay.expect("DeepVoice-VC_biden-to-linus_seg_1", lay.audio("AUDIO_SEGMENTS/FAKE/biden-to-linus_seg_1.wav", 44100),
+               "fake", attack="rvc", speaker="linus", language="en")
 
 
 MAKERS = {name.removeprefix("make_"): maker for name, maker in globals().items() if name.startswith("make_")}
@@ -245,7 +266,7 @@ def test_recipe_writes_the_expected_protocol(name, tmp_path):
         row = rows[row_id]
         assert row.path.startswith("$ROOT/")
         assert row.resolved_path(lay.root).resolve() == expected["path"].resolve()
-        assert row.corpus == get_recipe(name).prefix
+        assert row.corpus == get_recipe(name).prefix.split("-")[0]  # AD groups per corpus by the first part
         info = sf.info(str(expected["path"])) if expected["path"].suffix != ".m4a" else None
         if info is not None:
             assert row.sample_rate_hz == info.samplerate
@@ -269,7 +290,30 @@ def prepare_miniature(name, make, tmp_path):
         assert (row.label, row.proportion, row.attack, row.speaker, row.language) == (
             expected["label"], expected["proportion"], expected["attack"], expected["speaker"], expected["language"]
         ), row_id
+    assert_rows_match_antideepfake(name, rows)
     return lay, rows
+
+
+def assert_rows_match_antideepfake(name, rows):
+    """Row for row, the rows AD's protocol script wrote for the same miniature: the same IDs, and per ID the
+    same label, split, file, sample rate and duration (AD rounds it to 0.01 s). Attack, Speaker and Language
+    are posttrain's own normalised metadata, and AD's encoding columns depend on its torchaudio backend."""
+    folder = json.loads((AD_FIXTURES / "index.json").read_text(encoding="utf-8"))[name]["root"]
+    with (AD_FIXTURES / f"{name}.csv").open(newline="", encoding="utf-8") as handle:
+        expected = list(csv.DictReader(handle))
+    assert len({ad["ID"] for ad in expected}) == len(expected), f"{name}: AD's fixture repeats an ID"
+    assert sorted(rows) == sorted(ad["ID"] for ad in expected)
+    for ad in expected:
+        row = rows[ad["ID"]]
+        ours = (row.label, row.proportion, row.path.replace("$ROOT/", f"$ROOT/{folder}/", 1), row.sample_rate_hz,
+                round(row.duration_s, 2))
+        assert ours == (ad["Label"], ad["Proportion"], ad["Path"], int(ad["SampleRate"]), float(ad["Duration"])), ad["ID"]
+
+
+def test_every_recipe_has_an_antideepfake_fixture():
+    index = json.loads((AD_FIXTURES / "index.json").read_text(encoding="utf-8"))
+    assert sorted(index) == sorted(RECIPES)
+    assert all((AD_FIXTURES / f"{name}.csv").is_file() for name in index)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,19 +343,19 @@ BREAKERS = {
                                    "LA_0069 LA_D_1 - bonafide\n"),
     "asvspoof2021_df": _break_line("keys/DF/CM/trial_metadata.txt",
                                    "LA_0023 DF_E_9 nocodec asvspoof A14 maybe notrim eval\n"),
-    "asvspoof5": _break_line("ASVspoof5_protocols/ASVspoof5.train.tsv", "T_4850 T_0000000009 F - - - AC3 A05 spoof\n"),
+    "asvspoof5": _break_line("ASVspoof5.train.tsv", "T_4850 T_0000000009 F - - - AC3 A05 spoof\n"),
     "mls": _break_line("mls_german/train/transcripts.txt", "1844-931-000009\tein satz\n"),
     "libritts": _add_file("train-clean-100/103/1241/103_1241_x.wav"),
     "fleurs": _break_line("data/en_us/dev.tsv", "1683\n"),
-    "voxceleb2": _add_file("dev/aac/speaker12/abc/00001.m4a", "dev/aac/speaker12"),
+    "voxceleb2": _add_file("dev/aac/speaker12/abc/00001.wav", "dev/aac/speaker12"),
     "wavefake": _add_file("generated_audio/vctk_hifigan/p225_001.wav", "generated_audio/vctk_hifigan"),
     "mlaad": _break_line("fake/de/tts_models_de_thorsten_vits/meta.csv", "./x/absent.wav|o|German|vits|Hallo\n"),
     "spoofceleb": _break_line("metadata/train.csv", "a02/id1/x.flac,id1\n"),
     "codecfake": _break_line("label/train.txt", "F02_SSB1.wav fake two\n"),
     "in_the_wild": _break_line("meta.csv", "2.wav,Someone,deepfake\n"),
-    "fakeorreal": _add_file("for-norm/training/unknown/file9.wav", "for-norm/training/unknown"),
-    "add2023": _break_line("testR2/label.txt", "ADD2023_T1.2R2_E_00000009.wav spoofed\n"),
-    "deep_voice": _add_file("AUDIO/FAKE/obama.wav"),
+    "fakeorreal": _add_file("training/unknown/file9.wav", "training/unknown"),
+    "add2023": _break_line("label.txt", "ADD2023_T1.2R2_E_00000009.wav spoofed\n"),
+    "deep_voice": _add_file("AUDIO_SEGMENTS/FAKE/obama.wav"),
 }
 
 
@@ -330,6 +374,14 @@ def assert_malformed_layout_is_named(name, make, breaks, tmp_path):
     assert where.split(":")[0] in str(error.value)
     if ":" in where:  # a protocol line: the line number is named too
         assert where in str(error.value)
+
+
+def test_voxceleb2_reads_m4a_headers_with_ffprobe(tmp_path):
+    lay = Layout(tmp_path / "vox")
+    path = lay.audio("dev/aac/id00012/21Uxsk56VDQ/00001.m4a")
+    (row,) = build_rows(get_recipe("voxceleb2"), lay.root, progress=False).rows
+    assert row.id == "VoxCeleb2-id00012-21Uxsk56VDQ-00001" and row.resolved_path(lay.root) == path
+    assert row.sample_rate_hz == 16000 and 0.08 < row.duration_s < 0.2  # AAC adds encoder priming
 
 
 def test_missing_and_corrupt_audio_fail_or_are_skipped_and_counted(tmp_path):
@@ -363,7 +415,30 @@ def test_cli_prepare(tmp_path, capsys):
     make_deep_voice(lay)
     out = tmp_path / "dv.csv"
     assert main(["data", "prepare", "deep_voice", "--root", str(lay.root), "--out", str(out), "--no-progress"]) == 0
-    assert len(read_protocol(out)) == 2
-    assert "2 rows" in capsys.readouterr().out
+    assert len(read_protocol(out)) == 3
+    assert "3 rows" in capsys.readouterr().out
     assert main(["data", "prepare", "deep_voice", "--root", str(tmp_path / "absent"), "--out", str(out)]) == 2
     assert "corpus root is not a folder" in capsys.readouterr().err
+
+
+def test_deepvoice_segments_are_cut_at_ads_logged_bounds(tmp_path, capsys):
+    from posttrain.cli import main
+
+    root = tmp_path / "DeepVoice"
+    lay = Layout(root)
+    recording = lay.audio("AUDIO/REAL/biden-original.wav", 16000)
+    samples, _ = sf.read(str(recording), dtype="float32")
+    log = tmp_path / "DeepVoice_seg_log.txt"
+    log.write_text(f"Audio: biden-original_seg_1, start at: 0, end at: 700\nSaved: /x/REAL/biden-original_seg_1.wav\n"
+                   f"Audio: biden-original_seg_2, start at: 500, end at: {len(samples) + 999}\n"
+                   "Audio: obama-to-biden_seg_1, start at: 0, end at: 10\nProcessing complete!\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match="cut them"):
+        build_rows(get_recipe("deep_voice"), root, progress=False)
+    assert main(["data", "deepvoice-segments", "--log", str(log), "--root", str(root)]) == 0
+    assert "obama-to-biden.wav" in capsys.readouterr().err  # a recording the log names but the folder lacks
+    for name, expected in [("biden-original_seg_1", samples[:700]), ("biden-original_seg_2", samples[500:])]:
+        piece, _ = sf.read(str(root / "AUDIO_SEGMENTS" / "REAL" / f"{name}.wav"), dtype="float32")
+        np.testing.assert_array_equal(piece, expected)
+    (root / "AUDIO_SEGMENTS" / "FAKE").mkdir()
+    rows = build_rows(get_recipe("deep_voice"), root, progress=False).rows
+    assert sorted(row.id for row in rows) == ["DeepVoice-VC_biden-original_seg_1", "DeepVoice-VC_biden-original_seg_2"]

@@ -5,6 +5,8 @@ The ``Layout`` builder and the breakers come from test_recipes.py; every file he
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import soundfile as sf
 from test_recipes import MAKERS as FIRST_MAKERS
@@ -44,7 +46,7 @@ def make_voxceleb2_vocoded(lay: Layout) -> None:
             ("hifigan", "dev", "train", "id00012", "21Uxsk56VDQ", "00001"),
             ("hn_sinc_nsf", "test", "test", "id00017", "01dfn2spqyE", "00002")]:
         path = lay.audio(f"{vocoder}/{split}/aac/{speaker}/{video}/{clip}.wav")
-        lay.expect(f"VoxCeleb2Vo-{vocoder}-{speaker}-{video}-{clip}", path, "fake", proportion, vocoder, speaker)
+        lay.expect(f"VoxCeleb2-Vo-{vocoder}-{speaker}-{video}-{clip}", path, "fake", "-", vocoder, speaker)
 
 
 def make_libritts_vocoded(lay: Layout) -> None:
@@ -54,7 +56,7 @@ def make_libritts_vocoded(lay: Layout) -> None:
             ("hn_sinc_nsf_hifi", "test-other", "test", "1688_142285_000000_000000")]:
         speaker, chapter = utterance.split("_")[:2]
         path = lay.audio(f"{vocoder}/{subset}/{speaker}/{chapter}/{utterance}.wav", 24000)
-        lay.expect(f"LibriTTSVo-{vocoder}-{utterance}", path, "fake", proportion, vocoder, speaker, "en")
+        lay.expect(f"LibriTTS-Vo-{vocoder}-{utterance}", path, "fake", proportion, vocoder, speaker, "en")
 
 
 def make_cvoicefake(lay: Layout) -> None:
@@ -83,9 +85,9 @@ def make_diffuse_or_confuse(lay: Layout) -> None:
 
 def make_diffssd(lay: Layout) -> None:
     lay.text("README.md", "DiffSSD\n")
-    lay.expect("DiffSSD-grad_tts-sentence_1", lay.audio("generated_speech/grad_tts/sentence_1.wav", 22050), "fake",
+    lay.expect("DiffSSD-grad_tts---EN-sentence_1", lay.audio("generated_speech/grad_tts/sentence_1.wav", 22050), "fake",
                attack="grad_tts", language="en")
-    lay.expect("DiffSSD-your_tts-speaker_1487-sentence_449",
+    lay.expect("DiffSSD-your_tts-speaker_1487-EN-sentence_449",
                lay.audio("generated_speech/your_tts/speaker_1487/sentence_449.wav"), "fake", attack="your_tts",
                speaker="speaker_1487", language="en")
 
@@ -94,9 +96,10 @@ def make_cfad(lay: Layout) -> None:
     for relative, label, proportion, attack in [
             ("clean_version/train_clean/real_clean/aishell3/SSB00050001.wav", "real", "train", "-"),
             ("codec_version/test_seen_codec/fake_codec/lpcnet/SSB09660003_lpcnet_m4a.wav", "fake", "test", "lpcnet"),
-            ("codec_version/test_unseen_codec/fake_codec/lpcnet/SSB09660003_lpcnet_m4a.wav", "fake", "test", "lpcnet"),
+            ("codec_version/test_unseen_codec/fake_codec/lpcnet/SSB09660004_lpcnet_mp3.wav", "fake", "test", "lpcnet"),
             ("noisy_version/dev_noise/fake_noise/hifigan/BAC009S0002W0122_hifigan.wav", "fake", "valid", "hifigan")]:
-        row_id = "CFAD-" + "-".join(relative.removesuffix(".wav").split("/")[1:])
+        version, *_, stem = relative.removesuffix(".wav").split("/")
+        row_id = f"CFAD-{version}-{proportion}-{label}-{stem}"
         lay.expect(row_id, lay.audio(f"CFAD/{relative}"), label, proportion, attack, language="zh")
 
 
@@ -114,13 +117,16 @@ DSD_HEADER = ("Utterence name (file name),TTS or VC,Is multi-speaker?,Language,N
 
 
 def make_dsd(lay: Layout) -> None:
-    rows = [("09MKIS0040_12815", "-", "Korean", "AIHUB", "09MKIS0040", "bonafide", "-", "train"),
+    # AD's script skips the first record after the header: its file exists but gets no row.
+    lay.audio("p225_001_gen.wav")
+    rows = [("p225_001_gen", "VC", "English", "FreeVC-VCTK", "p225", "spoof", "FreeVC", "train"),
+            ("09MKIS0040_12815", "-", "Korean", "AIHUB", "09MKIS0040", "bonafide", "-", "train"),
             ("12MWKH0048_000026", "TTS", "Korean", "VITS-AIHUB", "12MWKH0048", "spoof", "VITS", "eval"),
             ("p225_007_gen", "VC", "English", "FreeVC-VCTK", "p225", "spoof", "FreeVC", "dev")]
     lay.text("DSD_corpus_v1.csv", DSD_HEADER + "".join(
         f"{name}.wav,{kind},No,{language},-,-,{name},{group},{speaker},Male,Adult,{label},{model},{subset},1.5\n"
         for name, kind, language, group, speaker, label, model, subset in rows))
-    for name, _, language, _, speaker, label, model, subset in rows:
+    for name, _, language, _, speaker, label, model, subset in rows[1:]:
         lay.expect(f"DSD-{name}", lay.audio(f"{name}.wav"), "real" if label == "bonafide" else "fake",
                    {"train": "train", "dev": "valid", "eval": "test"}[subset], model, speaker,
                    {"Korean": "ko", "English": "en"}[language])
@@ -131,23 +137,23 @@ DECRO_RELEASE = "petrichorwq-DECRO-dataset-6fc9884"
 
 def make_decro(lay: Layout) -> None:
     lay.text(f"{DECRO_RELEASE}/ch_dev.txt",
-             "unknown 20032123 - baidu spoof \nG0019 T0055G0019S0420 - aidatatang bonafide\n")
+             "unknown 20032123 - baidu spoof\nG0019 T0055G0019S0420 - aidatatang bonafide\n")
     lay.text(f"{DECRO_RELEASE}/en_train.txt", "p225 p225_001 - vctk bonafide\n")
     for set_name, name, label, proportion, attack, speaker, language in [
             ("ch_dev", "20032123", "fake", "valid", "baidu", "-", "zh"),
             ("ch_dev", "T0055G0019S0420", "real", "valid", "-", "G0019", "zh"),
             ("en_train", "p225_001", "real", "train", "-", "p225", "en")]:
         path = lay.audio(f"{DECRO_RELEASE}/{set_name}/{name}.wav")
-        lay.expect(f"DECRO-{proportion}-{language}-{name}", path, label, proportion, attack, speaker, language)
+        lay.expect(f"DECRO-{proportion}-{language.upper()}-{name}", path, label, proportion, attack, speaker, language)
 
 
 def make_habla(lay: Layout) -> None:
     base = "FinalDataset_16khz"
-    lay.expect("HABLA-Real-clf_07508_00799857148",
+    lay.expect("HABLA-real-clf_07508_00799857148",
                lay.audio(f"{base}/Real/Chile/clf_07508/clf_07508_00799857148.wav"), "real", speaker="clf_07508",
                language="es")
     stem = "CycleGAN-vem_02484_00993837010-arm_01523_020267"
-    lay.expect(f"HABLA-CycleGAN-{stem}",
+    lay.expect(f"HABLA-fake-{stem}",
                lay.audio(f"{base}/CycleGAN/Venezuela-Argentina/vem_02484-arm_01523/{stem}.wav"), "fake",
                attack="CycleGAN", speaker="arm_01523", language="es")
 
@@ -156,13 +162,18 @@ def make_voicemos(lay: Layout) -> None:
     base = "main/blizzard"
     lay.text(f"{base}/blizzard_wavs_and_scores_2008_release_version_1/test_results/scores.txt", "A 4.8\n")
     lay.text(f"{base}/blizzard_wavs_and_scores_2008_release_version_1/A/README.txt", "natural speech\n")
+    made = []
     for release, system, inner, label, attack, language in [
             ("2008", "A", "submission_directory/english/full/2008/news/wavs/news_2008_0001", "real", "-", "en"),
             ("2010", "N", "submission_directory/mandarin/MH1/2010/news/wavs/news_2010_0095", "fake", "2010-N", "zh"),
-            ("2010", "B", "wavs/conv_2010_0003", "fake", "2010-B", "-")]:
-        path = lay.audio(f"{base}/blizzard_wavs_and_scores_{release}_release_version_1/{system}/{inner}.wav")
-        lay.expect(f"VoiceMOS-{release}-{system}-{inner.replace('/', '-')}", path, label, attack=attack,
-                   language=language)
+            ("2010", "B", "wavs/conv_2010_0003", "fake", "2010-B", "-"),
+            ("2010", "N", "wavs/conv_2010_0003", "fake", "2010-N", "-"),  # the same name in another system
+            ("2010", "B", "wavs", "fake", "2010-B", "-")]:  # B/wavs.wav sorts before B/wavs/... as a string
+        relative = f"{base}/blizzard_wavs_and_scores_{release}_release_version_1/{system}/{inner}.wav"
+        made.append((relative, lay.audio(relative), label, attack, language))
+    # AD numbers the files in the sorted order of their path strings
+    for number, (relative, path, label, attack, language) in enumerate(sorted(made)):
+        lay.expect(f"VoiceMOS-{number}-{Path(relative).stem}", path, label, attack=attack, language=language)
 
 
 MAKERS = {name.removeprefix("make_"): maker for name, maker in globals().items() if name.startswith("make_")}
@@ -179,7 +190,7 @@ def test_recipe_writes_the_expected_protocol(name, tmp_path):
     for row_id, expected in lay.expected.items():
         row = rows[row_id]
         assert row.resolved_path(lay.root).resolve() == expected["path"].resolve()
-        assert row.corpus == get_recipe(name).prefix
+        assert row.corpus == get_recipe(name).prefix.split("-")[0]
         assert row.sample_rate_hz == sf.info(str(expected["path"])).samplerate
         assert row.duration_s == pytest.approx(lay.durations[expected["path"]], abs=1e-5)
 

@@ -6,6 +6,7 @@ Layout (the root is one set, e.g. Track1.2/testR2, or holds several set folders)
     <set>/wav/<file>.wav
 
 A set whose name contains ``train`` -> train, ``dev`` -> valid, anything else (test rounds) -> test.
+AntiDeepfake evaluates Track1.2/testR2; its IDs keep the file extension (``ADD2023-ADD2023_T1.2R2_E_00000003.wav``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def _proportion(name: str) -> str:
 def _set(folder: Path) -> Iterator[Entry]:
     wav_dir = require_dir(folder / "wav", "wav/")
     for where, (file_name, word) in read_fields(folder / "label.txt", 2, 2):
-        yield Entry(file_id=Path(file_name).stem, label=label_of(word, ("genuine",), ("fake",), where),
+        yield Entry(file_id=file_name, label=label_of(word, ("genuine",), ("fake",), where),
                     path=wav_dir / file_name, proportion=_proportion(folder.name), language="zh", source=where)
 
 

@@ -21,6 +21,8 @@ ASVspoof 5 (``.tsv`` files that are space-separated)::
 
 Labels: ``bonafide`` -> real, ``spoof`` -> fake; bona fide rows get attack ``-``. Language: en.
 A protocol file that is absent is skipped (partial downloads are common); none at all is an error.
+ASVspoof 5 IDs are AntiDeepfake's ``ASV5-<attack>-<file>`` (``ASV5-bonafide-T_...`` for genuine rows), and
+the first row of each TSV is left out as AD's script does (it reads the header-less TSVs with a header).
 """
 
 from __future__ import annotations
@@ -28,14 +30,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from posttrain.data.recipes.base import Entry, Recipe, RecipeError, first_existing, label_of, present, read_fields
+from posttrain.data.recipes.base import (Entry, Recipe, RecipeError, after_first_row, first_existing, label_of, present,
+                                         read_fields)
 
 KEYS = {"real": ("bonafide",), "fake": ("spoof",)}
 
 
-def _entry(where: str, speaker: str, name: str, attack: str, key: str, audio_dir: Path, proportion: str) -> Entry:
+def _entry(where: str, speaker: str, name: str, attack: str, key: str, audio_dir: Path, proportion: str,
+           file_id: str | None = None) -> Entry:
     label = label_of(key, KEYS["real"], KEYS["fake"], where)
-    return Entry(file_id=name, label=label, path=audio_dir / f"{name}.flac", proportion=proportion,
+    return Entry(file_id=file_id or name, label=label, path=audio_dir / f"{name}.flac", proportion=proportion,
                  attack="-" if label == "real" else attack, speaker=speaker, language="en", source=where)
 
 
@@ -94,8 +98,10 @@ def asvspoof5(root: Path) -> Iterator[Entry]:
         if name not in found:
             continue
         audio_dir = _find_dir(root, folder)
-        for where, fields in read_fields(protocol, 10, 10):
-            yield _entry(where, fields[0], fields[1], fields[7], fields[8], audio_dir, proportion)
+        for where, fields in after_first_row(read_fields(protocol, 10, 10)):
+            # AD's ID carries the raw attack field ("bonafide" for genuine rows): ASV5-<attack>-<file>.
+            yield _entry(where, fields[0], fields[1], fields[7], fields[8], audio_dir, proportion,
+                         file_id=f"{fields[7]}-{fields[1]}")
 
 
 RECIPES = [

@@ -178,6 +178,15 @@ def read_csv_records(path: Path, required: Iterable[str], delimiter: str = ",") 
             yield where, {key: value.strip() for key, value in record.items()}
 
 
+def after_first_row(rows: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
+    """Every row but the first: AntiDeepfake's scripts read some header-less protocol files with a
+    header (pandas ``header=0``, or a ``DictReader`` plus ``next()``), so their first file never becomes
+    a protocol row. Dropping it here keeps the file sets identical to AD's (docs/parity.md)."""
+    rows = iter(rows)
+    next(rows, None)
+    return rows
+
+
 def check_name(pattern: re.Pattern[str], path: Path) -> re.Match[str]:
     match = pattern.fullmatch(path.name)
     if match is None:

@@ -9,9 +9,9 @@ Layout (the Zenodo release unpacked; the root holds ``CFAD/`` or is it)::
 versions: clean_version, noisy_version, codec_version; splits: train -> train, dev -> valid,
 test_seen / test_unseen -> test. Attack: the generator folder for fakes; ``-`` for genuine files (their
 folder names the source corpus: aishell1, aishell3, thchs30, magicdata, ...). Speaker ``-`` (each source
-corpus names its files differently); Language zh. The ID keeps every folder of the path below the
-version (``CFAD-<split folder>-<class folder>-<attack or source>-<file>``) so that seen/unseen test sets
-and sources never collide.
+corpus names its files differently); Language zh. IDs are AntiDeepfake's
+``CFAD-<version>-<proportion>-<label>-<file stem>``; where that clashes (the same file name in two
+folders that map to one proportion and label), preparing stops and names both files.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def cfad(root: Path) -> Iterator[Entry]:
                 label = check_name(CLASS, class_dir).group("label")
                 for source_dir in subdirs_only(class_dir, "source/attack"):
                     for path in audio_files(source_dir, (".wav",)):
-                        yield Entry(file_id=f"{split_dir.name}-{class_dir.name}-{source_dir.name}-{path.stem}",
+                        yield Entry(file_id=f"{version_dir.name}-{proportion}-{label}-{path.stem}",
                                     label=label, path=path, proportion=proportion,
                                     attack=source_dir.name if label == "fake" else "-", language="zh")
 

@@ -7,8 +7,11 @@ Layout (the root holds ``label/`` and one audio folder per label file)::
         F01_SSB13650058.wav fake 1
     train/*.wav, dev/*.wav, C1/*.wav, ...
 
-train -> train, dev -> valid, every other set (the unseen-codec test conditions) -> test.
-Attack: ``F<codec>`` (two digits) for fakes; the test condition becomes part of the ID.
+As in AntiDeepfake, only three sets are used: train -> train, dev -> valid, C7 -> test (AD trains on train
+and C7). The unseen-codec test conditions C1-C6 and any other set are left out, so they can never leak
+into training. IDs are AD's ``Codecf-<file stem>`` (no set name), and the first row of each label file is
+left out as AD's script does (it reads the header-less files with a header).
+Attack: ``F<codec>`` (two digits) for fakes.
 """
 
 from __future__ import annotations
@@ -16,26 +19,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from posttrain.data.recipes.base import Entry, Recipe, RecipeError, label_of, read_fields, require_dir
+from posttrain.data.recipes.base import (Entry, Recipe, RecipeError, after_first_row, label_of, present, read_fields,
+                                         require_dir)
 
-SET_PROPORTIONS = {"train": "train", "dev": "valid"}
+SET_PROPORTIONS = {"train": "train", "dev": "valid", "C7": "test"}
 
 
 def codecfake(root: Path) -> Iterator[Entry]:
     labels = require_dir(root / "label", "label/")
-    files = sorted(labels.glob("*.txt"))
-    if not files:
-        raise RecipeError(f"{labels}: no label files (*.txt)")
-    for label_file in files:
-        name = label_file.stem
+    found = present(labels, [f"{name}.txt" for name in SET_PROPORTIONS], "label file")
+    for name, proportion in SET_PROPORTIONS.items():
+        label_file = labels / f"{name}.txt"
+        if label_file.name not in found:
+            continue
         audio_dir = require_dir(root / name, f"audio folder of {label_file.name}:")
-        for where, (file_name, word, codec) in read_fields(label_file, 3, 3):
+        for where, (file_name, word, codec) in after_first_row(read_fields(label_file, 3, 3)):
             label = label_of(word, ("real",), ("fake",), where)
             if not codec.isdigit():
                 raise RecipeError(f"{where}: codec field {codec!r} is not a number")
-            yield Entry(file_id=f"{name}-{Path(file_name).stem}", label=label, path=audio_dir / file_name,
-                        proportion=SET_PROPORTIONS.get(name, "test"),
+            yield Entry(file_id=Path(file_name).stem, label=label, path=audio_dir / file_name, proportion=proportion,
                         attack="-" if label == "real" else f"F{int(codec):02d}", source=where)
 
 
-RECIPES = [Recipe("codecfake", "Codecfake", codecfake, "Codecfake, label/<set>.txt + <set>/*.wav")]
+RECIPES = [Recipe("codecfake", "Codecf", codecfake, "Codecfake, label/{train,dev,C7}.txt + {train,dev,C7}/*.wav")]

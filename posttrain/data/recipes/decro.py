@@ -9,7 +9,7 @@ Layout (the GitHub release, ``petrichorwq-DECRO-dataset-<commit>/`` in the root,
 
 ch -> zh, en -> en; train/dev/eval -> train/valid/test. Attack: the generator for spoofs, ``-`` for
 bona fide (whose column names the source corpus); Speaker ``-`` where the protocol says ``unknown``.
-IDs follow AntiDeepfake (``DECRO-<proportion>-<language>-<file>``).
+IDs are AntiDeepfake's ``DECRO-<proportion>-<LANG>-<file>``, the language code upper-case (ZH, EN).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def decro(root: Path) -> Iterator[Entry]:
         audio_dir = require_dir(base / set_name, f"audio folder of {name}:")
         for where, (speaker, file_name, _, attack, key) in read_fields(base / name, 5, 5):
             label = label_of(key, ("bonafide",), ("spoof",), where)
-            yield Entry(file_id=f"{proportion}-{language}-{file_name}", label=label,
+            yield Entry(file_id=f"{proportion}-{language.upper()}-{file_name}", label=label,
                         path=audio_dir / f"{file_name}.wav", proportion=proportion,
                         attack="-" if label == "real" else attack, speaker="-" if speaker == "unknown" else speaker,
                         language=language, source=where)

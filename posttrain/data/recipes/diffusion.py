@@ -13,7 +13,7 @@ LibriSpeech / LJSpeech, fetched separately); the root holds ``generated_speech/`
 
 Attack: the system / generator folder. Speaker: ``LJ`` for LJSpeech utterance names
 (Diffuse or Confuse), the ``speaker_<n>`` folder (DiffSSD), else ``-``. Language en; Proportion ``-``.
-IDs follow AntiDeepfake (prefixes ``DiffFake`` and ``DiffSSD``).
+IDs are AntiDeepfake's: ``DiffFake-<system>-<file>`` and ``DiffSSD-<generator>-<speaker_n or ->-EN-<file>``.
 """
 
 from __future__ import annotations
@@ -45,11 +45,13 @@ def diffssd(root: Path) -> Iterator[Entry]:
     for generator_dir in subdirs_only(base, "generator"):
         generator = generator_dir.name
         for path in audio_files(generator_dir, (".wav",)):
-            yield Entry(file_id=f"{generator}-{path.stem}", label="fake", path=path, attack=generator, language="en")
+            # AD's DiffSSD ID: <generator>-<speaker folder, or "-" without one>-EN-<file stem>.
+            yield Entry(file_id=f"{generator}-{'-'}-EN-{path.stem}", label="fake", path=path, attack=generator,
+                        language="en")
         for speaker_dir in subdirs(generator_dir):
             speaker = check_name(SPEAKER, speaker_dir).group(0)
             for path in audio_files(speaker_dir, (".wav",)):
-                yield Entry(file_id=f"{generator}-{speaker}-{path.stem}", label="fake", path=path, attack=generator,
+                yield Entry(file_id=f"{generator}-{speaker}-EN-{path.stem}", label="fake", path=path, attack=generator,
                             speaker=speaker, language="en")
 
 

@@ -9,7 +9,8 @@ root is not documented publicly: this follows AntiDeepfake, flat)::
     <file name>
 
 label bonafide -> real, spoof -> fake; subset train/dev/eval -> train/valid/test; Attack: Model (fakes);
-Language: ko/en/ja. IDs follow AntiDeepfake (``DSD-<file>``).
+Language: ko/en/ja. IDs follow AntiDeepfake (``DSD-<file>``). As AD's script does, the first record
+after the header is left out (it reads the CSV with a DictReader and then skips one more row).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from posttrain.data.recipes.base import Entry, Recipe, RecipeError, label_of, read_csv_records, split_of
+from posttrain.data.recipes.base import (Entry, Recipe, RecipeError, after_first_row, label_of, read_csv_records,
+                                         split_of)
 
 METADATA = "DSD_corpus_v1.csv"
 FILE = "Utterence name (file name)"  # sic: the release's spelling
@@ -26,7 +28,7 @@ LANGUAGES = {"korean": "ko", "english": "en", "japanese": "ja"}
 
 def dsd(root: Path) -> Iterator[Entry]:
     columns = (FILE, "Language", "Speaker name", "label", "Model", "subset")
-    for where, record in read_csv_records(root / METADATA, columns):
+    for where, record in after_first_row(read_csv_records(root / METADATA, columns)):
         label = label_of(record["label"], ("bonafide",), ("spoof",), where)
         language = LANGUAGES.get(record["Language"].lower())
         if language is None:

@@ -1,11 +1,13 @@
 """Fake-or-Real (FoR, Reimao & Tzerpos 2019): genuine and TTS speech in four versions.
 
-Layout (the root is one version folder, or holds several: for-original, for-norm, for-2sec /
-for-2seconds, for-rerec / for-rerecorded)::
+Layout (the root is ONE version folder: for-original, for-norm, for-2sec / for-2seconds, for-rerec /
+for-rerecorded)::
 
     <version>/{training,validation,testing}/{real,fake}/*.wav   (for-original also has *.mp3)
 
-The version is part of the ID (the same file name recurs across versions).
+IDs are AntiDeepfake's ``FoR-<split>-<label>-<stem>``, without the version (AD prepares one version at a
+time: for-original, and for-norm for its FoR-norm column), so each version gets its own protocol CSV;
+a root holding several versions is an error instead of a protocol with clashing IDs.
 """
 
 from __future__ import annotations
@@ -18,26 +20,20 @@ from posttrain.data.recipes.base import Entry, Recipe, RecipeError, audio_files,
 SPLITS = ("training", "validation", "testing")
 
 
-def _version(folder: Path) -> Iterator[Entry]:
-    for split in sorted(present(folder, SPLITS, "FoR split folder")):
-        proportion = split_of(split, folder / split)
-        for class_dir in subdirs(folder / split):
+def fakeorreal(root: Path) -> Iterator[Entry]:
+    if not any((root / split).is_dir() for split in SPLITS):
+        versions = [folder.name for folder in subdirs(root) if folder.name.startswith("for-")]
+        hint = (f"it holds versions {versions}: prepare each one on its own (--root {root / versions[0]})"
+                if versions else f"no {'/'.join(SPLITS)} folder")
+        raise RecipeError(f"{root}: not a FoR version folder; {hint}")
+    for split in sorted(present(root, SPLITS, "FoR split folder")):
+        proportion = split_of(split, root / split)
+        for class_dir in subdirs(root / split):
             if class_dir.name not in ("real", "fake"):
                 raise RecipeError(f"{class_dir}: unexpected folder (expected real/ or fake/)")
             for path in audio_files(class_dir, (".wav", ".mp3")):
-                yield Entry(file_id=f"{folder.name}-{split}-{class_dir.name}-{path.stem}", label=class_dir.name,
-                            path=path, proportion=proportion, language="en")
+                yield Entry(file_id=f"{split}-{class_dir.name}-{path.stem}", label=class_dir.name, path=path,
+                            proportion=proportion, language="en")
 
 
-def fakeorreal(root: Path) -> Iterator[Entry]:
-    if any((root / split).is_dir() for split in SPLITS):
-        yield from _version(root)
-        return
-    versions = [folder for folder in subdirs(root) if folder.name.startswith("for-")]
-    if not versions:
-        raise RecipeError(f"{root}: neither a FoR version folder ({'/'.join(SPLITS)}) nor a folder of for-* versions")
-    for version in versions:
-        yield from _version(version)
-
-
-RECIPES = [Recipe("fakeorreal", "FoR", fakeorreal, "Fake-or-Real, <version>/<split>/{real,fake}/*.wav")]
+RECIPES = [Recipe("fakeorreal", "FoR", fakeorreal, "Fake-or-Real, one <version>/<split>/{real,fake}/*.wav|mp3")]

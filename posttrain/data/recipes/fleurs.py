@@ -8,6 +8,8 @@ holds ``data/`` or the locale folders directly)::
 
 The TSV of a split is its official file list (several speakers may read one sentence id). FLEURS
 publishes no speaker ids, so Speaker is ``-``; Language is the locale's language part (``en_us`` -> en).
+IDs are AntiDeepfake's: ``FLEURS-<short code>-<file stem>`` and ``FLEURS-R-<short code>-<file stem>``, the
+short code being the upper-cased language part (``EN``; ``CN`` for cmn_hans_cn, ``YUE_HANT`` for yue_hant_hk).
 """
 
 from __future__ import annotations
@@ -18,14 +20,24 @@ from typing import Iterator
 from posttrain.data.recipes.base import Entry, Recipe, present, read_fields, split_of, subdirs
 
 
+# AntiDeepfake's ID code of a locale folder is its language part upper-cased (en_us -> EN), except these two.
+SHORT_CODE_EXCEPTIONS = {"cmn_hans_cn": "CN", "yue_hant_hk": "YUE_HANT"}
+
+
+def short_code(locale: str) -> str:
+    """AD's short language code of a FLEURS locale folder, as used in its IDs (FLEURS-EN-1001)."""
+    return SHORT_CODE_EXCEPTIONS.get(locale, locale.split("_", 1)[0].upper())
+
+
 def _locale(folder: Path, label: str, attack: str) -> Iterator[Entry]:
     language = folder.name.split("_", 1)[0]
+    code = short_code(folder.name)
     for split in sorted(present(folder, ("train.tsv", "dev.tsv", "test.tsv"), "split TSV")):
         name = split.removesuffix(".tsv")
         proportion = split_of(name, folder / split)
         for where, fields in read_fields(folder / split, 3, sep="\t"):
             file_name = fields[1]
-            yield Entry(file_id=f"{folder.name}-{Path(file_name).stem}", label=label,
+            yield Entry(file_id=f"{code}-{Path(file_name).stem}", label=label,
                         path=folder / "audio" / name / file_name, proportion=proportion, attack=attack,
                         language=language, source=where)
 
@@ -46,5 +58,5 @@ def fleurs_r(root: Path) -> Iterator[Entry]:
 
 RECIPES = [
     Recipe("fleurs", "FLEURS", fleurs, "FLEURS, data/<locale>/<split>.tsv + audio/<split>/*.wav"),
-    Recipe("fleurs_r", "FLEURSR", fleurs_r, "FLEURS-R (restored = fake), same layout as FLEURS"),
+    Recipe("fleurs_r", "FLEURS-R", fleurs_r, "FLEURS-R (restored = fake), same layout as FLEURS"),
 ]

@@ -8,7 +8,7 @@ Layout (the root holds ``FinalDataset_16khz/`` or is it)::
 
 ``Real`` -> real, every other system folder (CycleGAN, Diff, StarGAN, ...) -> fake with that attack.
 Speaker: the voice heard, i.e. the speaker folder, or its target part for ``<source>-<target>``
-conversions. Language es; Proportion ``-``. ID: ``HABLA-<system>-<file>``.
+conversions. Language es; Proportion ``-``. IDs are AntiDeepfake's ``HABLA-<label>-<file>`` (real|fake).
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ def habla(root: Path) -> Iterator[Entry]:
         raise RecipeError(f"{base}: no {GENUINE}/ folder (expected {GENUINE}/ and one folder per spoofing system)")
     for system_dir in systems:
         genuine = system_dir.name == GENUINE
+        label = "real" if genuine else "fake"
         for group_dir in subdirs_only(system_dir, "group"):
             for speaker_dir in subdirs_only(group_dir, "speaker"):
                 for path in audio_files(speaker_dir, (".wav",)):
-                    yield Entry(file_id=f"{system_dir.name}-{path.stem}", label="real" if genuine else "fake",
-                                path=path, attack="-" if genuine else system_dir.name,
+                    yield Entry(file_id=f"{label}-{path.stem}", label=label, path=path,
+                                attack="-" if genuine else system_dir.name,
                                 speaker=speaker_dir.name.rsplit("-", 1)[-1], language="es")
 
 

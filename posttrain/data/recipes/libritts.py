@@ -6,6 +6,7 @@ Layout (both; the root holds the subset folders)::
 
 Subsets: train-clean-100, train-clean-360, train-other-500 (train), dev-clean, dev-other (valid),
 test-clean, test-other (test). Transcripts and alignment files beside the audio are ignored.
+ID prefixes are AntiDeepfake's: ``Libri-`` and ``Libri-R-`` (so both group as ``Libri`` per corpus, as in AD).
 """
 
 from __future__ import annotations
@@ -43,6 +44,6 @@ def libritts_r(root: Path) -> Iterator[Entry]:
 
 
 RECIPES = [
-    Recipe("libritts", "LibriTTS", libritts, "LibriTTS, <subset>/<speaker>/<chapter>/*.wav"),
-    Recipe("libritts_r", "LibriTTSR", libritts_r, "LibriTTS-R (restored = fake), same layout as LibriTTS"),
+    Recipe("libritts", "Libri", libritts, "LibriTTS, <subset>/<speaker>/<chapter>/*.wav"),
+    Recipe("libritts_r", "Libri-R", libritts_r, "LibriTTS-R (restored = fake), same layout as LibriTTS"),
 ]

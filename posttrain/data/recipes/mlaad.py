@@ -8,6 +8,7 @@ Layout (the root holds ``fake/``)::
 
 Attack is the model folder, Language the language folder. Where a model folder ships ``meta.csv``,
 every file it lists must be present (a truncated download is named, not silently smaller).
+IDs are AntiDeepfake's ``MLAAD-<language folder>-<model>-<stem>``, with ``ZH`` for the ``zh-cn`` folder.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ def _check_meta(model_dir: Path, names: set[str]) -> None:
             raise RecipeError(f"{where}: lists {listed!r}, which is not in {model_dir}")
 
 
+def id_language(folder: str) -> str:
+    """The language part of AD's MLAAD ID: the folder name as is, but ``ZH`` for (any folder containing) zh-cn."""
+    return "ZH" if "zh-cn" in folder else folder
+
+
 def mlaad(root: Path) -> Iterator[Entry]:
     fake = require_dir(root / "fake", "fake/")
     for language_dir in subdirs(fake):
@@ -38,8 +44,8 @@ def mlaad(root: Path) -> Iterator[Entry]:
                 raise RecipeError(f"{stray[0]}: unexpected entry in an MLAAD model folder (expected *.wav, meta.csv)")
             _check_meta(model_dir, {path.name for path in files})
             for path in files:
-                yield Entry(file_id=f"{language_dir.name}-{model_dir.name}-{path.stem}", label="fake", path=path,
-                            attack=model_dir.name, language=language_dir.name)
+                yield Entry(file_id=f"{id_language(language_dir.name)}-{model_dir.name}-{path.stem}", label="fake",
+                            path=path, attack=model_dir.name, language=language_dir.name)
 
 
 RECIPES = [Recipe("mlaad", "MLAAD", mlaad, "MLAAD, fake/<language>/<model>/*.wav (+ meta.csv)")]

@@ -6,6 +6,9 @@ Layout (the root holds ``mls_<language>/`` folders, or is one of them)::
     mls_german/{train,dev,test}/audio/<speaker>/<book>/<speaker>_<book>_<utt>.flac   (.opus in mls_*_opus)
 
 The transcript is the official utterance list of a split; every utterance it names must exist.
+IDs are AntiDeepfake's MLS.py ones, ``MLS-<LANG>-<utterance>`` (``MLS-DE-1844_931_000001``). AD's script maps
+six languages only (no Polish, no Portuguese: its 50,558 h are the six languages' train+dev+test); the two
+others get the same scheme here (PL, PT).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def _split(folder: Path, language: str) -> Iterator[Entry]:
         if match is None:
             raise RecipeError(f"{where}: utterance id {utterance!r} is not <speaker>_<book>_<utt>")
         speaker, book, _ = match.groups()
-        yield Entry(file_id=f"{language}-{utterance}", label="real",
+        # AD writes the language code upper-case in the ID (MLS-DE-<utt>), lower-case elsewhere here.
+        yield Entry(file_id=f"{language.upper()}-{utterance}", label="real",
                     path=folder / "audio" / speaker / book / f"{utterance}{extension}",
                     proportion=proportion, speaker=f"{language}-{speaker}", language=language, source=where)
 

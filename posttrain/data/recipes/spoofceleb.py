@@ -5,6 +5,9 @@ Layout (the root holds ``flac/`` and ``metadata/``)::
     metadata/{train,development,evaluation}.csv      file,speaker,attack
         a00/id10318/YYsxcZ5saac-00002-006.flac,id10318,a00
     flac/{train,development,evaluation}/<file>
+
+IDs are AntiDeepfake's: the raw relative file path without its extension, no split
+(``SpoofCeleb-a00/id10318/YYsxcZ5saac-00002-006``; shard keys map the slashes to ``_``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def spoofceleb(root: Path) -> Iterator[Entry]:
             if not relative.startswith(f"{attack}/"):
                 raise RecipeError(f"{where}: file {relative!r} is not in its attack folder {attack}/")
             genuine = attack == GENUINE_ATTACK
-            yield Entry(file_id=f"{split}-{Path(relative).with_suffix('').as_posix().replace('/', '-')}",
+            yield Entry(file_id=relative.removesuffix(Path(relative).suffix),
                         label="real" if genuine else "fake", path=root / "flac" / split / relative,
                         proportion=proportion, attack="-" if genuine else attack, speaker=record["speaker"],
                         source=where)

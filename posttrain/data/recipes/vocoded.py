@@ -7,9 +7,11 @@ re-synthesises the genuine corpus into its own folder, which mirrors the origina
     LibriTTS-Vocoded/<vocoder>/<subset>/<speaker>/<chapter>/<speaker>_<chapter>_<par>_<sent>.wav
 
 (vocoders e.g. hifigan, hn_sinc_nsf, hn_sinc_nsf_hifi, waveglow). Each vocoder folder is parsed by the
-genuine corpus' own recipe; the vocoder becomes the attack and the first part of the file ID (IDs as
-in AntiDeepfake, prefixes without its dash: ``VoxCeleb2Vo``, ``LibriTTSVo``). Splits, speakers and
-languages come from the genuine recipe (VoxCeleb2: dev -> train, test -> test, no language).
+genuine corpus' own layout; the vocoder becomes the attack and the first part of the file ID. IDs and
+prefixes are AntiDeepfake's: ``VoxCeleb2-Vo-<vocoder>-...`` and ``LibriTTS-Vo-<vocoder>-...`` (so they group
+per corpus as ``VoxCeleb2`` and ``LibriTTS``, as in AD). Splits, speakers and languages come from the
+genuine layout; VoxCeleb2-Vocoded takes every split folder a vocoder has (AD reads all its .wav files),
+with no split (Proportion ``-``) and no language.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def _vocoded(root: Path, genuine: Callable[[Path], Iterable[Entry]]) -> Iterator
 
 
 def voxceleb2_vocoded(root: Path) -> Iterator[Entry]:
-    return _vocoded(root, voxceleb2.voxceleb2)
+    return _vocoded(root, lambda vocoder_dir: voxceleb2.clips(vocoder_dir, ("dev", "test")))
 
 
 def libritts_vocoded(root: Path) -> Iterator[Entry]:
@@ -39,8 +41,8 @@ def libritts_vocoded(root: Path) -> Iterator[Entry]:
 
 
 RECIPES = [
-    Recipe("voxceleb2_vocoded", "VoxCeleb2Vo", voxceleb2_vocoded,
+    Recipe("voxceleb2_vocoded", "VoxCeleb2-Vo", voxceleb2_vocoded,
            "VoxCeleb2-Vocoded (fake), <vocoder>/{dev,test}/aac/<speaker>/<video>/*.wav"),
-    Recipe("libritts_vocoded", "LibriTTSVo", libritts_vocoded,
+    Recipe("libritts_vocoded", "LibriTTS-Vo", libritts_vocoded,
            "LibriTTS-Vocoded (fake), <vocoder>/<subset>/<speaker>/<chapter>/*.wav"),
 ]

@@ -8,9 +8,10 @@ Layout (as AntiDeepfake prepared it; the root holds ``main/blizzard/`` or is tha
 
 System ``A`` is natural speech in every Blizzard Challenge -> real; every other system letter -> fake
 (its letter is the attack, ``<year>-<letter>``). The nesting below the system folder differs between
-years and is taken as it is (the ID joins it: ``VoiceMOS-<year>-<system>-<sub folders>-<file>``);
-a wav file anywhere else in a release is an error; the releases' score tables and text files are not
-read. Language: from an ``english`` / ``mandarin`` folder on the path, else ``-``. Proportion ``-``.
+years and is taken as it is; a wav file anywhere else in a release is an error. IDs are AntiDeepfake's
+``VoiceMOS-<n>-<file stem>``: ``n`` numbers every wav file under ``main/blizzard`` from 0, in the order of
+their sorted path strings (as AD's sorted glob does), so file names recurring across systems stay apart;
+the releases' score tables and text files are not read. Language: from an ``english`` / ``mandarin`` folder on the path, else ``-``. Proportion ``-``.
 """
 
 from __future__ import annotations
@@ -28,22 +29,30 @@ NATURAL = "A"
 LANGUAGES = {"english": "en", "mandarin": "zh"}
 
 
-def _release(folder: Path) -> Iterator[Entry]:
-    year = check_name(RELEASE, folder).group("year")
-    for path in sorted(folder.rglob("*.wav")):
-        system, *inner = path.relative_to(folder).parts
-        if not inner or SYSTEM.fullmatch(system) is None:
-            raise RecipeError(f"{path}: wav file outside a system folder (expected <release>/<A-Z>/.../*.wav)")
-        language = next((LANGUAGES[part.lower()] for part in inner if part.lower() in LANGUAGES), "-")
-        genuine = system == NATURAL
-        yield Entry(file_id="-".join((year, system, *inner[:-1], path.stem)), label="real" if genuine else "fake",
-                    path=path, attack="-" if genuine else f"{year}-{system}", language=language)
+def _wav_files(release: Path) -> list[Path]:
+    """The release's wav files that a recursive glob sees (no hidden file or folder on the way)."""
+    return [path for path in release.rglob("*.wav")
+            if not any(part.startswith(".") for part in path.relative_to(release).parts)]
+
+
+def _entry(number: int, release: Path, path: Path) -> Entry:
+    year = check_name(RELEASE, release).group("year")
+    system, *inner = path.relative_to(release).parts
+    if not inner or SYSTEM.fullmatch(system) is None:
+        raise RecipeError(f"{path}: wav file outside a system folder (expected <release>/<A-Z>/.../*.wav)")
+    language = next((LANGUAGES[part.lower()] for part in inner if part.lower() in LANGUAGES), "-")
+    genuine = system == NATURAL
+    return Entry(file_id=f"{number}-{path.stem}", label="real" if genuine else "fake", path=path,
+                 attack="-" if genuine else f"{year}-{system}", language=language)
 
 
 def voicemos(root: Path) -> Iterator[Entry]:
     base = root / "main" / "blizzard" if (root / "main" / "blizzard").is_dir() else root
-    for release in subdirs_only(base, "release"):
-        yield from _release(release)
+    files = [(release, path) for release in subdirs_only(base, "release") for path in _wav_files(release)]
+    # String order, not Path order: "a/b.wav" sorts before "a/b/c.wav" as in AD's sorted(glob(...)).
+    files.sort(key=lambda item: item[1].as_posix())
+    for number, (release, path) in enumerate(files):
+        yield _entry(number, release, path)
 
 
 RECIPES = [Recipe("voicemos", "VoiceMOS", voicemos,

@@ -6,7 +6,7 @@ Layout (the root holds ``generated_audio/`` or is it)::
 
 The generator folder is the attack; its dataset prefix gives language and speaker: ``ljspeech_*``
 and ``common_voices_*`` (TTS trained on LJSpeech) -> en / LJ, ``jsut_*`` -> ja / JSUT. The genuine
-references (LJSpeech, JSUT) are separate corpora.
+references (LJSpeech, JSUT) are separate corpora. IDs are AntiDeepfake's ``WF-<generator>_<utterance>``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def wavefake(root: Path) -> Iterator[Entry]:
     for generator in subdirs(base):
         language, speaker = _source(generator)
         for path in audio_files(generator, (".wav",)):
-            yield Entry(file_id=f"{generator.name}-{path.stem}", label="fake", path=path,
+            yield Entry(file_id=f"{generator.name}_{path.stem}", label="fake", path=path,
                         attack=generator.name, speaker=speaker, language=language)
 
 
