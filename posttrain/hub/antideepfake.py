@@ -147,7 +147,7 @@ def infer_shape(encoder_state: dict[str, torch.Tensor], where: str = "checkpoint
         conv_norm = f"{ENCODER_PREFIX}feature_extractor.conv_layers.0.2"
         raise ConversionError(f"{where}: missing required key {conv_norm}.1.weight (layer-norm extractor) "
                               f"or {conv_norm}.weight (group-norm extractor)")
-    hidden_size = _require(encoder_state, "post_extract_proj.weight", where).shape[0]
+    hidden_size = _require(encoder_state, "encoder.layers.0.fc1.weight", where).shape[1]
     pos_conv = _require(encoder_state, "encoder.pos_conv.0.weight_v", where)
     return FairseqShape(
         architecture="hubert" if any(key.startswith("label_embs") for key in keys) else "wav2vec2",
@@ -206,6 +206,11 @@ def to_detector_state(state: dict[str, torch.Tensor], where: str = "checkpoint"
         name = key[len(ENCODER_PREFIX):]
         encoder_state[POS_CONV_ALIASES.get(name, name)] = tensor
     shape = infer_shape(encoder_state, where)
+    if "post_extract_proj.weight" not in encoder_state and shape.conv_dim[-1] == shape.hidden_size:
+        # fairseq builds no projection when the conv width equals the encoder width; transformers
+        # always has one: the identity
+        encoder_state["post_extract_proj.weight"] = torch.eye(shape.hidden_size)
+        encoder_state["post_extract_proj.bias"] = torch.zeros(shape.hidden_size)
     mapping = fairseq_key_map(shape)
     converted: dict[str, torch.Tensor] = {}
     for key, tensor in encoder_state.items():
