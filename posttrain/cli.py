@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shards merge": ("shards_merge", "merge the per-task indexes of a distributed shard build"),
     "stream": ("stream", "stream shards through the training loader and print its statistics"),
     "train": ("train", "post-train a detector with DeepSpeed"),
+    "finetune": ("finetune", "fine-tune on Deepfake-Eval-2024 (accelerate + DeepSpeed), then test per segment/file"),
     "eval": ("eval", "score a test set with a model; metrics, plots and result.yaml"),
     "metrics": ("metrics", "metrics and reports for any score file"),
     "score": ("score", "score audio files of any length"),

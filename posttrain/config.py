@@ -334,7 +334,7 @@ class EvalSetConfig:
 class FinetuneSection:
     """Where a fine-tune starts and what it is tested on (``finetune.py``, ``posttrain.train.finetune``)."""
 
-    init_from: str = ""  # any posttrain.models.loading.load_model spec: checkpoint, export, release, hub id
+    init_from: str = ""  # any posttrain.loading.load_model spec: checkpoint, export, release, hub id
     init_preset: str | None = None  # only to tell apart presets of identical shape in a release conversion
     # output folder of ``posttrain data df2024 --shards``: fills data.train.shards (when empty) with
     # shards/<train_segment_seconds>s/train and the test sets (when none are listed) with

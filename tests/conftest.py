@@ -142,7 +142,7 @@ def tiny_corpus(tmp_path_factory) -> TinyCorpus:
 @pytest.fixture(scope="session")
 def shard_dir(tiny_corpus, tmp_path_factory) -> Path:
     """Shards of ``tiny_corpus`` (4 samples per shard -> 3 shards, seed 0): read-only, copy before modifying."""
-    from posttrain.data.shards import build_shards
+    from posttrain.data.shard_build import build_shards
 
     out = tmp_path_factory.mktemp("tiny_shards")
     build_shards([tiny_corpus.protocol], root=tiny_corpus.root, out=out, name="train",
@@ -305,7 +305,7 @@ def tiny_checkpoint(shard_dir, tmp_path_factory) -> Path:
 def valid_shard_dir(tmp_path_factory) -> Path:
     """Shards of a second 8-file corpus (seed 1, 4 samples per shard): a held-out validation set for
     training tests. Read-only."""
-    from posttrain.data.shards import build_shards
+    from posttrain.data.shard_build import build_shards
 
     corpus = write_corpus(tmp_path_factory.mktemp("valid_corpus"), "valid", num_files=8, seed=1)
     out = tmp_path_factory.mktemp("valid_shards")

@@ -55,7 +55,7 @@ def loader(directories: list[str], num_workers: int, crop: str) -> tuple[float, 
 
 def synthetic_shards(scratch: Path, num_files: int, seconds: float) -> str:
     from posttrain.bench.shards import write_bench_corpus
-    from posttrain.data.shards import build_shards
+    from posttrain.data.shard_build import build_shards
 
     (scratch / "corpus").mkdir()
     protocol = write_bench_corpus(scratch / "corpus", num_files, seconds)

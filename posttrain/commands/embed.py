@@ -23,7 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from posttrain.eval.inference import config_from_args, device_from_args, process_group
-    from posttrain.models.loading import load_model
+    from posttrain.loading import load_model
     from posttrain.select.embed import embed_shards
 
     with process_group() as info:

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
                                           process_group, run_inference)
     from posttrain.eval.report import SCORE_TYPES, write_report
     from posttrain.eval.scoring import SCORE_TYPE, logit_diff, resolve_calibration
-    from posttrain.models.loading import load_model
+    from posttrain.loading import load_model
 
     definition = SCORE_TYPES[SCORE_TYPE]
     with process_group() as info:

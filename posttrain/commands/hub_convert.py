@@ -27,7 +27,7 @@ def convert_to_export(path: str | Path, out: Path, *, preset: str | None = None,
     from posttrain.hub.card import CardInputs, render_card
     from posttrain.hub.export import export_detector
     from posttrain.models.detector import count_parameters
-    from posttrain.models.loading import convert_release
+    from posttrain.loading import convert_release
 
     detector, identity = convert_release(path, preset=preset, repo_id=repo_id)
     card = render_card(CardInputs(identity=identity, num_parameters=count_parameters(detector)))

@@ -18,7 +18,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.models.loading import hub_snapshot
+    from posttrain.loading import hub_snapshot
 
     try:
         local = Path(args.source).expanduser()

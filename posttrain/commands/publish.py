@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.hub.card import CardInputs, read_result, render_card, training_data
     from posttrain.hub.export import export_detector
     from posttrain.models.detector import count_parameters
-    from posttrain.models.loading import load_model
+    from posttrain.loading import load_model
 
     if args.push and not args.repo_id:
         print("posttrain publish: error: --push needs --repo-id ORG/NAME", file=sys.stderr)

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.eval.inference import (FileSource, config_from_args, device_from_args, process_group,
                                           run_inference)
     from posttrain.eval.scoring import Decision, logit_diff, p_real, resolve_calibration
-    from posttrain.models.loading import load_model
+    from posttrain.loading import load_model
 
     with process_group() as info:
         try:

@@ -59,7 +59,7 @@ def load_for_args(args: argparse.Namespace, device) -> tuple[Any, dict[str, Any]
         torch.manual_seed(args.seed)
         model = build_detector(ModelConfig(preset=args.random_preset)).to(device).eval()
         return model, {"random_preset": args.random_preset, "seed": args.seed}
-    from posttrain.models.loading import load_model
+    from posttrain.loading import load_model
 
     return load_model(args.model, device)
 

@@ -282,7 +282,7 @@ def prepare_df2024(metadata: str | Path, audio_dir: str | Path, out: str | Path,
 
 def _build_shards(out: Path, lengths: tuple[int, ...], rows_by_length: dict[int, list[ProtocolRow]], seed: int,
                   progress: bool) -> list[Path]:
-    from posttrain.data.shards import build_shards
+    from posttrain.data.shard_build import build_shards
 
     built = []
     for length in lengths:

@@ -185,10 +185,3 @@ def format_index(index: dict[str, Any]) -> str:
             lines.append(f"{value:<24} {count['samples']:>8} {count['seconds'] / 3600:>8.3f}")
     return "\n".join(lines)
 
-
-def build_shards(protocols, root, out, **options) -> dict[str, Any] | None:
-    """Protocol CSVs -> shard set; see ``posttrain.data.shard_build.build_shards``."""
-    # Imported on use: building needs torch/torchaudio, which readers of shards may not want to load.
-    from posttrain.data.shard_build import build_shards as build
-
-    return build(protocols, root, out, **options)

@@ -1,7 +1,7 @@
 """m-sharpness of a detector on a test set, overall and per group, and its rank correlation with EER.
 
 Per batch ``B`` (model in eval mode): ``S_B = L_B(w + e_B) - L_B(w)`` with ``e_B = rho g_B / ||g_B||``
-(adaptive: ASAM's ``rho T^2 g_B / ||T g_B||``, the same ascent as training, ``posttrain.train.sam``);
+(adaptive: ASAM's ``rho T^2 g_B / ||T g_B||``, the same ascent as training, ``posttrain.train.ascent``);
 the set's sharpness is the batch-size-weighted mean of ``S_B``. Batches are fixed-size draws (seeded
 order) *within* the set or group measured. Under several ranks each rank takes every
 ``world_size``-th batch and the weighted sums are all-reduced once.
@@ -14,7 +14,6 @@ skipped and counted.
 from __future__ import annotations
 
 import json
-import math
 import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,27 +26,17 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
-from posttrain.config import SamConfig
 from posttrain.data.audio import decode_flac
 from posttrain.data.batch import normalize_waveforms
 from posttrain.data.shards import load_index, shard_paths
 from posttrain.dist import DistInfo
-from posttrain.train.partitions import OwnedParameters
-from posttrain.train.sam import NORM_EPS, ascent_direction_
+from posttrain.train.ascent import ascent_direction_, module_parameters, perturb_, restore_, takes_ascent
 
 SAMPLE_RATE_HZ = 16000
 GROUP_FIELDS = ("corpus", "attack", "language", "speaker")
 
 
 # ----------------------------------------------------------------------------- one batch
-
-
-def module_parameters(model: nn.Module) -> tuple[OwnedParameters, list[torch.Tensor]]:
-    """A single-process model as ``OwnedParameters`` (it owns everything) with its current gradients."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
-    views = [p.detach().view(-1) for _, p in named]
-    owned = OwnedParameters(stage=0, names=[n for n, _ in named], model=views, master=views, group=None)
-    return owned, [p.grad.detach().view(-1) for _, p in named]
 
 
 def batch_sharpness(model: nn.Module, loss_fn: Callable[[], torch.Tensor], rho: float, *, adaptive: bool = False,
@@ -59,18 +48,17 @@ def batch_sharpness(model: nn.Module, loss_fn: Callable[[], torch.Tensor], rho: 
         loss = loss_fn()
         loss.backward()
     owned, grads = module_parameters(model)
-    norm = ascent_direction_(owned, grads, SamConfig(rho=rho, adaptive=adaptive, adaptive_eta=eta), loss.device)
+    norm = ascent_direction_(owned, grads, adaptive=adaptive, eta=eta, device=loss.device)
     base = float(loss.detach())
-    if not (math.isfinite(norm) and norm > 0):
+    if not takes_ascent(norm):
         model.zero_grad(set_to_none=True)
         return (0.0 if norm == 0 else float("nan")), base
-    saved = [t.clone() for t in owned.model]
+    saved = perturb_(owned, grads, rho, norm)  # the module's master is its own weights: a saved copy
     try:
-        torch._foreach_add_(owned.model, grads, alpha=rho / (norm + NORM_EPS))
         with torch.no_grad():
             perturbed = float(loss_fn())
     finally:
-        torch._foreach_copy_(owned.model, saved)
+        restore_(owned, saved)
         model.zero_grad(set_to_none=True)
     return perturbed - base, base
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -32,13 +31,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.distributed as torch_dist
 
 from posttrain.config import ModelConfig
 from posttrain.data.files import write_text_atomic
 from posttrain.errors import UserError
+from posttrain.train.perturbation import assert_not_perturbed
+from posttrain.train.rng import rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -130,36 +130,6 @@ def prune(root: Path, keep_last: int) -> list[str]:
 # ------------------------------------------------------------------------------------------ RNG
 
 
-def rng_state() -> dict[str, torch.Tensor]:
-    """Python, NumPy and torch (CPU and CUDA) generator states as tensors only."""
-    version, words, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python_words": torch.tensor(words, dtype=torch.int64),
-        "python_meta": torch.tensor([version, 0 if gauss is None else 1], dtype=torch.int64),
-        "python_gauss": torch.tensor([0.0 if gauss is None else gauss], dtype=torch.float64),
-        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-        "numpy_meta": torch.tensor([pos, has_gauss], dtype=torch.int64),
-        "numpy_gauss": torch.tensor([cached], dtype=torch.float64),
-        "torch_cpu": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["torch_cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    version, has_gauss = state["python_meta"].tolist()
-    gauss = float(state["python_gauss"][0]) if has_gauss else None
-    random.setstate((version, tuple(state["python_words"].tolist()), gauss))
-    pos, np_has_gauss = state["numpy_meta"].tolist()
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, np_has_gauss,
-                         float(state["numpy_gauss"][0])))
-    torch.set_rng_state(state["torch_cpu"])
-    if "torch_cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["torch_cuda"])
-
-
 def rng_path(tag_dir: Path, rank: int) -> Path:
     return Path(tag_dir) / "rng" / f"rank-{rank:05d}.pt"
 
@@ -180,9 +150,7 @@ def load_rng(tag_dir: Path, rank: int) -> bool:
 def save_checkpoint(engine: "DeepSpeedEngine", root: Path, tag: str, metadata: dict[str, Any],
                     config_yaml: str, keep_last: int, *, best: bool = False) -> Path:
     """Collective: every rank calls it. Returns the tag folder."""
-    from posttrain.train.sam import assert_not_perturbed
-
-    assert_not_perturbed(engine, "write a checkpoint")  # never between a SAM step's two passes
+    assert_not_perturbed(engine, "write a checkpoint")  # never between a perturbing step's two passes
     root = Path(root)
     tag_dir = root / tag
     rank = _rank()

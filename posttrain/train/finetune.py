@@ -3,7 +3,7 @@
 ``finetune(cfg)`` runs the post-training loop of ``posttrain.train.engine`` unchanged (step modes,
 checkpoints, MLflow, validation) with three differences:
 
-- the weights start from ``finetune.init_from``, any ``load_model`` spec (a posttrain checkpoint, a
+- the weights start from ``finetune.init_from``, any ``posttrain.loading.load_model`` spec (a posttrain checkpoint, a
   transformers export, a converted AntiDeepfake release, a hub id), rebuilt with this run's training
   settings (no LayerDrop, dropout, SpecAugment, activation checkpointing);
 - the DeepSpeed engine comes from ``accelerator.prepare(model, optimizer, scheduler)``: accelerate's
@@ -27,6 +27,7 @@ import gc
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# (spec, device, *, preset) -> (Detector in eval mode, identity): ``posttrain.loading.load_model``
+ModelLoader = Callable[..., tuple["Detector", dict[str, Any]]]
 # ``posttrain.data.df2024`` names segment k of file F cut at N seconds "<F>-<N>s-<k>"
 SEGMENT_ID = re.compile(r"^(?P<file_id>.+)-(?P<seconds>\d+)s-(?P<index>\d+)$")
 # DeepSpeed keys the step modes rely on: always posttrain's values, whatever accelerate's config says
@@ -126,12 +129,12 @@ def make_accelerator(cfg: FinetuneConfig) -> "Accelerator":
     return Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no", deepspeed_plugin=plugin)
 
 
-def initial_detector(cfg: FinetuneConfig, metadata: dict[str, Any] | None) -> "Detector":
+def initial_detector(cfg: FinetuneConfig, metadata: dict[str, Any] | None, load_model: "ModelLoader") -> "Detector":
     """The detector to train: from a resumed checkpoint's architecture (its weights come with the
-    DeepSpeed state), else from ``finetune.init_from``, rebuilt under ``cfg.model``'s training
-    settings. ``cfg.model.preset`` becomes the loaded model's preset when it names one."""
+    DeepSpeed state), else from ``finetune.init_from`` (read by ``load_model``), rebuilt under
+    ``cfg.model``'s training settings. ``cfg.model.preset`` becomes the loaded model's preset when it
+    names one."""
     from posttrain.models.detector import build_detector
-    from posttrain.models.loading import load_model
 
     if metadata is not None:
         cfg.model.preset = metadata.get("preset") or cfg.model.preset
@@ -150,13 +153,14 @@ class FinetuneTrainer(Trainer):
     """``Trainer`` with the model from ``finetune.init_from`` and the engine from ``accelerator.prepare``;
     the loop, step modes, validation and checkpoints are the engine's."""
 
-    def __init__(self, cfg: FinetuneConfig, accelerator: "Accelerator"):
+    def __init__(self, cfg: FinetuneConfig, accelerator: "Accelerator", load_model: "ModelLoader"):
         self.accelerator = accelerator
+        self.load_model = load_model
         # accelerate's process_index reads 0 on every rank under DS_ACCELERATOR=cpu: the engine asks torch
         super().__init__(cfg, device=accelerator.device)
 
     def _build_model(self, metadata: dict[str, Any] | None) -> torch.nn.Module:
-        return initial_detector(self.cfg, metadata)
+        return initial_detector(self.cfg, metadata, self.load_model)
 
     def _build_engine(self, load_universal: bool) -> Any:
         plugin_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
@@ -246,13 +250,13 @@ class EvalOutcome:
     reports: dict[str, Path] = field(default_factory=dict)  # "segments" / "files" -> report folder
 
 
-def evaluate_test_sets(cfg: FinetuneConfig, checkpoint: Path, device: torch.device) -> list[EvalOutcome]:
+def evaluate_test_sets(cfg: FinetuneConfig, checkpoint: Path, device: torch.device,
+                       load_model: "ModelLoader") -> list[EvalOutcome]:
     """Score every test set with ``checkpoint`` on all ranks; rank 0 writes the reports and returns
     the outcomes (other ranks: an empty list). Collective."""
     from posttrain.eval.inference import InferenceConfig, ShardSource, run_inference
     from posttrain.eval.report import SCORE_TYPES, write_report
     from posttrain.eval.scoring import SCORE_TYPE, WindowConfig
-    from posttrain.models.loading import load_model
 
     section = cfg.finetune
     window = section.eval_window_seconds
@@ -317,11 +321,13 @@ class FinetuneResult:
     tests: list[EvalOutcome]  # rank 0 only (empty elsewhere)
 
 
-def finetune(cfg: FinetuneConfig, accelerator: "Accelerator | None" = None) -> FinetuneResult:
-    """Fine-tune as ``cfg`` says, then test (``finetune.evaluate``). Call on every rank."""
+def finetune(cfg: FinetuneConfig, load_model: "ModelLoader",
+             accelerator: "Accelerator | None" = None) -> FinetuneResult:
+    """Fine-tune as ``cfg`` says, then test (``finetune.evaluate``). Call on every rank. ``load_model``
+    is the "any model spec" loader (``posttrain.loading.load_model``, which sits above this floor)."""
     cfg = resolve_data(cfg)
     accelerator = accelerator or make_accelerator(cfg)
-    trainer = FinetuneTrainer(cfg, accelerator)
+    trainer = FinetuneTrainer(cfg, accelerator, load_model)
     result = trainer.fit()
     device = trainer.device
     del trainer  # the engine's partitions and optimiser state go before the test model comes in
@@ -329,7 +335,7 @@ def finetune(cfg: FinetuneConfig, accelerator: "Accelerator | None" = None) -> F
     gc.collect()
     tests: list[EvalOutcome] = []
     if cfg.finetune.evaluate and cfg.finetune.test_sets and result.last_checkpoint is not None:
-        tests = evaluate_test_sets(cfg, result.last_checkpoint, device)
+        tests = evaluate_test_sets(cfg, result.last_checkpoint, device, load_model)
         if torch_dist.get_rank() == 0:
             log_outcomes(cfg, result.mlflow_run_id, tests, result.progress.step)
             for outcome in tests:

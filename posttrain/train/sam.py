@@ -29,8 +29,9 @@ steps between run one pass and update with ``g + alpha ||g|| / ||g_v|| g_v``. Th
 checkpointed: after a resume the first step is a full one.
 
 The weights are perturbed only inside this one call, and a checkpoint written by the loop between
-two calls never sees them; ``assert_not_perturbed(engine)`` lets checkpoint code verify it (the
-flag also stays up if a pass raised, since the replicas may then be inconsistent).
+two calls never sees them: the step marks the engine in ``posttrain.train.perturbation``, which
+checkpoint code checks (the mark also stays up if a pass raised, since the replicas may then be
+inconsistent). The ascent itself (direction, perturb, restore) is ``posttrain.train.ascent``.
 
 Fine-tune path (accelerate + DeepSpeed): ``accelerator.backward`` also calls ``engine.step()``, so
 ``run_pass`` must call the engine's own backward: ``engine = accelerator.deepspeed_engine_wrapped.engine``
@@ -42,7 +43,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -51,36 +52,18 @@ import torch.distributed as torch_dist
 
 from posttrain.config import SamConfig
 from posttrain.data.batch import Batch
-from posttrain.train.checkpoint import rng_state, set_rng_state
-from posttrain.train.partitions import (OwnedParameters, check_partitions_released, global_sums,
-                                        local_dot, local_sum_of_squares, owned_gradients, owned_parameters,
-                                        sync_model_copies, zero_stage)
+from posttrain.train.ascent import ascent_direction_, perturb_, restore_, takes_ascent
+from posttrain.train.partitions import (check_partitions_released, global_sums, local_dot, local_sum_of_squares,
+                                        owned_gradients, owned_parameters, sync_model_copies, zero_stage)
+from posttrain.train.perturbation import clear_perturbed, mark_perturbed
+from posttrain.train.rng import rng_state, set_rng_state
 from posttrain.train.step import (StepContext, StepStats, finish_step, forward_backward, global_counts, loss_scale,
                                   prepare, register_step_mode)
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
-NORM_EPS = 1e-12  # added to the norm as in the reference SAM/ASAM code
-CHUNK_NUMEL = 1 << 24  # ASAM's |w| + eta is built per chunk of this many elements, not for the whole model
-
-_perturbed: "weakref.WeakSet[Any]" = weakref.WeakSet()
 _looksam_directions: "weakref.WeakKeyDictionary[Any, list[torch.Tensor]]" = weakref.WeakKeyDictionary()
-
-
-class PerturbedWeightsError(RuntimeError):
-    """The engine's weights are SAM-perturbed: nothing may be saved or evaluated now."""
-
-
-def is_perturbed(engine: Any) -> bool:
-    return engine in _perturbed
-
-
-def assert_not_perturbed(engine: Any, action: str = "checkpoint") -> None:
-    """Raise when ``engine`` is between the two passes of a SAM step (or a pass failed mid-step)."""
-    if engine in _perturbed:
-        raise PerturbedWeightsError(f"sam: cannot {action}: the weights are perturbed (inside a SAM step, or one "
-                                    "failed between its passes and the model replicas may be inconsistent)")
 
 
 @dataclass
@@ -93,46 +76,6 @@ class SamOutcome:
     full_step: bool  # False on a LookSAM reuse step
     perturbed: bool  # False when the norm was 0 or non-finite (no ascent taken)
     update: Any = None  # what apply_update returned
-
-
-# ------------------------------------------------------------------------------------- the ascent
-
-
-def _weight_indices(names: Sequence[str]) -> list[int]:
-    return [i for i, name in enumerate(names) if "weight" in name]
-
-
-def _chunks(indices: list[int], sizes: Sequence[int]) -> list[list[int]]:
-    chunks, current, numel = [], [], 0
-    for i in indices:
-        if current and numel + sizes[i] > CHUNK_NUMEL:
-            chunks.append(current)
-            current, numel = [], 0
-        current.append(i)
-        numel += sizes[i]
-    return chunks + ([current] if current else [])
-
-
-def _scale_by_t_(owned: OwnedParameters, grads: list[torch.Tensor], eta: float) -> None:
-    """``g <- T g`` in place, ``T = |w| + eta`` (fp32) on the weight tensors, chunk by chunk."""
-    indices = _weight_indices(owned.names)
-    for chunk in _chunks(indices, [t.numel() for t in owned.model]):
-        t = [w.abs().to(torch.promote_types(w.dtype, torch.float32)) for w in (owned.model[i] for i in chunk)]
-        torch._foreach_add_(t, eta)
-        torch._foreach_mul_([grads[i] for i in chunk], t)
-
-
-def ascent_direction_(owned: OwnedParameters, grads: list[torch.Tensor], cfg: SamConfig,
-                      device: torch.device) -> float:
-    """Turn ``grads`` (the owned reduced gradient) into the unnormalised ascent direction in place
-    (SAM: ``g``; ASAM: ``T^2 g``) and return the global norm that normalises it (``||g||`` / ``||T g||``).
-    One all-reduce."""
-    if cfg.adaptive:
-        _scale_by_t_(owned, grads, cfg.adaptive_eta)
-    norm = math.sqrt(float(global_sums(local_sum_of_squares(grads, device), owned.group)))
-    if cfg.adaptive:
-        _scale_by_t_(owned, grads, cfg.adaptive_eta)
-    return norm
 
 
 # ------------------------------------------------------------------------------------------ the step
@@ -194,22 +137,20 @@ def sharpness_aware_step(engine: "DeepSpeedEngine", run_pass: Callable[[], torch
         return outcome
 
     plain = _store_plain_gradient(engine, grads) if looksam else None
-    norm = ascent_direction_(owned, grads, cfg, device)
-    perturb = math.isfinite(norm) and norm > 0
+    norm = ascent_direction_(owned, grads, adaptive=cfg.adaptive, eta=cfg.adaptive_eta, device=device)
+    perturb = takes_ascent(norm)
     saved = None
-    _perturbed.add(engine)
+    mark_perturbed(engine, "sam")
     if perturb:
         check_partitions_released(engine)
-        if owned.master_aliases_model:
-            saved = [t.clone() for t in owned.model]
-        torch._foreach_add_(owned.model, grads, alpha=cfg.rho / (norm + NORM_EPS))
+        saved = perturb_(owned, grads, cfg.rho, norm)
         sync_model_copies(engine)
     engine.optimizer.zero_grad()
     torch._foreach_zero_(grads)  # some ZeRO-1/2 buffers (fp32 accumulation of bf16) accumulate across backward calls
     set_rng_state(rng)  # the same dropout / SpecAugment draws as the first pass
     second_loss = run_pass()
-    if perturb:  # restore by copy: the saved partitions, or the master DeepSpeed rounds the model copy from
-        torch._foreach_copy_(owned.model, saved if saved is not None else owned.master)
+    if perturb:
+        restore_(owned, saved)
     del saved
     if plain is not None:
         _orthogonal_component_(plain, owned_gradients(engine), owned.group, device)
@@ -217,7 +158,7 @@ def sharpness_aware_step(engine: "DeepSpeedEngine", run_pass: Callable[[], torch
     outcome.update = apply_update(outcome) if apply_update else engine.step()
     if perturb and zero_stage(engine) in (1, 2) and getattr(engine.optimizer, "overflow", False):
         sync_model_copies(engine)  # the skipped step did not all-gather the restored slices
-    _perturbed.discard(engine)
+    clear_perturbed(engine)
     return outcome
 
 

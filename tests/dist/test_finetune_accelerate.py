@@ -23,7 +23,7 @@ import yaml
 from posttrain.data.shards import load_index
 from posttrain.data.stream import decode_positions
 from posttrain.dist import free_port
-from posttrain.models.loading import load_model
+from posttrain.loading import load_model
 from posttrain.train.checkpoint import read_metadata, read_pointer
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]

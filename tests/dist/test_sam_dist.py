@@ -256,7 +256,15 @@ def _dropout_masks_and_flags(rank: int) -> dict:
     import deepspeed
 
     from posttrain.train.engine import build_optimizer, deepspeed_config
-    from posttrain.train.sam import is_perturbed, sharpness_aware_step
+    from posttrain.train.perturbation import PerturbedWeightsError, assert_not_perturbed
+    from posttrain.train.sam import sharpness_aware_step
+
+    def is_perturbed(engine) -> bool:
+        try:
+            assert_not_perturbed(engine)
+        except PerturbedWeightsError:
+            return True
+        return False
 
     case = Case("dropout", 2)
     cfg = _config(case)

@@ -9,11 +9,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from posttrain.data.shards import build_shards, iter_shard, load_index, sample_key, shard_paths
+from posttrain.data.shard_build import build_shards
+from posttrain.data.shards import iter_shard, load_index, sample_key, shard_paths
 from posttrain.dist import DistInfo
 from posttrain.eval.inference import InferenceConfig, ProtocolSource, ShardSource, Task, rank_tasks, run_inference
 from posttrain.eval.scoring import WindowConfig
-from posttrain.models.loading import load_model
+from posttrain.loading import load_model
 
 
 @pytest.fixture(scope="module")

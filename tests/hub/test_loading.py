@@ -12,7 +12,7 @@ from posttrain.config import ModelConfig
 from posttrain.data.batch import normalize_waveforms
 from posttrain.hub.export import export_detector, identity_document
 from posttrain.models.detector import build_detector
-from posttrain.models.loading import ModelNotAvailableError, hub_snapshot, load_model, model_format
+from posttrain.loading import ModelNotAvailableError, hub_snapshot, load_model, model_format
 
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as the cache names snapshots
 

@@ -12,7 +12,7 @@ import torch
 from posttrain.data.shards import iter_shard, load_index, shard_paths
 from posttrain.eval.inference import InferenceConfig
 from posttrain.eval.scoring import WindowConfig
-from posttrain.models.loading import load_model
+from posttrain.loading import load_model
 from posttrain.select.embed import EmbeddingsError, embed_shards, load_embeddings
 
 

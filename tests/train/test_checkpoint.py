@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from posttrain.train import checkpoint as ckpt
+from posttrain.train.rng import rng_state, set_rng_state
 
 
 def make_tag(root, step, complete=True):
@@ -80,12 +81,12 @@ def test_rng_states_round_trip_through_weights_only_load(tmp_path):
     torch.manual_seed(5)
     np.random.standard_normal()  # leaves a cached gaussian in NumPy's state
     path = tmp_path / "rng.pt"
-    torch.save(ckpt.rng_state(), path)
+    torch.save(rng_state(), path)
     expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
-    ckpt.set_rng_state(torch.load(path, weights_only=True))
+    set_rng_state(torch.load(path, weights_only=True))
     assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
     assert not ckpt.load_rng(tmp_path, rank=3)  # a rank the checkpoint has no state for
 
@@ -101,7 +102,7 @@ def test_epoch_end_tags_sort_after_the_same_step(tmp_path):
 
 
 def test_no_checkpoint_can_be_written_between_the_two_sam_passes(tmp_path):
-    from posttrain.train import sam
+    from posttrain.train import perturbation
     from posttrain.train.checkpoint import save_checkpoint
 
     class Engine:
@@ -111,10 +112,10 @@ def test_no_checkpoint_can_be_written_between_the_two_sam_passes(tmp_path):
             self.saved = True
 
     engine = Engine()
-    sam._perturbed.add(engine)
+    perturbation.mark_perturbed(engine, "sam")
     try:
-        with pytest.raises(sam.PerturbedWeightsError, match="write a checkpoint"):
+        with pytest.raises(perturbation.PerturbedWeightsError, match="write a checkpoint"):
             save_checkpoint(engine, tmp_path, "step-00000001", {}, "", keep_last=1)
     finally:
-        sam._perturbed.discard(engine)
+        perturbation.clear_perturbed(engine)
     assert not engine.saved and not (tmp_path / "step-00000001").exists()
