@@ -1,6 +1,6 @@
 """posttrain's imports point down the floors and never run in a circle (lazy imports inside functions count).
 
-Floors, lowest first: config/dist -> data -> models -> augment -> train|eval -> select|hub -> the loading facade
+Floors, lowest first: config/dist/errors -> data -> models -> augment -> train|eval -> select|hub -> the loading facade
 -> commands/cli/bench. A module may import its own floor or any lower one; circles are refused on every floor.
 """
 
@@ -13,7 +13,7 @@ import posttrain
 
 PACKAGE_DIR = Path(posttrain.__file__).resolve().parent
 FLOORS = {
-    "posttrain": 0, "posttrain.config": 0, "posttrain.dist": 0,
+    "posttrain": 0, "posttrain.config": 0, "posttrain.dist": 0, "posttrain.errors": 0,
     "posttrain.data": 1,
     "posttrain.models": 2,
     "posttrain.augment": 3,
