@@ -58,7 +58,7 @@ def _signal(kind: str, frames: int, rate_hz: int, channels: int, rng: np.random.
 
 def write_corpus(directory: Path, name: str = "corpus", *, num_files: int = 12, bad: tuple = (),
                  seed: int = 0, formats: tuple = ("wav", "flac", "ogg"),
-                 seconds: tuple = (0.4, 1.2)) -> TinyCorpus:
+                 seconds: tuple = (0.4, 1.2), proportion: str = "train") -> TinyCorpus:
     """Write ``num_files`` short real audio files (sine/noise/chirp; wav/flac/ogg; 8-48 kHz; mono and
     stereo) under ``directory/name`` plus ``directory/name.csv`` with ``$ROOT`` paths.
 
@@ -80,7 +80,7 @@ def write_corpus(directory: Path, name: str = "corpus", *, num_files: int = 12, 
             id=f"{CORPUS_PREFIXES[index % len(CORPUS_PREFIXES)]}-{name}_{index:04d}{suffix}",
             label=label, duration_s=duration_s, path=f"$ROOT/{relative}", sample_rate_hz=rate_hz,
             attack="-" if label == "real" else f"A0{1 + (index // 2) % 2}", speaker=f"spk{index % 4}",
-            proportion="train", audio_channel=str(channels), audio_encoding=encoding, audio_bit_sample="16",
+            proportion=proportion, audio_channel=str(channels), audio_encoding=encoding, audio_bit_sample="16",
             language=CORPUS_LANGUAGES[index % len(CORPUS_LANGUAGES)])
         rows.append(row)
         return row
@@ -307,7 +307,7 @@ def valid_shard_dir(tmp_path_factory) -> Path:
     training tests. Read-only."""
     from posttrain.data.shard_build import build_shards
 
-    corpus = write_corpus(tmp_path_factory.mktemp("valid_corpus"), "valid", num_files=8, seed=1)
+    corpus = write_corpus(tmp_path_factory.mktemp("valid_corpus"), "valid", num_files=8, seed=1, proportion="valid")
     out = tmp_path_factory.mktemp("valid_shards")
     build_shards([corpus.protocol], root=corpus.root, out=out, name="valid", max_samples_per_shard=4, seed=0)
     return out

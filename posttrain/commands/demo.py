@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         _stage("demo corpus", ["data", "demo", "--out", str(data_dir)])
     for split in SPLITS:
         _stage(f"shards: {split}", ["shards", "build", "--protocol", str(data_dir / f"{split}.csv"),
-                                    "--root", str(data_dir), "--out", str(shards_dir / split), "--name", split,
+                                    "--root", str(data_dir), "--out", str(shards_dir / split), "--split", split,
                                     "--max-samples-per-shard", "64"])
     _stage("loader statistics (one epoch of the training stream)",
            ["stream", "--shards", str(shards_dir / "train"), "--num-workers", "0",

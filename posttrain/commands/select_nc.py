@@ -39,6 +39,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per", choices=GROUPINGS, default=defaults.per,
                         help="'corpus': budget and class means per corpus within each source")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="k-means and shard shuffle seed")
+    from posttrain.commands.shards_build import add_split_arguments
+
+    add_split_arguments(parser, "for --shards")
     parser.add_argument("--chunk-rows", type=int, default=defaults.chunk_rows,
                         help="embedding rows read at once (bounds memory)")
     parser.add_argument("--kmeans-epochs", type=int, default=defaults.kmeans_epochs,
@@ -128,12 +131,14 @@ def run(args: argparse.Namespace) -> int:
     print(format_totals(totals), end="")
     print(f"selection: {args.out / 'selection.csv'} ({len(kept_rows)} rows)")
     if args.shards:
+        from posttrain.commands.shards_build import split_options
         from posttrain.data.shard_build import ShardBuildError, build_shards
         from posttrain.data.shards import format_index
 
         try:
-            index = build_shards([args.out / "selection.csv"], args.root, args.out / "shards", name="train",
-                                 max_samples_per_shard=args.max_samples_per_shard, seed=args.seed)
+            index = build_shards([args.out / "selection.csv"], args.root, args.out / "shards",
+                                 max_samples_per_shard=args.max_samples_per_shard, seed=args.seed,
+                                 **split_options(args))
         except (ShardBuildError, ValueError) as error:
             print(f"posttrain select nc: error: shards: {error}", file=sys.stderr)
             return 1

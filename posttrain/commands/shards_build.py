@@ -14,15 +14,34 @@ def _slurm_array_task() -> tuple[int, int] | None:
     return int(os.environ["SLURM_ARRAY_TASK_ID"]) - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
 
 
+def add_split_arguments(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """``--split`` / ``--mixed-proportions``: which protocol rows (by ``Proportion``) a shard set keeps."""
+    parser.add_argument("--split", choices=("train", "valid", "test"), default=None,
+                        help="keep the protocol rows whose Proportion is this split (one shard set per split"
+                             f"{'; ' + note if note else ''}). Without it, rows spanning several proportions "
+                             "are refused (default: none)")
+    parser.add_argument("--mixed-proportions", action="store_true",
+                        help="keep rows of every Proportion in one set, test rows included (default: off)")
+
+
+def split_options(args: argparse.Namespace) -> dict:
+    """The build options of ``add_split_arguments``: ``split`` and ``proportions``."""
+    from posttrain.data.protocol import PROPORTIONS
+
+    if args.split and args.mixed_proportions:
+        raise ValueError("--split keeps one proportion, --mixed-proportions keeps them all: give one of them")
+    return {"split": args.split, "proportions": PROPORTIONS if args.mixed_proportions else None}
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--protocol", nargs="+", help="protocol CSV(s)")
     source.add_argument("--mix", default=None, help="a mix definition (shards/*.yaml) instead of --protocol; "
                                                     "--root is then its data root")
-    parser.add_argument("--split", choices=("train", "valid"), default="train", help="split of the --mix to build")
+    add_split_arguments(parser, "with --mix: the mix's train or valid split, default train")
     parser.add_argument("--root", default=None, help="data root replacing $ROOT in the CSV paths")
     parser.add_argument("--out", required=True, help="shard directory to write")
-    parser.add_argument("--name", default="train", help="shard file prefix: <name>-000000.tar")
+    parser.add_argument("--name", default=None, help="shard file prefix: <name>-000000.tar (default: the split)")
     parser.add_argument("--max-samples-per-shard", type=int, default=1000, help="samples per shard at most")
     parser.add_argument("--max-shard-mb", type=float, default=1000.0, help="size bound per shard (10^6 bytes)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the global shuffle before sharding")
@@ -39,14 +58,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     build_submit.add_arguments(parser)
 
 
-def _mix_protocol(args: argparse.Namespace) -> list[str]:
-    """One split of a mix written as one protocol CSV in the output folder (what the tasks read)."""
-    from posttrain.data.mix import load_mix, write_mix_protocol
+def _mix_protocol(args: argparse.Namespace) -> tuple[list[str], dict]:
+    """One split of a mix written as one protocol CSV in the output folder (what the tasks read), and
+    the build options that select it: the proportions the mix declares for that split."""
+    from posttrain.data.mix import load_mix, split_proportions, write_mix_protocol
 
     if args.root is None:
         raise ValueError("--mix needs --root (the data root of the mix)")
-    out = os.path.join(args.out, f"protocol.{args.split}.csv")
-    return [str(write_mix_protocol(load_mix(args.mix), args.root, args.split, out))]
+    if args.split not in (None, "train", "valid") or args.mixed_proportions:
+        raise ValueError("--mix builds its own train or valid split (the proportions its YAML declares); "
+                         "--split test and --mixed-proportions apply to --protocol")
+    split = args.split or "train"
+    mix = load_mix(args.mix)
+    out = os.path.join(args.out, f"protocol.{split}.csv")
+    return ([str(write_mix_protocol(mix, args.root, split, out))],
+            {"split": split, "proportions": split_proportions(mix, split)})
+
+
+def _selection(args: argparse.Namespace) -> tuple[list[str], dict]:
+    """Protocol CSVs and the proportion options (``--split`` or ``--mixed-proportions``) of the build."""
+    return _mix_protocol(args) if args.mix else (args.protocol, split_options(args))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     options = dict(name=args.name, max_samples_per_shard=args.max_samples_per_shard, max_shard_mb=args.max_shard_mb,
                    seed=args.seed, num_workers=args.workers, strict=args.strict, min_seconds=args.min_seconds,
                    task_index=task_index, num_tasks=num_tasks, progress=not args.no_progress)
-    protocols = _mix_protocol(args) if args.mix else args.protocol
+    protocols, selection = _selection(args)
+    options.update(selection)
     if build_submit.submitted(args):
         return build_submit.run_submitted(args, protocols, BuildOptions(**options))
     index = build_shards(protocols, args.root, args.out, **options)

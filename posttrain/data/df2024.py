@@ -291,7 +291,7 @@ def _build_shards(out: Path, lengths: tuple[int, ...], rows_by_length: dict[int,
                 continue
             target = out / "shards" / f"{length}s" / split
             build_shards([out / f"{length}s" / f"{split}.csv"], out, target, name=f"df2024_{length}s_{split}",
-                         seed=seed, progress=progress)
+                         split=split, seed=seed, progress=progress)
             built.append(target)
     return built
 

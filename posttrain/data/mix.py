@@ -203,6 +203,11 @@ def mix_rows(mix: Mix, data_root: str | Path, split: str = "train") -> list[Prot
     return rows
 
 
+def split_proportions(mix: Mix, split: str) -> tuple[str, ...]:
+    """The protocol proportions the mix declares for one split, over all its corpora (what the user asked)."""
+    return tuple(sorted({value for corpus in mix.corpora for value in getattr(corpus.splits, split)}))
+
+
 def write_mix_protocol(mix: Mix, data_root: str | Path, split: str, out: str | Path) -> Path:
     """Write one split of a mix as a single protocol CSV (``$ROOT`` = the data root), atomically."""
     write_protocol(mix_rows(mix, data_root, split), out)

@@ -11,6 +11,7 @@ what is done. ``merge`` turns the per-task indexes into ``index.json`` + ``rejec
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from posttrain.data import audio
 from posttrain.data.files import write_text_atomic
-from posttrain.data.protocol import LABELS, ProtocolRow, read_protocols
+from posttrain.data.protocol import LABELS, PROPORTIONS, ProtocolRow, read_protocols
 from posttrain.data.shards import (FORMAT, INDEX_NAME, REJECTS_NAME, SAMPLE_RATE_HZ, TOTAL_GROUPS, VERSION,
                                    file_sha256, sample_key)
 from posttrain.errors import UserError
@@ -58,9 +59,20 @@ class ShardBuildError(UserError, RuntimeError):
     """A build that cannot proceed (strict reject, mixed plans, incomplete merge): the user's to fix."""
 
 
+# The named splits a shard set can be built for (``Proportion`` values; "-" = no assigned split).
+SPLITS = ("train", "valid", "test")
+MIXED = "mixed"  # the split label of a set that keeps several proportions because the user asked
+
+
 @dataclass(frozen=True)
 class BuildOptions:
-    name: str = "train"
+    """``split`` keeps the protocol rows whose ``Proportion`` is that split; ``proportions`` instead keeps
+    an explicit set of them (``--mixed-proportions``, a mix's declared splits). With neither, rows of
+    more than one proportion are refused: test rows must never reach a training set unasked."""
+
+    name: str | None = None  # shard file prefix; None = the split (or the single proportion found)
+    split: str | None = None
+    proportions: tuple[str, ...] | None = None
     max_samples_per_shard: int = 1000
     max_shard_mb: float = 1000.0  # MB = 10^6 bytes
     seed: int = 0
@@ -71,11 +83,19 @@ class BuildOptions:
     num_tasks: int = 1
     progress: bool = True
 
+    @property
+    def prefix(self) -> str:
+        """The shard file prefix: ``name``, else the split, else ``shards``."""
+        return self.name or self.split or "shards"
+
     def __post_init__(self) -> None:
         checks = {"max_samples_per_shard": self.max_samples_per_shard >= 1, "max_shard_mb": self.max_shard_mb > 0,
                   "min_seconds": self.min_seconds >= 0, "num_workers": self.num_workers >= 1,
                   "num_tasks": self.num_tasks >= 1, "task_index": 0 <= self.task_index < self.num_tasks,
-                  "name": bool(self.name) and sample_key(self.name) == self.name}
+                  "name": self.name is None or (bool(self.name) and sample_key(self.name) == self.name),
+                  "split": self.split is None or self.split in SPLITS,
+                  "proportions": self.proportions is None or (bool(self.proportions) and
+                                                              set(self.proportions) <= set(PROPORTIONS))}
         for option, ok in checks.items():
             if not ok:
                 raise ValueError(f"shard build option {option}={getattr(self, option)!r} is out of range")
@@ -88,6 +108,44 @@ class ShardSpec:
     index: int
     name: str
     rows: tuple[ProtocolRow, ...]
+
+
+def _count_text(counts: Counter) -> str:
+    return ", ".join(f"{proportion} {counts[proportion]}" for proportion in PROPORTIONS if counts[proportion])
+
+
+def select_rows(rows: list[ProtocolRow], options: BuildOptions, where: str) -> tuple[list[ProtocolRow], str | None]:
+    """The rows this build keeps by ``Proportion``, and the set's split label (index.json ``split``):
+    the chosen split, the one proportion found, ``mixed`` when asked for several, else None.
+
+    Raises ``ShardBuildError`` counting rows per proportion when the protocol mixes proportions and
+    the user did not ask for them (neither ``split`` nor ``proportions``), or when nothing is left.
+    """
+    counts = Counter(row.proportion for row in rows)
+    if options.split is not None or options.proportions is not None:
+        keep = set(options.proportions or (options.split,))
+        kept = [row for row in rows if row.proportion in keep]
+        if not kept:
+            asked = f"--split {options.split}" if options.proportions is None else f"proportions {sorted(keep)}"
+            raise ShardBuildError(f"{where}: no row has {asked}; its rows by Proportion: {_count_text(counts)}")
+        left_out = counts - Counter(row.proportion for row in kept)
+        if left_out:
+            log.warning("%s: kept %d rows (%s); left out %s", where, len(kept), ", ".join(sorted(keep)),
+                        _count_text(left_out))
+    elif len(counts) > 1:
+        raise ShardBuildError(
+            f"{where}: rows of several proportions ({_count_text(counts)}): build one shard set per split with "
+            f"--split train|valid|test, or pass --mixed-proportions to keep them all in one set")
+    else:
+        kept = rows
+    found = {row.proportion for row in kept}
+    single = next(iter(found)) if len(found) == 1 else None
+    return kept, options.split or (single if single in SPLITS else MIXED if len(found) > 1 else None)
+
+
+def asked_mixed(options: BuildOptions) -> bool:
+    """Whether the user asked for rows of several named splits in one set (recorded in index.json)."""
+    return options.proportions is not None and len(set(options.proportions) & set(SPLITS)) > 1
 
 
 def max_seconds(row: ProtocolRow) -> float:
@@ -136,12 +194,13 @@ def plan_shards(rows: list[ProtocolRow], options: BuildOptions) -> list[ShardSpe
             used = 0
         chunks[-1].append(row)
         used += size
-    return [ShardSpec(i, f"{options.name}-{i:06d}.tar", tuple(chunk)) for i, chunk in enumerate(chunks)]
+    return [ShardSpec(i, f"{options.prefix}-{i:06d}.tar", tuple(chunk)) for i, chunk in enumerate(chunks)]
 
 
 def plan_fingerprint(specs: list[ShardSpec], options: BuildOptions) -> str:
     """Identifies what a shard set holds; parts of different plans never mix in one directory."""
-    content = {"name": options.name, "seed": options.seed, "min_seconds": options.min_seconds,
+    content = {"name": options.prefix, "split": options.split, "proportions": options.proportions,
+               "seed": options.seed, "min_seconds": options.min_seconds,
                "shards": [[asdict(row) for row in spec.rows] for spec in specs]}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
@@ -245,7 +304,8 @@ def build_task(protocols: list[str | Path], root: str | Path | None, out: str | 
     """Build (or finish) this task's shards and write its partial index; returns the partial index path."""
     out = Path(out)
     root = Path(root) if root is not None else None
-    rows = read_protocols(protocols)
+    rows, split = select_rows(read_protocols(protocols), options, ", ".join(map(str, protocols)))
+    options = dataclasses.replace(options, name=options.name or (split if split in SPLITS else None))
     specs = plan_shards(rows, options)
     fingerprint = plan_fingerprint(specs, options)
     mine = task_shards(specs, options.task_index, options.num_tasks)
@@ -263,6 +323,7 @@ def build_task(protocols: list[str | Path], root: str | Path | None, out: str | 
             bar.set_postfix(rejects=sum(len(r["rejects"]) for r in records.values()))
     partial = {"format": f"{FORMAT}-task", "version": VERSION, "plan": fingerprint, "seed": options.seed,
                "task_index": options.task_index, "num_tasks": options.num_tasks, "num_planned_shards": len(specs),
+               "split": split, "mixed_proportions": asked_mixed(options),
                "shards": [records[spec.index] for spec in mine]}
     path = task_index_path(out, options.task_index, options.num_tasks)
     write_text_atomic(path, json.dumps(partial, sort_keys=True))
@@ -323,6 +384,7 @@ def merge(out: str | Path) -> dict[str, Any]:
     shards = [_index_entry(record) for record in ordered if record["keys"]]
     rejects = [reject for record in ordered for reject in record["rejects"]]
     index = {"format": FORMAT, "version": VERSION, "sample_rate_hz": SAMPLE_RATE_HZ, "seed": partials[0]["seed"],
+             "split": partials[0].get("split"), "mixed_proportions": partials[0].get("mixed_proportions", False),
              "shards": shards, "totals": _totals(ordered), "rejects": len(rejects)}
     write_text_atomic(out / REJECTS_NAME, "".join(json.dumps(reject, sort_keys=True) + "\n" for reject in rejects))
     write_text_atomic(out / INDEX_NAME, json.dumps(index, indent=1, sort_keys=True) + "\n")

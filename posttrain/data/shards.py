@@ -24,7 +24,9 @@ REJECTS_NAME = "rejects.jsonl"
 SAMPLE_EXTENSIONS = ("flac", "json")  # tar member order within a sample (TarWriter sorts them)
 META_FIELDS = ("id", "label", "corpus", "attack", "speaker", "language", "proportion", "duration_s",
                "num_samples", "sample_rate_hz", "orig_sample_rate_hz", "source_path")
-TOTAL_GROUPS = {"by_label": "label", "by_corpus": "corpus", "by_language": "language", "by_attack": "attack"}
+TOTAL_GROUPS = {"by_label": "label", "by_corpus": "corpus", "by_language": "language", "by_attack": "attack",
+                "by_proportion": "proportion"}
+NAMED_SPLITS = ("train", "valid", "test")  # protocol proportions a set can hold ("-" = none assigned)
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -167,6 +169,32 @@ def verify_shards(directory: str | Path, *, progress: bool = True) -> list[str]:
     if rejects != index["rejects"]:
         problems.append(f"{REJECTS_NAME}: {rejects} lines, {INDEX_NAME} says {index['rejects']} rejects")
     return problems
+
+
+def check_shard_set(directory: str | Path, role: str) -> dict[str, Any]:
+    """Refuse a shard set that cannot serve as ``role`` (train|valid), before any training starts.
+
+    It must exist and be indexed, hold samples, a validation set must hold both classes, and neither
+    may hold protocol rows of another split (test rows in a training set) unless its builder was
+    explicitly asked to mix proportions (``--mixed-proportions``; recorded in index.json).
+    Returns the index.
+    """
+    index = load_index(directory)
+    totals = index["totals"]
+    if totals["samples"] == 0:
+        raise ShardFormatError(f"{directory}: the shard set holds no samples ({index['rejects']} rejects)")
+    if role == "valid":
+        absent = [label for label in ("real", "fake") if totals["by_label"].get(label, {}).get("samples", 0) == 0]
+        if absent:
+            raise ShardFormatError(f"{directory}: the validation set has no {absent[0]} samples "
+                                   f"(the EER needs both classes); rebuild it from rows of both labels")
+    foreign = {proportion: item["samples"] for proportion, item in totals.get("by_proportion", {}).items()
+               if proportion in NAMED_SPLITS and proportion != role and item["samples"]}
+    if foreign and not index.get("mixed_proportions", False):
+        counts = ", ".join(f"{count} {proportion}" for proportion, count in sorted(foreign.items()))
+        raise ShardFormatError(f"{directory}: a {role} set holding protocol rows of another split ({counts}); "
+                               f"rebuild it with `posttrain shards build --split {role}`")
+    return index
 
 
 def format_index(index: dict[str, Any]) -> str:

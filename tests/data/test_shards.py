@@ -112,8 +112,10 @@ def test_m4a_rows_and_duration_mismatch(make_corpus, tmp_path):
     subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", "sine=frequency=300:duration=1.5:"
                     "sample_rate=48000", "-c:a", "aac", str(corpus.root / "clip.m4a")], check=True)
     rows = read_protocol(corpus.protocol) + [
-        ProtocolRow(id="DF-clip", label="fake", duration_s=1.5, path="$ROOT/clip.m4a", attack="A09"),
-        ProtocolRow(id="DF-liar", label="fake", duration_s=0.5, path="$ROOT/clip.m4a")]  # CSV understates it
+        ProtocolRow(id="DF-clip", label="fake", duration_s=1.5, path="$ROOT/clip.m4a", attack="A09",
+                    proportion="train"),
+        ProtocolRow(id="DF-liar", label="fake", duration_s=0.5, path="$ROOT/clip.m4a",  # CSV understates it
+                    proportion="train")]
     write_protocol(rows, tmp_path / "p.csv")
     index = build_shards([tmp_path / "p.csv"], corpus.root, tmp_path / "out", progress=False)
     assert index["totals"]["by_attack"]["A09"]["samples"] == 1
@@ -139,7 +141,7 @@ def test_bad_protocol_and_key_collision_fail(make_corpus, tmp_path):
     assert result.returncode == 2 and f"{bad}:2: " in result.stderr and "unknown label 'maybe'" in result.stderr
     rows = read_protocol(corpus.protocol)
     write_protocol(rows + [ProtocolRow(id=rows[1].id.replace(".", "_"), label="real", duration_s=1.0,
-                                       path=rows[1].path)], tmp_path / "collide.csv")
+                                       path=rows[1].path, proportion="train")], tmp_path / "collide.csv")
     with pytest.raises(ShardBuildError, match="map to the same shard key"):
         build_shards([tmp_path / "collide.csv"], corpus.root, tmp_path / "o2", progress=False)
 

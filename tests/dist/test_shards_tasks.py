@@ -17,13 +17,13 @@ from posttrain.data.shards import file_sha256, load_index
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-OPTIONS = {"max_samples_per_shard": 2, "seed": 3}
+OPTIONS = {"max_samples_per_shard": 2, "seed": 3, "split": "train"}
 
 
 def _build_cli(corpus, out: Path, *extra: str, env: dict | None = None) -> list[str]:
     return [sys.executable, "-m", "posttrain.cli", "shards", "build", "--protocol", str(corpus.protocol),
             "--root", str(corpus.root), "--out", str(out), "--max-samples-per-shard", "2", "--seed", "3",
-            "--no-progress", *extra]
+            "--split", "train", "--no-progress", *extra]
 
 
 def _kill_after_first_shard(command: list[str], records: list[Path], env: dict) -> None:
