@@ -3,7 +3,9 @@ and write the report (score file, metrics.json, table, DET and histogram plots, 
 
 Runs on several ranks under torchrun (each rank scores a disjoint share; rank 0 writes the report).
 The score of record is ``logit_diff`` (real logit minus fake logit); with a calibration (given, or
-stored with the model) actDCF and Cllr are computed on its LLRs.
+stored with the model) actDCF and Cllr are computed on its LLRs. ``--mode antideepfake`` scores every
+file whole and alone (AntiDeepfake's test protocol) instead of in batched 13 s windows; the report
+(table, metrics.json, result.yaml) names the mode that produced it.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         report = write_report(args.out, records, score_definition=definition, model_identity=identity,
                               data_identity=data_identity, skipped=[s.to_dict() for s in result.skipped],
                               group_by=list(dict.fromkeys(args.by)), calibration=calibration,
-                              bootstrap_resamples=args.bootstrap, seed=args.seed)
+                              bootstrap_resamples=args.bootstrap, seed=args.seed, scoring=cfg.summary())
     print(report["table"], end="")
     for item in result.skipped:
         print(f"skipped {item.id}: {item.reason}: {item.detail}")

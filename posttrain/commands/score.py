@@ -3,8 +3,9 @@
 Per file: P(real), the score (``logit_diff``), the LLR when a calibration is known (``--calibration``
 or stored with the model) and a decision: at the calibration's Bayes threshold, or ``logit_diff >= 0``
 when uncalibrated (the line above the results says which). Files longer than the window are scored
-in windows (``posttrain.eval.scoring``). A file that cannot be read gets an error line and the others
-are still scored; the exit code is non-zero only when nothing could be scored.
+in windows (``posttrain.eval.scoring``); ``--mode antideepfake`` scores every file whole and alone, as
+AntiDeepfake's evaluation does. A file that cannot be read gets an error line and the others are
+still scored; the exit code is non-zero only when nothing could be scored.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if result is None:
         return 0
     print(f"decision: {decision.rule}")
+    print(f"scoring: {cfg.summary()}")
     rows: list[dict] = []
     for out in result.outputs:
         score = float(logit_diff(out.logits))
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"ERROR {item.id}: {item.reason}: {item.detail}")
     print(f"scored {len(result.outputs)} file(s), {len(result.skipped)} error(s)")
     if args.json is not None:
-        document = {"decision_rule": decision.rule, "threshold_logit_diff": decision.threshold,
+        document = {"scoring": cfg.summary(), "decision_rule": decision.rule, "threshold_logit_diff": decision.threshold,
                     "calibration_source": calibration_source, "inference": cfg.describe(),
                     "model": identity, "results": rows, "errors": [item.to_dict() for item in result.skipped]}
         write_bytes_atomic(args.json, (json.dumps(document, indent=2, default=str) + "\n").encode("utf-8"))

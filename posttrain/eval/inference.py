@@ -19,6 +19,13 @@ Ranks
     (bytes for plain files) with ``posttrain.data.stream.balance``; ``gather`` brings outputs and
     skips to rank 0, which orders them by position, so the result does not depend on the world size.
     Inside a rank, DataLoader workers (``num_workers``) decode tasks in parallel.
+
+Scoring modes (``InferenceConfig.mode``; every report says which one produced it)
+    ``windowed`` (default): long files in windows, windows of many files batched as above.
+    ``antideepfake``: AntiDeepfake's test protocol, every file whole (no window, no crop) and alone
+    (batch 1), so a converted AntiDeepfake checkpoint gives the scores AntiDeepfake's own evaluation
+    gives. Memory grows with the longest file. In both modes the waveform is normalised the way
+    the model was trained (AntiDeepfake's eps for AntiDeepfake-derived models).
 """
 
 from __future__ import annotations
@@ -49,12 +56,14 @@ from posttrain.models.detector import Detector
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".mp4", ".aac", ".opus", ".webm")
 PRECISIONS = ("fp32", "bf16")
+SCORING_MODES = ("windowed", "antideepfake")
 ROWS_PER_TASK = 64  # protocol rows decoded by one task: enough to amortise a worker hand-off
 WHOLE_FILE_BUCKET_SECONDS = 30.0  # bucket range when files are scored whole (no window bound)
 
 
 @dataclass(frozen=True)
 class InferenceConfig:
+    mode: str = "windowed"  # one of SCORING_MODES (module docstring)
     window: WindowConfig = field(default_factory=WindowConfig)
     aggregation: str = "mean_logits"
     batch_seconds: float = 200.0  # padded audio seconds per forward pass
@@ -64,7 +73,18 @@ class InferenceConfig:
     num_workers: int = 0  # decoding processes per rank
     progress: bool = True
 
+    @classmethod
+    def antideepfake(cls, **settings: Any) -> "InferenceConfig":
+        """AntiDeepfake's test protocol: every file whole and alone (``settings``: precision, workers...)."""
+        return cls(mode="antideepfake", window=WindowConfig(0.0, 0.0, 0.0), max_batch_size=1, **settings)
+
     def validate(self) -> None:
+        if self.mode not in SCORING_MODES:
+            raise ValueError(f"mode: {self.mode!r} is not one of {SCORING_MODES}")
+        if self.mode == "antideepfake" and (self.window.window_seconds != 0 or self.max_batch_size != 1):
+            raise ValueError("mode: antideepfake scores every file whole (window_seconds 0) and alone "
+                             f"(max_batch_size 1), got window_seconds {self.window.window_seconds} and "
+                             f"max_batch_size {self.max_batch_size}")
         self.window.validate()
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation: {self.aggregation!r} is not one of {AGGREGATIONS}")
@@ -79,9 +99,20 @@ class InferenceConfig:
         return (self.num_buckets + 1) * self.max_batch_size
 
     def describe(self) -> dict[str, Any]:
-        return {**asdict(self.window), "aggregation": self.aggregation, "batch_seconds": self.batch_seconds,
-                "max_batch_size": self.max_batch_size, "precision": self.precision,
-                "sample_rate_hz": SAMPLE_RATE_HZ, "normalisation": "per window, zero mean unit variance"}
+        return {"mode": self.mode, "summary": self.summary(), **asdict(self.window), "aggregation": self.aggregation,
+                "batch_seconds": self.batch_seconds, "max_batch_size": self.max_batch_size,
+                "precision": self.precision, "sample_rate_hz": SAMPLE_RATE_HZ,
+                "normalisation": "per window, zero mean unit variance"}
+
+    def summary(self) -> str:
+        """One line for reports: how the scores were produced."""
+        if self.mode == "antideepfake":
+            return "antideepfake: AntiDeepfake's test protocol, every file whole, batch 1"
+        window = self.window
+        if window.window_seconds == 0:
+            return f"windowed: every file whole, batched (padding masked), {self.precision}"
+        return (f"windowed: {window.window_seconds:g} s windows, hop {window.hop_seconds:g} s, "
+                f"{self.aggregation} over windows, batched (padding masked), {self.precision}")
 
 
 # ---------------------------------------------------------------------------------------- records
@@ -493,6 +524,9 @@ def add_arguments(parser, *, batch_seconds: float = 200.0) -> None:
     """The inference options shared by ``eval``, ``score`` and ``embed``."""
     defaults = WindowConfig()
     group = parser.add_argument_group("inference")
+    group.add_argument("--mode", choices=SCORING_MODES, default="windowed",
+                       help="antideepfake: AntiDeepfake's test protocol (every file whole, batch 1; "
+                            "no window options); windowed: long files in windows, files batched")
     group.add_argument("--window-seconds", type=float, default=defaults.window_seconds,
                        help="window length for long files (0: score every file whole)")
     group.add_argument("--hop-seconds", type=float, default=None,
@@ -503,7 +537,8 @@ def add_arguments(parser, *, batch_seconds: float = 200.0) -> None:
                        help="window outputs -> file output: length-weighted mean of logits, or the most fake window")
     group.add_argument("--batch-seconds", type=float, default=batch_seconds,
                        help="padded audio seconds per forward pass (bounds device memory)")
-    group.add_argument("--max-batch-size", type=int, default=64, help="windows per forward pass at most")
+    group.add_argument("--max-batch-size", type=int, default=InferenceConfig.max_batch_size,
+                       help="windows per forward pass at most")
     group.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16: autocast on CUDA")
     group.add_argument("--num-workers", type=int, default=0, help="decoding worker processes per rank")
     group.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
@@ -511,11 +546,20 @@ def add_arguments(parser, *, batch_seconds: float = 200.0) -> None:
 
 
 def config_from_args(args) -> InferenceConfig:
-    hop = args.window_seconds if args.hop_seconds is None else args.hop_seconds
-    cfg = InferenceConfig(window=WindowConfig(args.window_seconds, hop, args.min_tail_seconds),
-                          aggregation=args.aggregation, batch_seconds=args.batch_seconds,
-                          max_batch_size=args.max_batch_size, precision=args.precision,
-                          num_workers=args.num_workers, progress=not args.no_progress)
+    shared = {"precision": args.precision, "num_workers": args.num_workers, "progress": not args.no_progress}
+    if args.mode == "antideepfake":
+        defaults = WindowConfig()
+        windowing = {"--window-seconds": (args.window_seconds, defaults.window_seconds),
+                     "--hop-seconds": (args.hop_seconds, None), "--max-batch-size": (args.max_batch_size, InferenceConfig.max_batch_size)}
+        given = [flag for flag, (value, default) in windowing.items() if value != default]
+        if given:
+            raise ValueError(f"--mode antideepfake scores every file whole and alone: drop {', '.join(given)}")
+        cfg = InferenceConfig.antideepfake(**shared)
+    else:
+        hop = args.window_seconds if args.hop_seconds is None else args.hop_seconds
+        cfg = InferenceConfig(window=WindowConfig(args.window_seconds, hop, args.min_tail_seconds),
+                              aggregation=args.aggregation, batch_seconds=args.batch_seconds,
+                              max_batch_size=args.max_batch_size, **shared)
     cfg.validate()
     return cfg
 

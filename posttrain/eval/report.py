@@ -46,6 +46,7 @@ SCORE_TYPES: dict[str, str] = {"logit_diff": "real logit minus fake logit", "rea
                                "score": "score as written in the file"}
 LOGIT_SCORES = ("logit_diff", "real_logit")
 UNKNOWN = "-"
+UNKNOWN_SCORING = "not recorded (scores read from a score file)"
 REPORT_FILES = {"metrics_json": "metrics.json", "table": "metrics.txt", "det": "det.png",
                 "histograms": "histograms.png", "result": "result.yaml"}
 RESULT_FORMAT, RESULT_VERSION = "posttrain-result", 1
@@ -309,8 +310,9 @@ def format_table(document: Mapping[str, Any], score_definition: str = "") -> str
         return "  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
                          for i, (cell, width) in enumerate(zip(row, widths)))
 
-    text = [f"score: {score_definition or ', '.join(document['score_types'])}; "
-            f"actDCF/Cllr on: {document['llr_source']}"]
+    text = [f"scoring: {document['scoring']}"] if document.get("scoring") else []
+    text += [f"score: {score_definition or ', '.join(document['score_types'])}; "
+             f"actDCF/Cllr on: {document['llr_source']}"]
     text += [render(header), "  ".join("-" * width for width in widths), *map(render, body)]
     text += [f"n/a in {name}: {reason}" for name, reason in notes.items()]
     return "\n".join(text) + "\n"
@@ -415,7 +417,7 @@ def _result_document(table: ScoreTable, document: Mapping[str, Any], *, score_fi
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "score_file": {"path": str(score_file.resolve()), "sha256": sha256, "format": table.source_format},
         "score_definition": score_definition, "score_types": table.score_types_present,
-        "counts": {"trials": len(table), "bona_fide": pooled["n_bona_fide"], "spoof": pooled["n_spoof"],
+        "scoring": document["scoring"], "counts": {"trials": len(table), "bona_fide": pooled["n_bona_fide"], "spoof": pooled["n_spoof"],
                    "groups": group_counts},
         "skipped": {"count": len(skipped), "items": list(skipped)},
         "model": dict(model_identity), "data": dict(data_identity),
@@ -431,13 +433,16 @@ def write_report(out_dir: str | Path, scores: ScoreTable | Iterable[Mapping[str,
                  data_identity: Mapping[str, Any], skipped: Sequence[Mapping[str, Any]] = (),
                  group_by: Sequence[str] = (), calibration: Calibration | None = None,
                  score_file: str | Path | None = None, costs: DetectionCosts = ASVSPOOF5_COSTS,
-                 bootstrap_resamples: int = 0, seed: int = 0, threshold: float | None = None) -> dict[str, Any]:
+                 bootstrap_resamples: int = 0, seed: int = 0, threshold: float | None = None,
+                 scoring: str = UNKNOWN_SCORING) -> dict[str, Any]:
     """Evaluate ``scores`` and write the full report into ``out_dir``.
 
     ``scores`` is a ``ScoreTable`` or records for ``ScoreTable.from_records``. ``score_file`` is the
     file the scores were read from; when None they are written to ``out_dir/scores.csv`` first, so
     result.yaml always holds the sha256 of a score file. ``skipped`` lists inputs left out upstream
-    (e.g. ``{"id": ..., "reason": ...}``), recorded as given. Returns ``{"metrics", "table", "files",
+    (e.g. ``{"id": ..., "reason": ...}``), recorded as given. ``scoring`` says how the scores were
+    produced (``InferenceConfig.summary()``: AntiDeepfake's protocol or windowed); every report file
+    carries it. Returns ``{"metrics", "table", "files",
     "score_file_sha256"}`` with ``files`` mapping each report file's role to its path.
     """
     out_dir = Path(out_dir)
@@ -449,7 +454,7 @@ def write_report(out_dir: str | Path, scores: ScoreTable | Iterable[Mapping[str,
     else:
         score_file = Path(score_file)
         sha256 = file_sha256(score_file)
-    document = {"score_definition": score_definition,
+    document = {"score_definition": score_definition, "scoring": scoring,
                 **evaluate(table, group_by=group_by, calibration=calibration, costs=costs,
                            bootstrap_resamples=bootstrap_resamples, seed=seed, threshold=threshold)}
     text = format_table(document, score_definition)

@@ -283,7 +283,7 @@ def evaluate_test_sets(cfg: FinetuneConfig, checkpoint: Path, device: torch.devi
         for level, records in (("segments", segment_records(result.outputs)), ("files", per_file)):
             level_data = data if level == "segments" else {**data, "file_aggregation": section.file_aggregation}
             report = write_report(out_dir / level, records, score_definition=definition, model_identity=identity,
-                                  data_identity=level_data, skipped=skipped)
+                                  data_identity=level_data, skipped=skipped, scoring=inference.summary())
             reports[level], eers[level] = out_dir / level, report["metrics"]["pooled"]["eer"]
         outcomes.append(EvalOutcome(test.name, eers["segments"], eers["files"], len(result.outputs), len(per_file),
                                     len(result.skipped), reports))
