@@ -517,7 +517,8 @@ def blamed_override(key: str, overrides: typing.Iterable[str]) -> str | None:
     """The last ``key=value`` override that set ``key``, a value inside it, or a section on its path."""
     for override in reversed(list(overrides)):
         set_key = override.partition("=")[0].strip()
-        if set_key and (key == set_key or set_key.startswith(f"{key}.") or key.startswith((f"{set_key}.", f"{set_key}["))):
+        inside = key.startswith((f"{set_key}.", f"{set_key}["))  # a value inside what it set
+        if set_key and (key == set_key or set_key.startswith(f"{key}.") or inside):
             return override
     return None
 

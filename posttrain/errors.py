@@ -39,6 +39,12 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, FileNotF
                                                  IsADirectoryError, FileExistsError)
 
 
+def hf_download_hint(repo_id: str) -> str:
+    """How to get a hub model into the cache an offline job reads (one wording for every caller)."""
+    return (f"on a machine with internet run `hf download {repo_id}` with the same HF_HOME (then copy that "
+            f"HF_HOME here or point HF_HOME at it), or download the folder anywhere and give its path")
+
+
 def exit_code(error: BaseException) -> int:
     return EXIT_USAGE if isinstance(error, INPUT_ERRORS) else EXIT_FAILED
 
@@ -73,6 +79,7 @@ def guarded(prog: str, body: Callable[[], int | None], *, debug: bool) -> int:
         if debug:
             raise
         code = exit_code(error)
-        hint = "" if code == EXIT_USAGE else f" [{type(error).__name__}; {DEBUG_FLAG} or {DEBUG_ENV}=1 shows the traceback]"
+        hint = ("" if code == EXIT_USAGE
+                else f" [{type(error).__name__}; {DEBUG_FLAG} or {DEBUG_ENV}=1 shows the traceback]")
         print(f"{prog}: error: {one_line(error)}{hint}", file=sys.stderr, flush=True)
         return code

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from posttrain.errors import hf_download_hint
 from posttrain.hub import antideepfake, export
 from posttrain.models.detector import Detector
 
@@ -48,11 +49,8 @@ def hub_snapshot(repo_id: str, *, revision: str | None = None, cache_dir: str | 
     except LocalEntryNotFoundError as error:
         cache = cache_dir or constants.HF_HUB_CACHE
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
-        raise ModelNotAvailableError(
-            f"{repo_id}: not in the Hugging Face cache ({cache}) and {why}. To get it: on a machine with "
-            f"internet run `hf download {repo_id}` (`huggingface-cli download {repo_id}` with older "
-            f"huggingface_hub) using the same HF_HOME, then copy that HF_HOME here (or point HF_HOME at it); "
-            f"or download the folder anywhere and pass its path instead of the repo id") from error
+        raise ModelNotAvailableError(f"{repo_id}: not in the Hugging Face cache ({cache}) and {why}; "
+                                     f"{hf_download_hint(repo_id)} instead of the repo id") from error
 
 
 def model_format(path: str | Path) -> str:
@@ -76,10 +74,13 @@ def model_format(path: str | Path) -> str:
 
 
 def _has_fairseq_layout(weights: Path) -> bool:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(weights, framework="pt") as handle:  # reads the header only
-        return any(key.startswith(antideepfake.ENCODER_PREFIX) for key in handle.keys())
+    try:
+        with safe_open(weights, framework="pt") as handle:  # reads the header only
+            return any(key.startswith(antideepfake.ENCODER_PREFIX) for key in handle.keys())
+    except SafetensorError as error:
+        raise antideepfake.corrupt_safetensors(weights, error) from None
 
 
 def load_model(spec: str | Path, device: str | torch.device = "cpu", *,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 ERRORS = (ValueError, FileNotFoundError)  # ConversionError / ExportError / ModelNotAvailableError
+EXPORT_KIND = "convert"  # hub convert and hub download write the same kind of export
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -16,13 +17,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, required=True, help="export folder (replaced if it exists)")
+    add_out_option(parser)
     parser.add_argument("--preset", default=None,
                         help="preset among those with the checkpoint's shape (default: read from the weights)")
 
 
-def convert_to_export(path: str | Path, out: Path, *, preset: str | None = None,
-                      repo_id: str | None = None) -> Path:
+def add_out_option(parser: argparse.ArgumentParser) -> None:
+    """``--out`` and ``--overwrite`` of every command writing a transformers export."""
+    parser.add_argument("--out", type=Path, required=True,
+                        help="export folder: new, empty, or a previous export of this command (replaced atomically)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even if it holds files posttrain did not write there")
+
+
+def convert_to_export(path: str | Path, out: Path, *, preset: str | None = None, repo_id: str | None = None,
+                      overwrite: bool = False) -> Path:
     """Convert a release and write its transformers export (weights, configs, card, identity)."""
     from posttrain.hub.card import CardInputs, render_card
     from posttrain.hub.export import export_detector
@@ -31,7 +40,7 @@ def convert_to_export(path: str | Path, out: Path, *, preset: str | None = None,
 
     detector, identity = convert_release(path, preset=preset, repo_id=repo_id)
     card = render_card(CardInputs(identity=identity, num_parameters=count_parameters(detector)))
-    return export_detector(detector, out, identity, card)
+    return export_detector(detector, out, identity, card, kind=EXPORT_KIND, overwrite=overwrite)
 
 
 def report(out: Path) -> None:
@@ -44,8 +53,11 @@ def report(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from posttrain.hub.export import check_out_dir
+
     try:
-        out = convert_to_export(args.path, args.out, preset=args.preset)
+        check_out_dir(args.out, EXPORT_KIND, overwrite=args.overwrite)  # before the work, not after it
+        out = convert_to_export(args.path, args.out, preset=args.preset, overwrite=args.overwrite)
     except ERRORS as error:
         print(f"posttrain hub convert: error: {error}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from posttrain.commands.hub_convert import ERRORS, add_output_options, convert_to_export, report
+from posttrain.commands.hub_convert import ERRORS, EXPORT_KIND, add_output_options, convert_to_export, report
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -18,15 +18,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from posttrain.hub.export import check_out_dir
     from posttrain.loading import hub_snapshot
 
     try:
+        check_out_dir(args.out, EXPORT_KIND, overwrite=args.overwrite)  # before the download, not after it
         local = Path(args.source).expanduser()
         repo_id = None
         if not local.exists():
             repo_id, local = args.source, hub_snapshot(args.source, revision=args.revision)
             print(f"{repo_id}: snapshot {local}")
-        out = convert_to_export(local, args.out, preset=args.preset, repo_id=repo_id)
+        out = convert_to_export(local, args.out, preset=args.preset, repo_id=repo_id, overwrite=args.overwrite)
     except ERRORS as error:
         print(f"posttrain hub download: error: {error}", file=sys.stderr)
         return 2

@@ -14,11 +14,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from posttrain.commands.hub_convert import add_out_option
+
+EXPORT_KIND = "publish"
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="DeepSpeed checkpoint folder or tag folder (or any model spec posttrain accepts)")
-    parser.add_argument("--out", type=Path, required=True, help="export folder (replaced if it exists)")
+    add_out_option(parser)
     parser.add_argument("--results", type=Path, nargs="+", action="extend", default=[], metavar="RESULT_YAML",
                         help="result.yaml of each test set, shown on the card")
     parser.add_argument("--calibration", type=Path, default=None, help="calibration.json published with the model")
@@ -57,7 +61,7 @@ def push_to_hub(folder: Path, repo_id: str, *, private: bool = False) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from posttrain.hub.card import CardInputs, read_result, render_card, training_data
-    from posttrain.hub.export import export_detector
+    from posttrain.hub.export import check_out_dir, export_detector
     from posttrain.models.detector import count_parameters
     from posttrain.loading import load_model
 
@@ -65,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         print("posttrain publish: error: --push needs --repo-id ORG/NAME", file=sys.stderr)
         return 2
     try:
+        check_out_dir(args.out, EXPORT_KIND, overwrite=args.overwrite)  # before the work, not after it
         results = [read_result(path) for path in args.results]
         detector, identity = load_model(args.checkpoint)
         identity.pop("loaded_from")  # where it was read this time: not part of the published identity
@@ -74,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         card = render_card(CardInputs(identity=identity, num_parameters=count_parameters(detector),
                                       repo_id=args.repo_id, results=results,
                                       training_data=training_data(shards) if shards else None))
-        out = export_detector(detector, args.out, identity, card)
+        out = export_detector(detector, args.out, identity, card, kind=EXPORT_KIND,
+                              overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as error:  # incl. Calibration/Conversion/Export errors
         print(f"posttrain publish: error: {error}", file=sys.stderr)
         return 2

@@ -20,8 +20,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size, help="samples per batch at most")
     parser.add_argument("--num-buckets", type=int, default=defaults.num_buckets, help="duration buckets")
     parser.add_argument("--num-workers", type=int, default=defaults.num_workers, help="DataLoader worker processes")
-    parser.add_argument("--shuffle-buffer", type=int, default=defaults.shuffle_buffer, help="samples in the shuffle buffer")
-    parser.add_argument("--crop", choices=["antideepfake", "fixed", "none"], default=CropConfig().policy, help="how long audio is cut")
+    parser.add_argument("--shuffle-buffer", type=int, default=defaults.shuffle_buffer,
+                        help="samples in the shuffle buffer")
+    parser.add_argument("--crop", choices=["antideepfake", "fixed", "none"], default=CropConfig().policy,
+                        help="how long audio is cut")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="shuffle and crop seed")
     parser.add_argument("--epochs", type=int, default=1, help="epochs to stream")
 

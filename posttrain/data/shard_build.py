@@ -30,15 +30,14 @@ from tqdm import tqdm
 from posttrain.data import audio
 from posttrain.data.files import write_text_atomic
 from posttrain.data.protocol import LABELS, PROPORTIONS, ProtocolRow, read_protocols
-from posttrain.data.shards import (FORMAT, INDEX_NAME, REJECTS_NAME, SAMPLE_RATE_HZ, TOTAL_GROUPS, VERSION,
-                                   file_sha256, sample_key)
+from posttrain.data.shards import (FORMAT, INDEX_NAME, REJECTS_NAME, SAMPLE_RATE_HZ, TASK_INDEX_GLOB, TOTAL_GROUPS,
+                                   VERSION, file_sha256, sample_key)
 from posttrain.errors import UserError
 
 log = logging.getLogger(__name__)
 
 STAGING_DIR = ".staging"
 RECORDS_DIR = ".records"
-TASK_INDEX_GLOB = "index.task-*-of-*.json"
 MEGABYTE = 1_000_000
 # Decoded audio may exceed the CSV duration by this much before it counts as a CSV error; the byte
 # bound of the plan relies on it (``%.6g`` durations and resampling round by far less).

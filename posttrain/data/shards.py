@@ -21,6 +21,7 @@ VERSION = 1
 SAMPLE_RATE_HZ = 16_000
 INDEX_NAME = "index.json"
 REJECTS_NAME = "rejects.jsonl"
+TASK_INDEX_GLOB = "index.task-*-of-*.json"  # the partial index of each task of a split build
 SAMPLE_EXTENSIONS = ("flac", "json")  # tar member order within a sample (TarWriter sorts them)
 META_FIELDS = ("id", "label", "corpus", "attack", "speaker", "language", "proportion", "duration_s",
                "num_samples", "sample_rate_hz", "orig_sample_rate_hz", "source_path")
@@ -44,7 +45,7 @@ def load_index(directory: str | Path) -> dict[str, Any]:
     """Read ``index.json`` of a shard directory, checking its format and version."""
     path = Path(directory) / INDEX_NAME
     if not path.is_file():
-        raise ShardFormatError(f"{path}: no shard index (build or merge the shard set first)")
+        raise ShardFormatError(missing_index_message(Path(directory)))
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
@@ -53,6 +54,18 @@ def load_index(directory: str | Path) -> dict[str, Any]:
         raise ShardFormatError(f"{path}: format {index.get('format')!r} version {index.get('version')!r}, "
                                f"expected {FORMAT!r} version {VERSION}")
     return index
+
+
+def missing_index_message(directory: Path) -> str:
+    """What to do about a shard folder without ``index.json``: build it, finish or merge a split build."""
+    if not directory.is_dir():
+        return (f"{directory}: no such shard folder; build it with `posttrain shards build --protocol CSV "
+                f"--root DIR --out {directory}` or fix the path")
+    if any(directory.glob(TASK_INDEX_GLOB)):
+        return (f"{directory}: the tasks of a split build are not merged yet; run `posttrain shards merge "
+                f"{directory}` once every task has finished")
+    return (f"{directory}: no {INDEX_NAME} (an unfinished or foreign shard folder); build it with "
+            f"`posttrain shards build ... --out {directory}` (a re-run resumes)")
 
 
 def shard_paths(directory: str | Path, index: dict[str, Any] | None = None) -> list[Path]:

@@ -51,6 +51,7 @@ from posttrain.data.protocol import read_protocol, row_to_dict
 from posttrain.data.shards import file_sha256, iter_shard, load_index, shard_paths
 from posttrain.data.stream import balance
 from posttrain.dist import DistInfo, dist_info
+from posttrain.errors import UserError
 from posttrain.eval.scoring import AGGREGATIONS, SAMPLE_RATE_HZ, WindowConfig, aggregate
 from posttrain.models.detector import Detector
 
@@ -282,7 +283,10 @@ class FileSource:
         self.paths: list[Path] = []
         for path in map(Path, paths):
             if path.is_dir():
-                self.paths += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+                found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+                if not found:
+                    raise UserError(f"{path}: no audio found (searched recursively for {', '.join(AUDIO_EXTENSIONS)})")
+                self.paths += found
             else:
                 self.paths.append(path)  # a missing file becomes a per-file error, not an abort
         self.count = len(self.paths)

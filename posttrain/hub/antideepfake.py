@@ -34,6 +34,8 @@ NDA_SUFFIX = "-nda"  # the models post-trained without data augmentation
 PRETRAINING_ONLY = re.compile(r"^(quantizer\.|input_quantizer\.|project_q\.|project_inp\.|final_proj\.|"
                               r"target_glu\.|label_embs|mask_emb$)")
 TORCH_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# top-level modules of a transformers *ForSequenceClassification state dict (what an export holds)
+TRANSFORMERS_PREFIXES = ("wav2vec2.", "hubert.", "classifier.", "projector.")
 # fairseq builds patched for newer torch register the positional conv's weight norm as a parametrization
 POS_CONV_ALIASES = {"encoder.pos_conv.0.parametrizations.weight.original0": "encoder.pos_conv.0.weight_g",
                     "encoder.pos_conv.0.parametrizations.weight.original1": "encoder.pos_conv.0.weight_v"}
@@ -98,21 +100,40 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     (an untrusted pickle never runs code: one that needs more than tensors and containers is refused)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
+        return read_safetensors(path)
     if path.suffix not in TORCH_PICKLE_SUFFIXES:
         raise ConversionError(f"{path}: unknown checkpoint type (expected .safetensors or "
                               f"{'/'.join(TORCH_PICKLE_SUFFIXES)})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ConversionError(f"{path}: refused: this pickle needs to import or call code to load, and "
-                              f"untrusted checkpoints are read with torch.load(weights_only=True) only "
-                              f"({str(error).splitlines()[0]})") from None
+        raise ConversionError(f"{path}: a legacy pickle checkpoint that needs {pickle_globals(error)} to load; "
+                              "posttrain never runs code from a checkpoint. Convert it to safetensors where "
+                              "you trust it, or use the release's model.safetensors") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{path}: expected a state dict (names -> tensors), got {type(state).__name__}")
     return state
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except SafetensorError as error:
+        raise corrupt_safetensors(path, error) from None
+
+
+def corrupt_safetensors(path: Path, error: Exception) -> ConversionError:
+    return ConversionError(f"{path}: not a readable safetensors file ({error}); the download may be truncated "
+                           "or corrupt: download it again")
+
+
+def pickle_globals(error: pickle.UnpicklingError) -> str:
+    """The code a refused pickle asked for, from torch's message (not torch's advice to run it)."""
+    names = re.findall(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(error))
+    return f"code ({', '.join(dict.fromkeys(names))})" if names else "code"
 
 
 # ------------------------------------------------------------------------------------------ mapping
@@ -197,6 +218,10 @@ def fairseq_key_map(shape: FairseqShape) -> dict[str, str]:
 def to_detector_state(state: dict[str, torch.Tensor], where: str = "checkpoint"
                       ) -> tuple[FairseqShape, dict[str, torch.Tensor], list[str]]:
     """fairseq-layout state -> (shape, Detector state dict, pre-training keys ignored)."""
+    if not any(key.startswith(ENCODER_PREFIX) for key in state) and any(key.startswith(TRANSFORMERS_PREFIXES)
+                                                                         for key in state):
+        raise ConversionError(f"{where}: already a transformers export (no conversion needed): pass its folder "
+                              "as --model, or publish it as it is")
     encoder_state, ignored = {}, []
     for key, tensor in state.items():
         if key in HEAD_KEYS:

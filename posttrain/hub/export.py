@@ -34,6 +34,10 @@ CLASSIFIERS: dict[str, type[PreTrainedModel]] = {"wav2vec2": Wav2Vec2ForSequence
                                                  "hubert": HubertForSequenceClassification}
 ID2LABEL = {FAKE_LABEL: "fake", REAL_LABEL: "real"}
 IDENTITY_NAME = "posttrain.json"
+# written last into every export: its kind and the files it holds, so a later export may replace the
+# folder (and nothing a user added to it) without --overwrite
+EXPORT_MARKER = ".posttrain-export.json"
+EXPORT_MARKER_FORMAT = "posttrain-export"
 IDENTITY_FORMAT, IDENTITY_VERSION = "posttrain-model", 1
 SAMPLE_RATE_HZ = 16_000
 SCORE_DEFINITION = "logit_diff"  # real logit minus fake logit: higher = bona fide
@@ -151,9 +155,13 @@ def identity_document(detector: Detector, *, preset: str | None, calibration: Ma
 
 
 def export_detector(detector: Detector, out_dir: str | Path, identity: Mapping[str, Any],
-                    card_text: str) -> Path:
-    """Write the transformers export of ``detector`` into ``out_dir`` (replaced whole, atomically)."""
+                    card_text: str, *, kind: str = "export", overwrite: bool = False) -> Path:
+    """Write the transformers export of ``detector`` into ``out_dir`` (replaced whole, atomically).
+
+    ``out_dir`` must be absent, empty, or a previous ``kind`` export holding only the files that export
+    wrote (``check_out_dir``); ``overwrite`` replaces any folder."""
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, kind, overwrite=overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
@@ -161,12 +169,48 @@ def export_detector(detector: Detector, out_dir: str | Path, identity: Mapping[s
         feature_extractor().save_pretrained(staging)
         (staging / IDENTITY_NAME).write_text(json.dumps(identity, indent=2, default=str) + "\n", encoding="utf-8")
         (staging / "README.md").write_text(card_text, encoding="utf-8")
+        marker = {"format": EXPORT_MARKER_FORMAT, "kind": kind, "files": _files_under(staging)}
+        (staging / EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
         os.chmod(staging, 0o755)  # mkdtemp makes 0700 folders
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _files_under(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if not path.is_dir())
+
+
+def check_out_dir(out_dir: str | Path, kind: str, *, overwrite: bool = False) -> None:
+    """Refuse to replace a folder posttrain did not make: ``out_dir`` may be absent, hold no files, or
+    be a previous ``kind`` export (its ``EXPORT_MARKER``) with no file that export did not write."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ExportError(f"{out_dir}: exists and is not a folder; choose another --out")
+    present = _files_under(out_dir)
+    if not present or overwrite:
+        return
+    fix = "choose another --out, or pass --overwrite to replace the folder whole"
+    try:
+        marker = json.loads((out_dir / EXPORT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        marker = None
+    if not isinstance(marker, dict) or marker.get("format") != EXPORT_MARKER_FORMAT:
+        raise ExportError(f"{out_dir}: not empty and not a posttrain export (holds {_some(present)}); {fix}")
+    if marker.get("kind") != kind:
+        raise ExportError(f"{out_dir}: holds a posttrain {marker.get('kind')!r} export, not a {kind!r} one; {fix}")
+    foreign = sorted(set(present) - set(marker.get("files", [])) - {EXPORT_MARKER})
+    if foreign:
+        raise ExportError(f"{out_dir}: holds files the previous export did not write ({_some(foreign)}); move them "
+                          f"away, {fix}")
+
+
+def _some(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _replace_dir(staging: Path, out_dir: Path) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import HubertModel, PretrainedConfig, PreTrainedModel, Wav2Vec2Model
 
 from posttrain.config import ModelConfig
+from posttrain.errors import hf_download_hint
 from posttrain.models.masked_norm import first_conv_frames, install_masked_group_norm
 from posttrain.models.presets import get_preset
 
@@ -100,9 +101,8 @@ def _load_pretrained(encoder_cls: type[PreTrainedModel], source: str, overrides:
         return encoder_cls.from_pretrained(source, **overrides)
     except OSError as error:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = (f"it is not in the Hugging Face cache and HF_HUB_OFFLINE is set; on a machine with internet run "
-                f"`huggingface-cli download {source}` (same HF_HOME), or set model.pretrained to a local directory "
-                f"holding config.json and model.safetensors") if offline else str(error)
+        hint = (f"it is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {hf_download_hint(source)} "
+                f"as model.pretrained") if offline else str(error)
         raise FileNotFoundError(f"model.pretrained: cannot load {source!r}: {hint}") from error
 
 

@@ -53,8 +53,8 @@ def posttrain_logits(detector, waves):
 def test_stock_transformers_model_gives_posttrain_logits(preset, tmp_path):
     detector = random_detector(preset)
     folder = publish(detector, tmp_path / "export", preset)
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors",
-                                                      "posttrain.json", "preprocessor_config.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [".posttrain-export.json", "README.md", "config.json",
+                                                      "model.safetensors", "posttrain.json", "preprocessor_config.json"]
     model = AutoModelForAudioClassification.from_pretrained(folder).eval()
     assert type(model).__name__ == ("HubertForSequenceClassification" if preset == "tiny_hubert"
                                     else "Wav2Vec2ForSequenceClassification")

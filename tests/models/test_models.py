@@ -101,7 +101,7 @@ def test_pretrained_weights_load_from_a_local_directory(tmp_path):
 def test_offline_and_not_cached_gives_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download"):
+    with pytest.raises(FileNotFoundError, match="hf download"):
         build_detector(ModelConfig(preset="tiny", pretrained="facebook/wav2vec2-xls-r-2b"))
 
 

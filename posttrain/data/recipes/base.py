@@ -256,7 +256,7 @@ def build_rows(recipe: Recipe, root: str | Path, *, num_workers: int = 8, skip_m
         raise RecipeError(f"{root}: corpus root is not a folder")
     entries = list(recipe.entries(root))
     if not entries:
-        raise RecipeError(f"{root}: no audio files found for recipe {recipe.name!r} ({recipe.summary})")
+        raise RecipeError(f"{root}: no audio found for recipe {recipe.name!r} ({recipe.summary})")
     seen: dict[str, str] = {}
     for entry in entries:
         if entry.label not in LABELS:
