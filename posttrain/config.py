@@ -246,7 +246,10 @@ class TrainConfig:
     max_epochs: int = 30
     grad_accum_steps: int = 1
     zero_stage: int = 2
-    precision: Literal["bf16", "fp32"] = "bf16"
+    # bf16 (posttrain's choice: no loss scaling, no overflow-skipped steps), fp16 with DeepSpeed's dynamic
+    # loss scaling as AntiDeepfake's torch GradScaler (init 2^16, halve on overflow, double after 2000
+    # clean steps; plain steps only), or fp32
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     seed: int = 1234
     max_consecutive_skips: int = 10  # non-finite steps in a row before training stops
     log_every_steps: int = 10
@@ -262,7 +265,7 @@ class TrainConfig:
         require(self.max_epochs >= 1, "max_epochs", "must be >= 1")
         require(self.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
         require_choice(self.zero_stage, "zero_stage", [1, 2, 3])  # the skip logic relies on ZeRO's norm check
-        require_choice(self.precision, "precision", ["bf16", "fp32"])
+        require_choice(self.precision, "precision", ["bf16", "fp16", "fp32"])
         require(self.max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1")
         require(self.log_every_steps >= 1, "log_every_steps", "must be >= 1")
         require(self.valid_every_steps >= 0, "valid_every_steps", "must be >= 0")
@@ -310,6 +313,10 @@ class PosttrainConfig:
         require(bool(self.output_dir), "output_dir", "must not be empty")
         if self.sam.enabled and self.dual_path.enabled:
             raise ConfigError("dual_path.enabled", "cannot be combined with sam.enabled")
+        for section, enabled in (("sam", self.sam.enabled), ("dual_path", self.dual_path.enabled)):
+            # an overflow-skipped fp16 step would leave SAM's weights perturbed / the two paths' gradients unscaled
+            require(not (enabled and self.train.precision == "fp16"), "train.precision",
+                    f"fp16 (loss scaling) cannot be combined with {section}.enabled: use bf16 or fp32")
 
 
 # ------------------------------------------------------------------------------------------ fine-tune
@@ -346,7 +353,10 @@ class FinetuneSection:
     file_aggregation: Literal["mean_logits", "max_fake"] = "mean_logits"  # segment outputs -> file output
     eval_window_seconds: float = 0.0  # 0: every test segment scored whole (the test protocol)
     eval_batch_seconds: float = 200.0  # padded audio seconds per inference forward pass
-    evaluate: bool = True  # score the test sets with the final checkpoint
+    evaluate: bool = True  # score the test sets once training ends
+    # which checkpoint the test sets are scored with: "final" (the last one), or "best" (the lowest
+    # validation EER; AntiDeepfake's choice, which validates on ASVspoof2019-LA dev: needs data.valid.shards)
+    test_checkpoint: Literal["final", "best"] = "final"
 
     def validate(self) -> None:
         require(self.train_segment_seconds > 0, "train_segment_seconds", "must be > 0")
@@ -360,8 +370,10 @@ class FinetuneSection:
 @dataclass
 class FinetuneConfig(PosttrainConfig):
     """Post-training's schema with the Deepfake-Eval-2024 fine-tune defaults (AntiDeepfake: lr 1e-6,
-    10 epochs, at most 50k steps, RawBoost algo 5) and the ``finetune`` section. The schedule is a
-    constant learning rate: the reference gives no fine-tune warm-up or decay."""
+    10 epochs, at most 50k steps, RawBoost algo 5) and the ``finetune`` section. The schedule here is a
+    constant learning rate, posttrain's choice: AntiDeepfake's SFT configs keep the post-training
+    schedule's 80k-step warm-up under the 50k-step limit, so its rate only ramps, reaching 6.25e-7 at
+    the last step (configs/finetune/df2024_antideepfake.yaml restores that; docs/parity.md)."""
 
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=0, decay_end_steps=0,
@@ -377,6 +389,8 @@ class FinetuneConfig(PosttrainConfig):
                 "required: the model to fine-tune (checkpoint, export, AntiDeepfake release or hub id)")
         require(self.model.pretrained is None, "model.pretrained",
                 "must stay unset: a fine-tune starts from finetune.init_from")
+        require(self.finetune.test_checkpoint != "best" or bool(self.data.valid.shards), "finetune.test_checkpoint",
+                "'best' needs a validation set (data.valid.shards, e.g. ASVspoof2019-LA dev), or use 'final'")
 
 
 # ------------------------------------------------------------------------------------------ machinery

@@ -4,7 +4,8 @@ Input: the published metadata CSV (``Filename, Date, Ground Truth, Public Commen
 column names may carry their value hints, e.g. ``Ground Truth (Real/Fake)``) and the audio folder
 (mp3, m4a, mp4, wav). Label: Ground Truth Real -> real, Fake -> fake. Split: Finetuning Set Train ->
 train, Test -> test. A row with another value, an empty file name or a duplicate stem is an error
-naming its line.
+naming its line; with ``skip_bad_rows`` (AntiDeepfake's behaviour: its preprocessing skips such rows)
+it is left out instead and listed in rejects.csv with its line and reason.
 
 Output folder::
 
@@ -18,7 +19,8 @@ Output folder::
 
 Segmentation: segment k covers samples [k*N*16000, min((k+1)*N*16000, length)); the last segment
 is shorter. A last piece shorter than ``min_segment_seconds`` is dropped, unless it is the file's
-only piece (a short file still yields one segment).
+only piece (a short file still yields one segment). ``min_segment_seconds=0`` keeps every last piece,
+however short, as AntiDeepfake's segmentation does.
 """
 
 from __future__ import annotations
@@ -75,12 +77,22 @@ class Segment:
     end_sample: int
 
 
+@dataclass(frozen=True)
+class BadRow:
+    """A metadata row left out (``skip_bad_rows``): where it is and why."""
+
+    line: int
+    filename: str
+    reason: str
+
+
 @dataclass
 class Df2024Result:
     files: list[SourceFile]
     rows_full: list[ProtocolRow]
     rows_by_length: dict[int, list[ProtocolRow]]
     rejects: list[tuple[SourceFile, str]]
+    bad_rows: list[BadRow] = field(default_factory=list)
     csv_paths: list[Path] = field(default_factory=list)
     shard_dirs: list[Path] = field(default_factory=list)
 
@@ -106,32 +118,47 @@ def _value(record: dict[str, str], column: str, allowed: dict[str, str], where: 
     return allowed[raw.lower()]
 
 
-def read_metadata(path: str | Path) -> list[SourceFile]:
-    """Parse and validate the metadata CSV; the first bad row raises ``MetadataError`` with its line."""
+def _source(record: dict[str, str], columns: dict[str, str], line: int, where: str,
+            seen: dict[str, int]) -> SourceFile:
+    if None in record:
+        raise MetadataError(f"{where}: more fields than the header")
+    filename = (record.get(columns["filename"]) or "").strip()
+    if not filename or Path(filename).name != filename:
+        raise MetadataError(f"{where}: bad Filename {filename!r} (a plain file name is expected)")
+    source = SourceFile(filename, _value(record, columns["label"], LABELS, where),
+                        _value(record, columns["split"], SPLIT_VALUES, where), line)
+    if source.stem in seen:
+        raise MetadataError(f"{where}: file stem {source.stem!r} repeats line {seen[source.stem]}")
+    return source
+
+
+def read_metadata(path: str | Path, *, skip_bad_rows: bool = False) -> tuple[list[SourceFile], list[BadRow]]:
+    """Parse and validate the metadata CSV. The first bad row raises ``MetadataError`` with its line, or,
+    with ``skip_bad_rows``, is left out and returned among the bad rows."""
     path = Path(path)
     if not path.is_file():
         raise MetadataError(f"{path}: metadata file not found")
     files: list[SourceFile] = []
+    bad_rows: list[BadRow] = []
     seen: dict[str, int] = {}
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = _columns(list(reader.fieldnames or []), path)
         for record in reader:
             where = f"{path}:{reader.line_num}"
-            if None in record:
-                raise MetadataError(f"{where}: more fields than the header")
-            filename = (record.get(columns["filename"]) or "").strip()
-            if not filename or Path(filename).name != filename:
-                raise MetadataError(f"{where}: bad Filename {filename!r} (a plain file name is expected)")
-            source = SourceFile(filename, _value(record, columns["label"], LABELS, where),
-                                _value(record, columns["split"], SPLIT_VALUES, where), reader.line_num)
-            if source.stem in seen:
-                raise MetadataError(f"{where}: file stem {source.stem!r} repeats line {seen[source.stem]}")
+            try:
+                source = _source(record, columns, reader.line_num, where, seen)
+            except MetadataError as error:
+                if not skip_bad_rows:
+                    raise
+                filename = str(record.get(columns["filename"]) or "").strip()
+                bad_rows.append(BadRow(reader.line_num, filename, str(error).removeprefix(f"{where}: ")))
+                continue
             seen[source.stem] = reader.line_num
             files.append(source)
     if not files:
-        raise MetadataError(f"{path}: no rows")
-    return files
+        raise MetadataError(f"{path}: no rows" + (f" left ({len(bad_rows)} bad rows skipped)" if bad_rows else ""))
+    return files, bad_rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,10 +273,12 @@ def _write_split_csvs(folder: Path, rows: list[ProtocolRow]) -> list[Path]:
 
 def prepare_df2024(metadata: str | Path, audio_dir: str | Path, out: str | Path, *,
                    segment_seconds: Iterable[int] = SEGMENT_SECONDS,
-                   min_segment_seconds: float = DEFAULT_MIN_SEGMENT_SECONDS, shards: bool = False,
-                   num_workers: int = 1, seed: int = 0, progress: bool = True) -> Df2024Result:
+                   min_segment_seconds: float = DEFAULT_MIN_SEGMENT_SECONDS, skip_bad_rows: bool = False,
+                   shards: bool = False, num_workers: int = 1, seed: int = 0, progress: bool = True) -> Df2024Result:
     """Run the whole preparation (see the module docstring); returns what was written."""
-    files = read_metadata(metadata)
+    if min_segment_seconds < 0:
+        raise ValueError(f"min_segment_seconds must be >= 0, got {min_segment_seconds}")
+    files, bad_rows = read_metadata(metadata, skip_bad_rows=skip_bad_rows)
     audio_dir, out = Path(audio_dir), Path(out)
     lengths = tuple(sorted(set(int(length) for length in segment_seconds)))
     if not lengths or lengths[0] <= 0:
@@ -261,7 +290,7 @@ def prepare_df2024(metadata: str | Path, audio_dir: str | Path, out: str | Path,
             rejects.append((item.source, item.error))
         else:
             done.append(item)
-    result = Df2024Result(files, [], {length: [] for length in lengths}, rejects)
+    result = Df2024Result(files, [], {length: [] for length in lengths}, rejects, bad_rows)
     for item in done:
         result.rows_full.append(_row(item.source.file_id, item.source, full_relative(item.source), item.num_samples))
         for length in lengths:
@@ -274,7 +303,9 @@ def prepare_df2024(metadata: str | Path, audio_dir: str | Path, out: str | Path,
         result.csv_paths += _write_split_csvs(out / f"{length}s", result.rows_by_length[length])
         _write_mapping(out / f"{length}s" / "segments.csv", done, length)
     _write_csv(out / "rejects.csv", ("filename", "line", "reason"),
-               [(source.filename, source.line, reason) for source, reason in rejects])
+               sorted([(source.filename, source.line, reason) for source, reason in rejects]
+                      + [(bad.filename, bad.line, f"metadata row skipped: {bad.reason}") for bad in bad_rows],
+                      key=lambda record: record[1]))
     if shards:
         result.shard_dirs = _build_shards(out, lengths, result.rows_by_length, seed, progress)
     return result
@@ -302,6 +333,10 @@ def summary(result: Df2024Result) -> str:
     lines = [f"{len(result.rows_full)} files ({hours:.2f} h): "
              + ", ".join(f"{split}/{label} {n}" for (split, label), n in sorted(counts.items()))]
     lines += [f"  {length:>2} s segments: {len(rows)}" for length, rows in result.rows_by_length.items()]
+    if result.bad_rows:
+        first = result.bad_rows[0]
+        lines.append(f"  {len(result.bad_rows)} metadata row(s) skipped (see rejects.csv): line {first.line}: "
+                     f"{first.reason[:200]}")
     if result.rejects:
         lines.append(f"  {len(result.rejects)} rejected (see rejects.csv): {result.rejects[0][0].filename}: "
                      f"{result.rejects[0][1][:200]}")

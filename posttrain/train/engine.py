@@ -134,6 +134,10 @@ def deepspeed_config(cfg: PosttrainConfig, *, load_universal: bool = False) -> d
         "gradient_clipping": cfg.optim.grad_clip_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
+        # AntiDeepfake's torch GradScaler: dynamic scale from 2^16, halved on every overflow (hysteresis 1),
+        # doubled after 2000 clean steps; an overflow skips the step (counted like a non-finite step)
+        "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 2000, "hysteresis": 1, "min_loss_scale": 1},
         "zero_allow_untested_optimizer": True,  # the client AdamW (see step.SkippableAdamW)
         "steps_per_print": 2**31 - 1,  # the loop logs; DeepSpeed's own progress lines are noise
         "wall_clock_breakdown": False,

@@ -13,8 +13,9 @@ checkpoints, MLflow, validation) with three differences:
   splits shards by rank and worker itself (a prepared IterableDataset would be read by rank 0 and
   broadcast). Step modes call the engine's own ``backward``/``step``: ``accelerator.backward`` would
   step the engine a second time;
-- once training ends, every rank loads the final checkpoint (consolidated fp32, the one ``posttrain
-  publish --checkpoint <run>/checkpoints`` takes) and scores each test set with ``posttrain.eval``:
+- once training ends, every rank loads the final checkpoint, or with ``finetune.test_checkpoint: best``
+  the one with the lowest validation EER (AntiDeepfake's choice), consolidated fp32, and scores each
+  test set with ``posttrain.eval``:
   a report per segment length (``<output_dir>/eval/<name>/segments/``) and one per source file
   (``.../files/``), the file's output being the aggregation (``finetune.file_aggregation``) of its
   segments' outputs, weighted by segment length. EERs go to the run's MLflow record.
@@ -37,6 +38,7 @@ import torch
 import torch.distributed as torch_dist
 
 from posttrain.config import ConfigError, EvalSetConfig, FinetuneConfig, to_dict
+from posttrain.train.checkpoint import BEST, CheckpointError, checkpoint_root, read_pointer
 from posttrain.train.engine import Trainer, TrainResult, deepspeed_config, init_distributed, merge_dicts, resolve_device
 from posttrain.train.tracking import Tracker
 
@@ -126,7 +128,8 @@ def make_accelerator(cfg: FinetuneConfig) -> "Accelerator":
     launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     plugin = DeepSpeedPlugin(zero_stage=None if launched else cfg.train.zero_stage)
     # no cpu=True on CPU: accelerate would then drop the DeepSpeed plugin (DS_ACCELERATOR=cpu picks the device)
-    return Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no", deepspeed_plugin=plugin)
+    return Accelerator(mixed_precision="no" if cfg.train.precision == "fp32" else cfg.train.precision,
+                       deepspeed_plugin=plugin)
 
 
 def initial_detector(cfg: FinetuneConfig, metadata: dict[str, Any] | None, load_model: "ModelLoader") -> "Detector":
@@ -321,6 +324,19 @@ class FinetuneResult:
     tests: list[EvalOutcome]  # rank 0 only (empty elsewhere)
 
 
+def checkpoint_to_test(cfg: FinetuneConfig, result: TrainResult) -> Path:
+    """The checkpoint the test sets are scored with: the last one, or the best-validated one."""
+    if cfg.finetune.test_checkpoint == "final":
+        return result.last_checkpoint
+    root = checkpoint_root(cfg.output_dir)
+    best = read_pointer(root, BEST)
+    if best is None:
+        raise CheckpointError(f"{root}: no '{BEST}' checkpoint (no validation ran): finetune.test_checkpoint: "
+                              "best needs data.valid.shards and at least one validation (train.valid_every_steps "
+                              "or an epoch end)")
+    return root / best
+
+
 def finetune(cfg: FinetuneConfig, load_model: "ModelLoader",
              accelerator: "Accelerator | None" = None) -> FinetuneResult:
     """Fine-tune as ``cfg`` says, then test (``finetune.evaluate``). Call on every rank. ``load_model``
@@ -335,7 +351,7 @@ def finetune(cfg: FinetuneConfig, load_model: "ModelLoader",
     gc.collect()
     tests: list[EvalOutcome] = []
     if cfg.finetune.evaluate and cfg.finetune.test_sets and result.last_checkpoint is not None:
-        tests = evaluate_test_sets(cfg, result.last_checkpoint, device, load_model)
+        tests = evaluate_test_sets(cfg, checkpoint_to_test(cfg, result), device, load_model)
         if torch_dist.get_rank() == 0:
             log_outcomes(cfg, result.mlflow_run_id, tests, result.progress.step)
             for outcome in tests:

@@ -136,6 +136,36 @@ def test_bad_metadata_rows_are_named(tmp_path, row, message):
         df2024.read_metadata(metadata)
 
 
+def test_bad_metadata_rows_are_skipped_and_reported_on_request(tmp_path):  # AntiDeepfake's behaviour
+    metadata = tmp_path / "meta.csv"
+    metadata.write_text(HEADER + "a.mp3,2024,Real,,Train\nx.mp3,2024,Maybe,,Train\n,2024,Real,,Train\n"
+                                 "b.mp3,2024,Fake,,Valid\na.wav,2024,Fake,,Test\nc.mp3,2024,Fake,,Test\n")
+    files, bad = df2024.read_metadata(metadata, skip_bad_rows=True)
+    assert [source.filename for source in files] == ["a.mp3", "c.mp3"]
+    assert [(row.line, row.filename) for row in bad] == [(3, "x.mp3"), (4, ""), (5, "b.mp3"), (6, "a.wav")]
+    assert "'Maybe'" in bad[0].reason and "repeats line 2" in bad[3].reason
+    metadata.write_text(HEADER + "x.mp3,2024,Maybe,,Train\n")
+    with pytest.raises(df2024.MetadataError, match=r"no rows left \(1 bad rows skipped\)"):
+        df2024.read_metadata(metadata, skip_bad_rows=True)
+
+
+def test_antideepfake_segmentation_keeps_every_last_piece_and_skips_bad_rows(tmp_path):
+    audio_dir = tmp_path / "audio"
+    audio_dir.mkdir()
+    sf.write(audio_dir / "a.wav", 0.1 * np.sin(np.arange(4 * RATE + 5) * 0.07), RATE)  # last piece: 5 samples
+    metadata = tmp_path / "meta.csv"
+    metadata.write_text(HEADER + "a.wav,2024,Real,,Train\nb.wav,2024,Real,,Dev\n")
+    with pytest.raises(df2024.MetadataError, match=r"meta\.csv:3: Finetuning Set"):
+        df2024.prepare_df2024(metadata, audio_dir, tmp_path / "strict", segment_seconds=(4,), progress=False)
+    result = df2024.prepare_df2024(metadata, audio_dir, tmp_path / "out", segment_seconds=(4,),
+                                   min_segment_seconds=0.0, skip_bad_rows=True, progress=False)
+    assert [row.duration_s * RATE for row in result.rows_by_length[4]] == pytest.approx([4 * RATE, 5])
+    with open(tmp_path / "out" / "rejects.csv", newline="") as handle:
+        (reject,) = list(csv.DictReader(handle))
+    assert (reject["filename"], reject["line"]) == ("b.wav", "3") and "skipped" in reject["reason"]
+    assert "1 metadata row(s) skipped" in df2024.summary(result)
+
+
 def test_missing_column_is_named(tmp_path):
     metadata = tmp_path / "meta.csv"
     metadata.write_text("Filename,Date,Label,Finetuning Set\nx.mp3,2024,Real,Train\n")

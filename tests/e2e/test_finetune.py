@@ -47,6 +47,33 @@ def test_config_errors_name_the_key(capsys):
     assert load_config(REPO / "configs/finetune/df2024_sam.yaml", cls=FinetuneConfig).sam.enabled
 
 
+def test_antideepfake_parity_config_ramps_to_6_25e_7_and_tests_the_best_checkpoint(tmp_path):
+    from posttrain.train.checkpoint import CheckpointError, write_pointer
+    from posttrain.train.engine import TrainResult
+    from posttrain.train.finetune import checkpoint_to_test
+    from posttrain.train.schedule import lr_factor
+
+    cfg = load_config(REPO / "configs/finetune/df2024_antideepfake.yaml", cls=FinetuneConfig)
+    # AD's WarmAndExpDecayLRSchedule(n_warmup_steps=80000, total_steps=50000): the 50,000th step at 50k/80k
+    factors = [lr_factor(step, cfg.schedule) for step in (0, 24_999, cfg.train.max_steps - 1)]
+    assert [cfg.optim.lr * f for f in factors] == pytest.approx([1e-6 / 80_000, 1e-6 * 25_000 / 80_000, 6.25e-7])
+    assert (cfg.train.precision, cfg.train.valid_every_steps, cfg.finetune.test_checkpoint) == ("fp16", 20_000, "best")
+    with pytest.raises(ConfigError, match=r"^finetune.test_checkpoint: 'best' needs a validation set"):
+        load_config(None, ["finetune.init_from=x", "finetune.test_checkpoint=best"], cls=FinetuneConfig)
+    cfg = load_config(None, ["finetune.init_from=x", f"output_dir={tmp_path}", "finetune.test_checkpoint=best",
+                             f"data.valid.shards=[{tmp_path}]"], cls=FinetuneConfig)
+    result = TrainResult(progress=None, output_dir=tmp_path, last_checkpoint=tmp_path / "checkpoints/step-00000009",
+                         mlflow_run_id=None)
+    with pytest.raises(CheckpointError, match="no 'best' checkpoint"):
+        checkpoint_to_test(cfg, result)
+    (tmp_path / "checkpoints/step-00000004").mkdir(parents=True)
+    (tmp_path / "checkpoints/step-00000004/posttrain.json").write_text("{}")  # marks the tag complete
+    write_pointer(tmp_path / "checkpoints", "step-00000004", "best")
+    assert checkpoint_to_test(cfg, result) == tmp_path / "checkpoints/step-00000004"
+    cfg.finetune.test_checkpoint = "final"
+    assert checkpoint_to_test(cfg, result) == result.last_checkpoint
+
+
 def test_data_from_the_df2024_folder(tiny_df2024, tmp_path):
     cfg = resolve_data(load_config(None, ["finetune.init_from=x", f"finetune.df2024_dir={tiny_df2024}",
                                           "finetune.train_segment_seconds=4",

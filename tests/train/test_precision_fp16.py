@@ -1,0 +1,44 @@
+"""train.precision: fp16, AntiDeepfake's precision, with DeepSpeed's dynamic loss scaling (a real run)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from posttrain.config import ConfigError, load_config
+from posttrain.train.engine import deepspeed_config
+
+
+def test_fp16_gets_loss_scaling_like_torch_gradscaler_and_refuses_sam_and_dual_path():
+    config = deepspeed_config(load_config(None, ["train.precision=fp16"]))
+    assert config["bf16"] == {"enabled": False}
+    # GradScaler(init_scale=2**16, backoff 0.5 on every overflow, growth x2 after 2000 clean steps)
+    assert config["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 2000,
+                              "hysteresis": 1, "min_loss_scale": 1}
+    assert deepspeed_config(load_config(None, []))["fp16"]["enabled"] is False
+    for section in ("sam", "dual_path"):
+        with pytest.raises(ConfigError, match=rf"train\.precision.*fp16.*{section}\.enabled"):
+            load_config(None, ["train.precision=fp16", f"{section}.enabled=true"])
+
+
+@pytest.mark.slow
+def test_fp16_post_training_runs_with_half_weights(shard_dir, tmp_path):
+    out = tmp_path / "run"
+    overrides = [f"output_dir={out}", "model.preset=tiny", "train.max_steps=3", "train.zero_stage=2",
+                 "train.precision=fp16", "train.device=cpu", "tracking.enabled=false", f"data.train.shards=[{shard_dir}]",
+                 "data.train.num_workers=0", "data.train.max_batch_seconds=4", "optim.lr=0.001",
+                 "schedule.warmup_steps=0", "schedule.decay_end_steps=2"]
+    script = ("import sys\nfrom posttrain.config import load_config\nfrom posttrain.train.engine import train\n"
+              "result = train(load_config(None, sys.argv[1:]))\nprint('STEPS', result.progress.step)\n")
+    done = subprocess.run([sys.executable, "-c", script, *overrides], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "STEPS 3" in done.stdout
+    (states,) = (out / "checkpoints").glob("step-*/mp_rank_00_model_states.pt")
+    saved = torch.load(states, map_location="cpu", weights_only=False)  # our own DeepSpeed file
+    assert {tensor.dtype for tensor in saved["module"].values()} == {torch.float16}  # the engine ran in fp16
+    assert saved["ds_config"]["fp16"]["enabled"] and not saved["ds_config"]["bf16"]["enabled"]
