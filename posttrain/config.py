@@ -17,6 +17,9 @@ from typing import Any, Literal
 import yaml
 
 
+SAMPLE_RATE_HZ = 16_000  # the one rate of shards, batches and models (every SSL backbone here is 16 kHz)
+
+
 class ConfigError(ValueError):
     """A configuration problem at a dotted key."""
 
@@ -63,7 +66,7 @@ class StreamConfig:
 
     shards: list[str] = field(default_factory=list)  # shard directories (each with index.json)
     weights: list[float] = field(default_factory=list)  # per shard set; empty = all 1.0
-    sample_rate_hz: int = 16000
+    sample_rate_hz: int = SAMPLE_RATE_HZ
     max_batch_seconds: float = 100.0  # padded audio seconds (B x longest) per batch per rank
     max_batch_size: int = 64
     num_buckets: int = 20
@@ -194,7 +197,7 @@ class RawBoostConfig:
     snr_min_db: float = 10.0
     snr_max_db: float = 40.0
     seed: int = 1234
-    sample_rate_hz: int = 16000  # the notch filters are designed for this rate (reference: 16 kHz)
+    sample_rate_hz: int = SAMPLE_RATE_HZ  # the notch filters are designed for this rate (reference: 16 kHz)
 
     def validate(self) -> None:
         require(self.algo in range(9), "algo", f"must be in 0..8, got {self.algo!r}")

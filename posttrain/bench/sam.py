@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from posttrain.config import SAMPLE_RATE_HZ
+
 MODES = ("plain", "sam", "asam", "looksam")
 
 
@@ -57,7 +59,7 @@ def _measure(args: argparse.Namespace, stage: int, mode: str) -> dict:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
     ctx = StepContext(cfg=cfg, optimizer=optimizer, scheduler=scheduler, device=device, world_size=1)
     step_fn = get_step_mode(step_mode_name(cfg))
-    samples = int(args.seconds * 16000)
+    samples = int(args.seconds * SAMPLE_RATE_HZ)
     generator = torch.Generator().manual_seed(1)
 
     def micro_batches() -> list[Batch]:

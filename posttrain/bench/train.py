@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from posttrain.config import load_config
+from posttrain.config import SAMPLE_RATE_HZ, load_config
 from posttrain.data.batch import Batch
 
 # dense bf16 tensor-core peaks (TFLOP/s, SXM parts); other devices: --peak-tflops or a measured matmul
@@ -78,7 +78,7 @@ def _sync(device: torch.device) -> None:
 
 def random_batch(args: argparse.Namespace, generator: torch.Generator) -> Batch:
     clips = max(1, round(args.seconds_per_batch / args.clip_seconds))
-    num_samples = round(args.clip_seconds * 16000)
+    num_samples = round(args.clip_seconds * SAMPLE_RATE_HZ)
     waveforms = torch.randn(clips, num_samples, generator=generator)
     return Batch(waveforms, torch.full((clips,), num_samples, dtype=torch.long),
                  torch.randint(0, 2, (clips,), generator=generator), [f"bench-{i}" for i in range(clips)],
@@ -127,7 +127,7 @@ def main(argv: list[str]) -> int:
         _sync(device)
         if index >= args.warmup_steps:
             durations.append(time.perf_counter() - start)
-    audio_seconds = float(batches[0].lengths.sum()) / 16000
+    audio_seconds = float(batches[0].lengths.sum()) / SAMPLE_RATE_HZ
 
     step_s = sorted(durations)[len(durations) // 2]
     audio_per_s = audio_seconds / step_s

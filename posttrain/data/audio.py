@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-TARGET_SAMPLE_RATE_HZ = 16_000
+from posttrain.config import SAMPLE_RATE_HZ
 
 
 class AudioError(ValueError):
@@ -122,7 +122,7 @@ def _resampler(orig_hz: int, new_hz: int):
     return torchaudio.transforms.Resample(orig_hz, new_hz)
 
 
-def resample(samples: np.ndarray, orig_hz: int, new_hz: int = TARGET_SAMPLE_RATE_HZ) -> np.ndarray:
+def resample(samples: np.ndarray, orig_hz: int, new_hz: int = SAMPLE_RATE_HZ) -> np.ndarray:
     """Resample a 1-D float32 signal with torchaudio (windowed sinc)."""
     if orig_hz == new_hz:
         return samples
@@ -144,7 +144,7 @@ def check(samples: np.ndarray, sample_rate_hz: int, min_seconds: float, source: 
         raise AudioError("too-short", f"{source}: {seconds:.3f} s < min {min_seconds:g} s")
 
 
-def load(source: str | Path | bytes, *, sample_rate_hz: int = TARGET_SAMPLE_RATE_HZ,
+def load(source: str | Path | bytes, *, sample_rate_hz: int = SAMPLE_RATE_HZ,
          min_seconds: float = 0.0) -> Waveform:
     """Decode, check, downmix and resample: the audio a shard stores."""
     samples, orig_rate = decode(source)
@@ -153,7 +153,7 @@ def load(source: str | Path | bytes, *, sample_rate_hz: int = TARGET_SAMPLE_RATE
     return Waveform(mono, sample_rate_hz, orig_rate)
 
 
-def encode_flac(samples: np.ndarray, sample_rate_hz: int = TARGET_SAMPLE_RATE_HZ) -> bytes:
+def encode_flac(samples: np.ndarray, sample_rate_hz: int = SAMPLE_RATE_HZ) -> bytes:
     """1-D float32 in [-1, 1] -> FLAC bytes, 16-bit PCM (libsndfile clips values outside the range)."""
     buffer = io.BytesIO()
     sf.write(buffer, samples, sample_rate_hz, format="FLAC", subtype="PCM_16")

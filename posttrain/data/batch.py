@@ -7,10 +7,6 @@ from typing import Any
 
 import torch
 
-REAL_LABEL = 1  # label ids: 1 = real (bona fide), 0 = fake; logit order is [fake, real]
-FAKE_LABEL = 0
-LABEL_IDS = {"real": REAL_LABEL, "fake": FAKE_LABEL}
-
 
 @dataclass
 class Batch:

@@ -39,6 +39,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
+from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.data import audio
 from posttrain.data.files import write_bytes_atomic
 from posttrain.data.protocol import ROOT_PLACEHOLDER, ProtocolRow, write_protocol
@@ -124,8 +125,8 @@ def normalise_level(samples: np.ndarray) -> np.ndarray:
 
 def finish(samples: np.ndarray, sample_rate_hz: int) -> np.ndarray:
     """Steps 3-5 of the chain: 16 kHz, trimmed, level-normalised mono float32."""
-    resampled = audio.resample(samples, sample_rate_hz, audio.TARGET_SAMPLE_RATE_HZ)
-    return normalise_level(trim_silence(resampled, audio.TARGET_SAMPLE_RATE_HZ))
+    resampled = audio.resample(samples, sample_rate_hz, SAMPLE_RATE_HZ)
+    return normalise_level(trim_silence(resampled, SAMPLE_RATE_HZ))
 
 
 def vorbis_roundtrip(samples: np.ndarray, sample_rate_hz: int) -> np.ndarray:
@@ -212,8 +213,8 @@ def _row(row_id: str, label: str, out: Path, samples: np.ndarray, attack: str, s
          language: str) -> ProtocolRow:
     relative = Path("audio") / label / f"{row_id}.flac"
     write_bytes_atomic(out / relative, audio.encode_flac(samples))
-    return ProtocolRow(id=row_id, label=label, duration_s=len(samples) / audio.TARGET_SAMPLE_RATE_HZ,
-                       path=f"{ROOT_PLACEHOLDER}/{relative.as_posix()}", sample_rate_hz=audio.TARGET_SAMPLE_RATE_HZ,
+    return ProtocolRow(id=row_id, label=label, duration_s=len(samples) / SAMPLE_RATE_HZ,
+                       path=f"{ROOT_PLACEHOLDER}/{relative.as_posix()}", sample_rate_hz=SAMPLE_RATE_HZ,
                        attack=attack, speaker=speaker, proportion=split, audio_channel="1", audio_encoding="FLAC",
                        audio_bit_sample="16", language=language)
 

@@ -35,6 +35,7 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
+from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.data import audio
 from posttrain.data.files import write_bytes_atomic
 from posttrain.data.protocol import ROOT_PLACEHOLDER, ProtocolRow, write_protocol
@@ -166,7 +167,7 @@ def read_metadata(path: str | Path, *, skip_bad_rows: bool = False) -> tuple[lis
 
 
 def segment_bounds(num_samples: int, segment_seconds: float, min_segment_seconds: float,
-                   sample_rate_hz: int = audio.TARGET_SAMPLE_RATE_HZ) -> list[Segment]:
+                   sample_rate_hz: int = SAMPLE_RATE_HZ) -> list[Segment]:
     """Non-overlapping segments of ``segment_seconds``; see the module docstring for the last piece."""
     size = int(round(segment_seconds * sample_rate_hz))
     minimum = int(round(min_segment_seconds * sample_rate_hz))
@@ -237,8 +238,8 @@ def _run(jobs: list[_Job], num_workers: int, progress: bool) -> Iterator[_Done]:
 
 
 def _row(row_id: str, source: SourceFile, relative: Path, num_samples: int) -> ProtocolRow:
-    return ProtocolRow(id=row_id, label=source.label, duration_s=num_samples / audio.TARGET_SAMPLE_RATE_HZ,
-                       path=f"{ROOT_PLACEHOLDER}/{relative.as_posix()}", sample_rate_hz=audio.TARGET_SAMPLE_RATE_HZ,
+    return ProtocolRow(id=row_id, label=source.label, duration_s=num_samples / SAMPLE_RATE_HZ,
+                       path=f"{ROOT_PLACEHOLDER}/{relative.as_posix()}", sample_rate_hz=SAMPLE_RATE_HZ,
                        proportion=source.split, audio_channel="1", audio_encoding="FLAC", audio_bit_sample="16")
 
 
@@ -255,7 +256,7 @@ def _write_csv(path: Path, header: Iterable[str], records: Iterable[Iterable[obj
 
 
 def _write_mapping(path: Path, done: Iterable[_Done], length_s: int) -> None:
-    rate = audio.TARGET_SAMPLE_RATE_HZ
+    rate = SAMPLE_RATE_HZ
     _write_csv(path, MAPPING_COLUMNS, [
         (segment_id(item.source, length_s, segment), item.source.file_id, item.source.filename, segment.index,
          segment.start_sample, segment.end_sample, f"{segment.start_sample / rate:.4f}",

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import ConfigError, from_dict, load_yaml, require
-from posttrain.data.protocol import LABELS, PROPORTIONS, ROOT_PLACEHOLDER, ProtocolRow, read_protocols, write_protocol
+from posttrain.data.labels import LABELS
+from posttrain.data.protocol import PROPORTIONS, ROOT_PLACEHOLDER, ProtocolRow, read_protocols, write_protocol
 
 SPLITS = ("train", "valid")
 # Audio-seconds per core-second of `python -m posttrain.bench shards` (decode + resample + FLAC + tar) on

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Iterable
 
 from posttrain.data.files import write_text_atomic
+from posttrain.data.labels import LABELS
 
 COLUMNS = ("ID", "Label", "Duration", "SampleRate", "Path", "Attack", "Speaker", "Proportion",
            "AudioChannel", "AudioEncoding", "AudioBitSample", "Language")
 REQUIRED_COLUMNS = ("ID", "Label", "Duration", "Path")
-LABELS = ("real", "fake")
 PROPORTIONS = ("train", "valid", "test", "-")
 ROOT_PLACEHOLDER = "$ROOT"
 

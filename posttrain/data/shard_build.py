@@ -27,11 +27,13 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.data import audio
 from posttrain.data.files import write_text_atomic
-from posttrain.data.protocol import LABELS, PROPORTIONS, ProtocolRow, read_protocols
-from posttrain.data.shards import (FORMAT, INDEX_NAME, REJECTS_NAME, SAMPLE_RATE_HZ, TASK_INDEX_GLOB, TOTAL_GROUPS,
-                                   VERSION, file_sha256, sample_key)
+from posttrain.data.labels import LABELS
+from posttrain.data.protocol import PROPORTIONS, ProtocolRow, read_protocols
+from posttrain.data.shards import (FORMAT, INDEX_NAME, REJECTS_NAME, TASK_INDEX_GLOB, TOTAL_GROUPS, VERSION,
+                                   file_sha256, sample_key)
 from posttrain.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,11 @@ from typing import Any, Iterator
 
 from tqdm import tqdm
 
+from posttrain.config import SAMPLE_RATE_HZ
+from posttrain.data.labels import LABELS
+
 FORMAT = "posttrain-shards"
 VERSION = 1
-SAMPLE_RATE_HZ = 16_000
 INDEX_NAME = "index.json"
 REJECTS_NAME = "rejects.jsonl"
 TASK_INDEX_GLOB = "index.task-*-of-*.json"  # the partial index of each task of a split build
@@ -143,7 +145,7 @@ def verify_shard(directory: Path, entry: dict[str, Any]) -> list[str]:
         problems.append(f"{where}: {path.stat().st_size} bytes, index says {entry['bytes']}")
     if file_sha256(path) != entry["sha256"]:
         problems.append(f"{where}: sha256 differs from the index")
-    keys, labels, num_samples = [], {"real": 0, "fake": 0}, 0
+    keys, labels, num_samples = [], {label: 0 for label in LABELS}, 0
     try:
         for key, files in iter_shard(path):
             keys.append(key)

@@ -68,7 +68,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from posttrain.config import CropConfig, StreamConfig
 from posttrain.data.audio import decode_flac
-from posttrain.data.batch import LABEL_IDS, Batch
+from posttrain.data.batch import Batch
+from posttrain.data.labels import LABEL_IDS
 from posttrain.data.batching import PaddingMeter, batch_by_seconds, bucket_edges
 from posttrain.data.shards import INDEX_NAME, ShardFormatError, load_index, shard_paths
 from posttrain.dist import dist_info

@@ -44,6 +44,7 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.data import audio
 from posttrain.data.batch import Batch, normalize_waveforms
 from posttrain.data.batching import batch_by_seconds, bucket_edges
@@ -52,7 +53,7 @@ from posttrain.data.shards import file_sha256, iter_shard, load_index, shard_pat
 from posttrain.data.stream import balance
 from posttrain.dist import DistInfo, dist_info
 from posttrain.errors import UserError
-from posttrain.eval.scoring import AGGREGATIONS, SAMPLE_RATE_HZ, WindowConfig, aggregate
+from posttrain.eval.scoring import AGGREGATIONS, WindowConfig, aggregate
 from posttrain.models.detector import Detector
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".mp4", ".aac", ".opus", ".webm")

@@ -25,6 +25,7 @@ import numpy as np
 import yaml
 
 from posttrain.data.files import write_bytes_atomic
+from posttrain.data.labels import label_id
 from posttrain.data.shards import file_sha256
 from posttrain.eval.metrics import (ASVSPOOF5_COSTS, DetectionCosts, compute_metrics, det_curve,
                                     group_mask, metrics_by_group, split_classes)
@@ -37,9 +38,6 @@ LOGIT_COLUMNS = ("LogitFake", "LogitReal")
 # grouping -> whether each group is scored against all bona fide samples (the per-attack convention:
 # attack names live on spoofs, bona fide rows carry "-")
 GROUPINGS: dict[str, bool] = {"corpus": False, "attack": True, "language": False}
-# every label spelling accepted from other toolkits, mapped explicitly (1 = bona fide)
-LABEL_VALUES: dict[str, int] = {"1": 1, "real": 1, "bonafide": 1, "bona-fide": 1, "bona fide": 1,
-                                "0": 0, "fake": 0, "spoof": 0}
 # ScoreType values and what they mean (higher = bona fide); the first two turn a [fake, real] logit
 # pair into one score, "score" is a number taken as written by another toolkit
 SCORE_TYPES: dict[str, str] = {"logit_diff": "real logit minus fake logit", "real_logit": "real logit",
@@ -113,7 +111,7 @@ class ScoreTable:
 
     @classmethod
     def from_records(cls, records: Iterable[Mapping[str, Any]], source_format: str = "posttrain") -> ScoreTable:
-        """Build from dicts with ``id, score, label`` (1/0 or any ``LABEL_VALUES`` spelling) and
+        """Build from dicts with ``id, score, label`` (1/0 or any ``posttrain.data.labels.LABEL_SPELLINGS`` spelling) and
         optional ``attack, language, corpus, score_type, logit_fake, logit_real``."""
         rows = list(records)
         with_logits = ["logit_fake" in row and "logit_real" in row for row in rows]
@@ -121,7 +119,7 @@ class ScoreTable:
             raise ValueError("either every record has logit_fake and logit_real, or none does")
         ids = [str(row["id"]) for row in rows]
         return cls(ids=ids, scores=np.array([float(row["score"]) for row in rows]),
-                   labels=np.array([_label_value(row["label"]) for row in rows], dtype=np.int64),
+                   labels=np.array([label_id(row["label"]) for row in rows], dtype=np.int64),
                    attacks=[str(row.get("attack") or UNKNOWN) for row in rows],
                    languages=[str(row.get("language") or UNKNOWN) for row in rows],
                    corpora=[str(row.get("corpus") or corpus_of(sample_id)) for row, sample_id in zip(rows, ids)],
@@ -129,15 +127,6 @@ class ScoreTable:
                    logits=(np.array([[float(row["logit_fake"]), float(row["logit_real"])]
                                      for row in rows]).reshape(-1, 2) if rows and all(with_logits) else None),
                    source_format=source_format)
-
-
-def _label_value(label: object) -> int:
-    if label in (0, 1) and not isinstance(label, (bool, float)):  # already an int label
-        return int(label)
-    key = str(label).strip().lower()
-    if key not in LABEL_VALUES:
-        raise ValueError(f"unknown label {label!r}; expected one of {sorted(LABEL_VALUES)}")
-    return LABEL_VALUES[key]
 
 
 # --------------------------------------------------------------------------------------- readers
@@ -214,7 +203,7 @@ def _posttrain_row_parser(header: list[str], path: Path):
 
     def parse(row: dict[str, str]) -> dict[str, object]:
         record: dict[str, object] = {
-            "id": _required(row, "ID"), "score": _finite(row["Score"], "score"), "label": _label_value(row["Label"]),
+            "id": _required(row, "ID"), "score": _finite(row["Score"], "score"), "label": label_id(row["Label"]),
             "attack": row.get("Attack") or UNKNOWN, "language": row.get("Language") or UNKNOWN,
             "corpus": row.get("Corpus") or corpus_of(row["ID"]), "score_type": _required(row, "ScoreType")}
         if all(has_logits):
@@ -227,7 +216,7 @@ def _posttrain_row_parser(header: list[str], path: Path):
 
 def _id_score_label_parser(logit_score: str):
     def parse(row: dict[str, str]) -> dict[str, object]:
-        record: dict[str, object] = {"id": _required(row, "ID"), "label": _label_value(row["Label"])}
+        record: dict[str, object] = {"id": _required(row, "ID"), "label": label_id(row["Label"])}
         score_text = row["Score"]
         if score_text.startswith("["):
             # AntiDeepfake writes the two head logits, [fake, real], as a Python list string

@@ -35,10 +35,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.eval.calibration import Calibration, CalibrationError, load_calibration
 from posttrain.eval.metrics import ASVSPOOF5_COSTS, DetectionCosts, accepts
 
-SAMPLE_RATE_HZ = 16_000
 SCORE_TYPE = "logit_diff"  # the ScoreType written to score files (posttrain.eval.report.SCORE_TYPES)
 AGGREGATIONS = ("mean_logits", "max_fake")
 

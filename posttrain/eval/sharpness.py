@@ -26,13 +26,14 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
+from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.data.audio import decode_flac
 from posttrain.data.batch import normalize_waveforms
+from posttrain.data.labels import LABEL_IDS
 from posttrain.data.shards import load_index, shard_paths
 from posttrain.dist import DistInfo
 from posttrain.train.ascent import ascent_direction_, module_parameters, perturb_, restore_, takes_ascent
 
-SAMPLE_RATE_HZ = 16000
 GROUP_FIELDS = ("corpus", "attack", "language", "speaker")
 
 
@@ -96,7 +97,7 @@ def catalog(directory: str | Path) -> list[CatalogEntry]:
         for key, meta in metas.items():
             if key not in flac:
                 raise ValueError(f"{path}: sample {key!r} has no .flac member")
-            label = {"real": 1, "fake": 0}.get(meta.get("label"))
+            label = LABEL_IDS.get(meta.get("label"))
             if label is None:
                 raise ValueError(f"{path}: sample {key!r}: label {meta.get('label')!r} is not real/fake")
             entries.append(CatalogEntry(str(meta["id"]), label, meta, str(path), *flac[key]))

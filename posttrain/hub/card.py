@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.eval.report import RESULT_FORMAT
 
 TAGS = ["audio-classification", "anti-spoofing", "deepfake-detection", "speech", "posttrain"]
@@ -150,7 +151,7 @@ def _model(inputs: CardInputs) -> str:
             ("transformer layers", ssl.get("num_hidden_layers")), ("hidden size", ssl.get("hidden_size")),
             ("feed-forward size", ssl.get("intermediate_size")), ("attention heads", ssl.get("num_attention_heads")),
             ("feature extractor", f"{len(ssl.get('conv_dim', []))} conv layers, {ssl.get('feat_extract_norm')} norm"),
-            ("sample rate", f"{inputs.identity.get('sample_rate_hz', 16000)} Hz")]
+            ("sample rate", f"{inputs.identity.get('sample_rate_hz', SAMPLE_RATE_HZ)} Hz")]
     return "## Model\n\n" + _table(("field", "value"), rows)
 
 

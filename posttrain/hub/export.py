@@ -26,7 +26,8 @@ import torch
 from transformers import (AutoConfig, HubertForSequenceClassification, PretrainedConfig, PreTrainedModel,
                           Wav2Vec2FeatureExtractor, Wav2Vec2ForSequenceClassification)
 
-from posttrain.data.batch import FAKE_LABEL, LABEL_IDS, REAL_LABEL
+from posttrain.config import SAMPLE_RATE_HZ
+from posttrain.data.labels import FAKE_LABEL, LABEL_IDS, REAL_LABEL
 from posttrain.models.detector import NUM_CLASSES, Detector
 from posttrain.models.presets import ARCHITECTURES, PRESETS
 
@@ -39,7 +40,6 @@ IDENTITY_NAME = "posttrain.json"
 EXPORT_MARKER = ".posttrain-export.json"
 EXPORT_MARKER_FORMAT = "posttrain-export"
 IDENTITY_FORMAT, IDENTITY_VERSION = "posttrain-model", 1
-SAMPLE_RATE_HZ = 16_000
 SCORE_DEFINITION = "logit_diff"  # real logit minus fake logit: higher = bona fide
 # Inference-time encoder settings: no LayerDrop, no SpecAugment (so no mask embedding either).
 INFERENCE_SETTINGS = {"layerdrop": 0.0, "apply_spec_augment": False, "mask_time_prob": 0.0,

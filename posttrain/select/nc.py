@@ -47,7 +47,7 @@ import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from tqdm import tqdm
 
-from posttrain.data.protocol import LABELS
+from posttrain.data.labels import LABELS
 
 DISTANCES = ("cosine", "euclidean")
 BUDGET_UNITS = ("samples", "seconds")

@@ -21,8 +21,9 @@ from dataclasses import dataclass, fields
 
 from transformers import PretrainedConfig
 
+from posttrain.config import SAMPLE_RATE_HZ
+
 DEFAULT_CLIP_SECONDS = 4.0
-SAMPLE_RATE_HZ = 16000
 NUM_CLASSES = 2
 TRAIN_MULTIPLIER = 3.0  # forward + backward (grads w.r.t. activations and weights: 2 x forward)
 RECOMPUTE_MULTIPLIER = 4.0  # + one recomputed forward under activation checkpointing

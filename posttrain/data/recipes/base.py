@@ -22,7 +22,8 @@ from typing import Callable, Iterable, Iterator
 import soundfile as sf
 from tqdm import tqdm
 
-from posttrain.data.protocol import LABELS, ROOT_PLACEHOLDER, ProtocolRow
+from posttrain.data.labels import LABELS
+from posttrain.data.protocol import ROOT_PLACEHOLDER, ProtocolRow
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".m4a", ".ogg", ".opus")
 
