@@ -111,6 +111,9 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     freeze_feature_encoder: bool = False
+    # AntiDeepfake's training batches: zero padding unmasked through the encoder and into the mean
+    # (training only; validation and scoring always mask padding). Off: padding never reaches the pool.
+    pool_over_padding: bool = False
 
     def validate(self) -> None:
         require(0.0 <= self.mask_time_prob < 1.0, "mask_time_prob", "must be in [0, 1)")

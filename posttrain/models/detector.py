@@ -5,6 +5,11 @@ sample lengths through the feature extractor's own output-length arithmetic, and
 goes to self-attention. Group-norm extractors (wav2vec 2.0 small) take their first conv layer's
 statistics over valid frames only (``posttrain.models.masked_norm``), so a padded batch scores as
 batch 1 for every backbone.
+
+``pool_over_padding`` restores AntiDeepfake's training batches (``model.pool_over_padding``): the zero
+padding goes through the encoder unmasked (attention and group norm see it) and into the mean. It acts
+in training mode only: validation and scoring always mask padding, so a score never depends on what it
+was batched with.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ NUM_CLASSES = 2  # [fake, real]
 
 
 class Detector(nn.Module):
-    def __init__(self, encoder: PreTrainedModel):
+    def __init__(self, encoder: PreTrainedModel, *, pool_over_padding: bool = False):
         super().__init__()
         self.encoder = encoder
+        self.pool_over_padding = pool_over_padding
         self.head = nn.Linear(encoder.config.hidden_size, NUM_CLASSES)
         # a plain attribute (a tuple), not a submodule: its parameters are the encoder's own
         self._group_norm = (install_masked_group_norm(encoder),)
@@ -42,6 +48,8 @@ class Detector(nn.Module):
 
     def embed(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Pooled (penultimate) representation ``[B, D]``."""
+        if self.pool_over_padding and self.training:
+            return self._embed_as_antideepfake(waveforms)
         sample_mask = lengths_to_mask(lengths, waveforms.shape[1])
         if self._group_norm[0] is not None:
             self._group_norm[0].valid_frames = first_conv_frames(self.encoder, lengths)
@@ -49,6 +57,13 @@ class Detector(nn.Module):
         hidden = self.encoder(waveforms, attention_mask=sample_mask.long()).last_hidden_state
         mask = self.frame_mask(lengths, hidden.shape[1]).unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+    def _embed_as_antideepfake(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """AD's pooling: no attention mask, group-norm statistics over every frame, mean over every frame."""
+        if self._group_norm[0] is not None:
+            self._group_norm[0].valid_frames = None
+        hidden = self.encoder(waveforms.to(self.head.weight.dtype)).last_hidden_state
+        return hidden.mean(dim=1)
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(waveforms, lengths))
@@ -93,7 +108,7 @@ def build_detector(cfg: ModelConfig, ssl_config: PretrainedConfig | dict | None 
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.freeze_feature_encoder:
         encoder.freeze_feature_encoder()
-    return Detector(encoder)
+    return Detector(encoder, pool_over_padding=cfg.pool_over_padding)
 
 
 def _load_pretrained(encoder_cls: type[PreTrainedModel], source: str, overrides: dict) -> PreTrainedModel:
