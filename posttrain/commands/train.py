@@ -11,12 +11,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="YAML preset, e.g. configs/posttrain/xlsr_1b.yaml")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides with YAML values, e.g. train.max_steps=1000 optim.lr=1.0e-6")
+    parser.add_argument("--preflight", action="store_true",
+                        help="only check the run can start (config, shard sets, backbone in the offline cache), "
+                             "print what was checked and exit: what launch/slurm_posttrain.sh runs before sbatch")
 
 
 def run(args: argparse.Namespace) -> int:
     from posttrain.config import load_config
+    from posttrain.models.detector import hub_offline
+    from posttrain.train.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
+    # the backbone must be in the cache when the job is offline (or asked); online, transformers downloads it
+    checked = preflight(cfg, check_backbone=args.preflight or hub_offline())
+    if args.preflight:
+        print("\n".join(["preflight ok:", *(f"  {line}" for line in checked)]))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # imported after the config is valid: DeepSpeed picks its accelerator on import (see engine)
     from posttrain.train.engine import train
