@@ -61,11 +61,21 @@ class Batch:
         return Batch(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
 
 
-def normalize_waveforms(waveforms: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Per-utterance zero mean / unit variance over the valid samples; padding stays zero.
+# The per-utterance normalisation's eps, which a model must be scored with as it was trained
+# (``Detector.input_eps`` reads it from the model's config):
+TRANSFORMERS_INPUT_EPS = 1e-7  # transformers' Wav2Vec2FeatureExtractor (hard-coded): posttrain's models
+ANTIDEEPFAKE_INPUT_EPS = 1e-5  # AntiDeepfake's F.layer_norm(wav, wav.shape): its releases and their offspring
 
-    ``eps`` matches transformers' ``Wav2Vec2FeatureExtractor(do_normalize=True)``, so a published model
-    sees the same input through ``pipeline("audio-classification")`` as during training.
+
+def normalize_waveforms(waveforms: torch.Tensor, lengths: torch.Tensor,
+                        eps: float = TRANSFORMERS_INPUT_EPS) -> torch.Tensor:
+    """Per-utterance zero mean / unit variance over the valid samples, ``(x - mean) / sqrt(var + eps)``;
+    padding stays zero. The one normalisation of model inputs (training, validation, scoring,
+    sharpness, export checks); use the model's own ``eps`` (``Detector.normalise``).
+
+    The default eps is transformers' ``Wav2Vec2FeatureExtractor(do_normalize=True)``, so a posttrain
+    model sees the same input through ``pipeline("audio-classification")`` as during training; the
+    two eps values differ only where the variance is comparable to them (quiet input).
     """
     mask = (torch.arange(waveforms.shape[1], device=waveforms.device)[None, :] < lengths[:, None]).to(waveforms.dtype)
     count = lengths.clamp(min=1).to(waveforms.dtype)[:, None]

@@ -9,9 +9,10 @@ Flow
     (``posttrain.eval.scoring``); windows of all files are grouped by ``posttrain.data.batching`` into
     batches bounded by padded audio seconds, in duration buckets so similar lengths share a batch
     (little padding) while only a few partial buckets are ever held: memory stays bounded on any
-    number of hour-long files. Each batch is normalised per window (``normalize_waveforms``), run in
-    eval mode under ``torch.inference_mode`` (bf16 autocast optional on GPU), and the window outputs of
-    a sample are aggregated once its last window is back. Padding never changes a result: the
+    number of hour-long files. Each batch is normalised per window as the model was trained
+    (``Detector.normalise``: AntiDeepfake's eps for its releases), run in eval mode under
+    ``torch.inference_mode`` (bf16 autocast optional on GPU), and the window outputs of a sample are
+    aggregated once its last window is back. Padding never changes a result: the
     detector masks it.
 
 Ranks
@@ -46,7 +47,7 @@ from tqdm import tqdm
 
 from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.data import audio
-from posttrain.data.batch import Batch, normalize_waveforms
+from posttrain.data.batch import Batch
 from posttrain.data.batching import batch_by_seconds, bucket_edges
 from posttrain.data.protocol import read_protocol, row_to_dict
 from posttrain.data.shards import file_sha256, iter_shard, load_index, shard_paths
@@ -104,7 +105,7 @@ class InferenceConfig:
         return {"mode": self.mode, "summary": self.summary(), **asdict(self.window), "aggregation": self.aggregation,
                 "batch_seconds": self.batch_seconds, "max_batch_size": self.max_batch_size,
                 "precision": self.precision, "sample_rate_hz": SAMPLE_RATE_HZ,
-                "normalisation": "per window, zero mean unit variance"}
+                "normalisation": "per window, zero mean unit variance, the model's eps (model.input_normalisation)"}
 
     def summary(self) -> str:
         """One line for reports: how the scores were produced."""
@@ -404,7 +405,7 @@ def forward_windows(model: Detector, waves: list[np.ndarray], device: torch.devi
     """``(logits [B, 2], pooled [B, D])`` float32 of windows, each normalised on its own."""
     batch = Batch.collate([torch.from_numpy(np.ascontiguousarray(w)) for w in waves], [0] * len(waves),
                           [], []).to(device)
-    inputs = normalize_waveforms(batch.waveforms, batch.lengths)
+    inputs = model.normalise(batch.waveforms, batch.lengths)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (
         precision == "bf16" and device.type == "cuda") else contextlib.nullcontext()
     with autocast:

@@ -28,7 +28,7 @@ from torch import nn
 
 from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.data.audio import decode_flac
-from posttrain.data.batch import normalize_waveforms
+from posttrain.data.batch import TRANSFORMERS_INPUT_EPS, normalize_waveforms
 from posttrain.data.labels import LABEL_IDS
 from posttrain.data.shards import load_index, shard_paths
 from posttrain.dist import DistInfo
@@ -118,8 +118,10 @@ class LoadedBatch:
     skipped: list[str] = field(default_factory=list)  # ids that failed to decode
 
 
-def load_batch(entries: Sequence[CatalogEntry], *, max_seconds: float, normalize: bool = True) -> LoadedBatch:
-    """Decode (first ``max_seconds`` of each sample), pad and normalise a batch; corrupt audio is skipped."""
+def load_batch(entries: Sequence[CatalogEntry], *, max_seconds: float, normalize: bool = True,
+               eps: float = TRANSFORMERS_INPUT_EPS) -> LoadedBatch:
+    """Decode (first ``max_seconds`` of each sample), pad and normalise a batch (with the model's
+    ``eps``); corrupt audio is skipped."""
     waves, labels, skipped = [], [], []
     max_samples = int(max_seconds * SAMPLE_RATE_HZ)
     for entry in entries:
@@ -140,7 +142,7 @@ def load_batch(entries: Sequence[CatalogEntry], *, max_seconds: float, normalize
     for row, wave in enumerate(waves):
         batch[row, :len(wave)] = wave
     if normalize and waves:
-        batch = normalize_waveforms(batch, lengths)
+        batch = normalize_waveforms(batch, lengths, eps)
     return LoadedBatch(batch, lengths, torch.tensor(labels, dtype=torch.long), skipped)
 
 
@@ -195,7 +197,8 @@ def measure_sets(model: nn.Module, sets: dict[str, Sequence[CatalogEntry]], cfg:
     sums = torch.zeros(len(names), 5, dtype=torch.float64)  # sum n*S, sum n*L, n, batches, skipped
     mine = plan[info.rank::info.world_size]
     for name, entries in tqdm(mine, desc="sharpness", unit="batch", disable=not progress):
-        batch = load_batch(entries, max_seconds=cfg.max_seconds, normalize=cfg.normalize)
+        batch = load_batch(entries, max_seconds=cfg.max_seconds, normalize=cfg.normalize,
+                           eps=model.input_eps)
         row = sums[names.index(name)]
         row[4] += len(batch.skipped)
         if len(batch.labels) == 0:
@@ -331,7 +334,8 @@ def scores_of(model: nn.Module, entries: Sequence[CatalogEntry], cfg: SharpnessC
     scores: dict[str, float] = {}
     with torch.no_grad():
         for chunk in tqdm(batches[info.rank::info.world_size], desc="scores", unit="batch", disable=not progress):
-            batch = load_batch(chunk, max_seconds=cfg.max_seconds, normalize=cfg.normalize)
+            batch = load_batch(chunk, max_seconds=cfg.max_seconds, normalize=cfg.normalize,
+                               eps=model.input_eps)
             if len(batch.labels) == 0:
                 continue
             skipped = set(batch.skipped)

@@ -22,7 +22,8 @@ import torch
 from posttrain.config import ModelConfig
 from posttrain.eval.report import file_sha256
 from posttrain.hub.export import matching_presets
-from posttrain.models.detector import Detector, build_detector
+from posttrain.data.batch import ANTIDEEPFAKE_INPUT_EPS
+from posttrain.models.detector import INPUT_EPS_FIELD, Detector, build_detector
 from posttrain.models.presets import PRESETS
 
 ENCODER_PREFIX = "m_ssl.model."
@@ -288,6 +289,9 @@ def convert_checkpoint(path: str | Path, *, preset: str | None = None,
     name, matches = choose_preset(shape, preset, where)
     with torch.device("meta"):  # the weights come from the file: skip random init
         detector = build_detector(ModelConfig(preset=name))
+    # scored (and fine-tuned) with the normalisation AntiDeepfake trained it with; kept in the config,
+    # so exports and checkpoints of this model and of models fine-tuned from it keep it too
+    setattr(detector.ssl_config, INPUT_EPS_FIELD, ANTIDEEPFAKE_INPUT_EPS)
     detector.load_state_dict(state, strict=True, assign=True)
     identity = {"preset": name, "license": LICENSE, "base_model": repo_id,
                 "source": {"kind": "antideepfake", "repo_id": repo_id, "path": str(weights),

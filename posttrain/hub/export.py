@@ -22,11 +22,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from transformers import (AutoConfig, HubertForSequenceClassification, PretrainedConfig, PreTrainedModel,
                           Wav2Vec2FeatureExtractor, Wav2Vec2ForSequenceClassification)
 
 from posttrain.config import SAMPLE_RATE_HZ
+from posttrain.data.batch import ANTIDEEPFAKE_INPUT_EPS, TRANSFORMERS_INPUT_EPS
 from posttrain.data.labels import FAKE_LABEL, LABEL_IDS, REAL_LABEL
 from posttrain.models.detector import NUM_CLASSES, Detector
 from posttrain.models.presets import ARCHITECTURES, PRESETS
@@ -48,6 +50,12 @@ INFERENCE_SETTINGS = {"layerdrop": 0.0, "apply_spec_augment": False, "mask_time_
 # so a preset supplies them).
 SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "conv_dim", "conv_kernel",
                 "conv_bias", "feat_extract_norm", "num_conv_pos_embeddings", "num_conv_pos_embedding_groups")
+
+
+# transformers' Wav2Vec2FeatureExtractor normalises with this eps, hard-coded (no config field)
+STOCK_EXTRACTOR_EPS = TRANSFORMERS_INPUT_EPS
+GAP_LEVELS_DBFS = (-60.0, -50.0, -40.0, -30.0, -20.0, -10.0, 0.0)  # probe peak levels for the gap
+PROBE_SECONDS = 1.0
 
 
 class ExportError(ValueError):
@@ -83,11 +91,46 @@ def config_shape(config: PretrainedConfig) -> dict[str, Any]:
 
 def feature_extractor() -> Wav2Vec2FeatureExtractor:
     """The training input pipeline as a transformers feature extractor: 16 kHz mono, per-utterance
-    zero mean / unit variance (eps 1e-7 as ``normalize_waveforms``), zero padding with a mask. The mask
+    zero mean / unit variance, zero padding with a mask. The closest stock route for every model: its
+    eps is fixed at 1e-7 (posttrain's own models: exact); for a model trained with another eps
+    (AntiDeepfake's) ``stock_pipeline_gap`` measures the difference and the card states it. The mask
     is returned for group-norm encoders too (transformers' own wav2vec2-base extractors omit it):
     posttrain trains and scores them with it."""
     return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE_HZ, padding_value=0.0,
                                     do_normalize=True, return_attention_mask=True)
+
+
+def probe_waveform(seconds: float = PROBE_SECONDS) -> np.ndarray:
+    """A fixed speech-like probe at peak 1.0 (float64): harmonics of a gliding 150 Hz fundamental
+    under a 3 Hz syllable envelope, plus 5 % noise (seed 0)."""
+    t = np.arange(round(seconds * SAMPLE_RATE_HZ)) / SAMPLE_RATE_HZ
+    phase = 2 * np.pi * np.cumsum(150.0 * (1.0 + 0.2 * np.sin(2 * np.pi * 2.0 * t))) / SAMPLE_RATE_HZ
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 12)) * (0.55 - 0.45 * np.cos(2 * np.pi * 3.0 * t))
+    wave = voiced + 0.05 * np.random.default_rng(0).standard_normal(t.size)
+    return wave / np.abs(wave).max()
+
+
+@torch.no_grad()
+def stock_pipeline_gap(detector: Detector) -> dict[str, Any]:
+    """How far the stock transformers route (``Wav2Vec2FeatureExtractor``, eps 1e-7, then the exported
+    classifier) lands from the model's own scoring (``Detector.normalise``), as the largest |logit
+    difference| on ``probe_waveform`` at each peak level of ``GAP_LEVELS_DBFS``.
+
+    The stock extractor has no eps setting, so a model trained with another eps (AntiDeepfake's
+    1e-5) cannot be matched exactly through it: on quiet input ``sqrt(var + eps)`` differs. The gap
+    is measured on the exported model itself and stated on its card."""
+    classifier, extractor = to_transformers(detector), feature_extractor()
+    rows = _label_rows(classifier.config.id2label)  # the stock logits in [fake, real] order
+    probe, gaps = probe_waveform(), []
+    for level in GAP_LEVELS_DBFS:
+        wave = (probe * 10.0 ** (level / 20.0)).astype(np.float32)
+        lengths = torch.tensor([wave.size])
+        own = detector(detector.normalise(torch.from_numpy(wave)[None], lengths), lengths)
+        stock = classifier(**extractor(wave, sampling_rate=SAMPLE_RATE_HZ, return_tensors="pt")).logits
+        gaps.append(float((own - stock[:, rows]).abs().max()))
+    return {"levels_dbfs": list(GAP_LEVELS_DBFS), "max_abs_logit_diff": gaps, "model_eps": detector.input_eps,
+            "stock_extractor_eps": STOCK_EXTRACTOR_EPS,
+            "probe": f"{PROBE_SECONDS:g} s synthetic voiced speech (posttrain.hub.export.probe_waveform)"}
 
 
 def to_transformers(detector: Detector) -> PreTrainedModel:
@@ -140,6 +183,14 @@ def _label_rows(id2label: Mapping[int, str]) -> list[int]:
     return [by_name[ID2LABEL[class_id]] for class_id in range(NUM_CLASSES)]
 
 
+def input_normalisation(detector: Detector) -> dict[str, Any]:
+    """The identity's record of how inputs are normalised (the eps lives in ``ssl_config``)."""
+    origin = "AntiDeepfake's F.layer_norm" if detector.input_eps == ANTIDEEPFAKE_INPUT_EPS else \
+        "transformers' Wav2Vec2FeatureExtractor" if detector.input_eps == STOCK_EXTRACTOR_EPS else "custom"
+    return {"formula": "(x - mean) / sqrt(var + eps) per utterance, over valid samples",
+            "eps": detector.input_eps, "as_in": origin}
+
+
 def identity_document(detector: Detector, *, preset: str | None, calibration: Mapping[str, Any] | None = None,
                       license_id: str | None = None, base_model: str | None = None,
                       source: Mapping[str, Any] | None = None,
@@ -148,6 +199,7 @@ def identity_document(detector: Detector, *, preset: str | None, calibration: Ma
     return {"format": IDENTITY_FORMAT, "version": IDENTITY_VERSION, "preset": preset,
             "architecture": architecture_of(detector.ssl_config),
             "ssl_config": detector.ssl_config.to_dict(),
+            "input_normalisation": input_normalisation(detector),
             "labels": [ID2LABEL[i] for i in range(NUM_CLASSES)], "score_definition": SCORE_DEFINITION,
             "sample_rate_hz": SAMPLE_RATE_HZ, "calibration": dict(calibration) if calibration else None,
             "license": license_id, "base_model": base_model, "source": dict(source or {}),

@@ -22,12 +22,16 @@ from torch import nn
 from transformers import HubertModel, PretrainedConfig, PreTrainedModel, Wav2Vec2Model
 
 from posttrain.config import ModelConfig
+from posttrain.data.batch import TRANSFORMERS_INPUT_EPS, normalize_waveforms
 from posttrain.errors import hf_download_hint
 from posttrain.models.masked_norm import first_conv_frames, install_masked_group_norm
 from posttrain.models.presets import get_preset
 
 ENCODERS: dict[str, type[PreTrainedModel]] = {"wav2vec2": Wav2Vec2Model, "hubert": HubertModel}
 NUM_CLASSES = 2  # [fake, real]
+# The input normalisation eps a model was trained with, kept in its encoder config so that it travels
+# with checkpoints (saved ssl_config) and exports (config.json); absent = TRANSFORMERS_INPUT_EPS.
+INPUT_EPS_FIELD = "posttrain_input_norm_eps"
 
 
 class Detector(nn.Module):
@@ -42,6 +46,15 @@ class Detector(nn.Module):
     @property
     def ssl_config(self) -> PretrainedConfig:
         return self.encoder.config
+
+    @property
+    def input_eps(self) -> float:
+        """The eps of the per-utterance normalisation this model was trained with."""
+        return float(getattr(self.ssl_config, INPUT_EPS_FIELD, TRANSFORMERS_INPUT_EPS))
+
+    def normalise(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Raw zero-padded waveforms -> this model's inputs (its own normalisation)."""
+        return normalize_waveforms(waveforms, lengths, self.input_eps)
 
     def frame_mask(self, lengths: torch.Tensor, num_frames: int) -> torch.Tensor:
         """``[B, frames] bool``: frames computed from valid samples only."""

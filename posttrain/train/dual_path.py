@@ -67,9 +67,9 @@ def dual_inputs(ctx: StepContext, micro_batches: list[Batch], augment: Augment) 
     """(clean, augmented) model inputs of the step's micro-batches: on the device, the augmented copy
     drawn from the raw audio (RawBoost assumes waveforms in [-1, 1]), then both normalised."""
     raw = [batch.to(ctx.device) for batch in micro_batches]
-    augmented = [model_inputs(augment(batch, ctx.epoch)) for batch in raw]
+    augmented = [model_inputs(augment(batch, ctx.epoch), ctx.input_eps) for batch in raw]
     # ``to`` builds a new Batch, so normalising it leaves ``raw`` (and an identity augment's output) alone
-    clean = [model_inputs(batch.to(ctx.device)) for batch in raw]
+    clean = [model_inputs(batch.to(ctx.device), ctx.input_eps) for batch in raw]
     return clean, augmented
 
 

@@ -187,7 +187,7 @@ def validate(engine: Any, cfg: PosttrainConfig, device: torch.device) -> tuple[f
                     dummy = dummy_batch(cfg.data.valid.sample_rate_hz, device)
                     engine(dummy.waveforms, dummy.lengths)
                     continue
-                batch = model_inputs(batch.to(device))
+                batch = model_inputs(batch.to(device), engine.module.input_eps)
                 logits = engine(batch.waveforms, batch.lengths).float()
                 scores += (logits[:, 1] - logits[:, 0]).tolist()
                 labels += batch.labels.tolist()
@@ -283,7 +283,8 @@ class Trainer:
         self.stream = ShardStream(cfg.data.train)
         self.progress = Progress()
         self.ctx = StepContext(cfg=cfg, optimizer=self.optimizer, scheduler=self.scheduler, device=self.device,
-                               world_size=self.world_size, augment=make_augment(cfg))
+                               world_size=self.world_size, augment=make_augment(cfg),
+                               input_eps=self.model.input_eps)
         run_id = None
         seed_everything(cfg.train.seed + 1000 * (self.rank + 1))  # dropout/masks differ per rank
         if metadata is not None:

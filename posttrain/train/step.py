@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
 from posttrain.config import PosttrainConfig
-from posttrain.data.batch import Batch, normalize_waveforms
+from posttrain.data.batch import TRANSFORMERS_INPUT_EPS, Batch, normalize_waveforms
 
 if TYPE_CHECKING:  # deepspeed picks its accelerator at import: the engine module imports it first
     from deepspeed import DeepSpeedEngine
@@ -83,6 +83,7 @@ class StepContext:
     step: int = 0  # optimiser steps done before this one
     augment: Callable[[Batch, int], Batch] | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    input_eps: float = TRANSFORMERS_INPUT_EPS  # the model's input normalisation (Detector.input_eps)
 
     @property
     def sample_rate_hz(self) -> int:
@@ -139,12 +140,12 @@ def make_augment(cfg: PosttrainConfig) -> Callable[[Batch, int], Batch] | None:
     return RawBoost(cfg.rawboost)
 
 
-def model_inputs(batch: Batch) -> Batch:
-    """Per-utterance normalisation, the last input step. The loader hands over raw audio because
-    RawBoost's non-linear and clipping terms assume waveforms in [-1, 1] (reference pipeline:
-    crop -> RawBoost -> normalise)."""
+def model_inputs(batch: Batch, eps: float) -> Batch:
+    """Per-utterance normalisation with the model's ``eps`` (``Detector.input_eps``), the last input
+    step. The loader hands over raw audio because RawBoost's non-linear and clipping terms assume
+    waveforms in [-1, 1] (reference pipeline: crop -> RawBoost -> normalise)."""
     if not batch.is_empty:
-        batch.waveforms = normalize_waveforms(batch.waveforms, batch.lengths)
+        batch.waveforms = normalize_waveforms(batch.waveforms, batch.lengths, eps)
     return batch
 
 
@@ -154,7 +155,7 @@ def prepare(ctx: StepContext, micro_batches: list[Batch]) -> list[Batch]:
     batches = [batch.to(ctx.device) for batch in micro_batches]
     if ctx.augment is not None:
         batches = [ctx.augment(batch, ctx.epoch) for batch in batches]
-    return [model_inputs(batch) for batch in batches]
+    return [model_inputs(batch, ctx.input_eps) for batch in batches]
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain.data.batch import Batch, normalize_waveforms
+from posttrain.data.batch import Batch
 from posttrain.hub.antideepfake import convert_checkpoint
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "fairseq"
@@ -55,12 +55,13 @@ def test_converted_release_is_the_fixture_preset_with_pretraining_keys_ignored(f
 @pytest.mark.parametrize("family", FAMILIES)
 def test_converted_release_equals_fairseq_at_every_level_batch_one_and_padded(family):
     detector, _ = convert_checkpoint(FIXTURES / family)
+    assert detector.input_eps == AD_EPS  # the release carries AntiDeepfake's normalisation
     for level in LEVELS:
         waves = waves_at(level)
         batch = Batch.collate(waves, [0] * len(waves), [], [])
         with torch.no_grad():
-            padded = detector(normalize_waveforms(batch.waveforms, batch.lengths, eps=AD_EPS), batch.lengths)
-            singles = torch.cat([detector(normalize_waveforms(w[None], torch.tensor([w.numel()]), eps=AD_EPS),
+            padded = detector(detector.normalise(batch.waveforms, batch.lengths), batch.lengths)
+            singles = torch.cat([detector(detector.normalise(w[None], torch.tensor([w.numel()])),
                                           torch.tensor([w.numel()])) for w in waves])
         expected = fairseq_logits(family, level)
         assert (padded.double() - expected).abs().max() < TOLERANCE, (family, level)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from posttrain.config import load_config
+from posttrain.data.batch import TRANSFORMERS_INPUT_EPS as EPS
 from posttrain.data.batch import Batch
 from posttrain.train import step as step_module
 from posttrain.train.engine import deepspeed_config, micro_batch_groups
@@ -74,9 +75,10 @@ def test_rawboost_runs_on_raw_audio_then_inputs_are_normalised():
     augmented = augment(batch, 0)
     assert torch.equal(augmented.waveforms, augment(batch, 0).waveforms)  # (seed, id, epoch): SAM passes agree
     assert not torch.allclose(augmented.waveforms[0, :3000], batch.waveforms[0, :3000])
-    out = model_inputs(Batch(augmented.waveforms.clone(), batch.lengths, batch.labels, batch.ids, batch.meta))
+    out = model_inputs(Batch(augmented.waveforms.clone(), batch.lengths, batch.labels, batch.ids, batch.meta), EPS)
     # The order matters: LnL's non-linear terms are not scale-invariant, so augmenting normalised audio differs.
-    normalised_first = model_inputs(augment(model_inputs(Batch.collate(waves, [1, 0], ["A-1", "B-2"], [{}, {}])), 0))
+    normalised_first = model_inputs(augment(model_inputs(Batch.collate(waves, [1, 0], ["A-1", "B-2"], [{}, {}]), EPS), 0),
+                                    EPS)
     assert not torch.allclose(out.waveforms, normalised_first.waveforms, atol=1e-3)
     assert out.waveforms[1, 2000:].abs().max() == 0  # padding stays zero
     valid = out.waveforms[1, :2000]
