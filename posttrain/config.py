@@ -70,6 +70,9 @@ class StreamConfig:
     max_batch_seconds: float = 100.0  # padded audio seconds (B x longest) per batch per rank
     max_batch_size: int = 64
     num_buckets: int = 20
+    # fitted: edges fitted to the index durations (low padding); uniform: equal widths; antideepfake:
+    # AD's log-normal edges with int(max_batch_seconds / edge) items per bucket (see data/batching.py)
+    bucket_policy: Literal["fitted", "uniform", "antideepfake"] = "fitted"
     shuffle_buffer: int = 1000  # samples: a sample leaves the read order by at most this many places
     interleave_shards: int = 4  # shards each worker reads at once, so every batch mixes several shards
     num_workers: int = 2
@@ -86,6 +89,7 @@ class StreamConfig:
         require(self.max_batch_seconds > 0, "max_batch_seconds", "must be > 0")
         require(self.max_batch_size >= 1, "max_batch_size", "must be >= 1")
         require(self.num_buckets >= 1, "num_buckets", "must be >= 1")
+        require_choice(self.bucket_policy, "bucket_policy", ["fitted", "uniform", "antideepfake"])
         require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
         require(self.interleave_shards >= 1, "interleave_shards", "must be >= 1")
         require(self.num_workers >= 0, "num_workers", "must be >= 0")

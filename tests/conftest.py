@@ -154,10 +154,11 @@ def shard_dir(tiny_corpus, tmp_path_factory) -> Path:
 
 
 def write_shard_set(directory: Path, name: str, shard_sizes: list, *, seconds: tuple = (0.2, 1.0),
-                    seed: int = 0, corrupt: dict | None = None) -> dict:
+                    seed: int = 0, corrupt: dict | None = None, list_lengths: bool = True) -> dict:
     """Tars ``<name>-%06d.tar`` + ``index.json`` in the shard format, written with webdataset's
     TarWriter so sizes, durations and broken members are exact. Ids are ``<NAME>-<shard>_<i>``;
     ``corrupt`` maps an id to ``"audio"`` (garbage FLAC bytes) or ``"json"`` (unparsable JSON).
+    ``list_lengths=False`` writes an index as older builds did, without per-key lengths.
     Returns id -> seconds of every sample written (corrupt ones included)."""
     import hashlib
     import json
@@ -173,7 +174,7 @@ def write_shard_set(directory: Path, name: str, shard_sizes: list, *, seconds: t
     shards, durations = [], {}
     for shard_index, size in enumerate(shard_sizes):
         tar_name = f"{name}-{shard_index:06d}.tar"
-        keys, labels = [], Counter()
+        keys, labels, lengths = [], Counter(), []
         with wds.TarWriter(str(directory / tar_name)) as writer:
             for i in range(size):
                 sample_id = f"{name.upper()}-{shard_index}_{i}"  # already a valid webdataset key
@@ -192,12 +193,13 @@ def write_shard_set(directory: Path, name: str, shard_sizes: list, *, seconds: t
                     payload = b"{not json"
                 writer.write({"__key__": sample_id, "flac": flac, "json": payload})
                 keys.append(sample_id)
+                lengths.append(frames)
                 labels[label] += 1
                 durations[sample_id] = frames / rate_hz
         data = (directory / tar_name).read_bytes()
         shards.append({"name": tar_name, "samples": size, "seconds": sum(durations[k] for k in keys),
                        "labels": dict(labels), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                       "keys": keys})
+                       "keys": keys, **({"num_samples": lengths} if list_lengths else {})})
     index = {"format": "posttrain-shards", "version": 1, "sample_rate_hz": rate_hz, "seed": seed, "shards": shards,
              "totals": {"samples": sum(shard_sizes), "seconds": sum(durations.values())}, "rejects": 0}
     (directory / "index.json").write_text(json.dumps(index))

@@ -11,6 +11,7 @@ import argparse
 import resource
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +25,17 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def write_bench_corpus(directory: Path, num_files: int, seconds: float, rate_hz: int = 44100) -> Path:
+def write_bench_corpus(directory: Path, durations_seconds: Sequence[float], rate_hz: int = 44100,
+                       channels: int = 2, noise: float = 0.05) -> Path:
+    """One WAV per duration (a tone per file, plus white noise of amplitude ``noise``, so FLAC has
+    real work) and its protocol CSV; returns the CSV path."""
     rng = np.random.default_rng(0)
-    t = np.arange(int(seconds * rate_hz)) / rate_hz
     rows = []
-    for i in range(num_files):
-        tone = 0.3 * np.sin(2 * np.pi * (200 + 10 * i) * t)
-        stereo = np.stack([tone + 0.05 * rng.standard_normal(len(t)), tone + 0.05 * rng.standard_normal(len(t))], 1)
-        sf.write(directory / f"{i:05d}.wav", stereo.astype(np.float32), rate_hz, subtype="PCM_16")
+    for i, seconds in enumerate(durations_seconds):
+        t = np.arange(int(seconds * rate_hz)) / rate_hz
+        tone = 0.3 * np.sin(2 * np.pi * (200 + 10 * (i % 100)) * t)
+        wave = np.stack([tone + noise * rng.standard_normal(len(t)) for _ in range(channels)], 1)
+        sf.write(directory / f"{i:05d}.wav", wave.astype(np.float32), rate_hz, subtype="PCM_16")
         rows.append(ProtocolRow(id=f"BENCH-{i:05d}", label=("real", "fake")[i % 2], duration_s=len(t) / rate_hz,
                                 path=f"$ROOT/{i:05d}.wav", sample_rate_hz=rate_hz))
     write_protocol(rows, directory / "bench.csv")
@@ -48,7 +52,7 @@ def main(argv: list[str]) -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        protocol = write_bench_corpus(scratch, args.files, args.seconds)
+        protocol = write_bench_corpus(scratch, [args.seconds] * args.files)
         audio_seconds = args.files * args.seconds
         print(f"{args.files} files x {args.seconds:g} s, 44.1 kHz stereo WAV -> 16 kHz mono FLAC shards")
         for workers in args.workers:

@@ -46,15 +46,17 @@ class Batch:
         )
 
     @staticmethod
-    def collate(waveforms: list[torch.Tensor], labels: list[int], ids: list[str],
-                meta: list[dict[str, Any]], repeats: list[int] | None = None) -> "Batch":
-        lengths = torch.tensor([w.numel() for w in waveforms], dtype=torch.long)
-        width = int(lengths.max()) if len(waveforms) else 0
-        padded = torch.zeros(len(waveforms), width, dtype=torch.float32)
-        for row, wave in enumerate(waveforms):
-            padded[row, : wave.numel()] = wave
-        return Batch(padded, lengths, torch.tensor(labels, dtype=torch.long), list(ids), list(meta),
-                     list(repeats or []))
+    def collate(waveforms: list[torch.Tensor], labels: list[int], ids: list[str], meta: list[dict[str, Any]],
+                repeats: list[int] | None = None, out: torch.Tensor | None = None) -> "Batch":
+        """Zero-pad ``waveforms`` into ``[B, longest]``: into ``out`` when given (a tensor of that shape,
+        e.g. in shared memory; whatever it holds is overwritten), else a new tensor."""
+        lengths = [w.numel() for w in waveforms]
+        padded = torch.empty(len(waveforms), max(lengths, default=0), dtype=torch.float32) if out is None else out
+        for row, (wave, length) in enumerate(zip(waveforms, lengths)):
+            padded[row, :length] = wave
+            padded[row, length:] = 0.0
+        return Batch(padded, torch.tensor(lengths, dtype=torch.long), torch.tensor(labels, dtype=torch.long),
+                     list(ids), list(meta), list(repeats or []))
 
     @staticmethod
     def empty() -> "Batch":

@@ -223,7 +223,7 @@ def build_shard(spec: ShardSpec, root: Path | None, out: Path, min_seconds: floa
                 fingerprint: str) -> dict[str, Any]:
     """Write one shard to staging, move it into place, record it; returns its record."""
     staging = out / STAGING_DIR / f"{spec.name}.partial"
-    keys, rejects = [], []
+    keys, num_samples, rejects = [], [], []
     groups: dict[str, Counter] = {group: Counter() for group in TOTAL_GROUPS}
     group_samples: dict[str, Counter] = {group: Counter() for group in TOTAL_GROUPS}
     with open(staging, "wb") as handle, wds.TarWriter(handle, encoder=False, mtime=TAR_MTIME, user=TAR_USER,
@@ -241,10 +241,12 @@ def build_shard(spec: ShardSpec, root: Path | None, out: Path, min_seconds: floa
             writer.write({"__key__": sample_key(row.id), "flac": audio.encode_flac(wave.samples),
                           "json": _meta_bytes(meta)})
             keys.append(sample_key(row.id))
+            num_samples.append(len(wave.samples))
             for group, field in TOTAL_GROUPS.items():
                 groups[group][meta[field]] += 1
                 group_samples[group][meta[field]] += meta["num_samples"]
-    record = {"plan": fingerprint, "index": spec.index, "name": spec.name, "keys": keys, "rejects": rejects,
+    record = {"plan": fingerprint, "index": spec.index, "name": spec.name, "keys": keys, "num_samples": num_samples,
+              "rejects": rejects,
               "groups": {group: {value: [groups[group][value], group_samples[group][value]]
                                  for value in sorted(groups[group])} for group in TOTAL_GROUPS}}
     if keys:
@@ -351,7 +353,9 @@ def _index_entry(record: dict[str, Any]) -> dict[str, Any]:
     return {"name": record["name"], "samples": len(record["keys"]),
             "seconds": _seconds(sum(pair[1] for pair in labels.values())),
             "labels": {label: labels[label][0] for label in LABELS},
-            "sha256": record["sha256"], "bytes": record["bytes"], "keys": record["keys"]}
+            "sha256": record["sha256"], "bytes": record["bytes"], "keys": record["keys"],
+            # per-sample durations for the loader's fitted bucket edges (absent from records of older builds)
+            **({"num_samples": record["num_samples"]} if "num_samples" in record else {})}
 
 
 def _totals(records: list[dict[str, Any]]) -> dict[str, Any]:

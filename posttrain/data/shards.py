@@ -145,7 +145,7 @@ def verify_shard(directory: Path, entry: dict[str, Any]) -> list[str]:
         problems.append(f"{where}: {path.stat().st_size} bytes, index says {entry['bytes']}")
     if file_sha256(path) != entry["sha256"]:
         problems.append(f"{where}: sha256 differs from the index")
-    keys, labels, num_samples = [], {label: 0 for label in LABELS}, 0
+    keys, labels, num_samples, lengths = [], {label: 0 for label in LABELS}, 0, []
     try:
         for key, files in iter_shard(path):
             keys.append(key)
@@ -155,6 +155,7 @@ def verify_shard(directory: Path, entry: dict[str, Any]) -> list[str]:
                 meta = json.loads(files["json"])
                 labels[meta["label"]] = labels.get(meta["label"], 0) + 1
                 num_samples += meta["num_samples"]
+                lengths.append(meta["num_samples"])
     except (tarfile.TarError, ShardFormatError, OSError, EOFError) as error:
         return problems + [f"{where}: unreadable tar: {error}"]
     if keys != entry["keys"]:
@@ -166,6 +167,9 @@ def verify_shard(directory: Path, entry: dict[str, Any]) -> list[str]:
         problems.append(f"{where}: {len(keys)} samples {labels}, index says {entry['samples']} {entry['labels']}")
     elif abs(num_samples / SAMPLE_RATE_HZ - entry["seconds"]) > 1e-3:
         problems.append(f"{where}: {num_samples / SAMPLE_RATE_HZ:.3f} s of audio, index says {entry['seconds']}")
+    elif "num_samples" in entry and entry["num_samples"] != lengths:
+        wrong = [key for key, listed, real in zip(keys, entry["num_samples"], lengths) if listed != real]
+        problems.append(f"{where}: per-sample durations differ from the index (num_samples) for {wrong[:5]}")
     return problems
 
 

@@ -24,7 +24,10 @@ Sample order (``read_order``)
     back on demand and holds at most about ``shuffle_buffer + interleave_shards`` undelivered samples
     (as FLAC bytes). Unlike a shuffle buffer, whose output depends on when reading started, the order
     is a pure function of the plan: a resumed role recomputes it and drops the consumed samples.
-    Samples are then grouped by ``posttrain.data.batching`` into batches of bounded padded seconds.
+    Samples are then grouped by ``posttrain.data.batching`` into batches of bounded padded seconds,
+    with the *bucket plan* of ``bucket_policy`` (``fitted``: edges fitted to the per-sample durations
+    of the indexes, after the crop, weighted by the mix). The bucket plan is derived once from the
+    indexes and saved in the plan of the state, so a resumed epoch batches with the same buckets.
 
 Exactly once and exact resume
     The state holds ``{epoch, seed, consumed: {unit: positions}, plan, cursors}`` where positions are
@@ -53,9 +56,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
 import random
+import warnings
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,13 +74,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from posttrain.config import CropConfig, StreamConfig
 from posttrain.data.audio import decode_flac
 from posttrain.data.batch import Batch
+from posttrain.data.batching import (BucketPlan, PaddingMeter, antideepfake_plan, batch_by_seconds, bucket_edges,
+                                     fitted_edges)
 from posttrain.data.labels import LABEL_IDS
-from posttrain.data.batching import PaddingMeter, batch_by_seconds, bucket_edges
 from posttrain.data.shards import INDEX_NAME, ShardFormatError, load_index, shard_paths
 from posttrain.dist import dist_info
 
 STATE_FORMAT = "posttrain-stream"
-STATE_VERSION = 2  # version 1 states (no plan) still load: their remaining work is re-planned
+STATE_VERSION = 3  # v1 states (no plan) load re-planned; v2 plans (no bucket plan) had uniform edges
 
 # ------------------------------------------------------------------------------------------ shard sets
 
@@ -86,6 +92,7 @@ class ShardInfo:
     samples: int
     seconds: float
     keys: tuple[str, ...]
+    num_samples: tuple[int, ...] | None  # audio samples per key; None in an index built before they were listed
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,13 @@ class ShardSet:
     @property
     def samples(self) -> int:
         return sum(shard.samples for shard in self.shards)
+
+    def durations_seconds(self, sample_rate_hz: int) -> np.ndarray | None:
+        """Every sample's duration, or None when the index does not list them."""
+        if any(shard.num_samples is None for shard in self.shards):
+            return None
+        lengths = [np.asarray(shard.num_samples, dtype=np.float64) for shard in self.shards]
+        return np.concatenate(lengths) / sample_rate_hz if lengths else np.zeros(0)
 
     @staticmethod
     def load(directory: str | Path) -> "ShardSet":
@@ -110,8 +124,12 @@ class ShardSet:
             if len(entry["keys"]) != entry["samples"]:
                 raise ShardFormatError(f"{index_path}: shards[{row}] lists {len(entry['keys'])} keys "
                                        f"for {entry['samples']} samples")
+            num_samples = entry.get("num_samples")
+            if num_samples is not None and len(num_samples) != entry["samples"]:
+                raise ShardFormatError(f"{index_path}: shards[{row}] lists {len(num_samples)} durations "
+                                       f"for {entry['samples']} samples")
             shards.append(ShardInfo(str(path), int(entry["samples"]), float(entry["seconds"]),
-                                    tuple(entry["keys"])))
+                                    tuple(entry["keys"]), None if num_samples is None else tuple(num_samples)))
         return ShardSet(str(directory), tuple(shards))
 
 
@@ -222,19 +240,63 @@ def read_order(unit_sizes: list[int], lanes: int, window: int, rng: np.random.Ge
 
 
 def crop_window(num_samples: int, crop: CropConfig, sample_rate_hz: int,
-                rng: np.random.Generator) -> tuple[int, int]:
+                make_rng: Callable[[], np.random.Generator]) -> tuple[int, int]:
     """``(start, length)`` of the crop. ``antideepfake``: files longer than ``crop_above_seconds``
     get one crop of uniform random length in [min_seconds, max_seconds] at a uniform random start;
     ``fixed``: files longer than ``fixed_seconds`` get a random window of that length (shorter ones
-    stay whole, batches pad them); ``none``: the whole file."""
+    stay whole, batches pad them); ``none``: the whole file. ``make_rng`` is called only for a file
+    the crop cuts (seeding a generator costs more than decoding a short clip)."""
     if crop.policy == "antideepfake" and num_samples > crop.crop_above_seconds * sample_rate_hz:
         low, high = round(crop.min_seconds * sample_rate_hz), round(crop.max_seconds * sample_rate_hz)
+        rng = make_rng()
         length = min(int(rng.integers(low, high + 1)), num_samples)
     elif crop.policy == "fixed" and num_samples > crop.fixed_seconds * sample_rate_hz:
-        length = round(crop.fixed_seconds * sample_rate_hz)
+        rng, length = make_rng(), round(crop.fixed_seconds * sample_rate_hz)
     else:
         return 0, num_samples
     return int(rng.integers(0, num_samples - length + 1)), length
+
+
+def delivered_lengths(seconds: np.ndarray, crop: CropConfig, spread: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """``(lengths, weights)``: the distribution of what ``crop_window`` makes of files of these
+    durations. A file kept whole is itself (weight 1); the ``antideepfake`` crop's uniform random
+    length is ``spread`` evenly spaced lengths over [min_seconds, max_seconds] sharing the cropped
+    files' weight; the ``fixed`` crop is ``fixed_seconds``."""
+    if crop.policy == "antideepfake":
+        cut = seconds > crop.crop_above_seconds
+        spread_lengths = crop.min_seconds + (crop.max_seconds - crop.min_seconds) * (np.arange(spread) + 0.5) / spread
+        return (np.concatenate([seconds[~cut], spread_lengths]),
+                np.concatenate([np.ones(int((~cut).sum())), np.full(spread, cut.sum() / spread)]))
+    if crop.policy == "fixed":
+        seconds = np.minimum(seconds, crop.fixed_seconds)
+    return seconds, np.ones(seconds.size)
+
+
+def longest_delivered_seconds(cfg: StreamConfig) -> float:
+    """The longest sample the crop policy delivers (``none``: the batch budget, beyond which a sample
+    is a batch of its own)."""
+    crop = cfg.crop
+    return {"antideepfake": max(crop.crop_above_seconds, crop.max_seconds), "fixed": crop.fixed_seconds,
+            "none": cfg.max_batch_seconds}[crop.policy]
+
+
+def bucket_plan(cfg: StreamConfig, sets: list[ShardSet], weights: list[float]) -> BucketPlan:
+    """The bucket plan of ``cfg.bucket_policy`` (see ``posttrain.data.batching``). ``fitted`` needs the
+    per-sample durations of every index; an index without them gets uniform edges and a warning."""
+    if cfg.bucket_policy == "antideepfake":
+        return antideepfake_plan(cfg.num_buckets, cfg.max_batch_seconds, cfg.max_batch_size)
+    if cfg.bucket_policy == "fitted":
+        durations = [shard_set.durations_seconds(cfg.sample_rate_hz) for shard_set in sets]
+        if all(d is not None for d in durations) and sum(d.size for d in durations):
+            parts = [delivered_lengths(d, cfg.crop) for d in durations]
+            lengths = np.concatenate([part[0] for part in parts])
+            mix = np.concatenate([part[1] * weight for part, weight in zip(parts, weights)])
+            return BucketPlan(tuple(fitted_edges(lengths, mix, cfg.num_buckets)))
+        old = [shard_set.directory for shard_set, d in zip(sets, durations) if d is None]
+        warnings.warn(f"{', '.join(old)}: index.json lists no per-sample durations (built by an older "
+                      f"posttrain); bucket edges fall back to uniform. Rebuild the shard set for fitted edges "
+                      f"(lower padding) or set bucket_policy: uniform to silence this.", stacklevel=2)
+    return BucketPlan(tuple(bucket_edges(cfg.num_buckets, longest_delivered_seconds(cfg))))
 
 
 def sample_rng(seed: int, epoch: int, unit: Unit, key: str) -> np.random.Generator:
@@ -282,6 +344,14 @@ class Delivery:
     source_seconds: float
 
 
+def shared_tensor(rows: int, width: int) -> torch.Tensor:
+    """A zeroed ``[rows, width]`` float32 tensor in shared memory. A worker collates a batch into it
+    (as torch's default_collate does), so sending it to the main process passes a file descriptor
+    instead of copying the batch into shared memory first."""
+    storage = torch.UntypedStorage._new_shared(rows * width * 4)
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, (rows, width))
+
+
 class TarErrors:
     """A webdataset exception handler that counts instead of sleeping (``warn_and_continue`` sleeps
     0.5 s per error); samples a tar error loses are later accounted as ``missing``."""
@@ -322,25 +392,40 @@ class UnitReader:
         self.samples.close()
 
 
-class EpochReader(IterableDataset):
-    """One rank's share of an epoch; role ``r`` (DataLoader worker ``r``, or the main process as
-    role 0) reads ``roles[r]``."""
+@dataclass(frozen=True)
+class Assignment:
+    """What one role reads in one epoch: its units, and what its order, crops and batches depend on."""
 
-    def __init__(self, cfg: StreamConfig, epoch: int, rank: int, world_size: int, roles: list[list[UnitTask]]):
+    epoch: int
+    role: int
+    num_roles: int
+    tasks: list[UnitTask]
+    buckets: BucketPlan
+
+
+class EpochReader(IterableDataset):
+    """One rank's reader. The main process (no workers) reads an assignment with ``deliveries``; a
+    DataLoader worker ``r`` (started once per stream and kept across epochs) begins each iteration by
+    taking its next assignment from ``queues[r]``, where the main process puts one just before it
+    starts the iteration."""
+
+    def __init__(self, cfg: StreamConfig, rank: int, world_size: int, queues: list[Any]):
         super().__init__()
-        self.cfg, self.epoch, self.rank, self.world_size, self.roles = cfg, epoch, rank, world_size, roles
+        self.cfg, self.rank, self.world_size, self.queues = cfg, rank, world_size, queues
 
     def __iter__(self) -> Iterator[Delivery]:
-        info = get_worker_info()
-        role = info.id if info is not None else 0
-        return self._batch(role, self._read(self.roles[role], self._slots(role)))
+        return self.deliveries(self.queues[get_worker_info().id].get())
 
-    def _slots(self, role: int) -> list[tuple[int, int]]:
+    def deliveries(self, assignment: Assignment) -> Iterator[Delivery]:
+        return self._batch(assignment, self._read(assignment, self._slots(assignment)))
+
+    def _slots(self, assignment: Assignment) -> list[tuple[int, int]]:
         """``(task index, position)`` of the role's unconsumed samples in the plan's order."""
-        tasks = self.roles[role]
+        tasks = assignment.tasks
         if not tasks:
             return []
-        rng = seeded_rng(self.cfg.seed, self.epoch, self.world_size, len(self.roles), self.rank, role, "order")
+        rng = seeded_rng(self.cfg.seed, assignment.epoch, self.world_size, assignment.num_roles, self.rank,
+                         assignment.role, "order")
         window = self.cfg.shuffle_buffer if self.cfg.shuffle_buffer > 1 else 0
         sizes = [len(task.planned) for task in tasks]
         order = read_order(sizes, self.cfg.interleave_shards, window, rng)
@@ -350,7 +435,8 @@ class EpochReader(IterableDataset):
         order = order[~consumed[order]]
         return list(zip(task_of[order].tolist(), positions[order].tolist()))
 
-    def _read(self, tasks: list[UnitTask], slots: list[tuple[int, int]]) -> Iterator[Decoded | Corrupt]:
+    def _read(self, assignment: Assignment, slots: list[tuple[int, int]]) -> Iterator[Decoded | Corrupt]:
+        tasks = assignment.tasks
         left = Counter(index for index, _ in slots)
         readers: dict[int, UnitReader] = {}
         for index, position in slots:
@@ -364,11 +450,11 @@ class EpochReader(IterableDataset):
                 yield Corrupt(unit.name, position, "missing")
                 continue
             try:
-                yield self._decode(unit, position, sample)
+                yield self._decode(assignment.epoch, unit, position, sample)
             except CorruptSample as error:
                 yield Corrupt(unit.name, position, error.reason)
 
-    def _decode(self, unit: Unit, position: int, sample: dict[str, Any]) -> Decoded:
+    def _decode(self, epoch: int, unit: Unit, position: int, sample: dict[str, Any]) -> Decoded:
         if "json" not in sample or "flac" not in sample:
             raise CorruptSample("incomplete", f"{sample['__key__']} has {sorted(sample)}")
         try:
@@ -382,13 +468,13 @@ class EpochReader(IterableDataset):
             raise CorruptSample("audio", repr(error)) from None
         if sample_rate_hz != self.cfg.sample_rate_hz or samples.size == 0:
             raise CorruptSample("audio", f"{samples.size} samples at {sample_rate_hz} Hz")
-        rng = sample_rng(self.cfg.seed, self.epoch, unit, sample["__key__"])
-        start, length = crop_window(samples.size, self.cfg.crop, sample_rate_hz, rng)
+        start, length = crop_window(samples.size, self.cfg.crop, sample_rate_hz,
+                                    lambda: sample_rng(self.cfg.seed, epoch, unit, sample["__key__"]))
         wave = torch.from_numpy(samples[start:start + length])  # a view: collation copies it once
         return Decoded(unit.name, position, wave, label, str(meta.get("id", sample["__key__"])), meta,
                        samples.size / sample_rate_hz, unit.occurrence)
 
-    def _batch(self, role: int, items: Iterator[Decoded | Corrupt]) -> Iterator[Delivery]:
+    def _batch(self, assignment: Assignment, items: Iterator[Decoded | Corrupt]) -> Iterator[Delivery]:
         pending: list[Corrupt] = []
 
         def decoded_only() -> Iterator[Decoded]:
@@ -398,18 +484,19 @@ class EpochReader(IterableDataset):
                 else:
                     yield item
 
-        crop = self.cfg.crop
-        longest_seconds = {"antideepfake": max(crop.crop_above_seconds, crop.max_seconds),
-                           "fixed": crop.fixed_seconds, "none": self.cfg.max_batch_seconds}[crop.policy]
-        groups = batch_by_seconds(decoded_only(), lambda d: d.wave.numel(),
-                                  sample_rate_hz=self.cfg.sample_rate_hz,
+        rate_hz, plan, role = self.cfg.sample_rate_hz, assignment.buckets, assignment.role
+        groups = batch_by_seconds(decoded_only(), lambda d: d.wave.numel(), sample_rate_hz=rate_hz,
                                   max_batch_seconds=self.cfg.max_batch_seconds,
-                                  max_batch_size=self.cfg.max_batch_size,
-                                  edges_seconds=bucket_edges(self.cfg.num_buckets, longest_seconds))
+                                  max_batch_size=self.cfg.max_batch_size, edges_seconds=plan.edges_seconds,
+                                  batch_sizes=plan.batch_sizes,
+                                  bucket_length_of=(lambda d: round(d.source_seconds * rate_hz))
+                                  if plan.on_source_length else None)
+        in_worker = get_worker_info() is not None
         for group in groups:
+            out = shared_tensor(len(group), max(d.wave.numel() for d in group)) if in_worker else None
             batch = Batch.collate([d.wave for d in group], [d.label for d in group],
                                   [d.sample_id for d in group], [d.meta for d in group],
-                                  [d.repeat for d in group])
+                                  [d.repeat for d in group], out=out)
             yield Delivery(role, batch, [(d.unit, d.position) for d in group], pending[:],
                            sum(d.source_seconds for d in group))
             pending.clear()
@@ -455,10 +542,16 @@ class ShardStream:
         self.sets = [ShardSet.load(directory) for directory in cfg.shards]
         self.weights = list(cfg.weights) or [1.0] * len(self.sets)
         self.epoch = epoch
+        self._fitted_buckets = bucket_plan(cfg, self.sets, self.weights)
+        self._buckets = self._fitted_buckets  # the current epoch's (a restored epoch keeps its saved plan)
         self._consumed: dict[str, set[int]] = {}
         self._base: dict[str, set[int]] = {}  # consumed when the epoch's plan was made
         self._cursor = 0  # the role whose batch this rank hands out next
         self._stats = StreamStats()
+        self._iterations = 0  # iterations started: an older, abandoned one must not read a newer one's data
+        self._queues: list[Any] = []  # per worker: its assignment for each iteration
+        self._loader: DataLoader | None = None
+        self._reader = EpochReader(cfg, self.rank, self.world_size, self._queues)
 
     # -- epoch plan
     def _shard(self, unit: Unit) -> ShardInfo:
@@ -489,15 +582,45 @@ class ShardStream:
         if epoch != self.epoch:
             self.epoch = epoch
             self._consumed, self._base, self._cursor = {}, {}, 0
+            self._buckets = self._fitted_buckets
+
+    def _deliveries(self, roles: list[list[UnitTask]]) -> Iterator[Delivery]:
+        """Start the roles on this epoch's assignments: in the main process without workers, else in
+        the stream's DataLoader workers, started on first use and kept for the next epochs (a fork per
+        epoch costs ~0.1 CPU-s; workers that persist also keep their warm decoder state)."""
+        assignments = [Assignment(self.epoch, role, len(roles), tasks, self._buckets) for role, tasks in enumerate(roles)]
+        if not self.cfg.num_workers:
+            return self._reader.deliveries(assignments[0])
+        if self._loader is None:
+            context = multiprocessing.get_context(self.cfg.worker_start_method)
+            self._queues.extend(context.SimpleQueue() for _ in range(self.cfg.num_workers))
+            # its own generator: the loader never draws from (and so never shifts) the global torch RNG
+            self._loader = DataLoader(self._reader, batch_size=None, num_workers=self.cfg.num_workers,
+                                      multiprocessing_context=context, persistent_workers=True,
+                                      generator=torch.Generator())
+        for queue, assignment in zip(self._queues, assignments):
+            queue.put(assignment)  # taken by each worker as the iteration below starts
+        return iter(self._loader)
+
+    def close(self) -> None:
+        """Stop the worker processes now (they also stop when the stream is garbage-collected)."""
+        if self._loader is not None:
+            iterator, self._loader = self._loader._iterator, None
+            if iterator is not None:
+                iterator._shutdown_workers()
+            for queue in self._queues:
+                queue.close()
+            self._queues.clear()
 
     def __iter__(self) -> Iterator[Batch]:
+        self._iterations += 1
+        iteration = self._iterations
         roles = self._role_tasks()
-        reader = EpochReader(self.cfg, self.epoch, self.rank, self.world_size, roles)
-        loader = DataLoader(reader, batch_size=None, num_workers=self.cfg.num_workers,
-                            multiprocessing_context=self.cfg.worker_start_method if self.cfg.num_workers else None)
-        batches = self._in_turn(iter(loader), len(roles))
+        batches = self._in_turn(self._deliveries(roles), len(roles))
         agree = self.world_size > 1 and torch_dist.is_available() and torch_dist.is_initialized()
         while True:
+            if iteration != self._iterations:
+                raise RuntimeError("loader: this iteration was abandoned when a newer one of the same stream started")
             delivery = next(batches, None)
             if agree:
                 if not _any_rank(delivery is not None):
@@ -566,7 +689,8 @@ class ShardStream:
         """This rank's consumption (merge over ranks with ``global_state_dict`` before saving)."""
         return {"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": self.epoch, "seed": self.cfg.seed,
                 "sets": self._identity(), "consumed": _encode_units(self._consumed),
-                "plan": {"world_size": self.world_size, "roles": self.num_roles, "base": _encode_units(self._base)},
+                "plan": {"world_size": self.world_size, "roles": self.num_roles, "base": _encode_units(self._base),
+                         "buckets": self._buckets.to_json()},
                 "cursors": {str(self.rank): self._cursor}}
 
     def global_state_dict(self) -> dict[str, Any]:
@@ -581,7 +705,7 @@ class ShardStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a (merged) state. At the saved world size and worker count the saved plan and
         cursors continue the epoch exactly; otherwise the remaining work is re-planned."""
-        if state.get("format") != STATE_FORMAT or state.get("version") not in (1, STATE_VERSION):
+        if state.get("format") != STATE_FORMAT or state.get("version") not in (1, 2, STATE_VERSION):
             raise ValueError(f"loader state: expected format {STATE_FORMAT} v{STATE_VERSION}, "
                              f"got {state.get('format')!r} v{state.get('version')!r}")
         if state["seed"] != self.cfg.seed:
@@ -594,8 +718,12 @@ class ShardStream:
         if plan is not None and (plan["world_size"], plan["roles"]) == (self.world_size, self.num_roles):
             self._base = _decode_units(plan["base"])
             self._cursor = int(state["cursors"].get(str(self.rank), 0))
+            # version 2 plans predate bucket plans: their batches came from uniform edges
+            self._buckets = (BucketPlan.from_json(plan["buckets"]) if "buckets" in plan else
+                             BucketPlan(tuple(bucket_edges(self.cfg.num_buckets, longest_delivered_seconds(self.cfg)))))
         else:
             self._base, self._cursor = _decode_units(state["consumed"]), 0
+            self._buckets = self._fitted_buckets
 
 
 def _encode_units(positions: dict[str, set[int]]) -> dict[str, int | list[list[int]]]:

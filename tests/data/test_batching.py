@@ -1,9 +1,11 @@
+import itertools
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from posttrain.data.batching import PaddingMeter, batch_by_seconds, bucket_edges
+from posttrain.data.batching import (PaddingMeter, antideepfake_plan, batch_by_seconds, bucket_edges, fitted_edges,
+                                     lognormal_edges)
 
 RATE_HZ = 100  # a small rate keeps the arithmetic readable; nothing depends on 16 kHz
 
@@ -76,3 +78,95 @@ def test_padding_meter_matches_direct_count():
     # padded: 2 x 5 + 1 x 4 = 14, valid 12
     assert meter.fraction == pytest.approx(1 - 12 / 14)
     assert PaddingMeter().fraction == 0.0
+
+
+def test_lognormal_edges_and_antideepfake_plan_match_speechbrain():
+    """SpeechBrain's DynamicBatchSampler (AD's sampler): log-normal (s=1) quantiles at i/(n+1),
+    scaled so the last is max_batch_length; bucket i holds int(max_batch_length / edge_i) items."""
+    from scipy.stats import lognorm
+
+    n, budget = 20, 100.0
+    quantiles = lognorm.ppf(np.linspace(1 / (n + 1), n / (n + 1), n), 1)
+    expected = quantiles * budget / quantiles[-1]
+    assert lognormal_edges(n, budget) == pytest.approx(expected.tolist(), rel=1e-9)
+    plan = antideepfake_plan(n, budget, max_batch_size=64)
+    assert plan.batch_sizes == tuple(max(1, int(budget / edge)) for edge in expected) + (1,)
+    assert plan.batch_sizes[0] == 28 and plan.on_source_length  # 100 s over the first edge, 3.56 s
+    assert antideepfake_plan(n, budget, max_batch_size=10).batch_sizes[0] == 10  # max_batch_ex
+
+
+def test_count_batches_bucket_on_the_source_length():
+    """AD's rule: an item's bucket comes from its length before cropping, and a bucket is emitted
+    as soon as it holds its count; the padded budget plays no part."""
+    rng = np.random.default_rng(3)
+    source = rng.integers(10, 400, size=600)
+    cropped = np.minimum(source, 150)
+    items = list(zip(range(600), cropped.tolist(), source.tolist()))
+    edges, sizes = [100 / RATE_HZ, 250 / RATE_HZ], [5, 3, 2]
+
+    def run(stream):
+        return list(batch_by_seconds(stream, lambda item: item[1], sample_rate_hz=RATE_HZ, max_batch_seconds=0.1,
+                                     max_batch_size=64, edges_seconds=edges, batch_sizes=sizes,
+                                     bucket_length_of=lambda item: item[2]))
+
+    batches = run(items)
+    bucket_of = [int(np.searchsorted([100, 250], s, side="left")) for s in source]
+    full = [batch for batch in batches if len({bucket_of[i] for i, _, _ in batch}) == 1
+            and len(batch) == sizes[bucket_of[batch[0][0]]]]
+    assert len(batches) - len(full) <= 3  # only the final flush of each bucket is partial
+    assert sum(len(b) for b in batches) == 600 and len({i for b in batches for i, _, _ in b}) == 600
+    # an item of source length 260 cropped to 150 sits with source-long items, not with 150-long ones
+    assert all(len({bucket_of[i] for i, _, _ in batch}) == 1 for batch in batches)
+    done = {i for batch in batches[:10] for i, _, _ in batch}  # resumable like the padded rule
+    assert run([item for item in items if item[0] not in done]) == batches[10:]
+
+
+def _padded_cost(lengths, weights, edges):
+    """Independent reference of the objective: each item costs its bucket's upper edge (the last
+    bucket's is the longest length)."""
+    uppers = list(edges) + [max(lengths)]
+    return sum(w * uppers[int(np.searchsorted(edges, x, side="left"))] for x, w in zip(lengths, weights))
+
+
+def test_fitted_edges_minimise_the_padded_cost_exactly_on_small_inputs():
+    rng = np.random.default_rng(4)
+    for trial in range(5):
+        lengths = np.round(rng.lognormal(0, 0.8, size=9), 2)
+        weights = rng.uniform(0.2, 2.0, size=9)
+        for num_buckets in (1, 2, 3, 4):
+            edges = fitted_edges(lengths, weights, num_buckets)
+            assert len(edges) <= num_buckets - 1 and edges == sorted(edges)
+            inner = sorted(set(lengths.tolist()) - {lengths.max()})
+            best = min(_padded_cost(lengths, weights, list(c)) for k in range(num_buckets)
+                       for c in itertools.combinations(inner, k))
+            assert _padded_cost(lengths, weights, edges) == pytest.approx(best), (trial, num_buckets)
+
+
+@pytest.mark.parametrize("corpus", ["short", "long-tailed"])
+@pytest.mark.parametrize("crop", [False, True])
+def test_fitted_edges_keep_padding_under_ten_percent(corpus, crop):
+    """The issue's goal on a short-clip corpus (p50 0.6 s, max 3.5 s) and a long-tailed one
+    (p50 4 s, up to 120 s), whole or cropped as AntiDeepfake crops (> 13 s -> 10-13 s); uniform
+    edges waste far more on the short clips."""
+    rng = np.random.default_rng(5)
+    if corpus == "short":
+        seconds = np.clip(rng.lognormal(np.log(0.6), 0.5, 8000), 0.1, 3.5)
+    else:
+        seconds = np.clip(rng.lognormal(np.log(4.0), 1.0, 8000), 0.3, 120.0)
+    if crop:
+        long = seconds > 13
+        seconds[long] = rng.uniform(10, 13, long.sum())
+    lengths = np.round(seconds * RATE_HZ).astype(int)
+
+    def padding(edges):
+        meter = PaddingMeter()
+        items = list(enumerate(lengths.tolist()))
+        for batch in batch_by_seconds(items, lambda item: item[1], sample_rate_hz=RATE_HZ, max_batch_seconds=100.0,
+                                      max_batch_size=64, edges_seconds=edges):
+            meter.add(length for _, length in batch)
+        return meter.fraction
+
+    fitted = padding(fitted_edges(lengths / RATE_HZ, np.ones(lengths.size), 20))
+    assert fitted <= 0.10
+    if corpus == "short":
+        assert padding(bucket_edges(20, 13.0 if crop else 100.0)) > 0.25

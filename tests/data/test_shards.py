@@ -73,6 +73,8 @@ def test_round_trip_equals_independently_resampled_source(tiny_corpus, shard_dir
     rows = {sample_key(row.id): row for row in tiny_corpus.rows}
     seen = 0
     for shard in load_index(shard_dir)["shards"]:
+        lengths = [len(sf.read(io.BytesIO(files["flac"]))[0]) for _, files in iter_shard(shard_dir / shard["name"])]
+        assert shard["num_samples"] == lengths  # each key's length, in key order, for the loader's buckets
         for key, files in iter_shard(shard_dir / shard["name"]):
             row, meta = rows[key], json.loads(files["json"])
             stored, rate = sf.read(io.BytesIO(files["flac"]), dtype="float64")
@@ -171,6 +173,10 @@ def test_verify_catches_flipped_bytes_and_a_missing_sample(shard_dir, tmp_path):
     assert any(p.startswith(f"{flipped['name']} key {flipped['keys'][0]}: flac") for p in problems), problems
     assert any(p.startswith(f"{trimmed['name']}: keys differ") and trimmed["keys"][1] in p for p in problems)
     assert not any(index["shards"][2]["name"] in p for p in problems)
+    index["shards"][2]["num_samples"][1] += 1  # a listed length that the audio does not have
+    (copy / "index.json").write_text(json.dumps(index))
+    assert any(p.startswith(f"{index['shards'][2]['name']}: per-sample durations differ") and
+               index["shards"][2]["keys"][1] in p for p in verify_shards(copy, progress=False))
     result = _cli("shards", "verify", str(copy), "--no-progress")
     assert result.returncode == 1 and trimmed["keys"][1] in result.stderr
 

@@ -9,7 +9,8 @@ import pytest
 import soundfile as sf
 
 from posttrain.config import CropConfig, StreamConfig
-from posttrain.data.stream import (ShardSet, ShardStream, balance, crop_window, decode_positions,
+from posttrain.data.batching import antideepfake_plan, fitted_edges
+from posttrain.data.stream import (ShardSet, ShardStream, balance, crop_window, decode_positions, delivered_lengths,
                                    encode_positions, epoch_units, merge_states, read_order)
 
 RATE_HZ = 16000
@@ -278,15 +279,15 @@ def test_crop_window_policies():
     rng = np.random.default_rng(0)
     adf = CropConfig()
     for seconds in (13.5, 20.0, 60.0):
-        start, length = crop_window(int(seconds * RATE_HZ), adf, RATE_HZ, rng)
+        start, length = crop_window(int(seconds * RATE_HZ), adf, RATE_HZ, lambda: rng)
         assert 10 * RATE_HZ <= length <= 13 * RATE_HZ and 0 <= start <= seconds * RATE_HZ - length
-    assert crop_window(13 * RATE_HZ, adf, RATE_HZ, rng) == (0, 13 * RATE_HZ)  # not longer than 13 s
-    lengths = {crop_window(30 * RATE_HZ, adf, RATE_HZ, rng)[1] for _ in range(200)}
+    assert crop_window(13 * RATE_HZ, adf, RATE_HZ, lambda: rng) == (0, 13 * RATE_HZ)  # not longer than 13 s
+    lengths = {crop_window(30 * RATE_HZ, adf, RATE_HZ, lambda: rng)[1] for _ in range(200)}
     assert len(lengths) > 100  # uniform random length, not a constant
     fixed = CropConfig(policy="fixed", fixed_seconds=4.0)
-    assert crop_window(10 * RATE_HZ, fixed, RATE_HZ, rng)[1] == 4 * RATE_HZ
-    assert crop_window(3 * RATE_HZ, fixed, RATE_HZ, rng) == (0, 3 * RATE_HZ)
-    assert crop_window(100 * RATE_HZ, CropConfig(policy="none"), RATE_HZ, rng) == (0, 100 * RATE_HZ)
+    assert crop_window(10 * RATE_HZ, fixed, RATE_HZ, lambda: rng)[1] == 4 * RATE_HZ
+    assert crop_window(3 * RATE_HZ, fixed, RATE_HZ, lambda: rng) == (0, 3 * RATE_HZ)
+    assert crop_window(100 * RATE_HZ, CropConfig(policy="none"), RATE_HZ, lambda: rng) == (0, 100 * RATE_HZ)
 
 
 def test_loader_crops_reproducibly_per_epoch(sets):
@@ -333,3 +334,83 @@ def test_streams_a_shard_set_from_the_shard_builder(shard_dir, tiny_corpus):
     ids = _ids(stream)
     assert Counter(ids) == Counter(row.id for row in tiny_corpus.good_rows)  # incl. an id with a dot
     assert stream.stats()["corrupt"] == 0
+
+
+def test_fitted_bucket_plan_comes_from_the_index_durations(sets, make_shard_set):
+    """The plan is fitted to the per-key lengths of the indexes (after the crop, weighted by the mix),
+    computed here from the written durations; an index without lengths falls back to uniform edges."""
+    directory, written = make_shard_set("fit", [5, 7, 3, 6], seed=6)
+    durations = np.array(list(written.values()))  # as written, in key order
+    plain = ShardStream(_cfg(directory, crop=CropConfig(policy="none"), num_buckets=4), rank=0, world_size=1)
+    assert plain.state_dict()["plan"]["buckets"]["edges_seconds"] == pytest.approx(
+        fitted_edges(durations, np.ones(21), 4))
+    crop = CropConfig(crop_above_seconds=0.6, min_seconds=0.3, max_seconds=0.5)
+    cropped = ShardStream(_cfg(directory, crop=crop, num_buckets=4), rank=0, world_size=1)
+    long = durations > 0.6
+    spread = 0.3 + 0.2 * (np.arange(64) + 0.5) / 64
+    expected = fitted_edges(np.concatenate([durations[~long], spread]),
+                            np.concatenate([np.ones((~long).sum()), np.full(64, long.sum() / 64)]), 4)
+    assert cropped.state_dict()["plan"]["buckets"]["edges_seconds"] == pytest.approx(expected)
+    other_dir, other = make_shard_set("fit_long", [4, 4], seconds=(1.0, 3.0), seed=7)
+    mixed = ShardStream(_cfg(directory, other_dir, weights=[3.0, 0.5], crop=CropConfig(policy="none"), num_buckets=5),
+                        rank=0, world_size=1)
+    assert mixed.state_dict()["plan"]["buckets"]["edges_seconds"] == pytest.approx(fitted_edges(
+        np.concatenate([durations, list(other.values())]), np.array([3.0] * 21 + [0.5] * 8), 5))
+
+    old_dir, _ = make_shard_set("old", [4, 4], seed=5, list_lengths=False)
+    with pytest.warns(UserWarning, match="old.*no per-sample durations"):
+        old = ShardStream(_cfg(old_dir, num_buckets=4), rank=0, world_size=1)
+    assert old.state_dict()["plan"]["buckets"]["edges_seconds"] == pytest.approx([3.25, 6.5, 9.75])  # 13 s / 4
+    assert Counter(_ids(old)) == Counter(_ids(ShardStream(_cfg(old_dir, bucket_policy="uniform"), rank=0,
+                                                          world_size=1)))
+
+
+def test_resume_batches_with_the_saved_bucket_plan(sets):
+    """The bucket plan is part of the saved state: a run resumed with a config that would fit other
+    buckets still hands out the uninterrupted batches of the epoch, then uses its own plan."""
+    full = _batch_ids(_stream(sets, num_workers=2, num_buckets=6))
+    first = _stream(sets, num_workers=2, num_buckets=6)
+    before = _batch_ids(first, limit=3)
+    other = _stream(sets, first.state_dict(), num_workers=2, num_buckets=2)
+    assert before + _batch_ids(other) == full
+    other.set_epoch(4)
+    assert other.state_dict()["plan"]["buckets"] == _stream(sets, num_workers=2, num_buckets=2).state_dict()[
+        "plan"]["buckets"]
+    # a version 2 state (no bucket plan) was batched with uniform edges: resumed with them
+    legacy = _stream(sets, num_workers=2, bucket_policy="uniform")
+    old_before = _batch_ids(legacy, limit=2)
+    state = legacy.state_dict()
+    state["version"] = 2
+    del state["plan"]["buckets"]
+    assert old_before + _batch_ids(_stream(sets, state, num_workers=2)) == _batch_ids(
+        _stream(sets, num_workers=2, bucket_policy="uniform"))
+
+
+def test_antideepfake_policy_batches_by_count_on_the_source_duration(sets):
+    """AD's rule in the stream: a batch holds int(max_batch_seconds / edge) samples of one bucket,
+    chosen by the duration before cropping; resumed exactly like the padded rule."""
+    crop = CropConfig(crop_above_seconds=0.6, min_seconds=0.3, max_seconds=0.5)
+    options = dict(bucket_policy="antideepfake", max_batch_seconds=8.0, num_buckets=4, crop=crop, num_workers=2)
+    plan = antideepfake_plan(4, 8.0, 16)
+    stream = _stream(sets, **options)
+    batches, partial = [], 0
+    for batch in stream:
+        buckets = {int(np.searchsorted(plan.edges_seconds, meta["duration_s"], side="left")) for meta in batch.meta}
+        assert len(buckets) == 1  # the source duration picks the bucket (the lengths are cropped)
+        partial += len(batch) != plan.batch_sizes[buckets.pop()]
+        batches.append(batch.ids)
+    assert partial <= 2 * (len(plan.edges_seconds) + 1)  # the final flush of each bucket, per worker
+    stop = len(batches) // 2
+    first = _stream(sets, **options)
+    before = _batch_ids(first, limit=stop)
+    assert before + _batch_ids(_stream(sets, first.state_dict(), **options)) == batches
+
+
+def test_delivered_lengths_follow_the_crop():
+    seconds = np.array([1.0, 5.0, 20.0, 30.0])
+    lengths, weights = delivered_lengths(seconds, CropConfig(), spread=4)
+    assert lengths.tolist() == pytest.approx([1.0, 5.0, 10.375, 11.125, 11.875, 12.625])
+    assert weights.tolist() == pytest.approx([1, 1, 0.5, 0.5, 0.5, 0.5])
+    lengths, weights = delivered_lengths(seconds, CropConfig(policy="fixed", fixed_seconds=4.0))
+    assert lengths.tolist() == [1.0, 4.0, 4.0, 4.0] and weights.tolist() == [1, 1, 1, 1]
+    assert delivered_lengths(seconds, CropConfig(policy="none"))[0].tolist() == seconds.tolist()
