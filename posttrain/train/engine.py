@@ -30,9 +30,10 @@ from posttrain.data.batch import Batch
 from posttrain.data.files import write_text_atomic
 from posttrain.dist import free_port
 from posttrain.train import checkpoint as ckpt
+from posttrain.train.partitions import check_zero_section
 from posttrain.train.schedule import build_scheduler
-from posttrain.train.step import (SkippableAdamW, StepContext, StepStats, dummy_batch, get_step_mode, make_augment,
-                                  model_inputs, step_mode_name)
+from posttrain.train.step import (EDITS_PARTITIONS, SkippableAdamW, StepContext, StepStats, dummy_batch, get_step_mode,
+                                  make_augment, model_inputs, step_mode_name)
 from posttrain.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,16 @@ def deepspeed_config(cfg: PosttrainConfig, *, load_universal: bool = False) -> d
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
-    return merge_dicts(config, train.deepspeed_overrides)
+    return checked_deepspeed_config(merge_dicts(config, train.deepspeed_overrides), cfg, "train.deepspeed_overrides")
+
+
+def checked_deepspeed_config(config: dict[str, Any], cfg: PosttrainConfig, source: str) -> dict[str, Any]:
+    """``config`` after refusing ZeRO settings the step mode cannot run under (see
+    ``partitions.check_zero_section``); ``source`` names where a user could have set them."""
+    mode = step_mode_name(cfg)
+    if mode in EDITS_PARTITIONS:
+        check_zero_section(config.get("zero_optimization", {}), mode, source)
+    return config
 
 
 def build_optimizer(model: torch.nn.Module, cfg: PosttrainConfig) -> SkippableAdamW:

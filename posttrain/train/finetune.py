@@ -39,7 +39,8 @@ import torch.distributed as torch_dist
 
 from posttrain.config import ConfigError, EvalSetConfig, FinetuneConfig, to_dict
 from posttrain.train.checkpoint import BEST, CheckpointError, checkpoint_root, read_pointer
-from posttrain.train.engine import Trainer, TrainResult, deepspeed_config, init_distributed, merge_dicts, resolve_device
+from posttrain.train.engine import (Trainer, TrainResult, checked_deepspeed_config, deepspeed_config, init_distributed,
+                                    merge_dicts, resolve_device)
 from posttrain.train.tracking import Tracker
 
 if TYPE_CHECKING:
@@ -103,7 +104,8 @@ def plugin_deepspeed_config(plugin_config: dict[str, Any], cfg: FinetuneConfig, 
     theirs = _without_auto({key: value for key, value in plugin_config.items()
                             if key not in STEP_KEYS and key != "train_batch_size"})
     # DeepSpeed derives train_batch_size from micro-batch x accumulation x world size
-    return merge_dicts(merge_dicts(ours, theirs), cfg.train.deepspeed_overrides)
+    return checked_deepspeed_config(merge_dicts(merge_dicts(ours, theirs), cfg.train.deepspeed_overrides), cfg,
+                                    "accelerate's DeepSpeed config or train.deepspeed_overrides")
 
 
 def _without_auto(config: dict[str, Any]) -> dict[str, Any]:

@@ -27,8 +27,12 @@ stage         ``model`` (what the forward computes     ``master`` (fp32 the opti
 ============  ======================================  =============================  ========================
 
 ZeRO-1/2/3 pad their partitions; padding elements have zero gradient (and are not listed for 1/2),
-so sums are exact. Stage 0 in bf16 (DeepSpeed's ``BF16_Optimizer``) and optimiser offload are not
-supported: both raise ``NotImplementedError`` naming the setting.
+so sums are exact. Stage 0 in bf16 (DeepSpeed's ``BF16_Optimizer``) raises ``NotImplementedError``.
+
+ZeRO settings that move parameters away from these partitions (``unsupported_zero_settings``) are
+refused with a ``ConfigError`` naming the ``zero_optimization`` key, both when the DeepSpeed config is
+built (``check_zero_section``) and whenever an engine's partitions are asked for: under them an
+in-place edit silently never reaches the forward or the update (hpZ turns SAM into plain training).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from typing import Any
 
 import torch
 import torch.distributed as torch_dist
+
+from posttrain.config import ConfigError
 
 
 @dataclass
@@ -69,13 +75,63 @@ def zero_stage(engine: Any) -> int:
     return int(engine.zero_optimization_stage())
 
 
+def _offloaded(offload: Any) -> bool:
+    return offload is not None and str(getattr(offload.device, "value", offload.device)) != "none"
+
+
+def unsupported_zero_settings(zero: Any, stage: int) -> list[tuple[str, str]]:
+    """``(zero_optimization key, why)`` for each setting of ``zero`` (DeepSpeed's ``DeepSpeedZeroConfig``)
+    under which the owned partitions are not what the forward reads and the update applies."""
+    problems = []
+    if stage >= 1 and _offloaded(zero.offload_optimizer):
+        problems.append(("offload_optimizer", "the master weights and gradient partitions live on the host"))
+    if stage != 3:
+        return problems
+    if _offloaded(zero.offload_param):
+        problems.append(("offload_param", "the parameter partitions live on the host or NVMe"))
+    if zero.param_persistence_threshold > 0:
+        problems.append(("stage3_param_persistence_threshold", "parameters under the threshold stay gathered, so "
+                         "the forward never re-reads their partitions (set it to 0)"))
+    if zero.zero_hpz_partition_size > 1:
+        problems.append(("zero_hpz_partition_size", "hpZ: the forward gathers a secondary copy that only step() "
+                         "refreshes, so a perturbation never reaches the second pass (set it to 1)"))
+    if zero.zero_quantized_weights:
+        problems.append(("zero_quantized_weights", "qwZ: the forward gathers quantised copies of the partitions"))
+    if zero.zero_quantized_gradients:
+        problems.append(("zero_quantized_gradients", "qgZ: the gradient partitions are reduced through a "
+                         "quantised all-to-all, not the buffers read here"))
+    if getattr(zero, "mics_shard_size", -1) > 0:  # DeepSpeed < 0.19
+        problems.append(("mics_shard_size", "MiCS shards parameters over sub-groups, not over the data-parallel group"))
+    return problems
+
+
+def _refuse(problems: list[tuple[str, str]], why_here: str) -> None:
+    if problems:
+        key, why = problems[0]
+        raise ConfigError(f"zero_optimization.{key}", f"{why}; {why_here}")
+
+
+def check_zero_section(zero_section: dict[str, Any], step_mode: str, source: str) -> None:
+    """Refuse (``ConfigError`` naming the key) a DeepSpeed ``zero_optimization`` section that a step
+    mode editing owned partitions cannot run under; ``source`` says where the config came from."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    try:
+        zero = DeepSpeedZeroConfig(**zero_section)
+    except Exception:  # noqa: BLE001 - an invalid section: deepspeed.initialize reports it in its own words
+        return
+    _refuse(unsupported_zero_settings(zero, int(zero.stage)),
+            f"step mode {step_mode!r} edits this rank's partitions in place and would silently train without "
+            f"its effect (set in {source})")
+
+
 def _check_supported(engine: Any) -> int:
     stage = zero_stage(engine)
     if stage == 0 and engine.bfloat16_enabled():
         raise NotImplementedError("partitions: ZeRO stage 0 with bf16 (DeepSpeed's BF16_Optimizer) is not "
                                   "supported; use zero_optimization.stage >= 1 for bf16")
-    if stage > 0 and (engine.zero_cpu_offload() or getattr(engine.optimizer, "offload_optimizer", False)):
-        raise NotImplementedError("partitions: zero_optimization.offload_optimizer is not supported")
+    _refuse(unsupported_zero_settings(engine._config.zero_config, stage),
+            "in-place edits of this rank's partitions (SAM, LookSAM, ESAM, dual path) would be lost")
     return stage
 
 

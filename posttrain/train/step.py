@@ -95,6 +95,9 @@ StepFn = Callable[["DeepSpeedEngine", list[Batch], StepContext], StepStats]
 _STEP_MODES: dict[str, StepFn] = {}
 # Modes implemented elsewhere register on import; their module is imported when the mode is asked for.
 STEP_MODE_MODULES: dict[str, str] = {"sam": "posttrain.train.sam", "dual_path": "posttrain.train.dual_path"}
+# Modes that edit this rank's parameter or gradient partitions in place (``posttrain.train.partitions``):
+# the DeepSpeed config must keep parameters where those edits reach (``partitions.check_zero_section``).
+EDITS_PARTITIONS = frozenset({"sam", "dual_path"})
 
 
 def register_step_mode(name: str) -> Callable[[StepFn], StepFn]:

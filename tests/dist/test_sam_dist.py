@@ -45,6 +45,13 @@ class Case:
     lr: float = 5e-3
     clip: float = 0.0
     precision: str = "fp32"
+    rho: float | None = None  # None: RHO (ASAM_RHO)
+    adam_eps: float = ADAM_EPS
+    weight_decay: float = WEIGHT_DECAY
+
+    @property
+    def sam_rho(self) -> float:
+        return self.rho if self.rho is not None else ASAM_RHO if self.mode == "asam" else RHO
 
 
 FP32_CASES = [
@@ -62,6 +69,14 @@ FP32_CASES = [
 ]
 BF16_CASES = [Case(f"bf16-lr0-z{stage}", stage, mode=mode, lr=0.0, steps=2, precision="bf16", accum=2)
               for stage, mode in ((1, "sam"), (2, "asam"), (3, "sam"), (3, "asam"))]
+# One bf16 step whose update reveals the gradient it applied: without weight decay AdamW's first step
+# moves the fp32 master by -lr g / (|g| + eps), which inverts exactly (``applied_gradient``); eps is
+# near the largest gradient elements so the inversion stays well conditioned. rho is large enough
+# that the SAM gradient differs from the plain one by far more than bf16 rounding.
+BF16_DIRECTION_CASES = [Case(f"bf16-direction-{mode}-z{stage}", stage, mode=mode, accum=accum, steps=1, lr=1e-3,
+                             precision="bf16", rho=rho, adam_eps=0.1, weight_decay=0.0)
+                        for stage, mode, accum, rho in ((1, "sam", 2, 0.5), (2, "sam", 1, 0.5), (3, "sam", 2, 0.5),
+                                                        (3, "asam", 1, 2.0))]
 
 
 # ------------------------------------------------------------------------------ models and data
@@ -115,25 +130,49 @@ def make_data(case: Case) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 def _t_factors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Official ASAM: T = |w| + eta on parameters named *weight*, 1 on the others."""
-    return {name: (p.abs() + ETA) if "weight" in name else torch.ones_like(p) for name, p in model.named_parameters()}
+    return {name: (p.detach().abs() + ETA) if "weight" in name else torch.ones_like(p)
+            for name, p in model.named_parameters()}
+
+
+def _gradient(model: nn.Module, waves, lengths, labels, round_inputs: bool = False) -> dict[str, torch.Tensor]:
+    """``round_inputs``: the model inputs rounded to bf16, as a bf16 model sees them."""
+    from posttrain.data.batch import normalize_waveforms
+
+    model.zero_grad()
+    # the step's last input stage: per-utterance normalisation on the device
+    inputs = normalize_waveforms(waves, lengths)
+    if round_inputs:
+        inputs = inputs.to(torch.bfloat16).float()
+    F.cross_entropy(model(inputs, lengths).float(), labels).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def sam_gradient(model: nn.Module, case: Case, g: dict[str, torch.Tensor], waves, lengths, labels,
+                 round_inputs: bool = False) -> dict[str, torch.Tensor]:
+    """The textbook SAM / ASAM gradient at ``w + e`` given the plain one ``g``; weights restored. The
+    norm is accumulated in fp32 whatever the model's dtype; the perturbed weights stay in its dtype."""
+    params = dict(model.named_parameters())
+    t = _t_factors(model) if case.mode == "asam" else {n: torch.ones_like(p) for n, p in params.items()}
+    norm = math.sqrt(sum(float((t[n].float() * g[n].float()).square().sum()) for n in g))
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.add_((case.sam_rho * t[n].float() ** 2 * g[n].float() / (norm + NORM_EPS)).to(p.dtype))
+    final = _gradient(model, waves, lengths, labels, round_inputs)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n])
+    return final
 
 
 def reference_weights(case: Case) -> dict[str, torch.Tensor]:
-    from posttrain.data.batch import normalize_waveforms
-
     model = make_model(case.model)
     params = dict(model.named_parameters())
     optimizer = torch.optim.AdamW(params.values(), lr=case.lr, betas=BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
     orthogonal = None
 
-    def gradient(waves, lengths, labels):
-        model.zero_grad()
-        # the step's last input stage: per-utterance normalisation on the device
-        F.cross_entropy(model(normalize_waveforms(waves, lengths), lengths), labels).backward()
-        return {name: p.grad.clone() for name, p in params.items()}
-
     for step, (waves, lengths, labels) in enumerate(make_data(case)):
-        g = gradient(waves, lengths, labels)
+        g = _gradient(model, waves, lengths, labels)
         if case.mode == "plain" or (case.mode == "looksam" and step % LOOKSAM_EVERY):
             final = g
             if case.mode == "looksam":
@@ -141,17 +180,7 @@ def reference_weights(case: Case) -> dict[str, torch.Tensor]:
                 v_norm = math.sqrt(sum(float(v.square().sum()) for v in orthogonal.values()))
                 final = {n: g[n] + LOOKSAM_ALPHA * g_norm / v_norm * orthogonal[n] for n in g}
         else:
-            t = _t_factors(model) if case.mode == "asam" else {n: torch.ones_like(p) for n, p in params.items()}
-            rho = ASAM_RHO if case.mode == "asam" else RHO
-            norm = math.sqrt(sum(float((t[n] * g[n]).square().sum()) for n in g))
-            saved = {n: p.detach().clone() for n, p in params.items()}
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.add_(rho * t[n] ** 2 * g[n] / (norm + NORM_EPS))
-            final = gradient(waves, lengths, labels)
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(saved[n])
+            final = sam_gradient(model, case, g, waves, lengths, labels)
             if case.mode == "looksam":
                 dot = sum(float((final[n] * g[n]).sum()) for n in g)
                 g_sq = sum(float(g[n].square().sum()) for n in g)
@@ -164,6 +193,41 @@ def reference_weights(case: Case) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in params.items()}
 
 
+def applied_gradient(before: dict, after: dict, case: Case) -> dict[str, torch.Tensor]:
+    """The gradient AdamW's first step applied (no weight decay, no clipping), from the fp32 master
+    weights: ``w' = w - lr u`` with ``u = g / (|g| + eps)``, so ``g = eps u / (1 - |u|)``."""
+    out = {}
+    for n in before:
+        u = (before[n].double() - after[n].double()) / case.lr
+        out[n] = case.adam_eps * u / (1 - u.abs())
+    return out
+
+
+def bf16_reference_gradients(case: Case, master: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Textbook SAM gradients of the first step from the engine's initial (bf16-rounded) weights:
+    ``fp32``: computed in fp32 on the bf16-rounded weights and inputs; ``bf16``: the same computation
+    in bf16 (its distance from ``fp32`` is the bf16 error of the computation); ``plain``: the fp32
+    first-pass gradient (what a step that ignored the second pass would apply)."""
+    waves, lengths, labels = make_data(case)[0]
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = make_model(case.model)
+        model.load_state_dict({n: w.to(torch.bfloat16).float() for n, w in master.items()})
+        model.to(dtype)
+        g = _gradient(model, waves, lengths, labels, round_inputs=True)
+        out["fp32" if dtype == torch.float32 else "bf16"] = sam_gradient(model, case, g, waves, lengths, labels,
+                                                                        round_inputs=True)
+        if dtype == torch.float32:
+            out["plain"] = g
+    return {kind: {n: t.double() for n, t in grads.items()} for kind, grads in out.items()}
+
+
+def relative_distance(first: dict, second: dict) -> float:
+    """||first - second|| / ||second|| over the whole flattened gradient."""
+    num = sum(float((first[n] - second[n]).square().sum()) for n in second)
+    return math.sqrt(num / sum(float(second[n].square().sum()) for n in second))
+
+
 # ------------------------------------------------------------------------------ the ranks
 
 
@@ -174,10 +238,11 @@ def _config(case: Case):
     return load_config(None, [
         f"train.zero_stage={case.stage}", f"train.precision={case.precision}", f"train.grad_accum_steps={case.accum}",
         "train.device=cpu", f"sam.enabled={case.mode != 'plain'}", f"sam.adaptive={adaptive}",
-        f"sam.rho={ASAM_RHO if adaptive else RHO}", f"sam.adaptive_eta={ETA}",
+        f"sam.rho={case.sam_rho}", f"sam.adaptive_eta={ETA}",
         f"sam.variant={'looksam' if case.mode == 'looksam' else 'sam'}", f"sam.looksam_every_steps={LOOKSAM_EVERY}",
-        f"sam.looksam_alpha={LOOKSAM_ALPHA}", f"optim.lr={case.lr}", f"optim.eps={ADAM_EPS}",
-        f"optim.weight_decay={WEIGHT_DECAY}", f"optim.betas=[{BETAS[0]}, {BETAS[1]}]", f"optim.grad_clip_norm={case.clip}"])
+        f"sam.looksam_alpha={LOOKSAM_ALPHA}", f"optim.lr={case.lr}", f"optim.eps={case.adam_eps}",
+        f"optim.weight_decay={case.weight_decay}", f"optim.betas=[{BETAS[0]}, {BETAS[1]}]",
+        f"optim.grad_clip_norm={case.clip}"])
 
 
 def _full_weights(engine) -> dict[str, torch.Tensor]:
@@ -186,6 +251,13 @@ def _full_weights(engine) -> dict[str, torch.Tensor]:
     params = dict(engine.module.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values()), enabled=engine.zero_optimization_stage() == 3):
         return {n: p.detach().clone() for n, p in params.items()}
+
+
+def _full_master_weights(engine) -> dict[str, torch.Tensor]:
+    """The optimiser's fp32 master weights, gathered (a collective under ZeRO)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
 
 
 def _rank_batches(case: Case, rank: int, waves, lengths, labels):
@@ -216,13 +288,17 @@ def _run_case(case: Case, rank: int) -> dict:
     step_fn = get_step_mode(step_mode_name(cfg))
     before = _full_weights(engine)
     result: dict = {"grad_norms": [], "extras": []}
+    if case.name.startswith("bf16-direction"):
+        result["master_before"] = _full_master_weights(engine)
     for step, data in enumerate(make_data(case)):
         ctx.step = step
         stats = step_fn(engine, _rank_batches(case, rank, *data), ctx)
         result["grad_norms"].append(stats.grad_norm)
         result["extras"].append(stats.extra)
     result["weights"] = _full_weights(engine)
-    if case.precision == "bf16":
+    if case.name.startswith("bf16-direction"):
+        result["master_after"] = _full_master_weights(engine)
+    elif case.precision == "bf16":
         result["unchanged"] = all(torch.equal(before[n], result["weights"][n]) for n in before)
         # restore checked where step() cannot hide it: the owned partitions right after the restore
         batches = _rank_batches(case, rank, *make_data(case)[0])
@@ -296,6 +372,39 @@ def _dropout_masks_and_flags(rank: int) -> dict:
             "flags": [flag for _, flag in records] + [after]}
 
 
+def _refused_zero_layout(rank: int) -> str:
+    """A real ZeRO-3 engine that keeps small parameters persistent (DeepSpeed's default threshold,
+    set behind the config check's back): the SAM step refuses it instead of perturbing partitions
+    the forward never reads."""
+    import deepspeed
+
+    from posttrain.config import ConfigError
+    from posttrain.train.engine import build_optimizer, deepspeed_config
+    from posttrain.train.sam import sharpness_aware_step
+
+    case = Case("persistent", 3)
+    cfg = _config(case)
+    config = deepspeed_config(cfg)
+    del config["zero_optimization"]["stage3_param_persistence_threshold"]
+    model = make_model("mlp")
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=config)
+    batch = _rank_batches(case, rank, *make_data(case)[0])[0]
+
+    def run_pass():
+        engine.set_gradient_accumulation_boundary(True)
+        loss = F.cross_entropy(engine(batch.waveforms, batch.lengths), batch.labels)
+        engine.backward(loss)
+        return loss.detach()
+
+    try:
+        sharpness_aware_step(engine, run_pass, cfg.sam)
+        message = "not refused"
+    except ConfigError as error:
+        message = str(error)
+    engine.destroy()
+    return message
+
+
 def _distributed_sharpness(shard_dir: str) -> dict:
     from posttrain.dist import dist_info
     from posttrain.eval.sharpness import catalog, grouped_sets, measure_sets
@@ -314,6 +423,7 @@ def _worker(rank: int, port: int, cases: list[dict], out: str, shard_dir: str) -
     init_distributed(torch.device("cpu"))
     results = {case["name"]: _run_case(Case(**case), rank) for case in cases}
     results["_dropout"] = _dropout_masks_and_flags(rank)
+    results["_refused_layout"] = _refused_zero_layout(rank)
     results["_sharpness"] = _distributed_sharpness(shard_dir)
     if rank == 0:
         torch.save(results, out)
@@ -323,7 +433,8 @@ def _worker(rank: int, port: int, cases: list[dict], out: str, shard_dir: str) -
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory, shard_dir):
     out = str(tmp_path_factory.mktemp("sam_dist") / "results.pt")
-    mp.spawn(_worker, args=(free_port(), [asdict(c) for c in FP32_CASES + BF16_CASES], out, str(shard_dir)),
+    mp.spawn(_worker, args=(free_port(), [asdict(c) for c in FP32_CASES + BF16_CASES + BF16_DIRECTION_CASES], out,
+                                   str(shard_dir)),
              nprocs=WORLD_SIZE, join=True)
     return torch.load(out, weights_only=False)
 
@@ -362,6 +473,28 @@ def test_bf16_sam_restores_weights_bitwise(dist_results, case):
     result = dist_results[case.name]
     assert result["unchanged"], "a zero-lr SAM step changed bf16 weights"
     assert result["restored_bitwise"], "owned partitions differ after the restore"
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BF16_DIRECTION_CASES, ids=lambda c: c.name)
+def test_bf16_update_applies_the_second_pass_gradient(dist_results, case):
+    """The gradient a bf16 SAM step applied (read back from the fp32 master update) is the textbook
+    SAM gradient up to the bf16 error of the computation itself (the same SAM computed in bf16 vs in
+    fp32, from the same bf16-rounded weights and inputs), and far from the first-pass gradient."""
+    result = dist_results[case.name]
+    applied = applied_gradient(result["master_before"], result["master_after"], case)
+    want = bf16_reference_gradients(case, result["master_before"])
+    tolerance = 3 * relative_distance(want["bf16"], want["fp32"]) + 1e-3
+    assert relative_distance(want["plain"], want["fp32"]) > 3 * tolerance  # the test can tell them apart
+    gap = relative_distance(applied, want["fp32"])
+    assert gap < tolerance, f"{case.name}: applied vs SAM gradient {gap:.3g} (tolerance {tolerance:.3g})"
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_sam_step_refuses_zero3_persistent_parameters(dist_results):
+    assert dist_results["_refused_layout"].startswith("zero_optimization.stage3_param_persistence_threshold:")
 
 
 @pytest.mark.dist
