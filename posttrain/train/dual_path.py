@@ -7,8 +7,8 @@ gradients are kept apart until one update:
 1. clean pass over all micro-batches (``engine.backward``, boundary at the last): the reduced clean
    gradient sits in this rank's owned partitions (``partitions.owned_gradients``);
 2. one copy of those partitions (the mode's only memory overhead: one gradient partition per rank);
-3. ``engine.optimizer.zero_grad()`` and the buffers zeroed (as in SAM: mandatory under ZeRO-3, and
-   some ZeRO-1/2 buffers accumulate across backward calls);
+3. ``partitions.discard_gradients`` (as in SAM): the augmented pass's reduction then overwrites the
+   buffers instead of adding to them;
 4. augmented pass: the reduced augmented gradient lands in the same buffers;
 5. ``GradientAligner`` (``posttrain.train.align``) over the WHOLE flattened gradient of all trainable
    parameters: the partial ``[<g_c,g_a>, ||g_c||^2, ||g_a||^2]`` of every rank summed by ONE
@@ -40,7 +40,7 @@ import torch.distributed as torch_dist
 
 from posttrain.data.batch import Batch
 from posttrain.train.align import AlignStats, GradientAligner, combine_, partial_products
-from posttrain.train.partitions import global_sums, owned_gradients, owned_parameters
+from posttrain.train.partitions import discard_gradients, global_sums, owned_gradients, owned_parameters
 from posttrain.train.step import (StepContext, StepStats, finish_step, forward_backward, global_counts, loss_scale,
                                   model_inputs, register_step_mode)
 
@@ -173,8 +173,7 @@ def dual_path_step(engine: "DeepSpeedEngine", micro_batches: list[Batch], ctx: S
     loss_clean = forward_backward(engine, clean, scale, ctx)
     grads = owned_gradients(engine)
     saved = copy_gradients(grads)
-    engine.optimizer.zero_grad()
-    torch._foreach_zero_(grads)
+    discard_gradients(engine)
     loss_aug = forward_backward(engine, augmented, scale, ctx)
     stats = align_partitions_(saved, owned_gradients(engine), owned_parameters(engine).group, tracker, ctx.device)
     del saved

@@ -212,6 +212,17 @@ def owned_gradients(engine: Any) -> list[torch.Tensor]:
             for param, grad in zip(group, averaged[i]) if param.requires_grad]
 
 
+def discard_gradients(engine: Any) -> None:
+    """Drop the step's gradient so the next boundary backward starts from zero (a second pass of
+    the same step: SAM, dual path). ``engine.optimizer.zero_grad()`` is enough on every supported
+    DeepSpeed (0.16-0.19.8, read in their sources and measured on 0.19.8): ZeRO-1/2 set ``param.grad``
+    and ``param.grad_accum`` (the fp32 accumulation of bf16 gradients) to None, so the next reduction
+    overwrites ``averaged_gradients`` / the partition buffer instead of adding to it; ZeRO-3 resets
+    ``micro_step_id`` to 0, so its reduce copies into the gradient partitions ("don't accumulate").
+    No explicit zeroing of the buffers is needed."""
+    engine.optimizer.zero_grad()
+
+
 def sync_model_copies(engine: Any) -> None:
     """After in-place edits of ``owned_parameters(engine).model``, make the tensors the forward reads
     see them. ZeRO-1/2 keep a full model replica on every rank: all-gather the owned slices (the

@@ -10,7 +10,8 @@ forward and ``engine.backward`` of every micro-batch of the step (boundary at th
    conv) and ``T = 1`` elsewhere (biases), as in the official ASAM code (SamsungLabs/ASAM);
 4. ``w += e`` in place on the owned model-side partitions with ``torch._foreach`` ops, made visible
    to the forward (ZeRO-1/2: all-gather of the owned slices; ZeRO-3: the next forward gathers the
-   partitions), then ``engine.optimizer.zero_grad()`` and the gradient buffers zeroed;
+   partitions), then ``engine.optimizer.zero_grad()`` (``partitions.discard_gradients``), after which
+   the second pass's reduction overwrites the gradient buffers instead of adding to them;
 5. second pass on the SAME inputs with the SAME dropout/SpecAugment draws (the Python, NumPy and
    torch RNG states are captured before pass 1 and restored before pass 2);
 6. the weights restored by COPY (never by subtracting ``e``, which is not exact in bf16): from the
@@ -53,8 +54,9 @@ import torch.distributed as torch_dist
 from posttrain.config import SamConfig
 from posttrain.data.batch import Batch
 from posttrain.train.ascent import ascent_direction_, perturb_, restore_, takes_ascent
-from posttrain.train.partitions import (check_partitions_released, global_sums, local_dot, local_sum_of_squares,
-                                        owned_gradients, owned_parameters, sync_model_copies, zero_stage)
+from posttrain.train.partitions import (check_partitions_released, discard_gradients, global_sums, local_dot,
+                                        local_sum_of_squares, owned_gradients, owned_parameters, sync_model_copies,
+                                        zero_stage)
 from posttrain.train.perturbation import clear_perturbed, mark_perturbed
 from posttrain.train.rng import rng_state, set_rng_state
 from posttrain.train.step import (StepContext, StepStats, finish_step, forward_backward, global_counts, loss_scale,
@@ -145,8 +147,7 @@ def sharpness_aware_step(engine: "DeepSpeedEngine", run_pass: Callable[[], torch
         check_partitions_released(engine)
         saved = perturb_(owned, grads, cfg.rho, norm)
         sync_model_copies(engine)
-    engine.optimizer.zero_grad()
-    torch._foreach_zero_(grads)  # some ZeRO-1/2 buffers (fp32 accumulation of bf16) accumulate across backward calls
+    discard_gradients(engine)
     set_rng_state(rng)  # the same dropout / SpecAugment draws as the first pass
     second_loss = run_pass()
     if perturb:
