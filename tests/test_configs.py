@@ -51,3 +51,21 @@ def test_every_training_preset_has_a_config_with_the_antideepfake_recipe():
     demo = load_config(CONFIGS / "posttrain" / "demo.yaml")
     assert demo.model.preset == "tiny" and demo.data.train.shards == ["demo_data/shards/train"]
     assert demo.data.valid.shards == ["demo_data/shards/valid"]
+
+
+@pytest.mark.parametrize("name", ["xlsr_300m", "xlsr_1b", "xlsr_2b"])
+def test_sam_presets_are_the_recipe_with_sam_as_the_sam_for_sdd_paper_uses_it(name):
+    """Huang et al. (Interspeech 2025): rho 0.005 for an SSL encoder + linear head; everything else is
+    the AntiDeepfake recipe of the base preset; bf16 and a ZeRO layout the SAM step accepts."""
+    from posttrain.config import to_dict
+    from posttrain.train.engine import deepspeed_config
+
+    cfg = load_config(CONFIGS / "posttrain" / f"{name}_sam.yaml")
+    assert cfg.sam.enabled and cfg.sam.rho == 0.005 and not cfg.sam.adaptive and cfg.sam.variant == "sam"
+    assert cfg.train.precision == "bf16"
+    ours, base = to_dict(cfg), to_dict(load_config(CONFIGS / "posttrain" / f"{name}.yaml"))
+    assert ours.pop("sam") != base.pop("sam")
+    assert ours.pop("output_dir") == base.pop("output_dir") + "_sam"
+    assert ours["tracking"].pop("experiment") == base["tracking"].pop("experiment") + "_sam"
+    assert ours == base
+    deepspeed_config(cfg)  # refuses a ZeRO layout a SAM step cannot perturb
