@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Multi-node post-training on SLURM: one torchrun per node (c10d rendezvous), one process per GPU.
 #
-#   sbatch launch/slurm_posttrain.sh PRESET [key=value ...]          # from the repository root
-#   sbatch --nodes=4 --partition=gpu launch/slurm_posttrain.sh xlsr_2b optim.lr=1e-6
-#   NODES=4 PARTITION=gpu bash launch/slurm_posttrain.sh xlsr_2b     # checks the preset, then sbatch
+#   NODES=4 PARTITION=gpu launch/slurm_posttrain.sh xlsr_2b [key=value ...]   # checks, then sbatch
+#   launch/slurm_posttrain.sh --dry-run xlsr_2b [key=value ...]   # checks, prints what it would submit
+#   sbatch --nodes=4 --partition=gpu launch/slurm_posttrain.sh xlsr_2b   # no checks: straight to the queue
 #
-# PRESET is configs/posttrain/PRESET.yaml (or a path to a .yaml). Run with bash, the script submits
-# itself through sbatch with these optional variables turned into flags: NODES, GPUS_PER_NODE,
-# CPUS_PER_TASK, TIME_LIMIT, PARTITION, ACCOUNT, JOB_NAME (default posttrain-PRESET), and SBATCH_ARGS
-# (extra flags, split on spaces). Submitted with sbatch directly, pass sbatch flags instead (sbatch
-# also reads SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_TIMELIMIT).
+# PRESET is configs/posttrain/PRESET.yaml (or a path to a .yaml). Run with bash, the script checks the
+# run before it queues (exit 2 naming the problem, nothing submitted): the config and overrides load,
+# every shard set exists, is indexed and fits its role (the valid set holds both classes), the
+# pre-trained backbone is in the Hugging Face cache the offline job reads (HF_HOME), and the venv the
+# job activates runs posttrain (`posttrain train --preflight`). It then submits itself through sbatch
+# with these optional variables turned into flags: NODES, GPUS_PER_NODE, CPUS_PER_TASK, TIME_LIMIT,
+# PARTITION, ACCOUNT, JOB_NAME (default posttrain-PRESET), and SBATCH_ARGS (extra flags, split on
+# spaces). --dry-run prints the sbatch command, the #SBATCH defaults and the torchrun command of each
+# node instead of submitting. VENV: the virtual environment the job activates (default: .venv in the
+# repository if present, else the active one; VENV=none uses PATH as it is).
 #
 # Output: OUTPUT_DIR, default runs/PRESET/JOB_NAME: the same for every requeue of the job (and for a
 # later job of the same name), so training resumes from its checkpoints/latest (checkpoint.resume=auto).
@@ -41,6 +46,12 @@ if [[ $1 == -h || $1 == --help ]]; then
     usage
     exit 0
 fi
+dry_run=0
+if [[ $1 == --dry-run ]]; then
+    dry_run=1
+    shift
+    [[ $# -ge 1 ]] || { usage >&2; exit 2; }
+fi
 
 # Inside a job this file is SLURM's copy of the script, so the repository is the submit directory.
 if [[ -z ${POSTTRAIN_ROOT:-} ]]; then
@@ -57,9 +68,74 @@ source "$POSTTRAIN_ROOT/launch/common.sh"
 preset=$1
 shift
 config=$(posttrain_config "$preset")
+# torchrun on each node (single-quoted: expanded there, from the job's environment)
+TORCHRUN_FLAGS='--nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE" --rdzv-backend=c10d'
+TORCHRUN_FLAGS+=' --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" --max-restarts=0 --no-python'
+
+default_output_dir() {  # runs/PRESET/JOB_NAME: the same for every requeue of a job name
+    echo "runs/$(basename "$config" .yaml)/$1"
+}
+
+resolve_venv() {
+    if [[ -z ${VENV:-} ]]; then
+        if [[ -x $POSTTRAIN_ROOT/.venv/bin/python ]]; then
+            VENV=$POSTTRAIN_ROOT/.venv
+        else
+            VENV=${VIRTUAL_ENV:-none}
+        fi
+    fi
+    export VENV
+}
+
+fail() {
+    echo "launch/slurm_posttrain.sh: error: $*" >&2
+    exit 2
+}
+
+# Everything that can be known before the queue: the venv, then `posttrain train --preflight` with
+# the job's output_dir and overrides, offline as the job will be.
+check_before_submit() {
+    local output_dir=$1
+    shift
+    local python=python3
+    if [[ $VENV != none ]]; then
+        [[ -x $VENV/bin/python && -f $VENV/bin/activate ]] ||
+            fail "VENV=$VENV: no virtual environment there (bin/python, bin/activate); create it (README: install) or set VENV"
+        python=$VENV/bin/python
+    fi
+    local location
+    location=$("$python" -c 'import os, posttrain; print(os.path.dirname(os.path.dirname(posttrain.__file__)))' 2>/dev/null) ||
+        fail "$python cannot import posttrain: install it there (pip install -e $POSTTRAIN_ROOT) or set VENV"
+    echo "venv: ${VENV} (python $python, posttrain from $location)"
+    [[ $(realpath "$location") == "$(realpath "$POSTTRAIN_ROOT")" ]] ||
+        echo "warning: that venv runs posttrain from $location, not from this checkout ($POSTTRAIN_ROOT)" >&2
+    HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} "$python" -m posttrain train --config "$config" --preflight \
+        "output_dir=$output_dir" "$@" || exit 2
+}
+
+print_plan() {  # OUTPUT_DIR JOB_NAME FLAG_COUNT SBATCH_FLAGS... OVERRIDES...
+    local output_dir=$1 job_name=$2 flag_count=$3
+    shift 3
+    local flags=("${@:1:$flag_count}") args=("${@:$((flag_count + 1))}")
+    echo "# the submission (flags override the #SBATCH lines below)"
+    echo "sbatch ${flags[*]} $(realpath "${BASH_SOURCE[0]}") $config ${args[*]}"
+    echo "# #SBATCH defaults of the script"
+    grep '^#SBATCH' "${BASH_SOURCE[0]}"
+    local NNODES=${NODES:-$(sed -n 's/^#SBATCH --nodes=//p' "${BASH_SOURCE[0]}")}
+    local GPUS_PER_NODE=${GPUS_PER_NODE:-$(sed -n 's/^#SBATCH --gpus-per-node=//p' "${BASH_SOURCE[0]}")}
+    local MASTER_ADDR='<first node>' MASTER_PORT='<20000 + job id % 20000>' SLURM_JOB_ID='<job id>'
+    echo "# each of the $NNODES node(s) runs (srun, one task per node; HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}):"
+    [[ $VENV != none ]] && echo "source $VENV/bin/activate"
+    local torchrun quoted
+    torchrun=$(eval "echo torchrun $TORCHRUN_FLAGS")  # the flags as each node expands them
+    quoted=$(printf '%q ' "$config" "output_dir=$output_dir" "${args[@]}")
+    echo "$torchrun ${POSTTRAIN_TRAIN_CMD:-posttrain train} --config ${quoted% }"
+    echo "# logs: logs/$job_name-<job id>.out; checkpoints: $output_dir/checkpoints (a requeue resumes from latest)"
+}
 
 submit() {
-    local flags=("--job-name=${JOB_NAME:-posttrain-$(basename "$preset" .yaml)}" "--chdir=$POSTTRAIN_ROOT")
+    local job_name=${JOB_NAME:-posttrain-$(basename "$preset" .yaml)}
+    local flags=("--job-name=$job_name" "--chdir=$POSTTRAIN_ROOT")
     [[ -n ${NODES:-} ]] && flags+=("--nodes=$NODES")
     [[ -n ${GPUS_PER_NODE:-} ]] && flags+=("--gpus-per-node=$GPUS_PER_NODE")
     [[ -n ${CPUS_PER_TASK:-} ]] && flags+=("--cpus-per-task=$CPUS_PER_TASK")
@@ -68,8 +144,17 @@ submit() {
     [[ -n ${ACCOUNT:-} ]] && flags+=("--account=$ACCOUNT")
     local extra=()
     read -r -a extra <<< "${SBATCH_ARGS:-}"
+    flags+=("${extra[@]}")
+    resolve_venv
+    local output_dir=${OUTPUT_DIR:-$(default_output_dir "$job_name")}
+    if ((dry_run)); then
+        print_plan "$output_dir" "$job_name" "${#flags[@]}" "${flags[@]}" "$@"
+    fi
+    check_before_submit "$output_dir" "$@"
+    ((dry_run)) && exit 0
+    export OUTPUT_DIR=$output_dir  # the job writes where the checks looked
     mkdir -p "$POSTTRAIN_ROOT/logs"  # SLURM does not create the log directory
-    exec sbatch "${flags[@]}" "${extra[@]}" "$(realpath "${BASH_SOURCE[0]}")" "$config" "$@"
+    exec sbatch "${flags[@]}" "$(realpath "${BASH_SOURCE[0]}")" "$config" "$@"
 }
 
 requeue() {
@@ -96,7 +181,11 @@ run_job() {
     export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
     export POSTTRAIN_CONFIG=$config
     export POSTTRAIN_TRAIN_CMD=${POSTTRAIN_TRAIN_CMD:-posttrain train}
-    local output_dir=${OUTPUT_DIR:-runs/$(basename "$config" .yaml)/$SLURM_JOB_NAME}
+    if [[ -n ${VENV:-} && $VENV != none ]]; then
+        # shellcheck disable=SC1091
+        source "$VENV/bin/activate"
+    fi
+    local output_dir=${OUTPUT_DIR:-$(default_output_dir "$SLURM_JOB_NAME")}
     echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NNODES node(s) x $GPUS_PER_NODE" \
          "process(es), rendezvous $MASTER_ADDR:$MASTER_PORT, config $config, output $output_dir" >&2
 
@@ -108,9 +197,7 @@ run_job() {
     # The step gets the job's CPUs explicitly (srun no longer inherits --cpus-per-task from sbatch).
     # POSTTRAIN_TRAIN_CMD is split on spaces; user overrides come after output_dir, so they win.
     srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1 --export=ALL "${srun_extra[@]}" \
-        "${container[@]}" bash -c 'exec torchrun --nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE" \
-            --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
-            --max-restarts=0 --no-python $POSTTRAIN_TRAIN_CMD --config "$POSTTRAIN_CONFIG" "$@"' \
+        "${container[@]}" bash -c "exec torchrun $TORCHRUN_FLAGS "'$POSTTRAIN_TRAIN_CMD --config "$POSTTRAIN_CONFIG" "$@"' \
         posttrain-node "output_dir=$output_dir" "$@" &
     local pid=$! status=0
     wait "$pid" || status=$?

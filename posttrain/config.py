@@ -8,6 +8,7 @@ YAML presets live in ``configs/``; ``key=value`` overrides use dotted keys and Y
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,10 @@ import yaml
 
 
 SAMPLE_RATE_HZ = 16_000  # the one rate of shards, batches and models (every SSL backbone here is 16 kHz)
+
+
+# a number like 1e-6 or 5E+3, which YAML 1.1 (PyYAML) leaves a string because it has no dot
+YAML11_EXPONENT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
 
 
 class ConfigError(ValueError):
@@ -440,6 +445,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         require(isinstance(value, dict), key, f"must be a mapping, got {type(value).__name__}")
         return dict(value)
     if tp is float:
+        if isinstance(value, str) and YAML11_EXPONENT.fullmatch(value):
+            return float(value)  # 1e-6: YAML 1.1 reads an exponent without a dot as a string
         require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                 f"must be a number, got {value!r}")
         return float(value)

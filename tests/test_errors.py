@@ -88,3 +88,9 @@ def test_config_error_blames_the_override_that_set_the_key(tmp_path):
 
 def test_one_line_names_a_missing_key():
     assert one_line(KeyError("labels")) == "missing key 'labels'"
+
+
+def test_an_exponent_without_a_dot_is_a_number_not_a_string():
+    assert load_config(None, ["optim.lr=1e-6"]).optim.lr == 1e-6  # YAML 1.1 alone would read '1e-6'
+    with pytest.raises(ConfigError, match=r"optim.lr: must be a number, got '1e-6x'"):
+        load_config(None, ["optim.lr=1e-6x"])

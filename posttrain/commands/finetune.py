@@ -26,7 +26,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # imported after the config is valid: DeepSpeed picks its accelerator on import
     from posttrain.loading import load_model
-    from posttrain.train.finetune import finetune
+    from posttrain.train.finetune import finetune, format_summary
 
-    finetune(cfg, load_model)
+    from posttrain.dist import dist_info
+
+    result = finetune(cfg, load_model)
+    if dist_info().is_main:
+        print(format_summary(result, cfg), flush=True)
     return 0

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as torch_dist
 
 from posttrain.config import ConfigError, EvalSetConfig, FinetuneConfig, to_dict
+from posttrain.errors import UserError
 from posttrain.train.checkpoint import BEST, CheckpointError, checkpoint_root, read_pointer
 from posttrain.train.engine import (Trainer, TrainResult, checked_deepspeed_config, deepspeed_config, init_distributed,
                                     merge_dicts, resolve_device)
@@ -128,6 +129,11 @@ def make_accelerator(cfg: FinetuneConfig) -> "Accelerator":
     from accelerate import Accelerator, DeepSpeedPlugin
 
     launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if launched and ds_file and ds_file != "none" and not Path(ds_file).is_file():
+        raise UserError(f"{ds_file}: no such DeepSpeed config (named by deepspeed_config_file in the accelerate "
+                        "config); fix that path, or drop it and set zero_stage there as "
+                        "configs/accelerate/deepspeed_zero2.yaml does")
     plugin = DeepSpeedPlugin(zero_stage=None if launched else cfg.train.zero_stage)
     # no cpu=True on CPU: accelerate would then drop the DeepSpeed plugin (DS_ACCELERATOR=cpu picks the device)
     return Accelerator(mixed_precision="no" if cfg.train.precision == "fp32" else cfg.train.precision,
@@ -324,6 +330,28 @@ def log_outcomes(cfg: FinetuneConfig, run_id: str | None, outcomes: list[EvalOut
 class FinetuneResult:
     train: TrainResult
     tests: list[EvalOutcome]  # rank 0 only (empty elsewhere)
+
+
+def format_summary(result: FinetuneResult, cfg: FinetuneConfig) -> str:
+    """What a user reads when fine-tuning ends: training counters, one row per test set (EER per
+    segment and per file) and where the reports, checkpoints and MLflow run are."""
+    progress = result.train.progress
+    lines = [f"fine-tuned {progress.step} steps ({progress.samples} samples, {progress.skipped_steps} skipped), "
+             f"epoch {progress.epoch}; checkpoint {result.train.last_checkpoint}"]
+    if result.tests:
+        width = max(len("test set"), *(len(outcome.name) for outcome in result.tests))
+        lines.append(f"{'test set':<{width}}  {'segments':>8}  {'files':>6}  {'segment EER %':>13}  {'file EER %':>10}"
+                     f"  {'skipped':>7}  reports (metrics.txt, metrics.json, det.png, result.yaml)")
+        for outcome in result.tests:
+            eers = ["n/a" if eer is None else f"{100 * eer:.3f}" for eer in (outcome.segment_eer, outcome.file_eer)]
+            folders = " ".join(f"{folder}/" for folder in outcome.reports.values())
+            lines.append(f"{outcome.name:<{width}}  {outcome.segments:>8}  {outcome.files:>6}  {eers[0]:>13}  "
+                         f"{eers[1]:>10}  {outcome.skipped:>7}  {folders}")
+    else:
+        lines.append("no test set was scored (finetune.evaluate or finetune.test_sets)")
+    if cfg.tracking.enabled:
+        lines.append(f"MLflow: mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}")
+    return "\n".join(lines)
 
 
 def checkpoint_to_test(cfg: FinetuneConfig, result: TrainResult) -> Path:

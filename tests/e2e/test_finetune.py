@@ -148,6 +148,10 @@ def test_sam_finetune_from_a_checkpoint_then_publish_and_eval(tiny_df2024, tiny_
                f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "tracking.system_metrics=false"]
     done = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
+    summary = done.stdout[done.stdout.index("fine-tuned 2 steps"):]  # the summary a user reads at the end
+    (row,) = [line for line in summary.splitlines() if line.startswith("4s ")]
+    assert f"{out / 'eval' / '4s' / 'segments'}/" in row and f"{out / 'eval' / '4s' / 'files'}/" in row
+    assert "segment EER %" in summary and f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in summary
 
     metadata = read_metadata(resolve_checkpoint(out / "checkpoints"))
     assert metadata["step_mode"] == "sam" and metadata["zero_stage"] == 1 and metadata["progress"]["step"] == 2

@@ -4,6 +4,7 @@ process group, in place of ``posttrain train`` (POSTTRAIN_TRAIN_CMD)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -90,8 +91,9 @@ dist.destroy_process_group()
 
 
 @pytest.fixture
-def slurm(tmp_path, monkeypatch):
-    """A fake cluster: tools on PATH, a project root with two presets, a record folder."""
+def slurm(tmp_path, monkeypatch, shard_dir):
+    """A fake cluster: tools on PATH, a project root with two presets (training on ``shard_dir``), a
+    record folder; the job activates the venv running these tests."""
     bin_dir, record, root = tmp_path / "bin", tmp_path / "record", tmp_path / "project"
     for folder in (bin_dir, record, root / "configs" / "posttrain"):
         folder.mkdir(parents=True)
@@ -101,13 +103,15 @@ def slurm(tmp_path, monkeypatch):
         tool.chmod(0o755)
     (root / "launch").symlink_to(REPO / "launch")
     for preset in ("alpha", "beta"):
-        (root / "configs" / "posttrain" / f"{preset}.yaml").write_text("train:\n  max_steps: 1\n")
+        (root / "configs" / "posttrain" / f"{preset}.yaml").write_text(
+            f"model:\n  preset: tiny\ndata:\n  train:\n    shards: [{shard_dir}]\ntrain:\n  max_steps: 1\n")
     recorder = tmp_path / "record_rank.py"
     recorder.write_text(RANK_RECORDER)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_SLURM_RECORD", str(record))
     monkeypatch.setenv("POSTTRAIN_TRAIN_CMD", f"{sys.executable} {recorder}")
     monkeypatch.setenv("GPUS_PER_NODE", "2")  # CPU "GPUs": two gloo ranks
+    monkeypatch.setenv("VENV", sys.prefix)
     for name in ("POSTTRAIN_ROOT", "SLURM_JOB_ID", "MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "OUTPUT_DIR"):
         monkeypatch.delenv(name, raising=False)
     return root, record
@@ -119,6 +123,66 @@ def _jsonl(path: Path) -> list[dict]:
 
 def _ranks(record: Path) -> list[dict]:
     return [json.loads((record / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def _launch(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(root / "launch" / "slurm_posttrain.sh"), *args], capture_output=True, text=True,
+                          timeout=120, cwd=root, env={**os.environ, **env})
+
+
+def test_dry_run_prints_the_submission_and_the_node_command_and_submits_nothing(slurm):
+    root, record = slurm
+    result = _launch(root, "--dry-run", "alpha", "optim.lr=0.5", NODES="2", PARTITION="gpu", ACCOUNT="speech")
+    assert result.returncode == 0, result.stderr
+    config = (root / "configs" / "posttrain" / "alpha.yaml").resolve()
+    lines = result.stdout.splitlines()
+    (sbatch,) = [line for line in lines if line.startswith("sbatch ")]
+    for part in ("--job-name=posttrain-alpha", f"--chdir={root}", "--nodes=2", "--partition=gpu", "--account=speech",
+                 f"{(REPO / 'launch' / 'slurm_posttrain.sh').resolve()} {config} optim.lr=0.5"):
+        assert part in sbatch
+    assert "#SBATCH --requeue" in lines and "#SBATCH --signal=B:USR1@180" in lines
+    (torchrun,) = [line for line in lines if line.startswith("torchrun ")]
+    assert torchrun.startswith("torchrun --nnodes=2 --nproc-per-node=2 --rdzv-backend=c10d --rdzv-endpoint=")
+    assert torchrun.endswith(f"--config {config} output_dir=runs/alpha/posttrain-alpha optim.lr=0.5")
+    assert f"source {sys.prefix}/bin/activate" in lines
+    assert "checkpoints: runs/alpha/posttrain-alpha/checkpoints" in result.stdout
+    assert "preflight ok:" in result.stdout and "data.train.shards[0]" in result.stdout
+    assert not (record / "sbatch.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def one_class_valid(tmp_path_factory) -> Path:
+    """A validation shard set of real samples only."""
+    from conftest import write_corpus
+    from posttrain.data.protocol import read_protocol, write_protocol
+    from posttrain.data.shard_build import build_shards
+
+    corpus = write_corpus(tmp_path_factory.mktemp("one_class"), "oneclass", num_files=4)
+    rows = [row for row in read_protocol(corpus.protocol) if row.label == "real"]
+    write_protocol([dataclasses.replace(row, proportion="valid") for row in rows], corpus.protocol)
+    out = tmp_path_factory.mktemp("one_class_shards")
+    build_shards([corpus.protocol], corpus.root, out, split="valid", progress=False)
+    return out
+
+
+@pytest.mark.parametrize("problem", ["missing shards", "one-class valid set", "backbone not cached", "no venv",
+                                     "typo in an override"])
+def test_pre_submit_checks_fail_before_sbatch(problem, slurm, tmp_path, one_class_valid):
+    root, record = slurm
+    args, env, message = {
+        "missing shards": ([f"data.train.shards=[{tmp_path / 'absent'}]"], {},
+                           f"data.train.shards[0]: {tmp_path / 'absent'}: no such shard folder"),
+        "one-class valid set": ([f"data.valid.shards=[{one_class_valid}]"], {},
+                                "data.valid.shards[0]: " f"{one_class_valid}: the validation set has no fake samples"),
+        "backbone not cached": (["model.pretrained=nobody-t14b/absent-backbone"], {"HF_HOME": str(tmp_path / "hf")},
+                                "`hf download nobody-t14b/absent-backbone`"),
+        "no venv": ([], {"VENV": str(tmp_path / "no-venv")}, f"VENV={tmp_path / 'no-venv'}: no virtual environment"),
+        "typo in an override": (["optim.lrr=1"], {}, "set on the command line by 'optim.lrr=1'"),
+    }[problem]
+    result = _launch(root, "alpha", *args, **env)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (record / "sbatch.jsonl").exists()  # nothing reached the queue
 
 
 def test_unknown_preset_fails_listing_presets(slurm):
