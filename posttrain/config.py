@@ -117,8 +117,15 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     mask_time_prob: float = 0.0  # SpecAugment time masking during training; 0 = off
     mask_time_length: int = 10
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
+    # Encoder regularisation. None = the preset's AntiDeepfake value (its W2V_configs.py: wav2vec 2.0 small
+    # 0.1/0.1/0.1 dropout, LayerDrop 0.05, feature_grad_mult 0.1; MMS-1B, XLS-R-1B/2B input dropout 0.1;
+    # the others 0). A preset's LayerDrop is turned off where it conflicts (layerdrop_conflicts).
+    hidden_dropout: float | None = None  # fairseq "dropout": residual and post-position-embedding dropout
+    attention_dropout: float | None = None
+    activation_dropout: float | None = None  # inside the feed-forward block
+    input_dropout: float | None = None  # fairseq "dropout_input": after the feature projection
+    layerdrop: float | None = None
+    feature_grad_mult: float | None = None  # gradient scale into the conv feature extractor (fairseq)
     freeze_feature_encoder: bool = False
     # AntiDeepfake's training batches: zero padding unmasked through the encoder and into the mean
     # (training only; validation and scoring always mask padding). Off: padding never reaches the pool.
@@ -127,8 +134,11 @@ class ModelConfig:
     def validate(self) -> None:
         require(0.0 <= self.mask_time_prob < 1.0, "mask_time_prob", "must be in [0, 1)")
         require(self.mask_time_length >= 1, "mask_time_length", "must be >= 1")
-        require(0.0 <= self.hidden_dropout < 1.0, "hidden_dropout", "must be in [0, 1)")
-        require(0.0 <= self.attention_dropout < 1.0, "attention_dropout", "must be in [0, 1)")
+        for key in ("hidden_dropout", "attention_dropout", "activation_dropout", "input_dropout", "layerdrop"):
+            value = getattr(self, key)
+            require(value is None or 0.0 <= value < 1.0, key, "must be in [0, 1) (or null: the preset's value)")
+        require(self.feature_grad_mult is None or self.feature_grad_mult > 0, "feature_grad_mult",
+                "must be > 0 (or null: the preset's value); freeze the extractor with freeze_feature_encoder")
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -326,12 +336,24 @@ class PosttrainConfig:
 
     def validate(self) -> None:
         require(bool(self.output_dir), "output_dir", "must not be empty")
+        conflicts = layerdrop_conflicts(self)
+        if self.model.layerdrop and conflicts:
+            raise ConfigError("model.layerdrop", f"LayerDrop cannot be combined with {' and '.join(conflicts)} "
+                              "(SAM's two passes must run the same layers; ZeRO-3 and activation checkpointing "
+                              "run every layer); set model.layerdrop=0")
         if self.sam.enabled and self.dual_path.enabled:
             raise ConfigError("dual_path.enabled", "cannot be combined with sam.enabled")
         for section, enabled in (("sam", self.sam.enabled), ("dual_path", self.dual_path.enabled)):
             # an overflow-skipped fp16 step would leave SAM's weights perturbed / the two paths' gradients unscaled
             require(not (enabled and self.train.precision == "fp16"), "train.precision",
                     f"fp16 (loss scaling) cannot be combined with {section}.enabled: use bf16 or fp32")
+
+
+def layerdrop_conflicts(cfg: PosttrainConfig) -> list[str]:
+    """The settings LayerDrop cannot be combined with: a preset's LayerDrop is turned off under them, an
+    explicit ``model.layerdrop`` is refused."""
+    return [key for key, on in (("sam.enabled", cfg.sam.enabled), ("train.zero_stage=3", cfg.train.zero_stage == 3),
+                                ("model.gradient_checkpointing", cfg.model.gradient_checkpointing)) if on]
 
 
 # ------------------------------------------------------------------------------------------ fine-tune

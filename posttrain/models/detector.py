@@ -15,6 +15,7 @@ was batched with.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from posttrain.data.batch import TRANSFORMERS_INPUT_EPS, normalize_waveforms
 from posttrain.errors import hf_download_hint
 from posttrain.models.masked_norm import first_conv_frames, install_masked_group_norm
 from posttrain.models.presets import get_preset
+from posttrain.models.regularise import SyncedLayerDrop, install_feature_grad_mult
 
 ENCODERS: dict[str, type[PreTrainedModel]] = {"wav2vec2": Wav2Vec2Model, "hubert": HubertModel}
 NUM_CLASSES = 2  # [fake, real]
@@ -35,10 +37,11 @@ INPUT_EPS_FIELD = "posttrain_input_norm_eps"
 
 
 class Detector(nn.Module):
-    def __init__(self, encoder: PreTrainedModel, *, pool_over_padding: bool = False):
+    def __init__(self, encoder: PreTrainedModel, *, pool_over_padding: bool = False, layerdrop_seed: int = 0):
         super().__init__()
         self.encoder = encoder
         self.pool_over_padding = pool_over_padding
+        self.layerdrop_sync = SyncedLayerDrop(layerdrop_seed)
         self.head = nn.Linear(encoder.config.hidden_size, NUM_CLASSES)
         # a plain attribute (a tuple), not a submodule: its parameters are the encoder's own
         self._group_norm = (install_masked_group_norm(encoder),)
@@ -67,8 +70,7 @@ class Detector(nn.Module):
         sample_mask = lengths_to_mask(lengths, waveforms.shape[1])
         if self._group_norm[0] is not None:
             self._group_norm[0].valid_frames = first_conv_frames(self.encoder, lengths)
-        waveforms = waveforms.to(self.head.weight.dtype)
-        hidden = self.encoder(waveforms, attention_mask=sample_mask.long()).last_hidden_state
+        hidden = self._encode(waveforms, sample_mask.long())
         mask = self.frame_mask(lengths, hidden.shape[1]).unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
@@ -76,8 +78,15 @@ class Detector(nn.Module):
         """AD's pooling: no attention mask, group-norm statistics over every frame, mean over every frame."""
         if self._group_norm[0] is not None:
             self._group_norm[0].valid_frames = None
-        hidden = self.encoder(waveforms.to(self.head.weight.dtype)).last_hidden_state
-        return hidden.mean(dim=1)
+        return self._encode(waveforms, None).mean(dim=1)
+
+    def _encode(self, waveforms: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The encoder's last hidden state; LayerDrop (training only) draws alike on every rank."""
+        waveforms = waveforms.to(self.head.weight.dtype)
+        if not (self.training and self.encoder.config.layerdrop > 0):
+            return self.encoder(waveforms, attention_mask=attention_mask).last_hidden_state
+        with self.layerdrop_sync.draws():
+            return self.encoder(waveforms, attention_mask=attention_mask).last_hidden_state
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(waveforms, lengths))
@@ -88,28 +97,41 @@ def lengths_to_mask(lengths: torch.Tensor, width: int | None = None) -> torch.Te
     return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
 
 
-def ssl_overrides(cfg: ModelConfig) -> dict[str, object]:
-    """Training-time settings forced onto any encoder config. LayerDrop is always off: it breaks
-    ZeRO-3 and activation checkpointing, and makes the two passes of a SAM step differ."""
+def regularisation(cfg: ModelConfig, layerdrop_conflicts: Sequence[str] = ()) -> dict[str, float]:
+    """The encoder regularisation of a training run: each ``cfg`` value, or the preset's AntiDeepfake
+    value where it is unset. An unset LayerDrop is 0 under ``layerdrop_conflicts`` (SAM, ZeRO-3,
+    activation checkpointing: ``posttrain.config.layerdrop_conflicts``; an explicit one is refused there)."""
+    values = {key: default if getattr(cfg, key) is None else getattr(cfg, key)
+              for key, default in get_preset(cfg.preset).regularisation.items()}
+    if cfg.layerdrop is None and layerdrop_conflicts:
+        values["layerdrop"] = 0.0
+    return values
+
+
+def ssl_overrides(cfg: ModelConfig, values: dict[str, float]) -> dict[str, object]:
+    """Training-time settings forced onto any encoder config (``values``: ``regularisation``)."""
     return {
-        "layerdrop": 0.0,
+        "layerdrop": values["layerdrop"],
         "apply_spec_augment": cfg.mask_time_prob > 0,
         "mask_time_prob": cfg.mask_time_prob,
         "mask_time_length": cfg.mask_time_length,
         "mask_feature_prob": 0.0,
-        "hidden_dropout": cfg.hidden_dropout,
-        "activation_dropout": cfg.hidden_dropout,
-        "attention_dropout": cfg.attention_dropout,
-        "feat_proj_dropout": cfg.hidden_dropout,
+        "hidden_dropout": values["hidden_dropout"],
+        "activation_dropout": values["activation_dropout"],
+        "attention_dropout": values["attention_dropout"],
+        "feat_proj_dropout": values["input_dropout"],
     }
 
 
-def build_detector(cfg: ModelConfig, ssl_config: PretrainedConfig | dict | None = None) -> Detector:
+def build_detector(cfg: ModelConfig, ssl_config: PretrainedConfig | dict | None = None, *,
+                   layerdrop_conflicts: Sequence[str] = (), layerdrop_seed: int = 0) -> Detector:
     """A detector for ``cfg``: random init from the preset (or from ``ssl_config``, e.g. the one saved
-    with a checkpoint), or pre-trained SSL weights from ``cfg.pretrained`` (hub id or local path)."""
+    with a checkpoint), or pre-trained SSL weights from ``cfg.pretrained`` (hub id or local path), with
+    the training regularisation of ``regularisation(cfg, layerdrop_conflicts)``."""
     preset = get_preset(cfg.preset)
     encoder_cls = ENCODERS[preset.architecture]
-    overrides = ssl_overrides(cfg)
+    values = regularisation(cfg, layerdrop_conflicts)
+    overrides = ssl_overrides(cfg, values)
     if cfg.pretrained:
         encoder = _load_pretrained(encoder_cls, cfg.pretrained, {**overrides, **preset.pretrained_overrides})
     else:
@@ -122,7 +144,8 @@ def build_detector(cfg: ModelConfig, ssl_config: PretrainedConfig | dict | None 
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.freeze_feature_encoder:
         encoder.freeze_feature_encoder()
-    return Detector(encoder, pool_over_padding=cfg.pool_over_padding)
+    install_feature_grad_mult(encoder, values["feature_grad_mult"])
+    return Detector(encoder, pool_over_padding=cfg.pool_over_padding, layerdrop_seed=layerdrop_seed)
 
 
 def _load_pretrained(encoder_cls: type[PreTrainedModel], source: str, overrides: dict) -> PreTrainedModel:

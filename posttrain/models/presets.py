@@ -23,6 +23,16 @@ _LAYER_NORM = {"feat_extract_norm": "layer", "conv_bias": True, "do_stable_layer
 # facebook/hubert-xlarge-ll60k says conv_bias: true: loading it as is adds conv biases the released
 # detector does not have. Forced onto the pre-trained config of the HuBERT presets.
 _FAIRSEQ_HUBERT = {"conv_bias": False}
+# Training regularisation (keys of posttrain.config.ModelConfig): none by default, and AntiDeepfake's
+# fairseq values where its W2V_configs.py sets them. Its wav2vec 2.0 small config leaves dropout and
+# attention_dropout at fairseq's default 0.1 and sets dropout_input 0.1, encoder_layerdrop 0.05 and
+# feature_grad_mult 0.1; MMS-1B and XLS-R-1B/2B set dropout_input 0.1 (their dropout_features only
+# feeds the pre-training quantiser). HuBERT XL (HBT_configs.py) and the rest set everything to 0.
+NO_REGULARISATION = {"hidden_dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "input_dropout": 0.0,
+                     "layerdrop": 0.0, "feature_grad_mult": 1.0}
+_AD_W2V_SMALL = {**NO_REGULARISATION, "hidden_dropout": 0.1, "attention_dropout": 0.1, "input_dropout": 0.1,
+                 "layerdrop": 0.05, "feature_grad_mult": 0.1}
+_AD_INPUT_DROPOUT = {**NO_REGULARISATION, "input_dropout": 0.1}
 _TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
          "conv_dim": [32, 32, 32], "conv_kernel": [10, 3, 3], "conv_stride": [5, 2, 2],
          "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2}
@@ -41,6 +51,7 @@ class Preset:
     hub_id: str | None = None  # pre-trained SSL weights
     antideepfake_repo: str | None = None  # released post-trained detector (without the -nda suffix)
     pretrained_overrides: dict[str, Any] = field(default_factory=dict)  # fixes to the hub_id config
+    regularisation: dict[str, float] = field(default_factory=lambda: dict(NO_REGULARISATION))  # training defaults
 
     def ssl_config(self, **overrides: Any) -> PretrainedConfig:
         return ARCHITECTURES[self.architecture](**{**self.config_kwargs, **overrides})
@@ -54,7 +65,8 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny_hubert", "hubert", {**_TINY, **_LAYER_NORM, **_FAIRSEQ_HUBERT},
                pretrained_overrides=_FAIRSEQ_HUBERT),
         Preset("wav2vec2_small", "wav2vec2", {**_FULL_CONV, **_GROUP_NORM, **_shape(12, 768, 3072, 12)},
-               95, "facebook/wav2vec2-base", "nii-yamagishilab/wav2vec-small-anti-deepfake"),
+               95, "facebook/wav2vec2-base", "nii-yamagishilab/wav2vec-small-anti-deepfake",
+               regularisation=_AD_W2V_SMALL),
         Preset("wav2vec2_large", "wav2vec2", {**_FULL_CONV, **_LAYER_NORM, **_shape(24, 1024, 4096, 16)},
                317, "facebook/wav2vec2-large-robust", "nii-yamagishilab/wav2vec-large-anti-deepfake"),
         Preset("mms_300m", "wav2vec2", {**_FULL_CONV, **_LAYER_NORM, **_shape(24, 1024, 4096, 16)},
@@ -62,11 +74,13 @@ PRESETS: dict[str, Preset] = {
         Preset("xlsr_300m", "wav2vec2", {**_FULL_CONV, **_LAYER_NORM, **_shape(24, 1024, 4096, 16)},
                317, "facebook/wav2vec2-xls-r-300m", None),
         Preset("mms_1b", "wav2vec2", {**_FULL_CONV, **_LAYER_NORM, **_shape(48, 1280, 5120, 16)},
-               965, "facebook/mms-1b", "nii-yamagishilab/mms-1b-anti-deepfake"),
+               965, "facebook/mms-1b", "nii-yamagishilab/mms-1b-anti-deepfake", regularisation=_AD_INPUT_DROPOUT),
         Preset("xlsr_1b", "wav2vec2", {**_FULL_CONV, **_LAYER_NORM, **_shape(48, 1280, 5120, 16)},
-               965, "facebook/wav2vec2-xls-r-1b", "nii-yamagishilab/xls-r-1b-anti-deepfake"),
+               965, "facebook/wav2vec2-xls-r-1b", "nii-yamagishilab/xls-r-1b-anti-deepfake",
+               regularisation=_AD_INPUT_DROPOUT),
         Preset("xlsr_2b", "wav2vec2", {**_FULL_CONV, **_LAYER_NORM, **_shape(48, 1920, 7680, 16)},
-               2200, "facebook/wav2vec2-xls-r-2b", "nii-yamagishilab/xls-r-2b-anti-deepfake"),
+               2200, "facebook/wav2vec2-xls-r-2b", "nii-yamagishilab/xls-r-2b-anti-deepfake",
+               regularisation=_AD_INPUT_DROPOUT),
         Preset("hubert_xl", "hubert", {**_FULL_CONV, **_LAYER_NORM, **_FAIRSEQ_HUBERT, **_shape(48, 1280, 5120, 16)},
                964, "facebook/hubert-xlarge-ll60k", "nii-yamagishilab/hubert-xlarge-anti-deepfake",
                pretrained_overrides=_FAIRSEQ_HUBERT),

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as torch_dist
 import yaml
 
-from posttrain.config import PosttrainConfig, to_dict
+from posttrain.config import PosttrainConfig, layerdrop_conflicts, to_dict
 from posttrain.data.batch import Batch
 from posttrain.data.files import write_text_atomic
 from posttrain.dist import free_port
@@ -309,7 +309,8 @@ class Trainer:
     def _build_model(self, metadata: dict[str, Any] | None) -> torch.nn.Module:
         from posttrain.models.detector import build_detector
 
-        return build_detector(self.cfg.model, ssl_config=metadata["ssl_config"] if metadata else None)
+        return build_detector(self.cfg.model, ssl_config=metadata["ssl_config"] if metadata else None,
+                              layerdrop_conflicts=layerdrop_conflicts(self.cfg), layerdrop_seed=self.cfg.train.seed)
 
     def _build_engine(self, load_universal: bool) -> Any:
         import deepspeed

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from posttrain.config import ConfigError, EvalSetConfig, FinetuneConfig, to_dict
+from posttrain.config import ConfigError, EvalSetConfig, FinetuneConfig, layerdrop_conflicts, to_dict
 from posttrain.errors import UserError
 from posttrain.train.checkpoint import BEST, CheckpointError, checkpoint_root, read_pointer
 from posttrain.train.engine import (Trainer, TrainResult, checked_deepspeed_config, deepspeed_config, init_distributed,
@@ -147,12 +147,13 @@ def initial_detector(cfg: FinetuneConfig, metadata: dict[str, Any] | None, load_
     names one."""
     from posttrain.models.detector import build_detector
 
+    training = {"layerdrop_conflicts": layerdrop_conflicts(cfg), "layerdrop_seed": cfg.train.seed}
     if metadata is not None:
         cfg.model.preset = metadata.get("preset") or cfg.model.preset
-        return build_detector(cfg.model, ssl_config=metadata["ssl_config"])
+        return build_detector(cfg.model, ssl_config=metadata["ssl_config"], **training)
     loaded, identity = load_model(cfg.finetune.init_from, preset=cfg.finetune.init_preset)
     cfg.model.preset = identity.get("preset") or cfg.model.preset
-    detector = build_detector(cfg.model, ssl_config=loaded.ssl_config.to_dict())
+    detector = build_detector(cfg.model, ssl_config=loaded.ssl_config.to_dict(), **training)
     detector.load_state_dict(loaded.state_dict(), strict=True)
     return detector.train()
 
