@@ -53,7 +53,12 @@ def resolve(argv: list[str]) -> tuple[str | None, list[str]]:
 def _overview(prefix: str = "") -> str:
     rows = [(name, help_text) for name, (_, help_text) in COMMANDS.items() if name.startswith(prefix)]
     width = max(len(name) for name, _ in rows)
-    return "commands:\n" + "\n".join(f"  posttrain {name:<{width}}  {text}" for name, text in rows)
+    return ("commands:\n" + "\n".join(f"  posttrain {name:<{width}}  {text}" for name, text in rows)
+            + f"\n\n{EPILOG}")
+
+
+EPILOG = (f"exit codes: 0 done, 1 the work failed, 2 bad usage or input; {DEBUG_FLAG} (or {DEBUG_ENV}=1) shows "
+          "the traceback of an error")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -74,8 +79,7 @@ def build_parser(command: str):
     module_name, help_text = COMMANDS[command]
     module = importlib.import_module(f"posttrain.commands.{module_name}")
     parser = argparse.ArgumentParser(prog=f"posttrain {command}", description=help_text, formatter_class=HelpFormatter,
-                                     epilog=f"exit codes: 0 done, 1 the work failed, 2 bad usage or input; "
-                                            f"{DEBUG_FLAG} (or {DEBUG_ENV}=1) shows the traceback of an error")
+                                     epilog=EPILOG)
     module.configure(parser)
     return parser, module
 

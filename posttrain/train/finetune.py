@@ -134,6 +134,8 @@ def make_accelerator(cfg: FinetuneConfig) -> "Accelerator":
         raise UserError(f"{ds_file}: no such DeepSpeed config (named by deepspeed_config_file in the accelerate "
                         "config); fix that path, or drop it and set zero_stage there as "
                         "configs/accelerate/deepspeed_zero2.yaml does")
+    if not launched:  # plain python, or an accelerate config without DeepSpeed: posttrain's own settings
+        log.info("no DeepSpeed config from accelerate: ZeRO stage %d from train.zero_stage", cfg.train.zero_stage)
     plugin = DeepSpeedPlugin(zero_stage=None if launched else cfg.train.zero_stage)
     # no cpu=True on CPU: accelerate would then drop the DeepSpeed plugin (DS_ACCELERATOR=cpu picks the device)
     return Accelerator(mixed_precision="no" if cfg.train.precision == "fp32" else cfg.train.precision,
