@@ -34,11 +34,12 @@ def convert_to_export(path: str | Path, out: Path, *, preset: str | None = None,
                       overwrite: bool = False) -> Path:
     """Convert a release and write its transformers export (weights, configs, card, identity)."""
     from posttrain.hub.card import CardInputs, render_card
-    from posttrain.hub.export import export_detector
+    from posttrain.hub.export import export_detector, with_stock_pipeline_gap
     from posttrain.models.detector import count_parameters
     from posttrain.loading import convert_release
 
     detector, identity = convert_release(path, preset=preset, repo_id=repo_id)
+    identity = with_stock_pipeline_gap(detector, identity)  # the card states the stock route's gap
     card = render_card(CardInputs(identity=identity, num_parameters=count_parameters(detector)))
     return export_detector(detector, out, identity, card, kind=EXPORT_KIND, overwrite=overwrite)
 

@@ -61,7 +61,7 @@ def push_to_hub(folder: Path, repo_id: str, *, private: bool = False) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from posttrain.hub.card import CardInputs, read_result, render_card, training_data
-    from posttrain.hub.export import check_out_dir, export_detector
+    from posttrain.hub.export import check_out_dir, export_detector, with_stock_pipeline_gap
     from posttrain.models.detector import count_parameters
     from posttrain.loading import load_model
 
@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         identity.pop("loaded_from")  # where it was read this time: not part of the published identity
         if args.calibration is not None:
             identity["calibration"] = calibration_entry(args.calibration)
+        identity = with_stock_pipeline_gap(detector, identity)
         shards = args.shards if args.shards is not None else training_shards(identity)
         card = render_card(CardInputs(identity=identity, num_parameters=count_parameters(detector),
                                       repo_id=args.repo_id, results=results,

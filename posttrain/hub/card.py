@@ -114,7 +114,8 @@ def render_card(inputs: CardInputs) -> str:
     identity = inputs.identity
     sections = [
         f"---\n{yaml.safe_dump(front_matter(inputs), sort_keys=False)}---\n",
-        _overview(inputs), _usage(inputs), _model(inputs), _training(identity, inputs.training_data),
+        _overview(inputs), _usage(inputs), _input_normalisation(inputs), _model(inputs),
+        _training(identity, inputs.training_data),
         _evaluation(inputs.results), _calibration(identity, inputs.results), _intended_use(identity),
         _license(identity), _provenance(identity),
     ]
@@ -140,8 +141,34 @@ def _usage(inputs: CardInputs) -> str:
             f'detector = pipeline("audio-classification", model="{model}")\n'
             'detector("speech.wav")  # [{"label": "real", "score": ...}, {"label": "fake", "score": ...}]\n```\n\n'
             "The feature extractor resamples nothing: give 16 kHz mono audio (the pipeline resamples files it "
-            "decodes itself). Each utterance is normalised to zero mean and unit variance, as in training. "
+            "decodes itself). Each utterance is normalised to zero mean and unit variance (see Input "
+            "normalisation). Batches of wav2vec 2.0 small (group-norm) models are best scored one file per "
+            "call: transformers' group norm takes the padding into its statistics (`posttrain score` masks it). "
             "For long recordings, score windows and aggregate them (`posttrain score`).\n")
+
+
+def _input_normalisation(inputs: CardInputs) -> str:
+    norm = inputs.identity.get("input_normalisation")
+    if not norm:
+        return ""
+    text = (f"## Input normalisation\n\nThe model was trained on `{norm['formula']}` with eps = {norm['eps']:g} "
+            f"({norm['as_in']}); `posttrain score` and `posttrain eval` read it from `posttrain.json` and "
+            f"score exactly so.")
+    gap = inputs.identity.get("stock_pipeline_gap")
+    if not gap:
+        return text + " The stock feature extractor (`pipeline`) normalises the same way.\n"
+    model = inputs.repo_id or "path/to/this/folder"
+    rows = [("max |logit difference|", *(f"{value:.1e}" for value in gap["max_abs_logit_diff"]))]
+    return (text + f" The stock `Wav2Vec2FeatureExtractor` (what `pipeline` uses) has eps "
+            f"{gap['stock_extractor_eps']:g} built in, with no setting to change it, so on quiet input its "
+            f"scores drift from the model's own. Measured on this model with a {gap['probe']}, per input peak "
+            f"level:\n\n" + _table(("input peak (dBFS)", *(f"{level:g}" for level in gap["levels_dbfs"])), rows)
+            + "\nExact scores with `transformers` alone: normalise yourself and turn the extractor's off.\n\n"
+            "```python\nimport torch\nfrom transformers import AutoFeatureExtractor, AutoModelForAudioClassification\n\n"
+            f'extractor = AutoFeatureExtractor.from_pretrained("{model}", do_normalize=False)\n'
+            f'model = AutoModelForAudioClassification.from_pretrained("{model}")\n'
+            f"wave = torch.nn.functional.layer_norm(wave, wave.shape, eps={norm['eps']:g})  # 16 kHz mono, float32\n"
+            'logits = model(**extractor(wave.numpy(), sampling_rate=16000, return_tensors="pt")).logits\n```\n')
 
 
 def _model(inputs: CardInputs) -> str:

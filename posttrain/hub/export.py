@@ -130,7 +130,15 @@ def stock_pipeline_gap(detector: Detector) -> dict[str, Any]:
         gaps.append(float((own - stock[:, rows]).abs().max()))
     return {"levels_dbfs": list(GAP_LEVELS_DBFS), "max_abs_logit_diff": gaps, "model_eps": detector.input_eps,
             "stock_extractor_eps": STOCK_EXTRACTOR_EPS,
-            "probe": f"{PROBE_SECONDS:g} s synthetic voiced speech (posttrain.hub.export.probe_waveform)"}
+            "probe": f"{PROBE_SECONDS:g} s synthetic voiced-speech probe (posttrain.hub.export.probe_waveform)"}
+
+
+def with_stock_pipeline_gap(detector: Detector, identity: Mapping[str, Any]) -> dict[str, Any]:
+    """``identity`` plus the measured ``stock_pipeline_gap`` when the model's normalisation is not the
+    stock extractor's (an AntiDeepfake release and its offspring): what its card must state."""
+    if detector.input_eps == STOCK_EXTRACTOR_EPS:
+        return dict(identity)
+    return {**identity, "stock_pipeline_gap": stock_pipeline_gap(detector)}
 
 
 def to_transformers(detector: Detector) -> PreTrainedModel:
