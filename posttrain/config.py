@@ -130,6 +130,10 @@ class ModelConfig:
     # AntiDeepfake's training batches: zero padding unmasked through the encoder and into the mean
     # (training only; validation and scoring always mask padding). Off: padding never reaches the pool.
     pool_over_padding: bool = False
+    # eps of the per-utterance input normalisation, (x - mean) / sqrt(var + eps). None = the model's own:
+    # 1e-7 (transformers' feature extractor) for a new model, AntiDeepfake's 1e-5 for a converted release
+    # and models fine-tuned from one. 1e-5 trains a new model with AntiDeepfake's normalisation.
+    input_norm_eps: float | None = None
 
     def validate(self) -> None:
         require(0.0 <= self.mask_time_prob < 1.0, "mask_time_prob", "must be in [0, 1)")
@@ -139,6 +143,8 @@ class ModelConfig:
             require(value is None or 0.0 <= value < 1.0, key, "must be in [0, 1) (or null: the preset's value)")
         require(self.feature_grad_mult is None or self.feature_grad_mult > 0, "feature_grad_mult",
                 "must be > 0 (or null: the preset's value); freeze the extractor with freeze_feature_encoder")
+        require(self.input_norm_eps is None or self.input_norm_eps > 0, "input_norm_eps",
+                "must be > 0 (or null: the model's own)")
 
 
 # ----------------------------------------------------------------------------------------- training

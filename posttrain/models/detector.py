@@ -145,6 +145,8 @@ def build_detector(cfg: ModelConfig, ssl_config: PretrainedConfig | dict | None 
     if cfg.freeze_feature_encoder:
         encoder.freeze_feature_encoder()
     install_feature_grad_mult(encoder, values["feature_grad_mult"])
+    if cfg.input_norm_eps is not None:  # else the loaded/saved config's own (absent: TRANSFORMERS_INPUT_EPS)
+        setattr(encoder.config, INPUT_EPS_FIELD, cfg.input_norm_eps)
     return Detector(encoder, pool_over_padding=cfg.pool_over_padding, layerdrop_seed=layerdrop_seed)
 
 

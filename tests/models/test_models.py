@@ -133,3 +133,21 @@ def test_hubert_presets_drop_the_conv_bias_the_hub_config_claims(tmp_path):
     source = hub_like.state_dict()
     for name, tensor in detector.encoder.state_dict().items():
         torch.testing.assert_close(tensor, source[name])
+
+
+def test_input_normalisation_eps_is_the_models_own_unless_configured(tmp_path):
+    from posttrain.config import ConfigError, load_config
+    from posttrain.data.batch import ANTIDEEPFAKE_INPUT_EPS, TRANSFORMERS_INPUT_EPS
+
+    fresh = build_detector(ModelConfig(preset="tiny"))
+    assert fresh.input_eps == TRANSFORMERS_INPUT_EPS
+    as_antideepfake = build_detector(ModelConfig(preset="tiny", input_norm_eps=ANTIDEEPFAKE_INPUT_EPS))
+    saved = as_antideepfake.ssl_config.to_dict()  # what a checkpoint keeps
+    assert build_detector(ModelConfig(preset="tiny"), ssl_config=saved).input_eps == ANTIDEEPFAKE_INPUT_EPS
+    waves = torch.full((1, 4000), 1e-4) * torch.sin(torch.arange(4000.0))[None]  # quiet: eps matters
+    lengths = torch.tensor([4000])
+    torch.testing.assert_close(as_antideepfake.normalise(waves, lengths),
+                               normalize_waveforms(waves, lengths, eps=ANTIDEEPFAKE_INPUT_EPS))
+    assert not torch.allclose(fresh.normalise(waves, lengths), as_antideepfake.normalise(waves, lengths), atol=1e-3)
+    with pytest.raises(ConfigError, match="model.input_norm_eps"):
+        load_config(None, ["model.input_norm_eps=0"])
