@@ -120,3 +120,14 @@ def test_command_defaults_agree_with_the_configs():
         if path.stem != "demo":
             data = yaml.safe_load(path.read_text())["data"]
             assert (data["train"]["shards"], data["valid"]["shards"]) == (["data/shards/train"], ["data/shards/valid"]), path
+
+
+def test_readme_documents_the_exit_codes_the_commands_use():
+    from posttrain.cli import EPILOG
+    from posttrain.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
+    text = (REPO / "README.md").read_text()
+    table = {code: meaning.strip() for code, meaning in re.findall(r"^\| (\d) \| ([^|]+?)[:|]", text, flags=re.M)}
+    assert table == {str(EXIT_OK): "done", str(EXIT_FAILED): "the work failed",
+                     str(EXIT_USAGE): "bad usage or input"}
+    assert all(f"{code} {meaning}" in EPILOG for code, meaning in table.items())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 SPLITS = ("train", "valid", "test")
@@ -28,8 +29,9 @@ def _stage(title: str, argv: list[str]) -> None:
 
     print(f"\n=== {title}\n$ posttrain {' '.join(argv)}", flush=True)
     code = main(argv)
-    if code:
-        raise SystemExit(f"posttrain demo: stage '{title}' failed with exit code {code}")
+    if code:  # the stage said why; the demo stops with the stage's own exit code
+        print(f"posttrain demo: stage '{title}' failed (exit code {code})", file=sys.stderr)
+        raise SystemExit(code)
 
 
 def run(args: argparse.Namespace) -> int:
