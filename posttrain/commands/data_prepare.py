@@ -20,7 +20,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.data.recipes import prepare
+    from posttrain.data.recipes import RECIPES, prepare
 
     result = prepare(args.corpus, args.root, args.out, num_workers=args.num_workers,
                      skip_missing=args.skip_missing, progress=not args.no_progress)
@@ -32,4 +32,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped {problem}", file=sys.stderr)
     if result.skipped:
         print(f"skipped {len(result.skipped)} missing/unreadable file(s)", file=sys.stderr)
+    note = RECIPES[args.corpus].parity_note
+    if note:
+        print(f"note: {note}")
     return 0

@@ -376,6 +376,16 @@ def assert_malformed_layout_is_named(name, make, breaks, tmp_path):
         assert where in str(error.value)
 
 
+def test_prepare_names_what_it_leaves_out_as_antideepfake(tmp_path, capsys):
+    from posttrain.cli import main
+
+    lay = Layout(tmp_path / "codecfake")
+    make_codecfake(lay)
+    assert main(["data", "prepare", "codecfake", "--root", str(lay.root), "--out", str(tmp_path / "c.csv"),
+                 "--no-progress"]) == 0
+    assert "note: only train, dev and C7, each without its first row" in capsys.readouterr().out
+
+
 def test_voxceleb2_reads_m4a_headers_with_ffprobe(tmp_path):
     lay = Layout(tmp_path / "vox")
     path = lay.audio("dev/aac/id00012/21Uxsk56VDQ/00001.m4a")

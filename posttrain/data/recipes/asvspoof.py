@@ -108,5 +108,6 @@ RECIPES = [
     Recipe("asvspoof2019_la", "ASV19LA", asvspoof2019_la, "ASVspoof 2019 LA, cm protocols + flac"),
     Recipe("asvspoof2021_la", "ASV21LA", asvspoof2021_la, "ASVspoof 2021 LA eval, keys/LA/CM/trial_metadata.txt"),
     Recipe("asvspoof2021_df", "ASV21DF", asvspoof2021_df, "ASVspoof 2021 DF eval, keys/DF/CM/trial_metadata.txt"),
-    Recipe("asvspoof5", "ASV5", asvspoof5, "ASVspoof 5 track 1, ASVspoof5.*.tsv + flac_T/D/E_eval"),
+    Recipe("asvspoof5", "ASV5", asvspoof5, "ASVspoof 5 track 1, ASVspoof5.*.tsv + flac_T/D/E_eval",
+           "the first row of each TSV is left out, as AntiDeepfake's script does (docs/parity.md)"),
 ]

@@ -61,6 +61,8 @@ class Recipe:
     prefix: str
     entries: Callable[[Path], Iterable[Entry]]
     summary: str
+    # where the recipe leaves data out on purpose, as AntiDeepfake does: printed by `data prepare`
+    parity_note: str = ""
 
 
 @dataclass(frozen=True)

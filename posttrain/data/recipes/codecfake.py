@@ -41,4 +41,5 @@ def codecfake(root: Path) -> Iterator[Entry]:
                         attack="-" if label == "real" else f"F{int(codec):02d}", source=where)
 
 
-RECIPES = [Recipe("codecfake", "Codecf", codecfake, "Codecfake, label/{train,dev,C7}.txt + {train,dev,C7}/*.wav")]
+RECIPES = [Recipe("codecfake", "Codecf", codecfake, "Codecfake, label/{train,dev,C7}.txt + {train,dev,C7}/*.wav",
+                  "only train, dev and C7, each without its first row, as AntiDeepfake (docs/parity.md)")]

@@ -40,4 +40,5 @@ def dsd(root: Path) -> Iterator[Entry]:
                     speaker=record["Speaker name"], language=language, source=where)
 
 
-RECIPES = [Recipe("dsd", "DSD", dsd, f"DSD, {METADATA} + <file>.wav")]
+RECIPES = [Recipe("dsd", "DSD", dsd, f"DSD, {METADATA} + <file>.wav",
+                  "the first record after the header is left out, as AntiDeepfake's script does (docs/parity.md)")]

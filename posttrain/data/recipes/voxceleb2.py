@@ -40,4 +40,5 @@ def voxceleb2(root: Path) -> Iterator[Entry]:
     return clips(root, ("dev",))
 
 
-RECIPES = [Recipe("voxceleb2", "VoxCeleb2", voxceleb2, "VoxCeleb2 dev set (as AD), dev/aac/<speaker>/<video>/*")]
+RECIPES = [Recipe("voxceleb2", "VoxCeleb2", voxceleb2, "VoxCeleb2 dev set (as AD), dev/aac/<speaker>/<video>/*",
+                  "the dev set only (a test/ folder is not read), as AntiDeepfake (docs/parity.md)")]
