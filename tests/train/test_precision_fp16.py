@@ -42,3 +42,14 @@ def test_fp16_post_training_runs_with_half_weights(shard_dir, tmp_path):
     saved = torch.load(states, map_location="cpu", weights_only=False)  # our own DeepSpeed file
     assert {tensor.dtype for tensor in saved["module"].values()} == {torch.float16}  # the engine ran in fp16
     assert saved["ds_config"]["fp16"]["enabled"] and not saved["ds_config"]["bf16"]["enabled"]
+
+
+def test_fp16_fine_tune_keeps_posttrains_loss_scaling_whatever_accelerate_says():
+    from posttrain.config import FinetuneConfig
+    from posttrain.train.finetune import plugin_deepspeed_config
+
+    cfg = load_config(None, ["finetune.init_from=x", "train.precision=fp16"], cls=FinetuneConfig)
+    merged = plugin_deepspeed_config({"bf16": {"enabled": True}, "fp16": {"enabled": "auto", "loss_scale": 128},
+                                      "zero_optimization": {"stage": 2}}, cfg)
+    assert merged["bf16"] == {"enabled": False}
+    assert merged["fp16"]["enabled"] is True and merged["fp16"]["loss_scale"] == 0  # dynamic, as GradScaler
