@@ -25,12 +25,13 @@ import torch
 import torch.distributed as torch_dist
 import yaml
 
-from posttrain.config import PosttrainConfig, layerdrop_conflicts, to_dict
+from posttrain.config import ConfigError, PosttrainConfig, layerdrop_conflicts, to_dict
 from posttrain.data.batch import Batch
 from posttrain.data.files import write_text_atomic
 from posttrain.dist import free_port
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.partitions import check_zero_section
+from posttrain.train.run_lock import RunLock, RunLockError
 from posttrain.train.schedule import build_scheduler
 from posttrain.train.step import (EDITS_PARTITIONS, SkippableAdamW, StepContext, StepStats, dummy_batch, get_step_mode,
                                   make_augment, model_inputs, step_mode_name)
@@ -263,14 +264,43 @@ class _Meter:
         return metrics
 
 
+def check_data_sets(cfg: PosttrainConfig) -> None:
+    """Every shard set of the run can serve its role (indexed, non-empty, a validation set with both
+    classes, no rows of another split): ``ConfigError`` naming the key and the folder otherwise."""
+    from posttrain.data.shards import ShardFormatError, check_shard_set
+
+    for role in ("train", "valid"):
+        for i, directory in enumerate(getattr(cfg.data, role).shards):
+            try:
+                check_shard_set(directory, role)
+            except ShardFormatError as error:
+                raise ConfigError(f"data.{role}.shards[{i}]", str(error)) from None
+
+
+def acquire_run_lock(output_dir: Path, rank: int) -> RunLock | None:
+    """Rank 0 takes the output folder's run lock; every rank raises ``RunLockError`` if it could not."""
+    lock, refusal = None, None
+    if rank == 0:
+        try:
+            lock = RunLock.acquire(output_dir)
+        except RunLockError as error:
+            refusal = str(error)
+    if torch_dist.get_world_size() > 1:
+        box = [refusal]
+        torch_dist.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal is not None:
+        raise RunLockError(refusal)
+    return lock
+
+
 class Trainer:
     """The state of one training run; ``train(cfg)`` is the entry point."""
 
     def __init__(self, cfg: PosttrainConfig, device: torch.device | None = None):
         """``device`` given: the process group is already up (e.g. accelerate's); else it is started."""
-        from posttrain.data.stream import ShardStream
-
         self.cfg = cfg
+        check_data_sets(cfg)  # a one-line error now, not a traceback after the first epoch
         if device is None:
             device = resolve_device(cfg)
             init_distributed(device)
@@ -278,7 +308,23 @@ class Trainer:
         self.rank, self.world_size = torch_dist.get_rank(), torch_dist.get_world_size()
         self.output_dir = Path(cfg.output_dir)
         self.root = ckpt.checkpoint_root(self.output_dir)
+        self.run_lock = acquire_run_lock(self.output_dir, self.rank)
+        try:
+            self._set_up()
+        except BaseException:
+            self.release()
+            raise
 
+    def release(self) -> None:
+        """Let another run write into the output folder (the end of ``fit``, or a failed set-up)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
+    def _set_up(self) -> None:
+        from posttrain.data.stream import ShardStream
+
+        cfg = self.cfg
         resume = ckpt.find_resume(cfg.checkpoint.resume, self.output_dir)
         metadata = ckpt.read_metadata(resume) if resume is not None else None
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
@@ -458,6 +504,7 @@ class Trainer:
         finally:
             bar.close()
             self.tracker.finish(status)
+            self.release()
         return TrainResult(progress=progress, output_dir=self.output_dir, last_checkpoint=self.last_checkpoint,
                            mlflow_run_id=self.run_id, history=self.history)
 

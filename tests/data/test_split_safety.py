@@ -129,3 +129,29 @@ def test_mix_build_keeps_exactly_the_declared_proportions(declared, mixed_corpus
     assert _built_ids(out) == {sample_key(row.id) for row in rows if row.proportion in declared}
     assert index["split"] == "train" and index["mixed_proportions"] == (len(declared) > 1)
     check_shard_set(out, "train")
+
+
+@pytest.mark.parametrize("case", ["test rows as train", "one-class valid", "unindexed valid"])
+def test_training_refuses_an_unfit_shard_set_before_it_starts(case, mixed_corpus, shard_dir, tmp_path, capsys):
+    from posttrain.cli import main
+
+    root, protocol, rows = mixed_corpus
+    train, valid = shard_dir, tmp_path / "valid"
+    if case == "test rows as train":  # checked first: the validation set does not matter
+        train = tmp_path / "test"
+        build_shards([protocol], root, train, split="test", progress=False)
+        key, expected = "data.train.shards[0]", "a train set holding protocol rows of another split (4 test)"
+    else:
+        valid_rows = [row for row in rows if row.proportion == "valid" and row.label == "real"]
+        write_protocol(valid_rows, tmp_path / "valid.csv")
+        if case == "one-class valid":
+            build_shards([tmp_path / "valid.csv"], root, valid, progress=False)
+        key, expected = "data.valid.shards[0]", ("the validation set has no fake samples" if case == "one-class valid"
+                                                 else "no shard index")
+    out = tmp_path / "run"
+    code = main(["train", "--config", "configs/posttrain/demo.yaml", f"output_dir={out}", "tracking.enabled=false",
+                 f"data.train.shards=[{train}]", f"data.valid.shards=[{valid}]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "Traceback" not in err[0]
+    assert key in err[0] and expected in err[0] and str(train if key.startswith("data.train") else valid) in err[0]
+    assert not out.exists()  # refused before anything was written
