@@ -25,7 +25,8 @@ CORPUS_RATES_HZ = (16000, 22050, 44100, 48000, 8000)
 # soundfile format name, subtype, file extension
 CORPUS_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS")}
 # kind of bad file -> the reject reason the shard builder must give it
-BAD_AUDIO_REASONS = {"unreadable": "unreadable", "empty": "empty", "nan": "non-finite", "short": "too-short"}
+BAD_AUDIO_REASONS = {"unreadable": "unreadable", "empty": "empty", "nan": "nan", "short": "too_short",
+                     "missing": "missing", "mismatch": "duration_mismatch"}
 
 
 @dataclasses.dataclass
@@ -64,7 +65,7 @@ def write_corpus(directory: Path, name: str = "corpus", *, num_files: int = 12, 
 
     IDs are ``<PREFIX>-<name>_<i>`` over 3 corpus prefixes (one ID holds a dot, to exercise key
     sanitising), labels alternate real/fake, fakes carry attacks A01/A02, languages cycle en/de/zh.
-    ``bad`` adds one broken file per kind in ``BAD_AUDIO_REASONS`` (unreadable/empty/nan/short).
+    ``bad`` adds one broken row per kind in ``BAD_AUDIO_REASONS`` (unreadable/empty/nan/short/missing/mismatch).
     """
     from posttrain.data.protocol import ProtocolRow, write_protocol
 
@@ -112,9 +113,11 @@ def write_corpus(directory: Path, name: str = "corpus", *, num_files: int = 12, 
             sf.write(path, wave, 16000, subtype="FLOAT")
         elif kind == "short":
             sf.write(path, _signal("sine", 320, 16000, 1, rng), 16000, subtype="PCM_16")
-        else:
+        elif kind == "mismatch":  # 1 s of audio, the row says 3 s (a truncated file)
+            sf.write(path, _signal("sine", 16000, 16000, 1, rng), 16000, subtype="PCM_16")
+        elif kind != "missing":
             raise ValueError(f"unknown bad audio kind {kind!r}; known: {sorted(BAD_AUDIO_REASONS)}")
-        row = add(index, relative, 0.02 if kind == "short" else 1.0, 16000, 1, "wav")
+        row = add(index, relative, {"short": 0.02, "mismatch": 3.0}.get(kind, 1.0), 16000, 1, "wav")
         rejects[row.id] = BAD_AUDIO_REASONS[kind]
 
     protocol = Path(directory) / f"{name}.csv"

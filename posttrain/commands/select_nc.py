@@ -142,5 +142,5 @@ def run(args: argparse.Namespace) -> int:
         except (ShardBuildError, ValueError) as error:
             print(f"posttrain select nc: error: shards: {error}", file=sys.stderr)
             return 1
-        print(format_index(index))
+        print(format_index(index, args.out / "shards"))
     return 0

@@ -48,6 +48,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes, each building whole shards")
     parser.add_argument("--strict", action="store_true", help="fail on any rejected audio instead of skipping it")
     parser.add_argument("--min-seconds", type=float, default=0.1, help="shorter audio is rejected")
+    from posttrain.data.shard_build import DEFAULT_DURATION_TOLERANCE_S
+
+    parser.add_argument("--duration-tolerance-s", type=float, default=DEFAULT_DURATION_TOLERANCE_S,
+                        help="decoded audio differing from the protocol's Duration by more than this (+0.1 %%) is "
+                             "rejected as duration_mismatch")
     parser.add_argument("--task-index", type=int, default=None,
                         help="this task of a split build (default: SLURM_ARRAY_TASK_ID, else 0)")
     parser.add_argument("--num-tasks", type=int, default=None,
@@ -92,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = dict(name=args.name, max_samples_per_shard=args.max_samples_per_shard, max_shard_mb=args.max_shard_mb,
                    seed=args.seed, num_workers=args.workers, strict=args.strict, min_seconds=args.min_seconds,
+                   duration_tolerance_s=args.duration_tolerance_s,
                    task_index=task_index, num_tasks=num_tasks, progress=not args.no_progress)
     protocols, selection = _selection(args)
     options.update(selection)
@@ -101,5 +107,5 @@ def run(args: argparse.Namespace) -> int:
     if index is None:
         print(f"task {task_index} of {num_tasks} done; run `posttrain shards merge {args.out}` after all tasks")
     else:
-        print(format_index(index))
+        print(format_index(index, args.out))
     return 0

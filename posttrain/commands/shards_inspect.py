@@ -12,5 +12,5 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    print(format_index(load_index(args.directory)))
+    print(format_index(load_index(args.directory), args.directory))
     return 0

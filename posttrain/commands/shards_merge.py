@@ -13,5 +13,5 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.data.shard_build import merge
     from posttrain.data.shards import format_index
 
-    print(format_index(merge(args.directory)))
+    print(format_index(merge(args.directory), args.directory))
     return 0

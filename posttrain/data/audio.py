@@ -7,25 +7,37 @@ Resampling is torchaudio's windowed-sinc resampler.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
+import logging
+import os
+import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import soundfile as sf
 
 from posttrain.config import SAMPLE_RATE_HZ
 
+log = logging.getLogger(__name__)
+
 
 class AudioError(ValueError):
-    """Audio that cannot enter a shard; ``reason`` is one short word used to count rejects."""
+    """Audio that cannot enter a shard; ``reason`` says what happened, counted in ``rejects.jsonl``:
+    ``missing`` (no such file), ``unreadable`` (no decoder could read it: the decoder's own message),
+    ``empty`` (no samples), ``nan`` (NaN/inf samples), ``too_short``, ``duration_mismatch`` (the decoded
+    audio disagrees with the protocol's ``Duration``)."""
 
-    REASONS = ("unreadable", "empty", "non-finite", "too-short", "duration-mismatch")
+    REASONS = ("missing", "unreadable", "empty", "nan", "too_short", "duration_mismatch")
 
     def __init__(self, reason: str, detail: str):
         if reason not in self.REASONS:
@@ -51,21 +63,83 @@ def _describe(source: str | Path | bytes) -> str:
     return f"<{len(source)} bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
 
 
+# libsndfile's answers when it simply does not know a format; for a file that exists they say nothing
+# about it (its "possibly a pipe?" even misleads), so the message is then ffmpeg's own.
+_SOUNDFILE_GENERIC = ("Format not recognised", "possibly a pipe")
+# What libmpg123 (inside libsndfile) prints straight to the process's stderr on slightly odd mp3s.
+_DECODER_CHATTER = re.compile(r"^(Note:|Warning:|\[src/libmpg123/)")
+
+
+@contextlib.contextmanager
+def _native_stderr_captured() -> Iterator[list[str]]:
+    """Capture what C libraries write to file descriptor 2 meanwhile (the yielded list gets its lines).
+
+    Lines that are not decoder chatter go back to stderr afterwards (another thread's message is
+    delayed, not lost); the chatter is the caller's to use (a reject's detail) or drop.
+    """
+    lines: list[str] = []
+    with _STDERR_LOCK, tempfile.TemporaryFile() as capture:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode(errors="replace")
+            lines += [line for line in text.splitlines() if _DECODER_CHATTER.match(line)]
+            other = "".join(line + "\n" for line in text.splitlines() if line and not _DECODER_CHATTER.match(line))
+            if other:
+                sys.stderr.write(other)
+    if lines:
+        log.debug("decoder notes: %s", "; ".join(lines))
+
+
+_STDERR_LOCK = threading.Lock()
+
+
+def _soundfile_read(source: str | Path | bytes) -> tuple[np.ndarray, int]:
+    handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    with _native_stderr_captured():
+        samples, rate = sf.read(handle, dtype="float32", always_2d=True)
+    return samples, int(rate)
+
+
+def _soundfile_message(error: Exception) -> str:
+    """libsndfile's own words, without soundfile's "Error opening <path>: " prefix."""
+    return str(error).split("': ", 1)[-1].split(">: ", 1)[-1].strip()
+
+
 def decode(source: str | Path | bytes) -> tuple[np.ndarray, int]:
     """Decode a file path or encoded bytes to ``([frames, channels] float32, sample_rate_hz)``."""
     if not isinstance(source, (bytes, bytearray)) and not Path(source).is_file():
-        raise AudioError("unreadable", f"{source}: no such file")
+        raise AudioError("missing", f"{source}: no such file")
+    if not isinstance(source, (bytes, bytearray)) and Path(source).stat().st_size == 0:
+        raise AudioError("empty", f"{source}: a 0-byte file")
     try:
-        handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-        samples, rate = sf.read(handle, dtype="float32", always_2d=True)
-        return samples, int(rate)
+        return _soundfile_read(source)
     except (sf.LibsndfileError, RuntimeError, TypeError) as error:
-        soundfile_error = error
+        soundfile_message = _soundfile_message(error)
     try:
         return decode_with_ffmpeg(source)
     except AudioError as error:
-        raise AudioError("unreadable", f"{_describe(source)}: soundfile: {soundfile_error}; "
-                                       f"ffmpeg: {error.detail}") from None
+        ffmpeg_message = error.detail
+    generic = any(words in soundfile_message for words in _SOUNDFILE_GENERIC)
+    detail = ffmpeg_message if generic else f"{soundfile_message} (libsndfile); {ffmpeg_message}"
+    raise AudioError("unreadable", f"{_describe(source)}: {detail}")
+
+
+def _ffmpeg_words(stderr: str, path: Path) -> str:
+    """ffmpeg's own message: its last lines, without the path and ``[demuxer @ 0x...]`` prefixes."""
+    lines = []
+    for line in stderr.strip().splitlines()[-3:]:
+        line = re.sub(r"^\[[^\]]* @ 0x[0-9a-f]+\] ", "", line.strip())
+        line = line[len(str(path)) + 2:] if line.startswith(f"{path}: ") else line
+        if line and line not in lines:
+            lines.append(line)
+    return "; ".join(lines)[-300:] or "no message"
 
 
 def _ffmpeg_binary(name: str) -> str:
@@ -83,7 +157,7 @@ def _probe_stream(path: Path) -> tuple[int, int]:
         capture_output=True, text=True, check=False)
     streams = json.loads(result.stdout or "{}").get("streams", []) if result.returncode == 0 else []
     if not streams:
-        raise AudioError("unreadable", f"{path}: ffprobe found no audio stream {result.stderr.strip()[-300:]}")
+        raise AudioError("unreadable", f"ffmpeg: {_ffmpeg_words(result.stderr, path) if result.stderr.strip() else 'no audio stream'}")
     return int(streams[0]["sample_rate"]), int(streams[0]["channels"])
 
 
@@ -103,7 +177,7 @@ def decode_with_ffmpeg(source: str | Path | bytes) -> tuple[np.ndarray, int]:
          "-f", "f32le", "-acodec", "pcm_f32le", "-ac", str(channels), "-ar", str(rate), "pipe:1"],
         capture_output=True, check=False)
     if result.returncode != 0:
-        raise AudioError("unreadable", f"{path}: ffmpeg failed: {result.stderr.decode(errors='replace')[-300:]}")
+        raise AudioError("unreadable", f"ffmpeg: {_ffmpeg_words(result.stderr.decode(errors='replace'), path)}")
     samples = np.frombuffer(result.stdout, dtype="<f4").astype(np.float32)
     return samples[: len(samples) // channels * channels].reshape(-1, channels), rate
 
@@ -138,10 +212,10 @@ def check(samples: np.ndarray, sample_rate_hz: int, min_seconds: float, source: 
     if samples.size == 0:
         raise AudioError("empty", f"{source}: no samples")
     if not np.isfinite(samples).all():
-        raise AudioError("non-finite", f"{source}: {int((~np.isfinite(samples)).sum())} NaN/inf samples")
+        raise AudioError("nan", f"{source}: {int((~np.isfinite(samples)).sum())} NaN/inf samples")
     seconds = samples.shape[0] / sample_rate_hz
     if seconds < min_seconds:
-        raise AudioError("too-short", f"{source}: {seconds:.3f} s < min {min_seconds:g} s")
+        raise AudioError("too_short", f"{source}: {seconds:.3f} s < min {min_seconds:g} s")
 
 
 def load(source: str | Path | bytes, *, sample_rate_hz: int = SAMPLE_RATE_HZ,

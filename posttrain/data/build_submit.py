@@ -138,7 +138,7 @@ def run_submitted(args: argparse.Namespace, protocols: list[str], options: Build
                          "--local-tasks/--submitit-array")
     if args.local_tasks is not None:
         print(format_index(build_local(protocols, args.root, args.out, options, args.local_tasks,
-                                       timeout_min=args.timeout_min)))
+                                       timeout_min=args.timeout_min), args.out))
         return 0
     submission = submit_slurm(protocols, args.root, args.out, options, args.submitit_array,
                               partition=args.slurm_partition, timeout_min=args.timeout_min)

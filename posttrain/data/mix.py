@@ -344,7 +344,8 @@ def estimate_shards(rows: list[ProtocolRow], options: Any) -> ShardEstimate:
     from posttrain.data.shard_build import MEGABYTE, TAR_END_BYTES, plan_shards, row_bytes_bound
 
     specs = plan_shards(rows, options)
-    sizes_mb = [(sum(row_bytes_bound(row) for row in spec.rows) + TAR_END_BYTES) / MEGABYTE for spec in specs]
+    sizes_mb = [(sum(row_bytes_bound(row, options.duration_tolerance_s) for row in spec.rows) + TAR_END_BYTES)
+                / MEGABYTE for spec in specs]
     return ShardEstimate(
         num_shards=len(specs), samples=len(rows), max_samples_per_shard=options.max_samples_per_shard,
         max_shard_mb=options.max_shard_mb, mean_samples_per_shard=len(rows) / len(specs) if specs else 0.0,

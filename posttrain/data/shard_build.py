@@ -41,10 +41,11 @@ log = logging.getLogger(__name__)
 STAGING_DIR = ".staging"
 RECORDS_DIR = ".records"
 MEGABYTE = 1_000_000
-# Decoded audio may exceed the CSV duration by this much before it counts as a CSV error; the byte
-# bound of the plan relies on it (``%.6g`` durations and resampling round by far less).
+# Decoded audio may differ from the CSV duration by this ratio plus ``duration_tolerance_s`` before the
+# row is a ``duration_mismatch`` reject; the byte bound of the plan relies on the upper side
+# (``%.6g`` durations and resampling round by far less; lossy codecs pad up to ~50 ms).
 DURATION_SLACK_RATIO = 1.001
-DURATION_SLACK_S = 0.05
+DEFAULT_DURATION_TOLERANCE_S = 0.05
 # FLAC never exceeds 16-bit PCM by more than its frame headers (<0.2 % measured on white noise) plus
 # ~100 bytes of stream header; a tar member adds a 512-byte header and up to 511 bytes of padding.
 FLAC_RATIO = 1.002
@@ -78,6 +79,7 @@ class BuildOptions:
     max_shard_mb: float = 1000.0  # MB = 10^6 bytes
     seed: int = 0
     min_seconds: float = 0.1
+    duration_tolerance_s: float = DEFAULT_DURATION_TOLERANCE_S
     num_workers: int = 1
     strict: bool = False
     task_index: int = 0
@@ -92,6 +94,7 @@ class BuildOptions:
     def __post_init__(self) -> None:
         checks = {"max_samples_per_shard": self.max_samples_per_shard >= 1, "max_shard_mb": self.max_shard_mb > 0,
                   "min_seconds": self.min_seconds >= 0, "num_workers": self.num_workers >= 1,
+                  "duration_tolerance_s": self.duration_tolerance_s >= 0,
                   "num_tasks": self.num_tasks >= 1, "task_index": 0 <= self.task_index < self.num_tasks,
                   "name": self.name is None or (bool(self.name) and sample_key(self.name) == self.name),
                   "split": self.split is None or self.split in SPLITS,
@@ -149,9 +152,9 @@ def asked_mixed(options: BuildOptions) -> bool:
     return options.proportions is not None and len(set(options.proportions) & set(SPLITS)) > 1
 
 
-def max_seconds(row: ProtocolRow) -> float:
-    """The longest decoded audio accepted for a row (the plan's byte bound assumes it)."""
-    return row.duration_s * DURATION_SLACK_RATIO + DURATION_SLACK_S
+def seconds_range(row: ProtocolRow, tolerance_s: float = DEFAULT_DURATION_TOLERANCE_S) -> tuple[float, float]:
+    """The shortest and longest decoded audio accepted for a row (the plan's byte bound assumes the latter)."""
+    return (row.duration_s / DURATION_SLACK_RATIO - tolerance_s, row.duration_s * DURATION_SLACK_RATIO + tolerance_s)
 
 
 def sample_meta(row: ProtocolRow, num_samples: int, orig_sample_rate_hz: int) -> dict[str, Any]:
@@ -165,9 +168,9 @@ def _meta_bytes(meta: dict[str, Any]) -> bytes:
     return json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
 
 
-def row_bytes_bound(row: ProtocolRow) -> int:
+def row_bytes_bound(row: ProtocolRow, tolerance_s: float = DEFAULT_DURATION_TOLERANCE_S) -> int:
     """An upper bound on the tar bytes a row adds (16-bit PCM bounds FLAC at 16 kHz mono)."""
-    num_samples = math.ceil(max_seconds(row) * SAMPLE_RATE_HZ)
+    num_samples = math.ceil(seconds_range(row, tolerance_s)[1] * SAMPLE_RATE_HZ)
     widest_meta = _meta_bytes(sample_meta(row, 10**12, 10**9))
     return (math.ceil(2 * num_samples * FLAC_RATIO) + FLAC_HEADER_BYTES + len(widest_meta)
             + 2 * TAR_MEMBER_BYTES)
@@ -186,7 +189,7 @@ def plan_shards(rows: list[ProtocolRow], options: BuildOptions) -> list[ShardSpe
     chunks: list[list[ProtocolRow]] = []
     used = budget + 1
     for row in ordered:
-        size = row_bytes_bound(row)
+        size = row_bytes_bound(row, options.duration_tolerance_s)
         if size > budget:
             log.warning("%s: up to %.1f MB alone exceeds --max-shard-mb %g; it gets a shard of its own",
                         row.id, size / MEGABYTE, options.max_shard_mb)
@@ -202,6 +205,7 @@ def plan_fingerprint(specs: list[ShardSpec], options: BuildOptions) -> str:
     """Identifies what a shard set holds; parts of different plans never mix in one directory."""
     content = {"name": options.prefix, "split": options.split, "proportions": options.proportions,
                "seed": options.seed, "min_seconds": options.min_seconds,
+               "duration_tolerance_s": options.duration_tolerance_s,
                "shards": [[asdict(row) for row in spec.rows] for spec in specs]}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
@@ -211,15 +215,17 @@ def task_shards(specs: list[ShardSpec], task_index: int, num_tasks: int) -> list
     return specs[task_index * len(specs) // num_tasks:(task_index + 1) * len(specs) // num_tasks]
 
 
-def _load_sample(row: ProtocolRow, root: Path | None, min_seconds: float) -> audio.Waveform:
-    wave = audio.load(row.resolved_path(root), min_seconds=min_seconds)
-    if wave.seconds > max_seconds(row):
-        raise audio.AudioError("duration-mismatch", f"{row.resolved_path(root)}: {wave.seconds:.3f} s of audio, "
-                                                    f"the protocol says {row.duration_s:g} s")
+def _load_sample(row: ProtocolRow, root: Path | None, options: BuildOptions) -> audio.Waveform:
+    wave = audio.load(row.resolved_path(root), min_seconds=options.min_seconds)
+    low, high = seconds_range(row, options.duration_tolerance_s)
+    if not low <= wave.seconds <= high:
+        raise audio.AudioError("duration_mismatch", f"{row.resolved_path(root)}: {wave.seconds:.3f} s of audio, the "
+                                                    f"protocol's Duration says {row.duration_s:g} s (tolerance "
+                                                    f"{options.duration_tolerance_s:g} s + 0.1 %)")
     return wave
 
 
-def build_shard(spec: ShardSpec, root: Path | None, out: Path, min_seconds: float, strict: bool,
+def build_shard(spec: ShardSpec, root: Path | None, out: Path, options: BuildOptions,
                 fingerprint: str) -> dict[str, Any]:
     """Write one shard to staging, move it into place, record it; returns its record."""
     staging = out / STAGING_DIR / f"{spec.name}.partial"
@@ -230,9 +236,9 @@ def build_shard(spec: ShardSpec, root: Path | None, out: Path, min_seconds: floa
                                                         group=TAR_USER) as writer:
         for row in spec.rows:
             try:
-                wave = _load_sample(row, root, min_seconds)
+                wave = _load_sample(row, root, options)
             except audio.AudioError as error:
-                if strict:
+                if options.strict:
                     raise ShardBuildError(f"--strict: {row.id} ({row.resolved_path(root)}) rejected: {error}") from None
                 rejects.append({"id": row.id, "source_path": str(row.resolved_path(root)), "reason": error.reason,
                                 "detail": error.detail, "shard": spec.name})
@@ -281,7 +287,7 @@ def _init_worker() -> None:
 
 def _run_shards(todo: list[ShardSpec], root: Path | None, out: Path, options: BuildOptions,
                 fingerprint: str) -> Iterable[dict[str, Any]]:
-    arguments = (root, out, options.min_seconds, options.strict, fingerprint)
+    arguments = (root, out, options, fingerprint)
     if options.num_workers == 1 or len(todo) <= 1:
         for spec in todo:
             yield build_shard(spec, *arguments)
@@ -390,7 +396,8 @@ def merge(out: str | Path) -> dict[str, Any]:
     rejects = [reject for record in ordered for reject in record["rejects"]]
     index = {"format": FORMAT, "version": VERSION, "sample_rate_hz": SAMPLE_RATE_HZ, "seed": partials[0]["seed"],
              "split": partials[0].get("split"), "mixed_proportions": partials[0].get("mixed_proportions", False),
-             "shards": shards, "totals": _totals(ordered), "rejects": len(rejects)}
+             "shards": shards, "totals": _totals(ordered), "rejects": len(rejects),
+             "rejects_by_reason": dict(Counter(reject["reason"] for reject in rejects).most_common())}
     write_text_atomic(out / REJECTS_NAME, "".join(json.dumps(reject, sort_keys=True) + "\n" for reject in rejects))
     write_text_atomic(out / INDEX_NAME, json.dumps(index, indent=1, sort_keys=True) + "\n")
     staging = out / STAGING_DIR

@@ -216,7 +216,7 @@ def check_shard_set(directory: str | Path, role: str) -> dict[str, Any]:
     return index
 
 
-def format_index(index: dict[str, Any]) -> str:
+def format_index(index: dict[str, Any], directory: str | Path | None = None) -> str:
     """The index as text tables: one line per shard, then totals per group."""
     lines = [f"{'shard':<24} {'samples':>8} {'hours':>8} {'real':>7} {'fake':>7} {'MB':>9}  sha256"]
     for shard in index["shards"]:
@@ -227,8 +227,21 @@ def format_index(index: dict[str, Any]) -> str:
     lines.append(f"{'total':<24} {totals['samples']:>8} {totals['seconds'] / 3600:>8.3f}   "
                  f"({len(index['shards'])} shards, {index['rejects']} rejects, seed {index['seed']})")
     for group in TOTAL_GROUPS:
+        if group not in totals:  # a set indexed before the group existed
+            continue
         lines.append(f"\n{group[3:]:<24} {'samples':>8} {'hours':>8}")
         for value, count in sorted(totals[group].items()):
             lines.append(f"{value:<24} {count['samples']:>8} {count['seconds'] / 3600:>8.3f}")
+    if index["rejects"]:
+        lines.append("\n" + format_rejects(index, directory))
     return "\n".join(lines)
+
+
+def format_rejects(index: dict[str, Any], directory: str | Path | None = None, top: int = 5) -> str:
+    """One line: how many rows were rejected, where they are listed, and the most frequent reasons."""
+    reasons = index.get("rejects_by_reason", {})
+    shown = ", ".join(f"{reason} {count}" for reason, count in list(reasons.items())[:top])
+    more = f", {len(reasons) - top} more reasons" if len(reasons) > top else ""
+    return (f"rejected {index['rejects']} rows ({shown}{more}): one JSON line each, with the decoder's "
+            f"message, in {Path(directory) / REJECTS_NAME if directory is not None else REJECTS_NAME}")
 

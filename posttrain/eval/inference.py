@@ -133,7 +133,7 @@ class Sample:
 class Skipped:
     position: int
     id: str
-    reason: str  # one word (AudioError reasons, "corrupt", "missing", "too-short")
+    reason: str  # one word (AudioError.REASONS, or "corrupt" for a broken shard sample)
     detail: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -428,7 +428,7 @@ def iter_outputs(model: Detector, inputs: Iterable[Sample | Skipped], cfg: Infer
     def windows() -> Iterator[_Window]:
         for item in inputs:
             if isinstance(item, Sample) and len(item.wave) < min_samples:
-                item = Skipped(item.position, item.id, "too-short",
+                item = Skipped(item.position, item.id, "too_short",
                                f"{len(item.wave)} samples; the model needs at least {min_samples}")
             if isinstance(item, Skipped):
                 skipped.append(item)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from math import gcd
 
@@ -109,10 +110,33 @@ def test_bad_audio_raises_typed_reasons(tmp_path):
     nan[10] = np.inf
     sf.write(tmp_path / "nan.wav", nan, 16000, subtype="FLOAT")
     sf.write(tmp_path / "short.wav", _tone(16000, 0.05), 16000)
-    cases = {"garbage.wav": "unreadable", "missing.wav": "unreadable", "empty.wav": "empty",
-             "nan.wav": "non-finite", "short.wav": "too-short"}
+    (tmp_path / "zero.wav").write_bytes(b"")
+    cases = {"garbage.wav": "unreadable", "missing.wav": "missing", "empty.wav": "empty", "zero.wav": "empty",
+             "nan.wav": "nan", "short.wav": "too_short"}
     for name, reason in cases.items():
         with pytest.raises(audio.AudioError) as caught:
             audio.load(tmp_path / name, min_seconds=0.1)
         assert caught.value.reason == reason and name in str(caught.value), (name, caught.value)
     assert audio.load(tmp_path / "short.wav", min_seconds=0.01).samples.shape == (800,)
+
+
+def test_unreadable_says_what_the_decoder_said_and_decoder_chatter_stays_off_the_console(tmp_path, capfd):
+    for name, codec in (("clip.m4a", "aac"), ("clip.mp3", "libmp3lame")):
+        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", "sine=frequency=300:duration=1.5",
+                        "-c:a", codec, str(tmp_path / name)], check=True)
+    (tmp_path / "cut.m4a").write_bytes((tmp_path / "clip.m4a").read_bytes()[:1500])  # no moov atom
+    with pytest.raises(audio.AudioError) as caught:
+        audio.decode(tmp_path / "cut.m4a")
+    assert caught.value.reason == "unreadable" and str(tmp_path / "cut.m4a") in caught.value.detail
+    assert "moov atom not found" in caught.value.detail  # ffmpeg's own words about this file
+    assert "possibly a pipe" not in caught.value.detail and "Format not recognised" not in caught.value.detail
+
+    # A cut mp3 makes libmpg123 (inside libsndfile) print "Warning: Xing stream size off ..." on fd 2.
+    (tmp_path / "cut.mp3").write_bytes((tmp_path / "clip.mp3").read_bytes()[:2000])
+    capfd.readouterr()
+    samples, rate = audio.decode(tmp_path / "cut.mp3")
+    assert rate == 44100 and 0 < len(samples) < 44100
+    assert "Xing" not in capfd.readouterr().err
+    with audio._native_stderr_captured():  # what is not decoder chatter still reaches stderr
+        os.write(2, b"Warning: Xing stream size off\nsomething else\n")
+    assert capfd.readouterr().err == "something else\n"

@@ -32,13 +32,15 @@ def _hashes(directory: Path) -> dict[str, str]:
 
 
 def test_index_totals_and_rejects_account_for_every_row(make_corpus, tmp_path):
-    corpus = make_corpus(num_files=12, bad=("unreadable", "empty", "nan", "short"))
+    corpus = make_corpus(num_files=12, bad=("unreadable", "empty", "nan", "short", "missing", "mismatch"))
     index = build_shards([corpus.protocol], corpus.root, tmp_path / "out", max_samples_per_shard=4, progress=False)
     good = corpus.good_rows
     assert index["totals"]["samples"] + index["rejects"] == len(corpus.rows)
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert {reject["id"]: reject["reason"] for reject in rejects} == corpus.rejects
-    assert all(Path(reject["source_path"]).is_file() for reject in rejects)
+    assert all(Path(reject["source_path"]).is_file() != (reject["reason"] == "missing") for reject in rejects)
+    assert index["rejects_by_reason"] == dict.fromkeys(["unreadable", "empty", "nan", "too_short", "missing",
+                                                        "duration_mismatch"], 1)
     for group, field in {"by_label": "label", "by_corpus": "corpus", "by_language": "language",
                          "by_attack": "attack"}.items():
         expected = Counter(getattr(row, field) for row in good)
@@ -123,7 +125,19 @@ def test_m4a_rows_and_duration_mismatch(make_corpus, tmp_path):
     assert index["totals"]["by_attack"]["A09"]["samples"] == 1
     assert index["totals"]["by_attack"]["A09"]["seconds"] == pytest.approx(1.5, abs=0.05)
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
-    assert [(reject["id"], reject["reason"]) for reject in rejects] == [("DF-liar", "duration-mismatch")]
+    assert [(reject["id"], reject["reason"]) for reject in rejects] == [("DF-liar", "duration_mismatch")]
+
+
+def test_console_names_the_rejects_and_the_duration_tolerance_is_an_option(make_corpus, tmp_path):
+    corpus = make_corpus(num_files=3, bad=("mismatch", "missing"))
+    common = ["shards", "build", "--protocol", str(corpus.protocol), "--root", str(corpus.root), "--no-progress"]
+    result = _cli(*common, "--out", str(tmp_path / "a"))
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("rejected"))
+    assert "rejected 2 rows (" in line and "missing 1" in line and "duration_mismatch 1" in line
+    assert line.endswith(f"in {tmp_path / 'a' / 'rejects.jsonl'}")
+    result = _cli(*common, "--out", str(tmp_path / "b"), "--duration-tolerance-s", "2.5")  # 1 s vs 3 s: accepted
+    assert result.returncode == 0 and load_index(tmp_path / "b")["rejects_by_reason"] == {"missing": 1}
 
 
 def test_strict_fails_naming_the_file(make_corpus, tmp_path):
@@ -131,7 +145,7 @@ def test_strict_fails_naming_the_file(make_corpus, tmp_path):
     result = _cli("shards", "build", "--protocol", str(corpus.protocol), "--root", str(corpus.root),
                   "--out", str(tmp_path / "out"), "--strict", "--no-progress")
     assert result.returncode != 0
-    assert "--strict" in result.stderr and "corpus_bad_nan.wav" in result.stderr and "non-finite" in result.stderr
+    assert "--strict" in result.stderr and "corpus_bad_nan.wav" in result.stderr and "nan:" in result.stderr
     assert not (tmp_path / "out" / "index.json").exists()
 
 
