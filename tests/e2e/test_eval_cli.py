@@ -81,4 +81,4 @@ def test_score_fails_only_when_nothing_scores(tiny_export_dir, tmp_path, capsys)
                  "--no-progress"])
     errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ERROR ")]
     assert code == 1 and len(errors) == 2
-    assert "absent.flac: unreadable" in errors[1] and "empty.wav: unreadable" in errors[0]
+    assert "absent.flac: missing" in errors[1] and "empty.wav: empty" in errors[0]
