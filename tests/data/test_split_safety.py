@@ -106,7 +106,7 @@ def test_validation_set_needs_both_classes(make_corpus, tmp_path):
     check_shard_set(tmp_path / "o", "train")
     with pytest.raises(ShardFormatError, match=r"the validation set has no fake samples"):
         check_shard_set(tmp_path / "o", "valid")
-    with pytest.raises(ShardFormatError, match=r"no shard index"):
+    with pytest.raises(ShardFormatError, match=r"no such shard folder"):
         check_shard_set(tmp_path / "missing", "valid")
 
 
@@ -146,8 +146,10 @@ def test_training_refuses_an_unfit_shard_set_before_it_starts(case, mixed_corpus
         write_protocol(valid_rows, tmp_path / "valid.csv")
         if case == "one-class valid":
             build_shards([tmp_path / "valid.csv"], root, valid, progress=False)
+        else:
+            valid.mkdir()
         key, expected = "data.valid.shards[0]", ("the validation set has no fake samples" if case == "one-class valid"
-                                                 else "no shard index")
+                                                 else "no index.json")
     out = tmp_path / "run"
     code = main(["train", "--config", "configs/posttrain/demo.yaml", f"output_dir={out}", "tracking.enabled=false",
                  f"data.train.shards=[{train}]", f"data.valid.shards=[{valid}]"])
