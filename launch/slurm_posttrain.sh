@@ -181,7 +181,8 @@ run_job() {
     export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
     export POSTTRAIN_CONFIG=$config
     export POSTTRAIN_TRAIN_CMD=${POSTTRAIN_TRAIN_CMD:-posttrain train}
-    if [[ -n ${VENV:-} && $VENV != none ]]; then
+    resolve_venv  # as at submission; a job submitted with sbatch directly resolves it here
+    if [[ $VENV != none ]]; then
         # shellcheck disable=SC1091
         source "$VENV/bin/activate"
     fi

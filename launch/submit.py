@@ -98,6 +98,21 @@ def make_executor(args: argparse.Namespace, job_name: str) -> submitit.AutoExecu
     return executor
 
 
+def check_before_submit(job: PosttrainJob) -> str | None:
+    """What ``posttrain train --preflight`` checks (config, shard sets, the backbone when offline), here,
+    before the queue; the problem as one line, or None."""
+    from posttrain.config import load_config
+    from posttrain.errors import INPUT_ERRORS, one_line
+    from posttrain.models.detector import hub_offline
+    from posttrain.train.preflight import preflight
+
+    try:
+        preflight(load_config(job.config_path, job.overrides), check_backbone=hub_offline())
+    except INPUT_ERRORS as error:
+        return one_line(error)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -109,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = args.output_dir or str(Path("runs") / config.stem / job_name)
     # submission-time overrides first, so the user's own output_dir=... still wins
     job = PosttrainJob(str(config), [f"output_dir={Path(output_dir).resolve()}", *args.overrides])
+    problem = check_before_submit(job)
+    if problem:
+        print(f"launch/submit.py: error: {problem}", file=sys.stderr)
+        return 2
     if args.gpus_per_node == 0:  # CPU processes: DeepSpeed's CPU accelerator (gloo)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     submitted = make_executor(args, job_name).submit(job)

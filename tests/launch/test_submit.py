@@ -60,6 +60,16 @@ def test_unknown_preset_exits_2_listing_presets(capsys):
     assert "unknown preset 'no_such_preset'" in capsys.readouterr().err
 
 
+def test_a_run_that_cannot_start_is_refused_before_submission(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = _write_presets(tmp_path / "configs", ("alpha",)) / "alpha.yaml"
+    absent = tmp_path / "absent"
+    assert submit.main([str(config), f"data.train.shards=[{absent}]", "--local"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"launch/submit.py: error: data.train.shards[0]: {absent}: no such shard folder")
+    assert not (tmp_path / "logs").exists()  # nothing was handed to submitit
+
+
 def test_checkpoint_only_resubmits_the_same_callable():
     job = submit.PosttrainJob("/configs/xlsr_2b.yaml", ["output_dir=/runs/x", "optim.lr=1e-6"])
     delayed = job.checkpoint()
