@@ -444,6 +444,8 @@ def test_deepvoice_segments_are_cut_at_ads_logged_bounds(tmp_path, capsys):
                    "Audio: obama-to-biden_seg_1, start at: 0, end at: 10\nProcessing complete!\n", encoding="utf-8")
     with pytest.raises(RecipeError, match="cut them"):
         build_rows(get_recipe("deep_voice"), root, progress=False)
+    assert main(["data", "deepvoice-segments", "--log", str(tmp_path / "absent.txt"), "--root", str(root)]) == 2
+    assert "absent.txt" in capsys.readouterr().err  # one line naming the missing log
     assert main(["data", "deepvoice-segments", "--log", str(log), "--root", str(root)]) == 0
     assert "obama-to-biden.wav" in capsys.readouterr().err  # a recording the log names but the folder lacks
     for name, expected in [("biden-original_seg_1", samples[:700]), ("biden-original_seg_2", samples[500:])]:
