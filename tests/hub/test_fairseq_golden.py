@@ -191,7 +191,15 @@ def test_stock_export_gap_per_level_is_bounded_and_stated_on_the_card(family, tm
             assert gap < TOLERANCE, (family, level, gap)
         else:
             assert 0.8 * table <= gap <= 1.25 * table, (family, level, gap)
+    reloaded, _ = load_model(out)  # posttrain's own scoring of the export: the eps came along (config.json)
+    assert reloaded.input_eps == AD_EPS
+    for level in LEVELS:
+        batch = Batch.collate(waves_at(level), [0] * len(RECORD["waveforms"]), [], [])
+        with torch.no_grad():
+            logits = reloaded(reloaded.normalise(batch.waveforms, batch.lengths), batch.lengths)
+        assert (logits.double() - fairseq_logits(family, level)).abs().max() < TOLERANCE, (family, level)
     identity = json.loads((out / "posttrain.json").read_text())
+    assert identity["input_normalisation"]["eps"] == AD_EPS
     measured = identity["stock_pipeline_gap"]
     assert measured["levels_dbfs"] == LEVELS and measured["model_eps"] == AD_EPS
     card = (out / "README.md").read_text()
