@@ -100,11 +100,13 @@ check_before_submit() {
     local python=python3
     if [[ $VENV != none ]]; then
         [[ -x $VENV/bin/python && -f $VENV/bin/activate ]] ||
-            fail "VENV=$VENV: no virtual environment there (bin/python, bin/activate); create it (README: install) or set VENV"
+            fail "VENV=$VENV: no virtual environment there (bin/python, bin/activate);" \
+                 "create it (README: install) or set VENV"
         python=$VENV/bin/python
     fi
     local location
-    location=$("$python" -c 'import os, posttrain; print(os.path.dirname(os.path.dirname(posttrain.__file__)))' 2>/dev/null) ||
+    local where='import os, posttrain; print(os.path.dirname(os.path.dirname(posttrain.__file__)))'
+    location=$("$python" -c "$where" 2>/dev/null) ||
         fail "$python cannot import posttrain: install it there (pip install -e $POSTTRAIN_ROOT) or set VENV"
     echo "venv: ${VENV} (python $python, posttrain from $location)"
     [[ $(realpath "$location") == "$(realpath "$POSTTRAIN_ROOT")" ]] ||

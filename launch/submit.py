@@ -78,9 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--account", default=None, help="SLURM account (default: yours)")
     parser.add_argument("--job-name", default=None, help="default posttrain-PRESET")
     parser.add_argument("--output-dir", default=None, help="default runs/PRESET/JOB_NAME (stable across requeues)")
-    parser.add_argument("--signal-delay-s", type=int, default=180, help="requeue signal lead time before the limit (default: %(default)s)")
-    parser.add_argument("--max-requeues", type=int, default=10, help="timeouts/preemptions resubmitted (default: %(default)s)")
-    parser.add_argument("--logs", default="logs/submitit", help="submitit's folder (pickles, logs; default: %(default)s)")
+    parser.add_argument("--signal-delay-s", type=int, default=180,
+                        help="requeue signal lead time before the limit (default: %(default)s)")
+    parser.add_argument("--max-requeues", type=int, default=10,
+                        help="timeouts/preemptions resubmitted (default: %(default)s)")
+    parser.add_argument("--logs", default="logs/submitit",
+                        help="submitit's folder (pickles, logs; default: %(default)s)")
     parser.add_argument("--local", action="store_true", help="run on this machine (submitit LocalExecutor)")
     return parser.parse_args(argv)
 

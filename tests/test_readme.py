@@ -119,7 +119,8 @@ def test_command_defaults_agree_with_the_configs():
     for path in (REPO / "configs" / "posttrain").glob("*.yaml"):
         if path.stem != "demo":
             data = yaml.safe_load(path.read_text())["data"]
-            assert (data["train"]["shards"], data["valid"]["shards"]) == (["data/shards/train"], ["data/shards/valid"]), path
+            shards = (data["train"]["shards"], data["valid"]["shards"])
+            assert shards == (["data/shards/train"], ["data/shards/valid"]), path
 
 
 def test_readme_documents_the_exit_codes_the_commands_use():

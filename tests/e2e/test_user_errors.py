@@ -155,6 +155,10 @@ CASES = [
          lambda i: "model.pretrained: 'nobody-t14b/absent-backbone' is not in the Hugging Face cache"),
     Case("finetune", "missing config", lambda i, m: ["--config", str(i.path("ft.yaml"))], EXIT_USAGE,
          lambda i: str(i.path("ft.yaml"))),
+    Case("finetune", "Deepfake-Eval-2024 not prepared", lambda i, m: [
+        "--config", str(REPO / "configs" / "finetune" / "df2024.yaml"), f"finetune.df2024_dir={i.path('df')}",
+        f"output_dir={i.path('ft_run')}"], EXIT_USAGE,
+         lambda i: f"data.train.shards[0]: {i.path('df')}/shards/13s/train: no index.json (run `posttrain data df2024"),
     Case("eval", "missing protocol", lambda i, m: [
         "--model", str(i.file("model.safetensors", CORRUPT_SAFETENSORS)), "--protocol", str(i.path("p.csv")),
         "--out", str(i.occupied("eval_out"))], EXIT_USAGE, lambda i: str(i.path("p.csv")), out="eval_out"),
