@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stream": ("stream", "stream shards through the training loader and print its statistics"),
     "train": ("train", "post-train a detector with DeepSpeed"),
     "finetune": ("finetune", "fine-tune on Deepfake-Eval-2024 (accelerate + DeepSpeed), then test per segment/file"),
+    "plan": ("plan", "memory per GPU, largest batch, step and run time of a post-training run"),
     "eval": ("eval", "score a test set with a model; metrics, plots and result.yaml"),
     "metrics": ("metrics", "metrics and reports for any score file"),
     "score": ("score", "score audio files of any length"),

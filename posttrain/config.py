@@ -134,8 +134,13 @@ class ModelConfig:
     # 1e-7 (transformers' feature extractor) for a new model, AntiDeepfake's 1e-5 for a converted release
     # and models fine-tuned from one. 1e-5 trains a new model with AntiDeepfake's normalisation.
     input_norm_eps: float | None = None
+    # self-attention kernel, chosen explicitly: sdpa (torch's fused kernels, memory linear in frames),
+    # flash_attention_2 (needs the flash-attn package, CUDA and bf16), eager (the reference maths)
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    compile: bool = False  # torch.compile the encoder's transformer layers (posttrain.models.detector)
 
     def validate(self) -> None:
+        require_choice(self.attn_implementation, "attn_implementation", ["sdpa", "flash_attention_2", "eager"])
         require(0.0 <= self.mask_time_prob < 1.0, "mask_time_prob", "must be in [0, 1)")
         require(self.mask_time_length >= 1, "mask_time_length", "must be >= 1")
         for key in ("hidden_dropout", "attention_dropout", "activation_dropout", "input_dropout", "layerdrop"):
@@ -288,6 +293,12 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # "auto": sam / dual_path / plain from those sections; or any mode registered in posttrain.train.step
     step_mode: str = "auto"
+    # ZeRO communication (posttrain.train.engine.deepspeed_config): overlap the gradient reduction with
+    # the backward (null = on for CUDA, off on CPU where there is no stream to overlap with); bucket
+    # sizes in elements (DeepSpeed's default 5e8 costs 1 GB per bf16 bucket, two with overlap)
+    overlap_comm: bool | None = None
+    reduce_bucket_elements: int = 200_000_000
+    allgather_bucket_elements: int = 200_000_000
     # deep-merged last into the DeepSpeed config the engine generates (posttrain.train.engine)
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -301,6 +312,8 @@ class TrainConfig:
         require(self.log_every_steps >= 1, "log_every_steps", "must be >= 1")
         require(self.valid_every_steps >= 0, "valid_every_steps", "must be >= 0")
         require(bool(self.step_mode), "step_mode", "must not be empty (auto, plain, sam, dual_path, ...)")
+        require(self.reduce_bucket_elements >= 1, "reduce_bucket_elements", "must be >= 1")
+        require(self.allgather_bucket_elements >= 1, "allgather_bucket_elements", "must be >= 1")
         require_choice(self.device, "device", ["auto", "cpu", "cuda"])
 
 

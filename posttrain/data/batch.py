@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,10 @@ class Batch:
     ids: list[str] = field(default_factory=list)
     meta: list[dict[str, Any]] = field(default_factory=list)
     repeats: list[int] = field(default_factory=list)
+    # (samples, audio samples) of this batch's slot summed over all ranks, when the loader already
+    # agreed on them (``posttrain.data.stream``: one collective per slot carries the join flag and
+    # these counts), so the train step needs no collective of its own before the forward
+    global_counts: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return int(self.waveforms.shape[0])
@@ -43,7 +48,13 @@ class Batch:
             ids=self.ids,
             meta=self.meta,
             repeats=self.repeats,
+            global_counts=self.global_counts,
         )
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked host copies, so that ``to(cuda, non_blocking=True)`` is a real asynchronous copy."""
+        return dataclasses.replace(self, waveforms=self.waveforms.pin_memory(), lengths=self.lengths.pin_memory(),
+                                   labels=self.labels.pin_memory())
 
     @staticmethod
     def collate(waveforms: list[torch.Tensor], labels: list[int], ids: list[str], meta: list[dict[str, Any]],
@@ -59,8 +70,9 @@ class Batch:
                      list(ids), list(meta), list(repeats or []))
 
     @staticmethod
-    def empty() -> "Batch":
-        return Batch(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    def empty(global_counts: tuple[int, int] | None = None) -> "Batch":
+        return Batch(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                     global_counts=global_counts)
 
 
 # The per-utterance normalisation's eps, which a model must be scored with as it was trained

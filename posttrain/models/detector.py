@@ -14,6 +14,7 @@ was batched with.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -120,7 +121,24 @@ def ssl_overrides(cfg: ModelConfig, values: dict[str, float]) -> dict[str, objec
         "activation_dropout": values["activation_dropout"],
         "attention_dropout": values["attention_dropout"],
         "feat_proj_dropout": values["input_dropout"],
+        "attn_implementation": attention_implementation(cfg),
     }
+
+
+def attention_implementation(cfg: ModelConfig) -> str:
+    """``model.attn_implementation``, checked: flash attention needs its package (and then CUDA + bf16)."""
+    if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("model.attn_implementation: flash_attention_2 needs the flash-attn package "
+                         "(pip install flash-attn, on a CUDA machine); or use sdpa")
+    return cfg.attn_implementation
+
+
+def compile_encoder(encoder: PreTrainedModel) -> None:
+    """``torch.compile`` each transformer layer in place (``model.compile``). Layer by layer, not the
+    whole model: the graphs stay small and shape-generic over clip lengths (``dynamic=True``), and
+    DeepSpeed's ZeRO hooks and activation checkpointing sit between layers, outside the graphs."""
+    for layer in encoder.encoder.layers:
+        layer.compile(dynamic=True)
 
 
 def build_detector(cfg: ModelConfig, ssl_config: PretrainedConfig | dict | None = None, *,
@@ -147,6 +165,8 @@ def build_detector(cfg: ModelConfig, ssl_config: PretrainedConfig | dict | None 
     install_feature_grad_mult(encoder, values["feature_grad_mult"])
     if cfg.input_norm_eps is not None:  # else the loaded/saved config's own (absent: TRANSFORMERS_INPUT_EPS)
         setattr(encoder.config, INPUT_EPS_FIELD, cfg.input_norm_eps)
+    if cfg.compile:
+        compile_encoder(encoder)
     return Detector(encoder, pool_over_padding=cfg.pool_over_padding, layerdrop_seed=layerdrop_seed)
 
 

@@ -36,7 +36,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as torch_dist
 
 from posttrain.data.batch import Batch
 from posttrain.train.align import AlignStats, GradientAligner, combine_, partial_products
@@ -103,10 +102,11 @@ class ConflictTracker:
                                      "aligner": self.aligner.state_dict()}
 
 
-def step_extras(stats: AlignStats | None, tracker: ConflictTracker, loss_aug: float) -> dict[str, float]:
-    """What the step logs; the alignment entries are NaN on a step whose gradients were not finite."""
+def step_extras(stats: AlignStats | None, tracker: ConflictTracker) -> dict[str, float]:
+    """What the step logs (with ``dual_path/loss_aug``, the augmented loss's mean that ``finish_step``
+    reduces); the alignment entries are NaN on a step whose gradients were not finite."""
     nan = float("nan")
-    extra = {"dual_path/loss_aug": loss_aug, "dual_path/conflict_rate": tracker.conflict_rate,
+    extra = {"dual_path/conflict_rate": tracker.conflict_rate,
              "dual_path/aligned_steps": float(tracker.aligned_steps)}
     if stats is None:
         return {**extra, "dual_path/cosine": nan, "dual_path/conflict": nan, "dual_path/adjusted": nan}
@@ -180,7 +180,6 @@ def dual_path_step(engine: "DeepSpeedEngine", micro_batches: list[Batch], ctx: S
 
     # a non-finite augmented loss or gradient product makes every rank skip (0 x inf = NaN)
     loss = loss_clean + 0.0 * loss_aug + (0.0 if stats is not None else math.nan)
-    aug_sum = float(global_sums(loss_aug.reshape(1), torch_dist.group.WORLD if torch_dist.is_initialized() else None))
-    aug_mean = aug_sum / samples if samples else 0.0
-    return finish_step(engine, ctx, loss, samples, seconds, step_extras(stats, tracker, aug_mean))
+    return finish_step(engine, ctx, loss, samples, seconds, step_extras(stats, tracker),
+                       {"dual_path/loss_aug": loss_aug})
 

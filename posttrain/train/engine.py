@@ -34,7 +34,7 @@ from posttrain.train.partitions import check_zero_section
 from posttrain.train.run_lock import RunLock, RunLockError
 from posttrain.train.schedule import build_scheduler
 from posttrain.train.step import (EDITS_PARTITIONS, SkippableAdamW, StepContext, StepStats, dummy_batch, get_step_mode,
-                                  make_augment, model_inputs, step_mode_name)
+                                  make_augment, model_inputs, overlap_comm_safe, step_mode_name)
 from posttrain.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -120,16 +120,24 @@ def merge_dicts(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
     return merged
 
 
-def deepspeed_config(cfg: PosttrainConfig, *, load_universal: bool = False) -> dict[str, Any]:
+def deepspeed_config(cfg: PosttrainConfig, *, load_universal: bool = False,
+                     device_type: str | None = None) -> dict[str, Any]:
     """The DeepSpeed config generated from the typed config, ``train.deepspeed_overrides`` merged last.
 
     Batches are dynamic (bounded by audio seconds), so ``train_micro_batch_size_per_gpu`` is a
     nominal 1: DeepSpeed uses it only for its own sample counter. Stage 3 keeps no parameter
-    persistent so every parameter lives only in its owner's partition (SAM perturbs partitions)."""
+    persistent so every parameter lives only in its owner's partition (SAM perturbs partitions).
+    ``device_type`` (default: where ``train.device`` resolves) decides ``overlap_comm`` when the
+    config leaves it open (``resolve_overlap_comm``)."""
     train = cfg.train
-    zero: dict[str, Any] = {"stage": train.zero_stage, "overlap_comm": False, "contiguous_gradients": True}
+    device_type = device_type or resolve_device(cfg).type
+    zero: dict[str, Any] = {"stage": train.zero_stage, "overlap_comm": resolve_overlap_comm(cfg, device_type),
+                            "contiguous_gradients": True, "reduce_bucket_size": train.reduce_bucket_elements}
     if train.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = 0
+        zero["stage3_prefetch_bucket_size"] = train.allgather_bucket_elements
+    else:
+        zero["allgather_bucket_size"] = train.allgather_bucket_elements
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": train.grad_accum_steps,
@@ -157,10 +165,26 @@ def checked_deepspeed_config(config: dict[str, Any], cfg: PosttrainConfig, sourc
     return config
 
 
-def build_optimizer(model: torch.nn.Module, cfg: PosttrainConfig) -> SkippableAdamW:
+def resolve_overlap_comm(cfg: PosttrainConfig, device_type: str) -> bool:
+    """``train.overlap_comm``, or when unset: on for CUDA (the reduction runs on a side stream during
+    the backward), off on CPU (no streams: nothing overlaps, and ZeRO-1/2 would double the reduce
+    bucket). Forcing it on for a step mode registered as unsafe with it raises."""
+    mode = step_mode_name(cfg)
+    safe = overlap_comm_safe(mode)
+    if cfg.train.overlap_comm is None:
+        return device_type == "cuda" and safe
+    if cfg.train.overlap_comm and not safe:
+        raise ValueError(f"train.overlap_comm: step mode {mode!r} reads gradients while DeepSpeed may still be "
+                         "reducing them; set train.overlap_comm to false (or leave it unset)")
+    return cfg.train.overlap_comm
+
+
+def build_optimizer(model: torch.nn.Module, cfg: PosttrainConfig, device: torch.device | None = None) -> SkippableAdamW:
+    """The client AdamW; the fused (one kernel per step) implementation on CUDA."""
     optim = cfg.optim
+    fused = device is not None and device.type == "cuda"
     return SkippableAdamW([p for p in model.parameters() if p.requires_grad], lr=optim.lr,
-                          betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+                          betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay, fused=fused)
 
 
 # --------------------------------------------------------------------------------------- collectives
@@ -231,8 +255,8 @@ def micro_batch_groups(batches: Iterator[Batch], size: int) -> Iterator[list[Bat
         if len(group) == size:
             yield group
             group = []
-    if group:
-        yield group + [Batch.empty() for _ in range(size - len(group))]
+    if group:  # every rank pads the same slots, so their global counts are known to be zero
+        yield group + [Batch.empty(global_counts=(0, 0)) for _ in range(size - len(group))]
 
 
 class _Meter:
@@ -329,7 +353,7 @@ class Trainer:
         metadata = ckpt.read_metadata(resume) if resume is not None else None
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         self.model = self._build_model(metadata)
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
         universal = metadata is not None and metadata["world_size"] != self.world_size
         if universal:
@@ -362,7 +386,8 @@ class Trainer:
         import deepspeed
 
         engine, *_ = deepspeed.initialize(model=self.model, optimizer=self.optimizer,
-                                          config=deepspeed_config(self.cfg, load_universal=load_universal))
+                                          config=deepspeed_config(self.cfg, load_universal=load_universal,
+                                                                          device_type=self.device.type))
         return engine
 
     def _restore(self, tag_dir: Path, metadata: dict[str, Any], universal: bool) -> str | None:

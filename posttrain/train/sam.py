@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as torch_dist
 
 from posttrain.config import SamConfig
 from posttrain.data.batch import Batch
@@ -166,11 +165,6 @@ def sharpness_aware_step(engine: "DeepSpeedEngine", run_pass: Callable[[], torch
 # ------------------------------------------------------------------------------------ the step mode
 
 
-def _global_sum(value: torch.Tensor, device: torch.device) -> float:
-    group = torch_dist.group.WORLD if torch_dist.is_available() and torch_dist.is_initialized() else None
-    return float(global_sums(value.double().reshape(1).to(device), group)[0])
-
-
 @register_step_mode("sam")
 def sam_step(engine: "DeepSpeedEngine", micro_batches: list[Batch], ctx: StepContext) -> StepStats:
     """The ``sam`` step mode (``sam.enabled``): cross-entropy as in ``plain``, the update from the
@@ -187,11 +181,9 @@ def sam_step(engine: "DeepSpeedEngine", micro_batches: list[Batch], ctx: StepCon
         # the reported loss is L(w); a non-finite L(w + e) (0 x inf = NaN) still makes every rank skip
         loss = outcome.first_loss if outcome.second_loss is None else outcome.first_loss + 0.0 * outcome.second_loss
         extra = {"sam/grad_norm": outcome.grad_norm, "sam/full_step": float(outcome.full_step)}
-        return finish_step(engine, ctx, loss, samples, seconds, extra)
+        # mean L(w + e) - L(w) over the step's samples, reduced in finish_step's one collective
+        sums = {} if outcome.second_loss is None else {"sam/loss_increase": outcome.second_loss - outcome.first_loss}
+        return finish_step(engine, ctx, loss, samples, seconds, extra, sums)
 
     outcome = sharpness_aware_step(engine, run_pass, ctx.cfg.sam, step_index=ctx.step, apply_update=apply_update)
-    stats: StepStats = outcome.update
-    if outcome.second_loss is not None and samples:
-        increase = _global_sum(outcome.second_loss - outcome.first_loss, ctx.device)
-        stats.extra["sam/loss_increase"] = increase / samples
-    return stats
+    return outcome.update

@@ -7,13 +7,17 @@ the training loop calls ``get_step_mode(step_mode_name(cfg))`` and never knows w
 
 1. ``prepare(ctx, micro_batches)``: to the device, RawBoost drawn once per micro-batch (reuse the
    result for every pass of the step: SAM's two passes must see the same waveforms);
-2. ``global_counts(ctx, batches)``: one all_reduce of the step's samples and audio seconds, which
-   fixes the loss scale so the gradient is the mean over every sample of the global step, however
-   dynamic batching spread them over ranks and micro-batches;
+2. ``global_counts(ctx, batches)``: the step's global samples and audio seconds, which fix the loss
+   scale so the gradient is the mean over every sample of the global step, however dynamic batching
+   spread them over ranks and micro-batches. The loader's per-batch join collective already carries
+   them (``Batch.global_counts``); only batches from elsewhere cost an all_reduce here. With step 4's
+   collective that makes ONE collective per micro-batch before the forward and ONE after the
+   backward, the only host synchronisations of a step;
 3. ``micro_loss(engine, batch, scale)`` then ``backward(engine, loss, is_last)``, per micro-batch
    (a join batch, ``B == 0``, runs a tiny dummy input with loss x 0 so ZeRO's hooks and collectives
    stay in lockstep across ranks);
-4. ``finish_step(engine, ctx, ...)``: one all_reduce of (loss sum, non-finite count) so every rank
+4. ``finish_step(engine, ctx, ...)``: one all_reduce of (loss sum, non-finite count, the mode's
+   own sums) so every rank
    takes the same decision; a non-finite step leaves weights, optimiser state and schedule
    untouched, while ``engine.step()`` still runs so DeepSpeed's counters and gradient buffers
    advance and clear as on any boundary.
@@ -100,16 +104,34 @@ STEP_MODE_MODULES: dict[str, str] = {"sam": "posttrain.train.sam", "dual_path": 
 EDITS_PARTITIONS = frozenset({"sam", "dual_path"})
 
 
-def register_step_mode(name: str) -> Callable[[StepFn], StepFn]:
-    """Decorator: ``@register_step_mode("sam") def sam_step(engine, micro_batches, ctx): ...``."""
+_OVERLAP_COMM_UNSAFE: set[str] = set()
+
+
+def register_step_mode(name: str, *, overlap_comm_safe: bool = True) -> Callable[[StepFn], StepFn]:
+    """Decorator: ``@register_step_mode("sam") def sam_step(engine, micro_batches, ctx): ...``.
+
+    ``overlap_comm_safe=False`` marks a mode that reads or edits gradients while a backward is still
+    running (e.g. from autograd hooks): with DeepSpeed's ``overlap_comm`` the reduction may then still be
+    in flight on its side stream. Reading the reduced partitions once ``engine.backward`` has returned
+    at the accumulation boundary is safe, because ZeRO-1/2/3 synchronise the reduction there
+    (``independent_gradient_partition_epilogue``); SAM, LookSAM and the dual path read them only then."""
 
     def register(fn: StepFn) -> StepFn:
         if name in _STEP_MODES and _STEP_MODES[name] is not fn:
             raise ValueError(f"step mode {name!r} is already registered ({_STEP_MODES[name].__qualname__})")
         _STEP_MODES[name] = fn
+        if not overlap_comm_safe:
+            _OVERLAP_COMM_UNSAFE.add(name)
         return fn
 
     return register
+
+
+def overlap_comm_safe(name: str) -> bool:
+    """Whether step mode ``name`` may run with ``zero_optimization.overlap_comm`` (see ``register_step_mode``)."""
+    if name not in _STEP_MODES and name in STEP_MODE_MODULES:
+        importlib.import_module(STEP_MODE_MODULES[name])
+    return name not in _OVERLAP_COMM_UNSAFE
 
 
 def step_mode_name(cfg: PosttrainConfig) -> str:
@@ -153,9 +175,10 @@ def model_inputs(batch: Batch, eps: float) -> Batch:
 
 
 def prepare(ctx: StepContext, micro_batches: list[Batch]) -> list[Batch]:
-    """Micro-batches on the device, augmented once (draws depend on the read: sample id, epoch and
-    repeat), then normalised."""
-    batches = [batch.to(ctx.device) for batch in micro_batches]
+    """Micro-batches on the device (pinned, non-blocking copies on CUDA), augmented once (draws depend
+    on the read: sample id, epoch and repeat), then normalised."""
+    pin = ctx.device.type == "cuda"  # page-locked, so the copy below is asynchronous
+    batches = [(batch.pin_memory() if pin else batch).to(ctx.device, non_blocking=True) for batch in micro_batches]
     if ctx.augment is not None:
         batches = [ctx.augment(batch, ctx.epoch) for batch in batches]
     return [model_inputs(batch, ctx.input_eps) for batch in batches]
@@ -169,11 +192,15 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def global_counts(ctx: StepContext, batches: list[Batch]) -> tuple[int, float]:
-    """(samples, audio seconds) of the whole step over all ranks: one all_reduce."""
-    samples = sum(len(batch) for batch in batches)
-    seconds = sum(float(batch.lengths.sum()) for batch in batches) / ctx.sample_rate_hz
-    total_samples, total_seconds = _all_reduce_sum([samples, seconds], ctx.device)
-    return int(round(total_samples)), total_seconds
+    """(samples, audio seconds) of the whole step over all ranks: the sums the loader already agreed on
+    (``Batch.global_counts``, no collective), else one all_reduce."""
+    if all(batch.global_counts is not None for batch in batches):
+        samples = sum(batch.global_counts[0] for batch in batches)
+        audio_samples = sum(batch.global_counts[1] for batch in batches)
+        return samples, audio_samples / ctx.sample_rate_hz
+    local = [sum(len(batch) for batch in batches), sum(int(batch.lengths.sum()) for batch in batches)]
+    samples, audio_samples = _all_reduce_sum(local, ctx.device)
+    return int(round(samples)), audio_samples / ctx.sample_rate_hz
 
 
 def loss_scale(ctx: StepContext, global_samples: int) -> float:
@@ -213,10 +240,20 @@ def backward(engine: "DeepSpeedEngine", loss: torch.Tensor, is_last: bool) -> No
 
 
 def finish_step(engine: "DeepSpeedEngine", ctx: StepContext, loss_sum: torch.Tensor, samples: int,
-                seconds: float, extra: dict[str, float] | None = None) -> StepStats:
-    """Agree on finiteness (one all_reduce), then take (or skip) the update; see the module doc."""
-    local_bad = float(not bool(torch.isfinite(loss_sum)))
-    total_loss, bad = _all_reduce_sum([float(loss_sum), local_bad], ctx.device)
+                seconds: float, extra: dict[str, float] | None = None,
+                sample_sums: dict[str, torch.Tensor] | None = None) -> StepStats:
+    """Agree on finiteness and the step's loss in ONE all_reduce (built on the device: the step's only
+    host synchronisation after the backward), then take (or skip) the update; see the module doc.
+    ``sample_sums``: more per-rank sums (scalar tensors) reduced in the same collective and logged in
+    ``extra`` as means over the step's global samples (e.g. SAM's loss increase)."""
+    names = list(sample_sums or {})
+    local = torch.stack([loss_sum.detach().double().reshape(()), (~torch.isfinite(loss_sum)).double().reshape(()),
+                         *[sample_sums[name].detach().double().reshape(()).to(loss_sum.device) for name in names]])
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.all_reduce(local, op=torch_dist.ReduceOp.SUM)
+    total_loss, bad, *sums = local.tolist()
+    extra = dict(extra or {})
+    extra.update({name: value / samples if samples else 0.0 for name, value in zip(names, sums)})
     nonfinite = bad > 0 or not math.isfinite(total_loss)
     lr = float(ctx.scheduler.get_last_lr()[0])
     ctx.optimizer.skip_next = nonfinite
@@ -231,7 +268,7 @@ def finish_step(engine: "DeepSpeedEngine", ctx: StepContext, loss_sum: torch.Ten
     grad_norm = engine.get_global_grad_norm()
     grad_norm = float("nan") if grad_norm is None else float(grad_norm)
     return StepStats(loss=total_loss / samples if samples else 0.0, grad_norm=grad_norm, lr=lr,
-                     samples=samples, audio_seconds=seconds, skipped=skipped, extra=dict(extra or {}))
+                     samples=samples, audio_seconds=seconds, skipped=skipped, extra=extra)
 
 
 # -------------------------------------------------------------------------------------------- plain

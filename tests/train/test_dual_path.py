@@ -105,7 +105,7 @@ def test_non_finite_products_leave_buffers_counts_and_ema_alone():
     assert dual_path.align_partitions_(clean, buffers, None, tracker, ctx.device) is None
     assert torch.isnan(buffers[0][1]) and buffers[0][0] == 1.0
     assert ctx.state == {} and tracker.aligner.target_cosine == 0.0
-    extra = dual_path.step_extras(None, tracker, 0.7)
+    extra = dual_path.step_extras(None, tracker)
     assert math.isnan(extra["dual_path/cosine"]) and math.isnan(extra["dual_path/conflict_rate"])
 
 
@@ -116,7 +116,7 @@ def test_running_counts_and_gradvac_target_survive_a_json_round_trip(caplog):
         g = torch.tensor([1.0, 2.0, -1.0])
         dual_path.align_partitions_([g], [sign * g + torch.tensor([0.5, -0.3, 0.2])], None, tracker, ctx.device)
     assert tracker.conflict_rate == 0.25 and tracker.aligner.target_cosine > 0
-    extra = dual_path.step_extras(None, tracker, 0.0)
+    extra = dual_path.step_extras(None, tracker)
     assert extra["dual_path/conflict_rate"] == 0.25 and extra["dual_path/aligned_steps"] == 4.0
 
     resumed = dual_path.ConflictTracker(_ctx("dual_path.method=gradvac", state=json.loads(json.dumps(ctx.state))))

@@ -92,7 +92,8 @@ def test_deepspeed_config_from_the_typed_config():
                              "train.deepspeed_overrides={zero_optimization: {overlap_comm: true}, flops_profiler: {enabled: true}}"])
     config = deepspeed_config(cfg, load_universal=True)
     assert config["zero_optimization"] == {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
-                                           "stage3_param_persistence_threshold": 0}
+                                           "stage3_param_persistence_threshold": 0,
+                                           "reduce_bucket_size": 200_000_000, "stage3_prefetch_bucket_size": 200_000_000}
     assert config["bf16"] == {"enabled": True} and config["gradient_accumulation_steps"] == 4
     assert config["gradient_clipping"] == 5.0 and config["checkpoint"] == {"load_universal": True}
     assert config["flops_profiler"] == {"enabled": True}

@@ -1,0 +1,81 @@
+"""``posttrain plan``: memory per GPU, the largest batch that fits, step and run time, before a run.
+
+    posttrain plan --preset xlsr_1b --zero-stage 2 --gpus 8 --gpu-memory-gib 80 --batch-seconds 100 --steps 800000
+    posttrain plan --config configs/posttrain/xlsr_2b.yaml --gpus 16 --gpu-memory-gib 80 --sam
+
+With ``--config`` the preset, ZeRO stage, precision, batch seconds, SAM, activation checkpointing,
+accumulation, bucket sizes and steps come from that training config; flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from posttrain.train.plan import PlanRequest
+
+    defaults = PlanRequest()
+    parser.add_argument("--config", default=None, help="a post-training YAML to take the run's settings from")
+    parser.add_argument("--preset", default=None, help=f"backbone preset (default {defaults.preset})")
+    parser.add_argument("--zero-stage", type=int, choices=[1, 2, 3], default=None)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default=None)
+    parser.add_argument("--gpus", type=int, default=defaults.gpus, help="data-parallel GPUs in all")
+    parser.add_argument("--gpu-memory-gib", type=float, default=defaults.gpu_memory_gib)
+    parser.add_argument("--batch-seconds", type=float, default=None,
+                        help="padded audio seconds per micro-batch per GPU (data.train.max_batch_seconds)")
+    parser.add_argument("--clip-seconds", type=float, default=defaults.clip_seconds, help="typical clip length")
+    parser.add_argument("--sam", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--sam-variant", choices=["sam", "looksam"], default=None)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--grad-accum-steps", type=int, default=None)
+    parser.add_argument("--mfu", type=float, default=defaults.mfu, help="model-FLOPs utilisation to assume")
+    parser.add_argument("--peak-tflops", type=float, default=defaults.peak_tflops,
+                        help="GPU peak (default: dense bf16 H100/H200 SXM)")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps of the run")
+    parser.add_argument("--audio-hours", type=float, default=0.0, help="with --epochs instead of --steps")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--reserve-gib", type=float, default=defaults.reserve_gib,
+                        help="CUDA context, NCCL and allocator fragmentation")
+
+
+def request_from(args: argparse.Namespace):
+    """The ``PlanRequest``: defaults <- ``--config`` <- flags."""
+    from posttrain.config import load_config
+    from posttrain.train.plan import PlanRequest
+
+    fields: dict = {"gpus": args.gpus, "gpu_memory_gib": args.gpu_memory_gib, "clip_seconds": args.clip_seconds,
+                    "mfu": args.mfu, "peak_tflops": args.peak_tflops, "audio_hours": args.audio_hours,
+                    "epochs": args.epochs, "reserve_gib": args.reserve_gib}
+    if args.config:
+        cfg = load_config(args.config)
+        fields.update(preset=cfg.model.preset, zero_stage=cfg.train.zero_stage, precision=cfg.train.precision,
+                      batch_seconds=cfg.data.train.max_batch_seconds, sam=cfg.sam.enabled,
+                      sam_variant=cfg.sam.variant, looksam_every_steps=cfg.sam.looksam_every_steps,
+                      gradient_checkpointing=cfg.model.gradient_checkpointing,
+                      grad_accum_steps=cfg.train.grad_accum_steps,
+                      reduce_bucket_elements=cfg.train.reduce_bucket_elements,
+                      allgather_bucket_elements=cfg.train.allgather_bucket_elements,
+                      overlap_comm=cfg.train.overlap_comm is not False,
+                      steps=0 if args.audio_hours else cfg.train.max_steps)
+    flags = {"preset": args.preset, "zero_stage": args.zero_stage, "precision": args.precision,
+             "batch_seconds": args.batch_seconds, "sam": args.sam, "sam_variant": args.sam_variant,
+             "gradient_checkpointing": args.gradient_checkpointing, "grad_accum_steps": args.grad_accum_steps,
+             "steps": args.steps}
+    fields.update({key: value for key, value in flags.items() if value is not None})
+    known = {f.name for f in dataclasses.fields(PlanRequest)}
+    return PlanRequest(**{key: value for key, value in fields.items() if key in known})
+
+
+def run(args: argparse.Namespace) -> int:
+    from posttrain.train.plan import format_plan, plan
+
+    try:
+        result = plan(request_from(args))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"posttrain plan: {error}", file=sys.stderr)
+        return 2
+    print(format_plan(result))
+    return 0 if result.fits else 1

@@ -1,0 +1,294 @@
+"""Resource planner: memory per GPU, the largest batch that fits, step time and run time, before a run.
+
+``plan(request) -> Plan`` adds up, per GPU:
+
+* **model states** (parameters, gradients, optimiser states) from the parameter count of the preset
+  (built on the meta device, so nothing is allocated) and the ZeRO stage. For bf16 mixed precision the
+  byte counts are DeepSpeed's own estimators' (``estimate_zero2_model_states_mem_needs``: 2 P + 18 P / N,
+  ``estimate_zero3_model_states_mem_needs``: 18 P / N + 4 L, both without offload; ZeRO-1 adds the
+  unpartitioned bf16 gradient DeepSpeed's shared stage-1/2 estimator leaves out;
+  ``tests/train/test_plan.py`` checks the totals against them):
+
+  ======  ===================  =====================================  ================================
+  stage   parameters           gradients                              optimiser states (AdamW)
+  ======  ===================  =====================================  ================================
+  1       2 P (bf16 replica)   2 P (bf16, unpartitioned) + 4 P / N    12 P / N (fp32 master, m, v)
+  2       2 P (bf16 replica)   6 P / N (bf16 + fp32 partitions)       12 P / N
+  3       2 P / N + 2 L        4 P / N + 2 L                          12 P / N
+  ======  ===================  =====================================  ================================
+
+  (P parameters, N GPUs, L the largest single module's parameters: ZeRO-3 gathers one module's
+  weights and gradients at a time.) fp32 training has no master copy: parameters 4 P, gradients
+  4 P (stage 3: both / N, + 4 L each), optimiser 8 P / N.
+* **SAM's extra copy**: none in bf16 and under ZeRO-1/2 (the weights are restored from the fp32 master,
+  ``posttrain.train.sam``); 4 P / N under ZeRO-3 fp32 (a saved copy of the owned partitions); LookSAM
+  keeps the plain gradient's owned partitions in fp32 on top (4 P / N).
+* **communication buffers**: gradients are reduced through a flat bucket of ``reduce_bucket_elements``
+  (``train.reduce_bucket_elements``; ZeRO-1/2 keep two in flight with ``overlap_comm``).
+* **activations**: ``batch_seconds`` x bytes per audio-second. The per-audio-second figure is an
+  element count of the tensors autograd keeps (feature-extractor conv outputs, then per transformer
+  layer and frame 8 D + 2 F without activation checkpointing, D per layer plus one recomputed layer with
+  it; 50 frames per second), times a factor fitted on CPU measurements of ``python -m posttrain.bench
+  fullsize --activations``: peak-RSS slope (bytes per extra audio-second, xlsr_300m bf16, 4 s vs 8 s
+  clips) divided by the element count. ``ACTIVATION_FIT`` records the fit; the GPU benchmark
+  (``python -m posttrain.bench gpu``) prints the measured peak next to this prediction.
+* a fixed **reserve** for the CUDA context, NCCL and the caching allocator's fragmentation.
+
+Time: training FLOPs from ``posttrain.train.flops`` (model FLOPs, 3 x forward; SAM runs two passes)
+at a given model-FLOPs utilisation of the GPU's peak.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from functools import lru_cache
+
+from posttrain.train.flops import SAMPLE_RATE_HZ, frame_count, training_flops_per_audio_second
+
+GIB = 2**30
+SAMPLES_PER_FRAME = 320  # total stride of every released feature extractor (20 ms frames)
+# Activation factor (measured bytes / counted elements) per activation-checkpointing setting: fitted on
+# xlsr_300m, bf16, world size 1, fwd+bwd of one clip of 4 s and of 8 s on this project's CPU machine
+# (``python -m posttrain.bench fullsize --activations``); the slope of the peak RSS over the extra
+# 4 audio-seconds, divided by ``activation_elements_per_second`` x 2 bytes.
+ACTIVATION_FIT = {True: 1.27, False: 1.02}  # measured 22.7 and 57.3 MiB per audio-second (xlsr_300m)
+DEFAULT_RESERVE_GIB = 3.0  # CUDA context (~0.5 GiB), NCCL buffers, allocator fragmentation
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    preset: str = "xlsr_300m"
+    zero_stage: int = 2
+    precision: str = "bf16"  # bf16 (mixed, fp32 master) | fp32
+    gpus: int = 8
+    gpu_memory_gib: float = 80.0
+    batch_seconds: float = 100.0  # padded audio seconds per micro-batch per GPU (data.train.max_batch_seconds)
+    clip_seconds: float = 4.0  # typical clip length (frames per clip, attention cost)
+    sam: bool = False
+    sam_variant: str = "sam"  # sam | looksam
+    looksam_every_steps: int = 5
+    gradient_checkpointing: bool = True
+    grad_accum_steps: int = 1
+    reduce_bucket_elements: int = 200_000_000
+    allgather_bucket_elements: int = 200_000_000
+    overlap_comm: bool = True
+    mfu: float = 0.40
+    peak_tflops: float = 989.0  # dense bf16 H100/H200 SXM
+    steps: int = 0  # 0: derived from audio_hours x epochs
+    audio_hours: float = 0.0  # real audio seconds per epoch / 3600 (with steps = 0)
+    epochs: float = 1.0
+    reserve_gib: float = DEFAULT_RESERVE_GIB
+
+    def validate(self) -> None:
+        checks = [(self.zero_stage in (1, 2, 3), "zero_stage", "must be 1, 2 or 3"),
+                  (self.precision in ("bf16", "fp32"), "precision", "must be bf16 or fp32"),
+                  (self.gpus >= 1, "gpus", "must be >= 1"),
+                  (self.gpu_memory_gib > 0, "gpu_memory_gib", "must be > 0"),
+                  (self.batch_seconds > 0, "batch_seconds", "must be > 0"),
+                  (self.clip_seconds > 0, "clip_seconds", "must be > 0"),
+                  (self.sam_variant in ("sam", "looksam"), "sam_variant", "must be sam or looksam"),
+                  (self.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1"),
+                  (0 < self.mfu <= 1, "mfu", "must be in (0, 1]"),
+                  (self.peak_tflops > 0, "peak_tflops", "must be > 0"),
+                  (self.steps >= 0 and self.audio_hours >= 0 and self.epochs > 0, "steps",
+                   "steps and audio_hours must be >= 0, epochs > 0")]
+        for ok, key, message in checks:
+            if not ok:
+                raise ValueError(f"plan.{key}: {message}")
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes per GPU."""
+
+    parameters: float
+    gradients: float
+    optimizer_states: float
+    sam_extra: float
+    communication_buffers: float
+    activations: float
+    reserve: float
+
+    @property
+    def model_states(self) -> float:
+        return self.parameters + self.gradients + self.optimizer_states
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+
+@dataclass(frozen=True)
+class Plan:
+    request: PlanRequest
+    parameters: int
+    largest_layer_parameters: int
+    memory: MemoryBreakdown
+    activation_bytes_per_second: float
+    fits: bool
+    max_batch_seconds: float  # largest padded audio seconds per micro-batch per GPU that fit (0: none)
+    step_seconds: float
+    steps: int
+    run_seconds: float
+
+
+# ------------------------------------------------------------------------------------------ counts
+
+
+@lru_cache(maxsize=None)
+def parameter_counts(preset: str) -> tuple[int, int]:
+    """(trainable parameters of the detector, parameters of its largest single module), counted on a
+    model built on the meta device (no memory, no initialisation cost)."""
+    import torch
+
+    from posttrain.config import ModelConfig
+    from posttrain.models.detector import build_detector
+
+    with torch.device("meta"):
+        model = build_detector(ModelConfig(preset=preset))
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules())
+    return total, largest
+
+
+@lru_cache(maxsize=None)
+def _ssl_config(preset: str):
+    from posttrain.models.presets import get_preset
+
+    return get_preset(preset).ssl_config()
+
+
+def activation_elements_per_second(preset: str, gradient_checkpointing: bool, clip_seconds: float = 4.0) -> float:
+    """Elements autograd keeps per audio-second in a training forward (see the module doc)."""
+    config = _ssl_config(preset)
+    num_samples = round(clip_seconds * SAMPLE_RATE_HZ)
+    frames = frame_count(config, num_samples) / clip_seconds
+    hidden, ffn, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    # conv outputs per second of audio: conv, norm and GELU outputs of each layer are kept
+    from posttrain.train.flops import conv_output_lengths
+
+    conv = [length / clip_seconds * channels for length, channels
+            in zip(conv_output_lengths(config, num_samples), config.conv_dim)]
+    per_layer = 8 * hidden + 2 * ffn  # LN in/out, q k v, attention out, LN in/out, fc1 out, GELU out
+    if gradient_checkpointing:
+        # each checkpointed block keeps its input; one block (the largest conv layer, or one transformer
+        # layer) is live again during its recompute and backward
+        return sum(conv) + frames * layers * hidden + max(3 * max(conv), frames * per_layer)
+    return 3 * sum(conv) + frames * layers * per_layer
+
+
+def activation_bytes_per_second(request: PlanRequest) -> float:
+    elements = activation_elements_per_second(request.preset, request.gradient_checkpointing, request.clip_seconds)
+    # activations are bf16 under mixed precision (the model copy is bf16), fp32 otherwise
+    return elements * _bytes(request.precision) * ACTIVATION_FIT[request.gradient_checkpointing]
+
+
+def _bytes(precision: str) -> int:
+    return 2 if precision == "bf16" else 4
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def model_state_bytes(parameters: int, largest: int, stage: int, precision: str, gpus: int) -> tuple[float, float, float]:
+    """(parameters, gradients, optimiser states) bytes per GPU; see the module doc's table."""
+    p, n, large = float(parameters), float(gpus), float(largest)
+    if precision == "bf16":
+        if stage == 3:
+            return 2 * p / n + 2 * large, 4 * p / n + 2 * large, 12 * p / n
+        return 2 * p, (2 * p if stage == 1 else 2 * p / n) + 4 * p / n, 12 * p / n
+    if stage == 3:
+        return 4 * p / n + 4 * large, 4 * p / n + 4 * large, 8 * p / n
+    return 4 * p, 4 * p if stage == 1 else 4 * p / n, 8 * p / n
+
+
+def sam_extra_bytes(request: PlanRequest, parameters: int) -> float:
+    if not request.sam:
+        return 0.0
+    owned = parameters / request.gpus if request.zero_stage > 0 else parameters
+    extra = 4 * owned if (request.zero_stage == 3 and request.precision == "fp32") else 0.0
+    return extra + (4 * owned if request.sam_variant == "looksam" else 0.0)
+
+
+def communication_bytes(request: PlanRequest) -> float:
+    """ZeRO's flat gradient reduce bucket (``contiguous_gradients``); ZeRO-1/2 keep two in flight with
+    ``overlap_comm``. All-gathers write into the parameters' own storage: no buffer of their own."""
+    in_flight = 2 if (request.overlap_comm and request.zero_stage < 3) else 1
+    return request.reduce_bucket_elements * in_flight * _bytes(request.precision)
+
+
+def memory_breakdown(request: PlanRequest, batch_seconds: float | None = None) -> MemoryBreakdown:
+    parameters, largest = parameter_counts(request.preset)
+    params, grads, optim = model_state_bytes(parameters, largest, request.zero_stage, request.precision, request.gpus)
+    seconds = request.batch_seconds if batch_seconds is None else batch_seconds
+    return MemoryBreakdown(parameters=params, gradients=grads, optimizer_states=optim,
+                           sam_extra=sam_extra_bytes(request, parameters),
+                           communication_buffers=communication_bytes(request),
+                           activations=seconds * activation_bytes_per_second(request),
+                           reserve=request.reserve_gib * GIB)
+
+
+# -------------------------------------------------------------------------------------------- time
+
+
+def step_seconds(request: PlanRequest, batch_seconds: float | None = None) -> float:
+    """Expected optimiser-step time at ``request.mfu``: every GPU trains its micro-batches in parallel."""
+    seconds = (request.batch_seconds if batch_seconds is None else batch_seconds) * request.grad_accum_steps
+    flops = training_flops_per_audio_second(_ssl_config(request.preset), request.clip_seconds) * seconds
+    if request.sam:
+        full = 1.0 if request.sam_variant == "sam" else 1.0 / request.looksam_every_steps
+        flops *= 1.0 + full  # a full SAM step is two forward/backward passes
+    return flops / (request.mfu * request.peak_tflops * 1e12)
+
+
+def planned_steps(request: PlanRequest) -> int:
+    if request.steps:
+        return request.steps
+    per_step = request.batch_seconds * request.grad_accum_steps * request.gpus
+    return math.ceil(request.audio_hours * 3600 * request.epochs / per_step)
+
+
+def plan(request: PlanRequest) -> Plan:
+    request.validate()
+    parameters, largest = parameter_counts(request.preset)
+    memory = memory_breakdown(request)
+    per_second = activation_bytes_per_second(request)
+    budget = request.gpu_memory_gib * GIB
+    fixed = memory.total - memory.activations
+    max_seconds = max(0.0, math.floor((budget - fixed) / per_second)) if per_second > 0 else math.inf
+    step = step_seconds(request)
+    steps = planned_steps(request)
+    return Plan(request=request, parameters=parameters, largest_layer_parameters=largest, memory=memory,
+                activation_bytes_per_second=per_second, fits=memory.total <= budget, max_batch_seconds=max_seconds,
+                step_seconds=step, steps=steps, run_seconds=steps * step)
+
+
+def format_plan(result: Plan) -> str:
+    r, m = result.request, result.memory
+    gib = lambda value: f"{value / GIB:8.2f} GiB"  # noqa: E731
+    sam = f"{r.sam_variant}" if r.sam else "off"
+    lines = [
+        f"preset {r.preset}: {result.parameters:,} parameters (largest module {result.largest_layer_parameters:,})",
+        f"{r.gpus} GPU(s) x {r.gpu_memory_gib:g} GiB, ZeRO-{r.zero_stage}, {r.precision}, SAM {sam}, "
+        f"activation checkpointing {'on' if r.gradient_checkpointing else 'off'}, "
+        f"{r.batch_seconds:g} padded audio-s per micro-batch x {r.grad_accum_steps} accumulation",
+        "memory per GPU:",
+        f"  parameters             {gib(m.parameters)}",
+        f"  gradients              {gib(m.gradients)}",
+        f"  optimiser states       {gib(m.optimizer_states)}",
+        f"  SAM extra copy         {gib(m.sam_extra)}",
+        f"  communication buffers  {gib(m.communication_buffers)}",
+        f"  activations            {gib(m.activations)}  ({result.activation_bytes_per_second / 2**20:.1f} MiB per "
+        f"audio-second)",
+        f"  reserve                {gib(m.reserve)}  (CUDA context, NCCL, fragmentation)",
+        f"  total                  {gib(m.total)}  of {r.gpu_memory_gib:g} GiB: "
+        + ("fits" if result.fits else "DOES NOT FIT"),
+        f"largest batch that fits: {result.max_batch_seconds:g} padded audio-seconds per micro-batch per GPU",
+        f"step time at {100 * r.mfu:.0f} % MFU of {r.peak_tflops:g} TFLOP/s: {result.step_seconds:.3f} s "
+        f"({r.batch_seconds * r.grad_accum_steps * r.gpus / result.step_seconds:,.0f} audio-s/s over all GPUs)",
+    ]
+    if result.steps:
+        lines.append(f"run: {result.steps:,} steps x {result.step_seconds:.3f} s = {result.run_seconds / 3600:,.1f} h "
+                     f"wall ({result.run_seconds * r.gpus / 3600:,.0f} GPU-hours)")
+    return "\n".join(lines)
