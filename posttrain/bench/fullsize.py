@@ -16,7 +16,7 @@ for the same stage, world size and precision, plus activations of the longest cl
 ``--forward-backward-only`` (for presets whose AdamW states do not fit this machine, xlsr_1b: 16 bytes
 per parameter): the model is built directly in bf16 and only forward + backward run (gradients
 reduced into the ZeRO partitions; no optimiser step, so Adam's moments are never allocated; the
-prediction then leaves them out).
+prediction then leaves them and the update's temporaries out).
 
 ``--activations``: one process, no DeepSpeed, a bf16 detector, forward + backward of one clip of
 4 s then of 8 s with and without activation checkpointing; prints the peak-RSS slope in bytes per
@@ -160,9 +160,11 @@ def run_rank(rank: int, world_size: int, port: int, job: dict, out_dir: str) -> 
             if index:  # the first step of each mode warms up
                 walls.append(wall)
                 cpus.append(cpu)
-        result["steps"][mode] = {"wall_s": walls, "cpu_s": cpus, "loss": losses[-1]}
-    dist.barrier()
-    result["step_peak_bytes"] = peak_rss_bytes() - base
+        dist.barrier()
+        result["steps"][mode] = {"wall_s": walls, "cpu_s": cpus, "loss": losses[-1],
+                                 "peak_bytes": peak_rss_bytes() - base}
+        reset_peak_rss()
+    result["step_peak_bytes"] = max(s["peak_bytes"] for s in result["steps"].values())
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
@@ -181,15 +183,19 @@ def run_job(job: dict, world_size: int) -> list[dict]:
 
 def predicted_bytes(preset: str, stage: int, world_size: int, clip_seconds: float, *,
                     optimizer_states: bool = True) -> float:
-    """The planner's model states, reduce bucket and activations of one clip (no CUDA reserve)."""
+    """The planner's model states, reduce bucket, unfused AdamW temporaries (the CPU's) and activations
+    of one clip (no CUDA reserve). ``optimizer_states=False``: no step ever runs (no moments, no update)."""
     from posttrain.config import TrainConfig
     from posttrain.train.plan import PlanRequest, memory_breakdown
 
     request = PlanRequest(preset=preset, zero_stage=stage, gpus=world_size, batch_seconds=clip_seconds,
                           gradient_checkpointing=True, reserve_gib=0.0, overlap_comm=False,  # off on CPU
-                          reduce_bucket_elements=TrainConfig().reduce_bucket_elements)
+                          reduce_bucket_elements=TrainConfig().reduce_bucket_elements, fused_adamw=False)
     memory = memory_breakdown(request)
-    return memory.total - (0.0 if optimizer_states else memory.optimizer_states)
+    # without a step: no Adam moments (8 of the 12 optimiser bytes per parameter; the fp32 master
+    # partition exists from the start) and no update temporaries
+    no_step = memory.optimizer_states * 8 / 12 + memory.optimizer_step_transient
+    return memory.total - (0.0 if optimizer_states else no_step)
 
 
 # ------------------------------------------------------------------------------------- activations
@@ -261,9 +267,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if args.activations and MMAP_THRESHOLD_ENV not in os.environ:
-        # glibc keeps freed heap memory in the RSS, so a later peak would reuse it unseen: a fixed mmap
-        # threshold returns every large tensor to the system on free (set before the process starts)
+    if MMAP_THRESHOLD_ENV not in os.environ:
+        # glibc keeps freed heap memory (e.g. the fp32 weights DeepSpeed replaced by bf16 ones) in the
+        # RSS as holes, and hides later reuse: a fixed mmap threshold returns every large tensor to the
+        # system on free, so the peak RSS is what the tensors need (set before the process starts)
         os.environ[MMAP_THRESHOLD_ENV] = "65536"
         os.execv(sys.executable, [sys.executable, "-m", "posttrain.bench", "fullsize", *argv])
     if args.activations:
@@ -299,9 +306,11 @@ def main(argv: list[str]) -> int:
                 cpus = {mode: statistics.median(s["cpu_s"]) for mode, s in result["steps"].items()}
                 ratio = times["sam"] / times["plain"] if {"sam", "plain"} <= times.keys() else float("nan")
                 error = (planned - result["step_peak_bytes"]) / result["step_peak_bytes"]
+                by_mode = ", ".join(f"{m} {s['peak_bytes'] / GIB:.2f}" for m, s in result["steps"].items())
                 print(f"{preset:<10} {stage:>5} {result['rank']:>4} {result['base_bytes'] / GIB:>8.2f} {result['init_peak_bytes'] / GIB:>13.2f} "
                       f"{result['step_peak_bytes'] / GIB:>13.2f} {planned / GIB:>11.2f} {100 * error:>6.1f}%  "
-                      + "  ".join(f"{times[m]:>8.1f} ({cpus[m]:>6.1f})" for m in args.modes) + f"  {ratio:9.2f}",
+                      + "  ".join(f"{times[m]:>8.1f} ({cpus[m]:>6.1f})" for m in args.modes) + f"  {ratio:9.2f}"
+                      + f"  (step peak GiB: {by_mode})",
                       flush=True)
                 rows.append({**job, **result, "planned_bytes": planned})
     if args.json:

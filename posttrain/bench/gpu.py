@@ -108,7 +108,8 @@ def measure_preset(preset: str, device_name: str, steps: int, warmup: int, clip_
                           clip_seconds=clip_seconds, sam=True, gradient_checkpointing=True, reserve_gib=0.0,
                           overlap_comm=ds_config["zero_optimization"]["overlap_comm"],
                           reduce_bucket_elements=cfg.train.reduce_bucket_elements,
-                          allgather_bucket_elements=cfg.train.allgather_bucket_elements)
+                          allgather_bucket_elements=cfg.train.allgather_bucket_elements,
+                          fused_adamw=bool(optimizer.defaults.get("fused")))
     if device.type == "cuda":
         allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
     else:

@@ -20,6 +20,8 @@
   (P parameters, N GPUs, L the largest single module's parameters: ZeRO-3 gathers one module's
   weights and gradients at a time.) fp32 training has no master copy: parameters 4 P, gradients
   4 P (stage 3: both / N, + 4 L each), optimiser 8 P / N.
+* **the optimiser step's temporaries**: none with the fused AdamW used on CUDA; 8 P / N with torch's
+  unfused update (the CPU): ``sqrt(v)`` and its quotient, each an fp32 copy of the owned partition.
 * **SAM's extra copy**: none in bf16 and under ZeRO-1/2 (the weights are restored from the fp32 master,
   ``posttrain.train.sam``); 4 P / N under ZeRO-3 fp32 (a saved copy of the owned partitions); LookSAM
   keeps the plain gradient's owned partitions in fp32 on top (4 P / N).
@@ -79,6 +81,7 @@ class PlanRequest:
     audio_hours: float = 0.0  # real audio seconds per epoch / 3600 (with steps = 0)
     epochs: float = 1.0
     reserve_gib: float = DEFAULT_RESERVE_GIB
+    fused_adamw: bool = True  # training fuses AdamW on CUDA; the CPU's unfused step needs temporaries
 
     def validate(self) -> None:
         checks = [(self.zero_stage in (1, 2, 3), "zero_stage", "must be 1, 2 or 3"),
@@ -105,6 +108,7 @@ class MemoryBreakdown:
     parameters: float
     gradients: float
     optimizer_states: float
+    optimizer_step_transient: float
     sam_extra: float
     communication_buffers: float
     activations: float
@@ -203,6 +207,14 @@ def model_state_bytes(parameters: int, largest: int, stage: int, precision: str,
     return 4 * p, 4 * p if stage == 1 else 4 * p / n, 8 * p / n
 
 
+def optimizer_step_bytes(request: PlanRequest, parameters: int) -> float:
+    """Temporaries of the AdamW update on the owned fp32 partition: none for the fused kernel (CUDA);
+    torch's unfused update builds ``exp_avg_sq.sqrt()`` and its quotient (two partition-sized fp32
+    tensors) at once."""
+    owned = parameters / request.gpus
+    return 0.0 if request.fused_adamw else 2 * 4 * owned
+
+
 def sam_extra_bytes(request: PlanRequest, parameters: int) -> float:
     if not request.sam:
         return 0.0
@@ -223,6 +235,7 @@ def memory_breakdown(request: PlanRequest, batch_seconds: float | None = None) -
     params, grads, optim = model_state_bytes(parameters, largest, request.zero_stage, request.precision, request.gpus)
     seconds = request.batch_seconds if batch_seconds is None else batch_seconds
     return MemoryBreakdown(parameters=params, gradients=grads, optimizer_states=optim,
+                           optimizer_step_transient=optimizer_step_bytes(request, parameters),
                            sam_extra=sam_extra_bytes(request, parameters),
                            communication_buffers=communication_bytes(request),
                            activations=seconds * activation_bytes_per_second(request),
@@ -277,6 +290,7 @@ def format_plan(result: Plan) -> str:
         f"  parameters             {gib(m.parameters)}",
         f"  gradients              {gib(m.gradients)}",
         f"  optimiser states       {gib(m.optimizer_states)}",
+        f"  optimiser step temps   {gib(m.optimizer_step_transient)}",
         f"  SAM extra copy         {gib(m.sam_extra)}",
         f"  communication buffers  {gib(m.communication_buffers)}",
         f"  activations            {gib(m.activations)}  ({result.activation_bytes_per_second / 2**20:.1f} MiB per "

@@ -64,6 +64,13 @@ def test_sam_extra_copy_by_stage_precision_and_variant():
     assert extra(sam=True, zero_stage=2, precision="bf16", sam_variant="looksam") == pytest.approx(4 * total / 4)
 
 
+def test_unfused_adamw_needs_two_partition_sized_temporaries():
+    total, _ = planner.parameter_counts("xlsr_300m")
+    fused = planner.memory_breakdown(_request(gpus=2)).optimizer_step_transient
+    unfused = planner.memory_breakdown(_request(gpus=2, fused_adamw=False)).optimizer_step_transient
+    assert fused == 0 and unfused == pytest.approx(2 * 4 * total / 2)
+
+
 def test_activations_scale_with_batch_seconds_and_shrink_with_checkpointing():
     on = planner.memory_breakdown(_request(batch_seconds=50.0)).activations
     assert planner.memory_breakdown(_request(batch_seconds=100.0)).activations == pytest.approx(2 * on)
