@@ -21,7 +21,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="a post-training YAML to take the run's settings from")
     parser.add_argument("--preset", default=None, help=f"backbone preset (default {defaults.preset})")
     parser.add_argument("--zero-stage", type=int, choices=[1, 2, 3], default=None)
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default=None)
+    parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None)
     parser.add_argument("--gpus", type=int, default=defaults.gpus, help="data-parallel GPUs in all")
     parser.add_argument("--gpu-memory-gib", type=float, default=defaults.gpu_memory_gib)
     parser.add_argument("--batch-seconds", type=float, default=None,

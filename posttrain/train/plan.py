@@ -62,7 +62,7 @@ DEFAULT_RESERVE_GIB = 3.0  # CUDA context (~0.5 GiB), NCCL buffers, allocator fr
 class PlanRequest:
     preset: str = "xlsr_300m"
     zero_stage: int = 2
-    precision: str = "bf16"  # bf16 (mixed, fp32 master) | fp32
+    precision: str = "bf16"  # bf16 or fp16 (mixed, fp32 master) | fp32
     gpus: int = 8
     gpu_memory_gib: float = 80.0
     batch_seconds: float = 100.0  # padded audio seconds per micro-batch per GPU (data.train.max_batch_seconds)
@@ -85,7 +85,7 @@ class PlanRequest:
 
     def validate(self) -> None:
         checks = [(self.zero_stage in (1, 2, 3), "zero_stage", "must be 1, 2 or 3"),
-                  (self.precision in ("bf16", "fp32"), "precision", "must be bf16 or fp32"),
+                  (self.precision in ("bf16", "fp16", "fp32"), "precision", "must be bf16, fp16 or fp32"),
                   (self.gpus >= 1, "gpus", "must be >= 1"),
                   (self.gpu_memory_gib > 0, "gpu_memory_gib", "must be > 0"),
                   (self.batch_seconds > 0, "batch_seconds", "must be > 0"),
@@ -184,12 +184,12 @@ def activation_elements_per_second(preset: str, gradient_checkpointing: bool, cl
 
 def activation_bytes_per_second(request: PlanRequest) -> float:
     elements = activation_elements_per_second(request.preset, request.gradient_checkpointing, request.clip_seconds)
-    # activations are bf16 under mixed precision (the model copy is bf16), fp32 otherwise
+    # activations are 16-bit under mixed precision (the model copy is bf16/fp16), fp32 otherwise
     return elements * _bytes(request.precision) * ACTIVATION_FIT[request.gradient_checkpointing]
 
 
 def _bytes(precision: str) -> int:
-    return 2 if precision == "bf16" else 4
+    return 4 if precision == "fp32" else 2
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -198,7 +198,7 @@ def _bytes(precision: str) -> int:
 def model_state_bytes(parameters: int, largest: int, stage: int, precision: str, gpus: int) -> tuple[float, float, float]:
     """(parameters, gradients, optimiser states) bytes per GPU; see the module doc's table."""
     p, n, large = float(parameters), float(gpus), float(largest)
-    if precision == "bf16":
+    if precision != "fp32":  # bf16 / fp16 mixed precision
         if stage == 3:
             return 2 * p / n + 2 * large, 4 * p / n + 2 * large, 12 * p / n
         return 2 * p, (2 * p if stage == 1 else 2 * p / n) + 4 * p / n, 12 * p / n
