@@ -79,7 +79,9 @@ def guarded(prog: str, body: Callable[[], int | None], *, debug: bool) -> int:
         if debug:
             raise
         code = exit_code(error)
-        hint = ("" if code == EXIT_USAGE
-                else f" [{type(error).__name__}; {DEBUG_FLAG} or {DEBUG_ENV}=1 shows the traceback]")
+        # posttrain's own input errors and missing paths say all there is to say; anything else may be a bug
+        ours = type(error).__module__.startswith("posttrain")
+        explained = code == EXIT_USAGE and (ours or isinstance(error, OSError))
+        hint = "" if explained else f" [{type(error).__name__}; {DEBUG_FLAG} or {DEBUG_ENV}=1 shows the traceback]"
         print(f"{prog}: error: {one_line(error)}{hint}", file=sys.stderr, flush=True)
         return code

@@ -32,6 +32,9 @@ def test_input_errors_exit_2_other_failures_exit_1_with_one_line(capsys):
     assert capsys.readouterr().err == "prog: error: x.yaml: bad thing\n"
     assert guarded("prog", raises(FileNotFoundError(2, "No such file or directory", "a/b.csv")), debug=False) == 2
     assert capsys.readouterr().err == "prog: error: a/b.csv: No such file or directory\n"
+    assert guarded("prog", raises(ValueError("operands could not be broadcast")), debug=False) == EXIT_USAGE
+    assert capsys.readouterr().err == ("prog: error: operands could not be broadcast [ValueError; --debug or "
+                                       "POSTTRAIN_DEBUG=1 shows the traceback]\n")  # not ours: maybe a bug
     assert guarded("prog", raises(RuntimeError("disk on fire")), debug=False) == EXIT_FAILED
     err = capsys.readouterr().err
     assert err.startswith("prog: error: disk on fire [RuntimeError; --debug") and err.count("\n") == 1
