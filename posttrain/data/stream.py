@@ -54,10 +54,13 @@ Equal batch counts
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import multiprocessing
+import os
 import random
 import warnings
 from collections import Counter, deque
@@ -80,6 +83,8 @@ from posttrain.data.batching import (BucketPlan, PaddingMeter, antideepfake_plan
 from posttrain.data.labels import LABEL_IDS
 from posttrain.data.shards import INDEX_NAME, ShardFormatError, load_index, shard_paths
 from posttrain.dist import dist_info
+
+log = logging.getLogger(__name__)
 
 STATE_FORMAT = "posttrain-stream"
 STATE_VERSION = 3  # v1 states (no plan) load re-planned; v2 plans (no bucket plan) had uniform edges
@@ -518,6 +523,23 @@ class StreamStats:
     padding: PaddingMeter = field(default_factory=PaddingMeter)
 
 
+_WORKER_COUNTS_SAID: set[tuple[int, int]] = set()
+
+
+@contextlib.contextmanager
+def _worker_count_said_once(num_workers: int) -> Iterator[None]:
+    """torch warns, at every DataLoader start and iteration, when there are more workers than CPUs
+    this process may use; posttrain says it once per process, in its own words, and silences torch's."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
+    if num_workers > cpus and (num_workers, cpus) not in _WORKER_COUNTS_SAID:
+        _WORKER_COUNTS_SAID.add((num_workers, cpus))
+        log.warning("loader: %d worker processes on %d CPU(s) this process may use; they share the CPUs "
+                    "(lower data.*.num_workers if loading is slow)", num_workers, cpus)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        yield
+
+
 class ShardStream:
     """The training loader: ``for batch in stream`` yields this rank's ``Batch``es of the current
     epoch (``B == 0`` join batches at the end, see the module docstring).
@@ -592,16 +614,17 @@ class ShardStream:
         assignments = [Assignment(self.epoch, role, len(roles), tasks, self._buckets) for role, tasks in enumerate(roles)]
         if not self.cfg.num_workers:
             return self._reader.deliveries(assignments[0])
-        if self._loader is None:
-            context = multiprocessing.get_context(self.cfg.worker_start_method)
-            self._queues.extend(context.SimpleQueue() for _ in range(self.cfg.num_workers))
-            # its own generator: the loader never draws from (and so never shifts) the global torch RNG
-            self._loader = DataLoader(self._reader, batch_size=None, num_workers=self.cfg.num_workers,
-                                      multiprocessing_context=context, persistent_workers=True,
-                                      generator=torch.Generator())
-        for queue, assignment in zip(self._queues, assignments):
-            queue.put(assignment)  # taken by each worker as the iteration below starts
-        return iter(self._loader)
+        with _worker_count_said_once(self.cfg.num_workers):
+            if self._loader is None:
+                context = multiprocessing.get_context(self.cfg.worker_start_method)
+                self._queues.extend(context.SimpleQueue() for _ in range(self.cfg.num_workers))
+                # its own generator: the loader never draws from (and so never shifts) the global torch RNG
+                self._loader = DataLoader(self._reader, batch_size=None, num_workers=self.cfg.num_workers,
+                                          multiprocessing_context=context, persistent_workers=True,
+                                          generator=torch.Generator())
+            for queue, assignment in zip(self._queues, assignments):
+                queue.put(assignment)  # taken by each worker as the iteration below starts
+            return iter(self._loader)
 
     def close(self) -> None:
         """Stop the worker processes now (they also stop when the stream is garbage-collected)."""

@@ -22,6 +22,8 @@ only then moves ``latest``; a crash at any point leaves ``latest`` on the previo
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -259,7 +261,10 @@ def consolidate_fp32(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 
     tag_dir = resolve_checkpoint(path)
     metadata = read_metadata(tag_dir)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    # zero_to_fp32 prints a progress report on every load ("Processing zero checkpoint ..."): kept off
+    # stdout, where it would mix with the results of eval/score/publish.
+    with contextlib.redirect_stdout(io.StringIO()):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     return {key: value.float().contiguous() for key, value in state.items()}, metadata
 
 

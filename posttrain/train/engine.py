@@ -301,6 +301,24 @@ def check_data_sets(cfg: PosttrainConfig) -> None:
                 raise ConfigError(f"data.{role}.shards[{i}]", str(error)) from None
 
 
+# DeepSpeed lines that tell a posttrain user nothing: ZeRO calls every client optimizer "untested", and
+# posttrain always trains with its own SkippableAdamW (whose ZeRO steps tests/dist checks).
+DEEPSPEED_NOISE = ("You are using ZeRO with an untested optimizer",)
+
+
+class _DropDeepSpeedNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in DEEPSPEED_NOISE)
+
+
+def silence_deepspeed_noise() -> None:
+    """Drop ``DEEPSPEED_NOISE`` from DeepSpeed's logger (once per process)."""
+    from deepspeed.utils import logger
+
+    if not any(isinstance(existing, _DropDeepSpeedNoise) for existing in logger.filters):
+        logger.addFilter(_DropDeepSpeedNoise())
+
+
 def acquire_run_lock(output_dir: Path, rank: int) -> RunLock | None:
     """Rank 0 takes the output folder's run lock; every rank raises ``RunLockError`` if it could not."""
     lock, refusal = None, None
@@ -358,6 +376,7 @@ class Trainer:
         universal = metadata is not None and metadata["world_size"] != self.world_size
         if universal:
             ckpt.convert_to_universal(resume)
+        silence_deepspeed_noise()
         self.engine = self._build_engine(universal)
         self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)  # after the engine may have set the stage
         self.stream = ShardStream(cfg.data.train)

@@ -117,3 +117,4 @@ def test_two_trainings_on_one_output_folder(shard_dir, tmp_path):
     assert third.returncode == 0, third.stderr[-3000:]
     assert f"taking over the run lock {out / LOCK_NAME}: its process {first.pid}" in third.stderr
     assert not (out / LOCK_NAME).exists()  # released at the end of the run
+    assert "untested optimizer" not in third.stdout + third.stderr  # DeepSpeed's noise about our own AdamW
