@@ -137,13 +137,15 @@ def _overview(inputs: CardInputs) -> str:
 
 def _usage(inputs: CardInputs) -> str:
     model = inputs.repo_id or "path/to/this/folder"
+    group_norm = (inputs.identity.get("ssl_config") or {}).get("feat_extract_norm") == "group"
+    batching = ("Score one file per call: in a padded batch, transformers' group norm (first conv layer) takes "
+                "the padding into its statistics (`posttrain score` masks it). ") if group_norm else ""
     return ("## Usage\n\n```python\nfrom transformers import pipeline\n\n"
             f'detector = pipeline("audio-classification", model="{model}")\n'
             'detector("speech.wav")  # [{"label": "real", "score": ...}, {"label": "fake", "score": ...}]\n```\n\n'
             "The feature extractor resamples nothing: give 16 kHz mono audio (the pipeline resamples files it "
             "decodes itself). Each utterance is normalised to zero mean and unit variance (see Input "
-            "normalisation). Batches of wav2vec 2.0 small (group-norm) models are best scored one file per "
-            "call: transformers' group norm takes the padding into its statistics (`posttrain score` masks it). "
+            f"normalisation). {batching}"
             "For long recordings, score windows and aggregate them (`posttrain score`).\n")
 
 
