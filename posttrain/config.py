@@ -195,16 +195,23 @@ class SamConfig:
     rho: float = 0.005
     adaptive: bool = False
     adaptive_eta: float = 0.01  # ASAM's T = |w| + eta
-    variant: Literal["sam", "looksam"] = "sam"
+    variant: Literal["sam", "looksam", "esam"] = "sam"
     looksam_every_steps: int = 5  # LookSAM: full SAM step every k steps
     looksam_alpha: float = 0.7
+    # ESAM (Du et al., ICLR 2022): perturb this fraction of the weights (stochastic weight perturbation,
+    # the kept part of e scaled by 1/fraction) and run the second pass on this fraction of the samples,
+    # those whose loss rose most under the perturbation (sharpness-sensitive data selection)
+    esam_weight_fraction: float = 0.5
+    esam_data_fraction: float = 0.5
 
     def validate(self) -> None:
         require(self.rho > 0, "rho", "must be > 0")
         require(self.adaptive_eta >= 0, "adaptive_eta", "must be >= 0")
-        require_choice(self.variant, "variant", ["sam", "looksam"])
+        require_choice(self.variant, "variant", ["sam", "looksam", "esam"])
         require(self.looksam_every_steps >= 1, "looksam_every_steps", "must be >= 1")
         require(self.looksam_alpha >= 0, "looksam_alpha", "must be >= 0")
+        require(0 < self.esam_weight_fraction <= 1, "esam_weight_fraction", "must be in (0, 1]")
+        require(0 < self.esam_data_fraction <= 1, "esam_data_fraction", "must be in (0, 1]")
 
 
 @dataclass

@@ -6,6 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as torch_dist
 
 
@@ -40,3 +41,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def gather_vectors(values: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's 1-D ``values`` (lengths may differ), in rank order: two all_gathers (the lengths,
+    then the values padded to the longest). Collective; without a process group ``[values]``."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_world_size() == 1:
+        return [values]
+    world = torch_dist.get_world_size()
+    count = torch.tensor([values.numel()], dtype=torch.long, device=values.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    torch_dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = torch.zeros(max(sizes), dtype=values.dtype, device=values.device)
+    padded[: values.numel()] = values
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    torch_dist.all_gather(gathered, padded)
+    return [g[:n] for g, n in zip(gathered, sizes)]

@@ -1,12 +1,15 @@
-"""``python -m posttrain.bench sam``: cost of a SAM / LookSAM step relative to a plain step.
+"""``python -m posttrain.bench sam``: cost of a SAM / LookSAM / ESAM step relative to a plain step.
 
 For ZeRO-2 and ZeRO-3, one DeepSpeed engine per (stage, mode) in its own process (world size 1,
-so peak memory is the mode's own): plain, SAM, ASAM and LookSAM (k = ``--looksam-every``) steps
-of the real step modes on random audio batches. Prints the mean step time (CPU time of the
+so peak memory is the mode's own): plain, SAM, ASAM, LookSAM (k = ``--looksam-every``) and ESAM
+(``--esam-weights`` of the weights perturbed, ``--esam-data`` of the samples in the second pass)
+steps of the real step modes on random audio batches. Prints the mean step time (CPU time of the
 process with one torch thread on CPU, so the ratio holds on a shared machine; wall time on CUDA),
 its ratio to plain, the peak memory (CPU: peak RSS; CUDA: ``max_memory_allocated``) and its
 difference to plain, and the bytes SAM holds on top of plain (restore copy + LookSAM direction).
-Goals: SAM <= 2.05x plain, LookSAM <= 1.3x.
+Goals: SAM <= 2.05x plain, LookSAM <= 1.3x. ESAM's floor is (F + B) + F + gamma (F + B) per step (F, B:
+forward and backward cost): about 1.7x plain at gamma 0.5 when B = 2F, less with activation
+recomputation.
 """
 
 from __future__ import annotations
@@ -21,14 +24,15 @@ import time
 
 from posttrain.config import SAMPLE_RATE_HZ
 
-MODES = ("plain", "sam", "asam", "looksam")
+MODES = ("plain", "sam", "asam", "looksam", "esam")
 
 
 def _overrides(args: argparse.Namespace, stage: int, mode: str) -> list[str]:
     return [f"train.zero_stage={stage}", f"train.precision={args.precision}", f"train.device={args.device}",
             f"model.preset={args.preset}", f"train.grad_accum_steps={args.grad_accum}", "optim.lr=0.00001",
             f"sam.enabled={mode != 'plain'}", f"sam.adaptive={mode == 'asam'}",
-            f"sam.variant={'looksam' if mode == 'looksam' else 'sam'}", f"sam.looksam_every_steps={args.looksam_every}"]
+            f"sam.variant={mode if mode in ('looksam', 'esam') else 'sam'}", f"sam.looksam_every_steps={args.looksam_every}",
+            f"sam.esam_weight_fraction={args.esam_weights}", f"sam.esam_data_fraction={args.esam_data}"]
 
 
 def _measure(args: argparse.Namespace, stage: int, mode: str) -> dict:
@@ -62,16 +66,17 @@ def _measure(args: argparse.Namespace, stage: int, mode: str) -> dict:
     samples = int(args.seconds * SAMPLE_RATE_HZ)
     generator = torch.Generator().manual_seed(1)
 
-    def micro_batches() -> list[Batch]:
+    def micro_batches(step: int) -> list[Batch]:
         return [Batch(torch.randn(args.batch_size, samples, generator=generator),
-                      torch.full((args.batch_size,), samples), torch.randint(0, 2, (args.batch_size,), generator=generator))
-                for _ in range(args.grad_accum)]
+                      torch.full((args.batch_size,), samples), torch.randint(0, 2, (args.batch_size,), generator=generator),
+                      [f"b{step}-{m}-{i}" for i in range(args.batch_size)])
+                for m in range(args.grad_accum)]
 
     cuda = device.type == "cuda"
     clock = time.perf_counter if cuda else time.process_time
     times = []
     for step in range(args.warmup + args.steps):
-        batches = micro_batches()
+        batches = micro_batches(step)
         if cuda:
             torch.cuda.synchronize()
         started = clock()
@@ -113,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--looksam-every", type=int, default=5)
+    parser.add_argument("--esam-weights", type=float, default=0.5, help="ESAM: fraction of weights perturbed")
+    parser.add_argument("--esam-data", type=float, default=0.5, help="ESAM: fraction of samples in the second pass")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     return parser
@@ -126,7 +133,8 @@ def main(argv: list[str]) -> int:
         return 0
     args.passthrough = [a for a in argv]
     print(f"preset {args.preset}, {args.precision} on {args.device}, batch {args.batch_size} x {args.seconds:g} s, "
-          f"grad accum {args.grad_accum}, {args.steps} timed steps, LookSAM every {args.looksam_every}")
+          f"grad accum {args.grad_accum}, {args.steps} timed steps, LookSAM every {args.looksam_every}, "
+          f"ESAM weights {args.esam_weights:g} data {args.esam_data:g}")
     print(f"{'stage':>5}  {'mode':<8} {'step s':>8}  {'x plain':>7}  {'peak MiB':>9}  {'+MiB':>7}  {'SAM held MiB':>12}")
     for stage in args.stages:
         plain = None

@@ -59,6 +59,12 @@ class OwnedParameters:
     model: list[torch.Tensor]
     master: list[torch.Tensor]
     group: Any
+    # offsets[i]: where model[i] starts inside its parameter's flattened elements (None: all 0, whole
+    # parameters), so a per-element rule (ESAM's weight mask) is the same however the model is sharded
+    offsets: list[int] | None = None
+
+    def offset(self, index: int) -> int:
+        return 0 if self.offsets is None else self.offsets[index]
 
     @property
     def numel(self) -> int:
@@ -153,7 +159,8 @@ def owned_parameters(engine: Any) -> OwnedParameters:
         params = [p for group in optimizer.bit16_groups for p in group if p._hp_mapping is not None]
         return OwnedParameters(stage, [names.get(id(p), "") for p in params],
                                [p._hp_mapping.lp_fragment.detach().view(-1) for p in params],
-                               [p._hp_mapping.hp_fragment.detach().view(-1) for p in params], _dp_group_1_2(optimizer))
+                               [p._hp_mapping.hp_fragment.detach().view(-1) for p in params], _dp_group_1_2(optimizer),
+                               [p._hp_mapping.lp_fragment_address.start for p in params])
     params, masters = [], []
     for group, flat_master in zip(optimizer.fp16_groups, optimizer.fp32_partitioned_groups_flat):
         offset = 0
@@ -168,8 +175,10 @@ def owned_parameters(engine: Any) -> OwnedParameters:
         raise ValueError(f"partitions: ZeRO-3 keeps {len(persistent)} parameters persistent (e.g. {persistent[0]}); "
                          "set zero_optimization.stage3_param_persistence_threshold to 0 so the forward reads "
                          "every parameter from its partition")
+    # partition r of a parameter holds its flat elements [r * ds_numel, (r + 1) * ds_numel) (the last padded)
+    partition = torch_dist.get_rank(group=optimizer.dp_process_group) if torch_dist.is_initialized() else 0
     return OwnedParameters(3, [names.get(id(p), "") for p in params], [p.ds_tensor.detach().view(-1) for p in params],
-                           masters, optimizer.dp_process_group)
+                           masters, optimizer.dp_process_group, [partition * p.ds_tensor.ds_numel for p in params])
 
 
 def _dp_group_1_2(optimizer: Any) -> Any:

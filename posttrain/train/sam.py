@@ -1,4 +1,4 @@
-"""Sharpness-aware minimisation inside a DeepSpeed engine: SAM, ASAM and LookSAM as one fused step.
+"""Sharpness-aware minimisation inside a DeepSpeed engine: SAM, ASAM, LookSAM and ESAM as one fused step.
 
 One call of ``sharpness_aware_step(engine, run_pass, cfg)`` does, with ``run_pass`` running the
 forward and ``engine.backward`` of every micro-batch of the step (boundary at the last one):
@@ -29,6 +29,16 @@ SAM gradient orthogonal to the plain one) as an fp32 copy of the owned gradient 
 steps between run one pass and update with ``g + alpha ||g|| / ||g_v|| g_v``. The copy is not
 checkpointed: after a resume the first step is a full one.
 
+ESAM (Du et al., ICLR 2022; ``sam.variant: esam``, ``esam_step``), the same steps 1-7 with two savings:
+stochastic weight perturbation, ``e = rho (m * d) / (beta ||d||)`` with ``d`` the SAM/ASAM direction
+and ``m`` a Bernoulli(``beta = esam_weight_fraction``) mask per weight element (a hash of the element's
+index in its parameter, the parameter's name, ``train.seed`` and the step: the same mask however the
+model is sharded); and sharpness-sensitive data selection: a forward without gradient at ``w + e``
+gives every sample's loss increase, and the second pass (forward and backward) runs only on the
+``ceil(gamma N)`` samples of the global step whose loss rose most (``gamma = esam_data_fraction``; one
+all-gather of the increases; ties to the earlier sample in (rank, micro-batch, row) order), its loss the
+mean over them. A micro-batch left without a selected sample runs as a join batch.
+
 The weights are perturbed only inside this one call, and a checkpoint written by the loop between
 two calls never sees them: the step marks the engine in ``posttrain.train.perturbation``, which
 checkpoint code checks (the mark also stays up if a pass raised, since the replicas may then be
@@ -42,6 +52,7 @@ then ``sharpness_aware_step(engine, run_pass, cfg.sam, step_index=step)``.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import weakref
 from collections.abc import Callable
@@ -52,14 +63,15 @@ import torch
 
 from posttrain.config import SamConfig
 from posttrain.data.batch import Batch
+from posttrain.dist import gather_vectors
 from posttrain.train.ascent import ascent_direction_, perturb_, restore_, takes_ascent
-from posttrain.train.partitions import (check_partitions_released, discard_gradients, global_sums, local_dot,
-                                        local_sum_of_squares, owned_gradients, owned_parameters, sync_model_copies,
-                                        zero_stage)
+from posttrain.train.partitions import (OwnedParameters, check_partitions_released, discard_gradients, global_sums,
+                                        local_dot, local_sum_of_squares, owned_gradients, owned_parameters,
+                                        sync_model_copies, zero_stage)
 from posttrain.train.perturbation import clear_perturbed, mark_perturbed
 from posttrain.train.rng import rng_state, set_rng_state
 from posttrain.train.step import (StepContext, StepStats, finish_step, forward_backward, global_counts, loss_scale,
-                                  prepare, register_step_mode)
+                                  micro_loss, prepare, register_step_mode, sample_losses)
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -162,6 +174,120 @@ def sharpness_aware_step(engine: "DeepSpeedEngine", run_pass: Callable[[], torch
     return outcome
 
 
+# ------------------------------------------------------------------------------------------- ESAM
+
+_MASK_BITS = (1 << 31) - 1  # the element hash works on 31-bit integers: every product fits in int64
+
+
+def _mask_key(seed: int, step_index: int, name: str) -> int:
+    digest = hashlib.blake2b(f"{seed}:{step_index}:{name}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & _MASK_BITS
+
+
+def keep_mask(key: int, offset: int, numel: int, fraction: float, device: torch.device) -> torch.Tensor:
+    """Bernoulli(``fraction``) draws for elements ``offset .. offset + numel - 1`` of one parameter: a
+    counter-based integer hash of (element index, ``key``), so any slice of a parameter gets its own
+    part of the same mask without drawing the rest."""
+    x = (torch.arange(offset, offset + numel, dtype=torch.int64, device=device) + key) & _MASK_BITS
+    x = (x * 1103515245 + 12345) & _MASK_BITS
+    for _ in range(3):  # xorshift-multiply rounds: scramble the low bits into the high ones
+        x = x ^ (x >> 15)
+        x = (x * 0x2C1B3C6D) & _MASK_BITS
+    x = x ^ (x >> 16)
+    return x < int(fraction * (_MASK_BITS + 1))
+
+
+def stochastic_weight_mask_(owned: OwnedParameters, direction: list[torch.Tensor], fraction: float, seed: int,
+                            step_index: int) -> None:
+    """ESAM's SWP: ``d <- m * d / fraction`` in place (``m`` from ``keep_mask``; unbiased: E[m d / beta] = d)."""
+    if fraction >= 1.0:
+        return
+    for index, (name, d) in enumerate(zip(owned.names, direction)):
+        mask = keep_mask(_mask_key(seed, step_index, name), owned.offset(index), d.numel(), fraction, d.device)
+        d.mul_(mask.to(d.dtype)).div_(fraction)
+
+
+def select_sharpest(increases: list[torch.Tensor], fraction: float) -> tuple[list[torch.Tensor], int]:
+    """ESAM's SDS over the GLOBAL step: per micro-batch, the rows of this rank among the
+    ``ceil(fraction N)`` samples whose loss rose most (ties: the earlier in (rank, micro-batch, row)
+    order), and the global number selected. Collective (``gather_vectors``)."""
+    local = torch.cat(increases).double() if increases else torch.zeros(0, dtype=torch.float64)
+    every_rank = gather_vectors(local)
+    rank = torch_dist.get_rank() if torch_dist.is_available() and torch_dist.is_initialized() else 0
+    start = sum(v.numel() for v in every_rank[:rank])
+    values = torch.cat(every_rank)
+    count = math.ceil(fraction * values.numel())
+    # descending by increase, stable: equal increases keep their global order
+    order = torch.sort(-values.nan_to_num(nan=-math.inf), stable=True).indices[:count]
+    chosen = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    chosen[order] = True
+    mine = chosen[start:start + local.numel()]
+    rows, offset = [], 0
+    for part in increases:
+        rows.append(torch.nonzero(mine[offset:offset + part.numel()]).flatten().cpu())
+        offset += part.numel()
+    return rows, count
+
+
+def rows_of(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The selected rows of a batch, cut to their longest (an empty selection: a join batch)."""
+    if rows.numel() == 0:
+        return Batch.empty().to(batch.waveforms.device)
+    keep = rows.tolist()
+    lengths = batch.lengths[rows.to(batch.lengths.device)]
+    width = int(lengths.max())
+    index = rows.to(batch.waveforms.device)
+    return Batch(batch.waveforms[index, :width], lengths, batch.labels[index],
+                 *([column[i] for i in keep] if column else [] for column in (batch.ids, batch.meta, batch.repeats)))
+
+
+def forward_losses(engine: "DeepSpeedEngine", batches: list[Batch], ctx: StepContext) -> list[torch.Tensor]:
+    """Per-sample cross-entropy of every micro-batch, forward only (join batches still forward, so
+    ZeRO-3's parameter gathers stay in lockstep across ranks)."""
+    with torch.no_grad():
+        return [micro_loss(engine, batch, 0.0, ctx)[1] for batch in batches]
+
+
+def esam_step(engine: "DeepSpeedEngine", batches: list[Batch], ctx: StepContext) -> StepStats:
+    """One ESAM optimiser step on prepared micro-batches (see the module doc). Collective."""
+    cfg = ctx.cfg.sam
+    device = ctx.device
+    samples, seconds = global_counts(ctx, batches)
+    rng = rng_state()
+    first = sample_losses(engine, batches, loss_scale(ctx, samples), ctx)
+    owned = owned_parameters(engine)
+    grads = owned_gradients(engine)
+    norm = ascent_direction_(owned, grads, adaptive=cfg.adaptive, eta=cfg.adaptive_eta, device=device)
+    perturb = takes_ascent(norm)
+    saved = None
+    mark_perturbed(engine, "esam")
+    if perturb:
+        check_partitions_released(engine)
+        stochastic_weight_mask_(owned, grads, cfg.esam_weight_fraction, ctx.cfg.train.seed, ctx.step)
+        saved = perturb_(owned, grads, cfg.rho, norm)
+        sync_model_copies(engine)
+    discard_gradients(engine)
+    set_rng_state(rng)
+    increases = [after - before for after, before in zip(forward_losses(engine, batches, ctx), first)]
+    rows, selected = select_sharpest(increases, cfg.esam_data_fraction)
+    set_rng_state(rng)
+    subsets = [rows_of(batch, keep) for batch, keep in zip(batches, rows)]
+    second = forward_backward(engine, subsets, loss_scale(ctx, selected), ctx)
+    if perturb:
+        restore_(owned, saved)
+    del saved
+    loss = torch.cat(first).double().sum() + 0.0 * second  # L(w) reported; a non-finite L(w + e) still skips
+    increase = _global_sum(torch.cat(increases).double().sum(), device)
+    extra = {"sam/grad_norm": norm, "sam/full_step": 1.0,
+             "esam/selected_fraction": selected / samples if samples else 0.0,
+             "sam/loss_increase": increase / samples if samples else 0.0}
+    stats = finish_step(engine, ctx, loss, samples, seconds, extra)
+    if perturb and zero_stage(engine) in (1, 2) and getattr(engine.optimizer, "overflow", False):
+        sync_model_copies(engine)  # the skipped step did not all-gather the restored slices
+    clear_perturbed(engine)
+    return stats
+
+
 # ------------------------------------------------------------------------------------ the step mode
 
 
@@ -171,6 +297,8 @@ def sam_step(engine: "DeepSpeedEngine", micro_batches: list[Batch], ctx: StepCon
     gradient at ``w + e``. Extras: ``sam/grad_norm`` (first pass), ``sam/loss_increase``
     (mean L(w + e) - L(w) over the step's samples) and ``sam/full_step`` (LookSAM)."""
     batches = prepare(ctx, micro_batches)  # augmented once: both passes see the same waveforms
+    if ctx.cfg.sam.variant == "esam":
+        return esam_step(engine, batches, ctx)
     samples, seconds = global_counts(ctx, batches)
     scale = loss_scale(ctx, samples)
 

@@ -219,17 +219,18 @@ def dummy_batch(sample_rate_hz: int, device: torch.device) -> Batch:
 
 def micro_loss(engine: "DeepSpeedEngine", batch: Batch, scale: float,
                ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to back-propagate, detached summed cross-entropy of the real samples).
+    """(loss to back-propagate, detached per-sample cross-entropy ``[B]`` of the real samples).
 
-    A join batch forwards ``dummy_batch`` and returns its loss x 0: zero gradient, same hooks."""
+    A join batch forwards ``dummy_batch`` and returns its loss x 0 (zero gradient, same hooks and
+    collectives) and no per-sample losses."""
     if batch.is_empty:
         dummy = dummy_batch(ctx.sample_rate_hz, ctx.device)
         logits = engine(dummy.waveforms, dummy.lengths)
         loss = F.cross_entropy(logits.float(), dummy.labels, reduction="sum") * 0.0
-        return loss, torch.zeros((), device=ctx.device)
+        return loss, torch.zeros(0, device=ctx.device)
     logits = engine(batch.waveforms, batch.lengths)
-    ce_sum = F.cross_entropy(logits.float(), batch.labels, reduction="sum")
-    return ce_sum * scale, ce_sum.detach()
+    ce = F.cross_entropy(logits.float(), batch.labels, reduction="none")
+    return ce.sum() * scale, ce.detach()
 
 
 def backward(engine: "DeepSpeedEngine", loss: torch.Tensor, is_last: bool) -> None:
@@ -274,15 +275,22 @@ def finish_step(engine: "DeepSpeedEngine", ctx: StepContext, loss_sum: torch.Ten
 # -------------------------------------------------------------------------------------------- plain
 
 
-def forward_backward(engine: "DeepSpeedEngine", batches: list[Batch], scale: float, ctx: StepContext) -> torch.Tensor:
-    """Forward + backward of every micro-batch, accumulation boundary at the last; returns this rank's
-    summed cross-entropy. One pass of every step mode (SAM and dual path run two)."""
-    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+def sample_losses(engine: "DeepSpeedEngine", batches: list[Batch], scale: float,
+                  ctx: StepContext) -> list[torch.Tensor]:
+    """Forward + backward of every micro-batch, accumulation boundary at the last; returns each
+    micro-batch's detached per-sample cross-entropy (ESAM selects samples by them)."""
+    losses = []
     for index, batch in enumerate(batches):
-        loss, ce_sum = micro_loss(engine, batch, scale, ctx)
+        loss, ce = micro_loss(engine, batch, scale, ctx)
         backward(engine, loss, is_last=index == len(batches) - 1)
-        loss_sum = loss_sum + ce_sum.double()
-    return loss_sum
+        losses.append(ce)
+    return losses
+
+
+def forward_backward(engine: "DeepSpeedEngine", batches: list[Batch], scale: float, ctx: StepContext) -> torch.Tensor:
+    """``sample_losses`` summed: this rank's summed cross-entropy (float64). One pass of every step
+    mode (SAM and dual path run two)."""
+    return torch.cat(sample_losses(engine, batches, scale, ctx)).double().sum()
 
 
 @register_step_mode("plain")

@@ -24,6 +24,7 @@ MLP_SAMPLES = 64
 W2V2_SAMPLES = 2400
 RHO, ASAM_RHO, ETA = 0.05, 0.5, 0.01
 LOOKSAM_ALPHA, LOOKSAM_EVERY = 0.7, 2
+ESAM_WEIGHTS, ESAM_DATA, SEED = 0.5, 0.5, 1234  # ESAM: fraction of weights perturbed, of samples in pass 2
 BETAS, ADAM_EPS, WEIGHT_DECAY = (0.9, 0.999), 1e-4, 0.01
 NORM_EPS = 1e-12
 
@@ -39,7 +40,7 @@ class Case:
     name: str
     stage: int
     model: str = "mlp"  # "mlp" | "w2v2"
-    mode: str = "sam"  # "sam" | "asam" | "looksam" | "plain"
+    mode: str = "sam"  # "sam" | "asam" | "looksam" | "esam" | "plain"
     accum: int = 1
     steps: int = 3
     lr: float = 5e-3
@@ -66,6 +67,12 @@ FP32_CASES = [
     Case("sam-w2v2-z3-accum", 3, model="w2v2", accum=2, steps=2),
     Case("asam-w2v2-z2", 2, model="w2v2", mode="asam", steps=2),
     Case("plain-z2", 2, mode="plain"),
+    # ESAM: with accumulation 2 over 2 ranks a micro-batch holds 2 samples, so some of them have no
+    # selected sample in the second pass and run as join batches
+    Case("esam-z1", 1, mode="esam", clip=0.05),
+    Case("esam-z2-accum", 2, mode="esam", accum=2),
+    Case("esam-z3-accum", 3, mode="esam", accum=2),
+    Case("esam-w2v2-z3", 3, model="w2v2", mode="esam", steps=2),
 ]
 BF16_CASES = [Case(f"bf16-lr0-z{stage}", stage, mode=mode, lr=0.0, steps=2, precision="bf16", accum=2)
               for stage, mode in ((1, "sam"), (2, "asam"), (3, "sam"), (3, "asam"))]
@@ -91,7 +98,9 @@ class TinyMLP(nn.Module):
                                   nn.Linear(16, 2))
 
     def forward(self, waveforms, lengths):
-        return self.body(waveforms.to(self.body[0].weight.dtype))
+        # the first MLP_SAMPLES samples, zero-padded: a join batch's dummy input has another length
+        waveforms = F.pad(waveforms, (0, max(0, MLP_SAMPLES - waveforms.shape[1])))
+        return self.body(waveforms[:, :MLP_SAMPLES].to(self.body[0].weight.dtype))
 
 
 def make_model(kind: str) -> nn.Module:
@@ -165,6 +174,39 @@ def sam_gradient(model: nn.Module, case: Case, g: dict[str, torch.Tensor], waves
     return final
 
 
+def _sample_losses(model: nn.Module, waves, lengths, labels) -> torch.Tensor:
+    from posttrain.data.batch import normalize_waveforms
+
+    with torch.no_grad():
+        return F.cross_entropy(model(normalize_waveforms(waves, lengths), lengths).float(), labels, reduction="none")
+
+
+def esam_gradient(model: nn.Module, case: Case, g: dict[str, torch.Tensor], step: int, waves, lengths,
+                  labels) -> dict[str, torch.Tensor]:
+    """Textbook ESAM (Du et al. 2022) on the whole global batch: e = rho (m * g) / (beta ||g||) with the
+    step's Bernoulli(beta) mask over each WHOLE parameter; the gradient at w + e of the mean loss of
+    the ceil(gamma N) samples whose loss rose most (ties: the earlier sample); weights restored."""
+    from posttrain.train.sam import _mask_key, keep_mask
+
+    params = dict(model.named_parameters())
+    norm = math.sqrt(sum(float(v.square().sum()) for v in g.values()))
+    before = _sample_losses(model, waves, lengths, labels)
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            mask = keep_mask(_mask_key(SEED, step, n), 0, p.numel(), ESAM_WEIGHTS, p.device).view_as(p)
+            p.add_(case.sam_rho * g[n] * mask / ESAM_WEIGHTS / (norm + NORM_EPS))
+    increase = _sample_losses(model, waves, lengths, labels) - before
+    count = math.ceil(ESAM_DATA * len(labels))
+    ranked = sorted(range(len(labels)), key=lambda i: (-float(increase[i]), i))
+    chosen = torch.tensor(sorted(ranked[:count]))
+    final = _gradient(model, waves[chosen], lengths[chosen], labels[chosen])
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n])
+    return final
+
+
 def reference_weights(case: Case) -> dict[str, torch.Tensor]:
     model = make_model(case.model)
     params = dict(model.named_parameters())
@@ -173,7 +215,9 @@ def reference_weights(case: Case) -> dict[str, torch.Tensor]:
 
     for step, (waves, lengths, labels) in enumerate(make_data(case)):
         g = _gradient(model, waves, lengths, labels)
-        if case.mode == "plain" or (case.mode == "looksam" and step % LOOKSAM_EVERY):
+        if case.mode == "esam":
+            final = esam_gradient(model, case, g, step, waves, lengths, labels)
+        elif case.mode == "plain" or (case.mode == "looksam" and step % LOOKSAM_EVERY):
             final = g
             if case.mode == "looksam":
                 g_norm = math.sqrt(sum(float(v.square().sum()) for v in g.values()))
@@ -239,7 +283,9 @@ def _config(case: Case):
         f"train.zero_stage={case.stage}", f"train.precision={case.precision}", f"train.grad_accum_steps={case.accum}",
         "train.device=cpu", f"sam.enabled={case.mode != 'plain'}", f"sam.adaptive={adaptive}",
         f"sam.rho={case.sam_rho}", f"sam.adaptive_eta={ETA}",
-        f"sam.variant={'looksam' if case.mode == 'looksam' else 'sam'}", f"sam.looksam_every_steps={LOOKSAM_EVERY}",
+        f"sam.variant={case.mode if case.mode in ('looksam', 'esam') else 'sam'}",
+        f"sam.looksam_every_steps={LOOKSAM_EVERY}", f"sam.esam_weight_fraction={ESAM_WEIGHTS}",
+        f"sam.esam_data_fraction={ESAM_DATA}", f"train.seed={SEED}",
         f"sam.looksam_alpha={LOOKSAM_ALPHA}", f"optim.lr={case.lr}", f"optim.eps={case.adam_eps}",
         f"optim.weight_decay={case.weight_decay}", f"optim.betas=[{BETAS[0]}, {BETAS[1]}]",
         f"optim.grad_clip_norm={case.clip}"])
@@ -464,6 +510,7 @@ def test_sam_statistics_and_clipping_engaged(dist_results):
     sam = dist_results["sam-z2-accum"]["extras"]
     assert all(e["sam/grad_norm"] > 0 and e["sam/full_step"] == 1.0 and "sam/loss_increase" in e for e in sam)
     assert [e["sam/full_step"] for e in dist_results["looksam-z3"]["extras"]] == [1.0, 0.0, 1.0, 0.0]
+    assert all(e["esam/selected_fraction"] == ESAM_DATA for e in dist_results["esam-z2-accum"]["extras"])
 
 
 @pytest.mark.dist

@@ -58,3 +58,33 @@ def test_sam_registers_as_a_step_mode_and_guards_checkpoints():
         perturbation.assert_not_perturbed(engine, "save")
     perturbation.clear_perturbed(engine)
     perturbation.assert_not_perturbed(engine)
+
+
+def test_esam_weight_mask_is_bernoulli_and_the_same_however_a_parameter_is_sliced():
+    from posttrain.train.sam import _mask_key, keep_mask
+
+    key = _mask_key(1234, 7, "encoder.layers.0.fc1.weight")
+    whole = keep_mask(key, 0, 200_000, 0.3, torch.device("cpu"))
+    assert float(whole.double().mean()) == pytest.approx(0.3, abs=0.005)
+    # ZeRO slices of one parameter (any offsets) compose to the whole parameter's mask
+    cuts = [0, 12_345, 100_000, 200_000]
+    pieces = [keep_mask(key, a, b - a, 0.3, torch.device("cpu")) for a, b in zip(cuts, cuts[1:])]
+    assert torch.equal(torch.cat(pieces), whole)
+    # another step or parameter draws an independent mask: overlap ~ 0.3^2, neighbours uncorrelated
+    other = keep_mask(_mask_key(1234, 8, "encoder.layers.0.fc1.weight"), 0, 200_000, 0.3, torch.device("cpu"))
+    assert float((whole & other).double().mean()) == pytest.approx(0.09, abs=0.005)
+    assert float((whole[1:] & whole[:-1]).double().mean()) == pytest.approx(0.09, abs=0.005)
+
+
+def test_esam_keeps_the_sharpest_samples_of_the_global_step_in_order():
+    from posttrain.data.batch import Batch
+    from posttrain.train.sam import rows_of, select_sharpest
+
+    increases = [torch.tensor([0.1, 0.5, 0.2]), torch.tensor([]), torch.tensor([0.5, -1.0])]
+    rows, count = select_sharpest(increases, 0.5)  # ceil(0.5 x 5) = 3: 0.5, 0.5 (the earlier first), 0.2
+    assert count == 3 and [r.tolist() for r in rows] == [[1, 2], [], [0]]
+    batch = Batch(torch.arange(12.0).view(3, 4), torch.tensor([4, 2, 3]), torch.tensor([1, 0, 1]), ["a", "b", "c"],
+                  [{}, {}, {}], [0, 1, 0])
+    picked = rows_of(batch, torch.tensor([1, 2]))
+    assert picked.ids == ["b", "c"] and picked.repeats == [1, 0] and picked.waveforms.shape == (2, 3)
+    assert rows_of(batch, torch.tensor([], dtype=torch.long)).is_empty

@@ -22,7 +22,7 @@ REFUSED = {
     "stage3_param_persistence_threshold": ({"stage3_param_persistence_threshold": 100000}, 3),
 }
 MODES = {"sam": ["sam.enabled=true"], "looksam": ["sam.enabled=true", "sam.variant=looksam"],
-         "dual_path": ["dual_path.enabled=true"]}
+         "esam": ["sam.enabled=true", "sam.variant=esam"], "dual_path": ["dual_path.enabled=true"]}
 
 
 def _posttrain_cfg(mode_overrides, stage, zero, cls=None):
