@@ -65,3 +65,18 @@ def test_settings_without_effect_at_the_stage_and_the_defaults_pass():
     merged = plugin_deepspeed_config({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto"}},
                                      cfg)
     assert merged["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+
+
+def test_mics_of_older_deepspeed_is_refused():
+    """DeepSpeed < 0.19 still has MiCS (``mics_shard_size`` in its ZeRO config); 0.19 removed it and
+    rejects the key itself. The rule reads the attribute when the installed version has it."""
+    import types
+
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from posttrain.train.partitions import unsupported_zero_settings
+
+    zero = DeepSpeedZeroConfig(stage=3, stage3_param_persistence_threshold=0)
+    assert unsupported_zero_settings(zero, 3) == []
+    older = types.SimpleNamespace(**dict(zero), mics_shard_size=2)
+    assert [key for key, _ in unsupported_zero_settings(older, 3)] == ["mics_shard_size"]
