@@ -5,7 +5,9 @@ or stored with the model) and a decision: at the calibration's Bayes threshold, 
 when uncalibrated (the line above the results says which). Files longer than the window are scored
 in windows (``posttrain.eval.scoring``); ``--mode antideepfake`` scores every file whole and alone, as
 AntiDeepfake's evaluation does. A file that cannot be read gets an error line and the others are
-still scored; the exit code is non-zero only when nothing could be scored.
+still scored; the exit code is non-zero only when nothing could be scored. Near-silent input gets a
+WARNING line (its score says nothing). ``--scores-out`` with ``--labels`` writes the score file
+``posttrain eval`` writes and ``posttrain metrics`` reads.
 """
 
 from __future__ import annotations
@@ -26,14 +28,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration", type=Path, default=None,
                         help="calibration.json (default: the one stored with the model, if any)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT_JSON", help="also write the results as JSON")
+    parser.add_argument("--scores-out", type=Path, default=None, metavar="SCORES_CSV",
+                        help="also write a score file in the format `posttrain eval` writes and `posttrain metrics` "
+                             "reads; needs --labels (default: none)")
+    parser.add_argument("--labels", type=Path, default=None, metavar="PROTOCOL_CSV",
+                        help="protocol CSV whose rows give each scored file's ID, label and groups, matched by "
+                             "path (default: none)")
+    parser.add_argument("--root", type=Path, default=None, help="data root replacing $ROOT in --labels (default: none)")
     add_arguments(parser, batch_seconds=100.0)
+
+
+def _read_labels(args: argparse.Namespace) -> list | None:
+    """The protocol rows of ``--labels`` (read before any scoring, so a bad file fails at once)."""
+    from posttrain.data.protocol import read_protocol
+    from posttrain.errors import UserError
+
+    if args.scores_out is not None and args.labels is None:
+        raise UserError("--scores-out needs --labels PROTOCOL_CSV: a score file's trials need labels")
+    return None if args.labels is None else read_protocol(args.labels)
 
 
 def run(args: argparse.Namespace) -> int:
     from posttrain.data.files import write_bytes_atomic
     from posttrain.eval.inference import (FileSource, config_from_args, device_from_args, process_group,
                                           run_inference)
-    from posttrain.eval.scoring import Decision, logit_diff, p_real, resolve_calibration
+    from posttrain.eval.scoring import (NEAR_SILENT_DBFS, Decision, labelled_file_records, logit_diff, near_silent,
+                                        p_real, resolve_calibration)
     from posttrain.loading import load_model
 
     with process_group() as info:
@@ -44,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
             model, identity = load_model(args.model, device)
             calibration, calibration_source = resolve_calibration(args.calibration, identity)
             decision = Decision.of(calibration)
+            labels = _read_labels(args)
         except (ValueError, FileNotFoundError) as error:
             print(f"posttrain score: error: {error}", file=sys.stderr)
             return 2
@@ -59,13 +80,26 @@ def run(args: argparse.Namespace) -> int:
         row = {"file": out.id, "p_real": float(p_real(out.logits)), "logit_diff": score, "llr": llr,
                "decision": decision.label(score), "seconds": out.seconds, "windows": out.num_windows,
                "logit_fake": float(out.logits[0]), "logit_real": float(out.logits[1])}
+        row.update(level_dbfs=out.meta.get("level_dbfs"), near_silent=near_silent(out.meta))
         rows.append(row)
         llr_text = "" if llr is None else f"  LLR {llr:+.4f}"
         print(f"{out.id}  P(real) {row['p_real']:.4f}  logit_diff {score:+.4f}{llr_text}  -> {row['decision']}"
               f"  ({out.seconds:.1f} s, {out.num_windows} window{'s' * (out.num_windows != 1)})")
+        if row["near_silent"]:
+            print(f"WARNING {out.id}: near-silent input ({row['level_dbfs']:.0f} dBFS RMS, below "
+                  f"{NEAR_SILENT_DBFS:g}): the model normalises the level away, so this score says nothing "
+                  f"about the recording")
     for item in result.skipped:
         print(f"ERROR {item.id}: {item.reason}: {item.detail}")
-    print(f"scored {len(result.outputs)} file(s), {len(result.skipped)} error(s)")
+    quiet = sum(row["near_silent"] for row in rows)
+    print(f"scored {len(result.outputs)} file(s), {len(result.skipped)} error(s)"
+          + (f", {quiet} near-silent (flagged above)" if quiet else ""))
+    if args.scores_out is not None:
+        from posttrain.eval.report import ScoreTable, write_scores
+
+        write_scores(args.scores_out, ScoreTable.from_records(
+            labelled_file_records(result.outputs, labels, args.root, str(args.labels))))
+        print(f"score file: {args.scores_out} (`posttrain metrics {args.scores_out}`)")
     if args.json is not None:
         document = {"scoring": cfg.summary(), "decision_rule": decision.rule, "threshold_logit_diff": decision.threshold,
                     "calibration_source": calibration_source, "inference": cfg.describe(),

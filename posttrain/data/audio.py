@@ -12,6 +12,7 @@ import functools
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -225,6 +226,12 @@ def load(source: str | Path | bytes, *, sample_rate_hz: int = SAMPLE_RATE_HZ,
     check(samples, orig_rate, min_seconds, _describe(source))
     mono = resample(to_mono(samples), orig_rate, sample_rate_hz)
     return Waveform(mono, sample_rate_hz, orig_rate)
+
+
+def level_dbfs(samples: np.ndarray) -> float:
+    """RMS level in dB relative to full scale (floored at -200 dBFS for digital silence)."""
+    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if samples.size else 0.0
+    return 20.0 * math.log10(max(rms, 1e-10))
 
 
 def encode_flac(samples: np.ndarray, sample_rate_hz: int = SAMPLE_RATE_HZ) -> bytes:

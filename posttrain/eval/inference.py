@@ -272,7 +272,8 @@ def _load_file(position: int, sample_id: str, path: Path, meta: dict[str, Any]) 
     except Exception as error:  # a decoder crash on a hostile file is that file's problem only
         return Skipped(position, sample_id, "unreadable", f"{path}: {error!r}")
     return Sample(position, sample_id, waveform.samples, {**meta, "path": str(path),
-                                                          "orig_sample_rate_hz": waveform.orig_sample_rate_hz})
+                                                          "orig_sample_rate_hz": waveform.orig_sample_rate_hz,
+                                                          "level_dbfs": audio.level_dbfs(waveform.samples)})
 
 
 class FileSource:

@@ -31,15 +31,27 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from posttrain.config import SAMPLE_RATE_HZ
+from posttrain.data.protocol import ProtocolRow, row_to_dict
+from posttrain.errors import UserError
 from posttrain.eval.calibration import Calibration, CalibrationError, load_calibration
 from posttrain.eval.metrics import ASVSPOOF5_COSTS, DetectionCosts, accepts
 
 SCORE_TYPE = "logit_diff"  # the ScoreType written to score files (posttrain.eval.report.SCORE_TYPES)
+# Input quieter than this (RMS, dB full scale) is flagged: the detectors normalise every input to zero
+# mean and unit variance, so a near-silent file's noise floor is scored as if it were speech, often
+# confidently; such a score says nothing about the recording. Speech sits around -40..-10 dBFS.
+NEAR_SILENT_DBFS = -60.0
+
+
+def near_silent(meta: Mapping[str, Any]) -> bool:
+    """Whether a scored input was near-silent (its ``level_dbfs``, recorded when it was decoded)."""
+    level = meta.get("level_dbfs")
+    return level is not None and level < NEAR_SILENT_DBFS
 AGGREGATIONS = ("mean_logits", "max_fake")
 
 
@@ -96,6 +108,35 @@ def logit_diff(logits: np.ndarray) -> np.ndarray:
     """``logit_real - logit_fake`` of ``[..., 2]`` logits in [fake, real] order."""
     logits = np.asarray(logits, dtype=np.float64)
     return logits[..., 1] - logits[..., 0]
+
+
+def score_record(sample_id: str, logits: np.ndarray, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """One row of a score file (``posttrain.eval.report`` reads these): the ``logit_diff`` score of
+    ``[fake, real]`` logits with the sample's label and groups from its metadata."""
+    return {"id": sample_id, "score": float(logit_diff(logits)), "label": meta["label"],
+            "attack": meta.get("attack"), "language": meta.get("language"), "corpus": meta.get("corpus"),
+            "score_type": SCORE_TYPE, "logit_fake": float(logits[0]), "logit_real": float(logits[1])}
+
+
+def labelled_file_records(outputs: Iterable[Any], rows: Iterable[ProtocolRow], root: str | Path | None,
+                          where: str) -> list[dict[str, Any]]:
+    """Score-file rows of scored audio files, each labelled by the protocol row whose path it is.
+
+    ``outputs`` carry ``id`` (the file path as scored) and ``logits``; ``where`` names the protocol in
+    the error raised when a scored file has no row (no row, no label: the file cannot be a trial).
+    """
+    by_path = {row.resolved_path(root).resolve(): row for row in rows}
+    records, unlabelled = [], []
+    for out in outputs:
+        row = by_path.get(Path(out.id).resolve())
+        if row is None:
+            unlabelled.append(out.id)
+            continue
+        records.append(score_record(row.id, out.logits, row_to_dict(row)))
+    if unlabelled:
+        raise UserError(f"{where}: no row for {len(unlabelled)} scored file(s), e.g. {unlabelled[0]}; "
+                        f"add them (Path matched after $ROOT = --root) or score only listed files")
+    return records
 
 
 def p_real(logits: np.ndarray) -> np.ndarray:
