@@ -69,8 +69,8 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("default" in text.lower() or not action.option_strings or action.required
-                or default in (None, False, argparse.SUPPRESS) or default == []):
+        if ("default" in text.lower() or not action.option_strings or action.required or default is None
+                or default is False or default == argparse.SUPPRESS or default == []):
             return text
         return f"{text} (default: %(default)s)"
 

@@ -63,7 +63,7 @@ def test_every_option_has_help_and_shows_its_default(command):
             continue
         name = f"posttrain {command} {action.option_strings[0]}"
         assert action.help, f"{name}: no help text"
-        if action.required or action.default in (None, False) or action.default == []:
+        if action.required or action.default is None or action.default is False or action.default == []:
             continue  # nothing to show: required, an off flag, or a None the help text explains
         block = " ".join(formatter._format_action(action).split())
         assert "default" in block and str(action.default) in block, f"{name}: --help hides the default: {block}"

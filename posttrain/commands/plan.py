@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -20,23 +19,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
     defaults = PlanRequest()
     parser.add_argument("--config", default=None, help="a post-training YAML to take the run's settings from")
     parser.add_argument("--preset", default=None, help=f"backbone preset (default {defaults.preset})")
-    parser.add_argument("--zero-stage", type=int, choices=[1, 2, 3], default=None)
-    parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None)
+    parser.add_argument("--zero-stage", type=int, choices=[1, 2, 3], default=None,
+                        help=f"DeepSpeed ZeRO stage (default: the config's, else {defaults.zero_stage})")
+    parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
+                        help=f"training precision (default: the config's, else {defaults.precision})")
     parser.add_argument("--gpus", type=int, default=defaults.gpus, help="data-parallel GPUs in all")
-    parser.add_argument("--gpu-memory-gib", type=float, default=defaults.gpu_memory_gib)
+    parser.add_argument("--gpu-memory-gib", type=float, default=defaults.gpu_memory_gib, help="memory of one GPU")
     parser.add_argument("--batch-seconds", type=float, default=None,
                         help="padded audio seconds per micro-batch per GPU (data.train.max_batch_seconds)")
     parser.add_argument("--clip-seconds", type=float, default=defaults.clip_seconds, help="typical clip length")
-    parser.add_argument("--sam", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--sam-variant", choices=["sam", "looksam"], default=None)
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--grad-accum-steps", type=int, default=None)
+    parser.add_argument("--sam", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"count SAM's second pass (default: the config's, else {defaults.sam})")
+    parser.add_argument("--sam-variant", choices=["sam", "looksam"], default=None,
+                        help=f"SAM every step, or LookSAM (default: the config's, else "
+                             f"{defaults.sam_variant})")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"activation checkpointing (default: the config's, else "
+                             f"{defaults.gradient_checkpointing})")
+    parser.add_argument("--grad-accum-steps", type=int, default=None,
+                        help=f"micro-batches per optimiser step (default: the config's, else "
+                             f"{defaults.grad_accum_steps})")
     parser.add_argument("--mfu", type=float, default=defaults.mfu, help="model-FLOPs utilisation to assume")
     parser.add_argument("--peak-tflops", type=float, default=defaults.peak_tflops,
-                        help="GPU peak (default: dense bf16 H100/H200 SXM)")
+                        help="GPU peak TFLOP/s (default: %(default)s, dense bf16 H100/H200 SXM)")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps of the run")
     parser.add_argument("--audio-hours", type=float, default=0.0, help="with --epochs instead of --steps")
-    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--epochs", type=float, default=1.0, help="epochs over --audio-hours")
     parser.add_argument("--reserve-gib", type=float, default=defaults.reserve_gib,
                         help="CUDA context, NCCL and allocator fragmentation")
 
@@ -72,10 +80,6 @@ def request_from(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from posttrain.train.plan import format_plan, plan
 
-    try:
-        result = plan(request_from(args))
-    except (ValueError, FileNotFoundError) as error:
-        print(f"posttrain plan: {error}", file=sys.stderr)
-        return 2
+    result = plan(request_from(args))  # a bad config or value: one line and exit 2 (posttrain.errors)
     print(format_plan(result))
     return 0 if result.fits else 1

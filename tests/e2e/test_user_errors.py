@@ -133,6 +133,8 @@ CASES = [
          EXIT_USAGE, lambda i: str(i.path("none.csv")), out="shards_out"),
     Case("shards plan", "missing mix", lambda i, m: [str(i.path("mix.yaml")), "--root", str(i.root)], EXIT_USAGE,
          lambda i: str(i.path("mix.yaml"))),
+    Case("plan", "typo in a config", lambda i, m: ["--config", str(i.config("train:\n  zero_stag: 2\n"))], EXIT_USAGE,
+         lambda i: f"train.zero_stag: unknown key"),
     Case("shards inspect", "no such folder", lambda i, m: [str(i.path("nope"))], EXIT_USAGE,
          lambda i: f"{i.path('nope')}: no such shard folder"),
     Case("shards verify", "unmerged split build", lambda i, m: [str(i.unmerged_shards()), "--no-progress"],
