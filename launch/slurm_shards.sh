@@ -5,7 +5,8 @@
 #   launch/slurm_shards.sh OUT_DIR NUM_TASKS --protocol a.csv [b.csv ...] --root DATA_ROOT [build options]
 # e.g.
 #   launch/slurm_shards.sh /scratch/shards/train 32 --protocol protocols/*.csv --root /data \
-#       --name train --max-samples-per-shard 2000 --max-shard-mb 1000 --seed 1234 --workers 16
+#       --split train --max-samples-per-shard 2000 --max-shard-mb 1000 --seed 1234 --workers 16
+# (--split keeps the rows whose Proportion is that split; one shard set per split)
 #
 # Each array task runs `posttrain shards build ... --task-index $SLURM_ARRAY_TASK_ID --num-tasks
 # $SLURM_ARRAY_TASK_COUNT` and builds a disjoint, contiguous range of shards (the plan depends only on
@@ -20,7 +21,7 @@
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then
-    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 OUT_DIR=$1

@@ -186,4 +186,5 @@ def test_cli_with_shards(layout, tmp_path, capsys):
         index = json.loads((out / "shards" / "4s" / split / "index.json").read_text())
         rows = read_protocol(out / "4s" / f"{split}.csv")
         assert index["totals"]["samples"] == len(rows) and index["rejects"] == 0
+        assert index["split"] == split and set(index["totals"]["by_proportion"]) == {split}  # no test rows in train
         assert index["totals"]["seconds"] == pytest.approx(sum(row.duration_s for row in rows), abs=1e-3)
