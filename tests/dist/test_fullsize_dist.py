@@ -1,7 +1,7 @@
 """The full-size path: xlsr_300m (317M) built, stepped, checkpointed and resumed at its real size.
 
-One spawned process (world of one, gloo, DeepSpeed on CPU; ZeRO-2 bf16 partitions the same code as at
-any world size): the parameter count against the planner's meta-device count and the released size,
+Two spawned processes in turn (world of one, gloo, DeepSpeed on CPU; ZeRO-2 bf16 runs the same
+partitioning code as at any world size): the parameter count against the planner's meta-device count and the released size,
 one SAM step on a short clip (so AdamW's moments exist), the project's collective checkpoint, and a
 fresh engine resumed from it whose fp32 master weights and moments equal the saved ones exactly
 (compared through float64 fingerprints, so the test holds one model's states at a time) and whose
@@ -41,7 +41,9 @@ def _states(engine) -> dict:
     return {"master": _fingerprint(masters), "moments": _fingerprint(moments)}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, out_dir: str, phase: str) -> None:
+    """``save``: build, one SAM step, checkpoint; ``resume``: a fresh engine loaded from it. Each phase
+    is its own process, so only one model's states are ever in memory."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                       DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -54,19 +56,19 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     cfg = load_config(None, _overrides(PRESET, 2))
     init_distributed(torch.device("cpu"))
     model, optimizer, scheduler, engine = build_engine(cfg)
-    ctx = StepContext(cfg=cfg, optimizer=optimizer, scheduler=scheduler, device=torch.device("cpu"), world_size=1)
-    stats = get_step_mode("sam")(engine, [clip_batch(0.5, torch.Generator().manual_seed(0))], ctx)
-    result = {"parameters": sum(p.numel() for p in model.parameters()), "loss": stats.loss,
-              "skipped": stats.skipped, "saved": _states(engine)}
     root = Path(out_dir) / "checkpoints"
-    tag_dir = ckpt.save_checkpoint(engine, root, "step-1", {"world_size": 1, "progress": {"step": 1}}, "", 1)
-    result["files"] = {p.name: p.stat().st_size for p in tag_dir.glob("*.pt")}
-    del engine, model, optimizer
-    _, _, _, resumed = build_engine(cfg)
-    ckpt.load_checkpoint(resumed, ckpt.resolve_checkpoint(root), universal=False)
-    result["resumed"] = _states(resumed)
-    result["metadata"] = ckpt.read_metadata(tag_dir)["progress"]
-    Path(out_dir, "result.json").write_text(json.dumps(result))
+    if phase == "save":
+        ctx = StepContext(cfg=cfg, optimizer=optimizer, scheduler=scheduler, device=torch.device("cpu"), world_size=1)
+        stats = get_step_mode("sam")(engine, [clip_batch(0.5, torch.Generator().manual_seed(0))], ctx)
+        tag_dir = ckpt.save_checkpoint(engine, root, "step-1", {"world_size": 1, "progress": {"step": 1}}, "", 1)
+        result = {"parameters": sum(p.numel() for p in model.parameters()), "loss": stats.loss,
+                  "skipped": stats.skipped, "states": _states(engine),
+                  "files": {p.name: p.stat().st_size for p in tag_dir.glob("*.pt")}}
+    else:
+        tag_dir = ckpt.resolve_checkpoint(root)
+        ckpt.load_checkpoint(engine, tag_dir, universal=False)
+        result = {"states": _states(engine), "metadata": ckpt.read_metadata(tag_dir)["progress"]}
+    Path(out_dir, f"{phase}.json").write_text(json.dumps(result))
     torch.distributed.destroy_process_group()
 
 
@@ -74,14 +76,16 @@ def test_xlsr_300m_trains_checkpoints_and_resumes_at_full_size(tmp_path):
     from posttrain.models.presets import get_preset
     from posttrain.train.plan import model_state_bytes, parameter_counts
 
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=1, join=True)
-    result = json.loads((tmp_path / "result.json").read_text())
+    for phase in ("save", "resume"):
+        mp.spawn(_worker, args=(free_port(), str(tmp_path), phase), nprocs=1, join=True)
+    result = json.loads((tmp_path / "save.json").read_text())
+    resumed = json.loads((tmp_path / "resume.json").read_text())
     total, largest = parameter_counts(PRESET)
     assert result["parameters"] == total == 315_439_746
     assert total == pytest.approx(get_preset(PRESET).params_millions * 1e6, rel=0.01)
     assert not result["skipped"] and 0 < result["loss"] < 10
-    assert result["resumed"] == result["saved"]  # bit-exact fp32 master weights and Adam moments
-    assert result["metadata"] == {"step": 1}
+    assert resumed["states"] == result["states"]  # bit-exact fp32 master weights and Adam moments
+    assert resumed["metadata"] == {"step": 1}
     # on disk: the bf16 module (2 P) and the optimiser file (fp32 master + two moments, 12 P)
     params, _, optim = model_state_bytes(total, largest, 2, "bf16", 1)
     sizes = result["files"]
