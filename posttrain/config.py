@@ -85,6 +85,10 @@ class StreamConfig:
     worker_start_method: Literal["fork", "spawn", "forkserver"] = "fork"
     seed: int = 1234
     crop: CropConfig = field(default_factory=CropConfig)
+    # shard sets behind URLs or pipe: commands: failures in a row per file, first back-off (doubling)
+    read_attempts: int = 8
+    read_backoff_seconds: float = 0.5
+    read_timeout_seconds: float = 60.0  # an HTTP connection silent this long is dropped and retried
 
     def validate(self) -> None:
         require(not self.weights or len(self.weights) == len(self.shards), "weights",
@@ -99,6 +103,9 @@ class StreamConfig:
         require(self.interleave_shards >= 1, "interleave_shards", "must be >= 1")
         require(self.num_workers >= 0, "num_workers", "must be >= 0")
         require_choice(self.worker_start_method, "worker_start_method", ["fork", "spawn", "forkserver"])
+        require(self.read_attempts >= 1, "read_attempts", "must be >= 1")
+        require(self.read_backoff_seconds >= 0, "read_backoff_seconds", "must be >= 0")
+        require(self.read_timeout_seconds > 0, "read_timeout_seconds", "must be > 0")
 
 
 @dataclass

@@ -222,6 +222,85 @@ def make_shard_set(tmp_path_factory):
     return make
 
 
+class DroppingHTTPServer:
+    """A real HTTP server on 127.0.0.1 serving ``root``, with byte ranges, that breaks downloads:
+    every GET of a ``.tar`` from byte 0 sends the full Content-Length but only ``drop_fraction`` of
+    the body, waits 0.2 s, then closes the connection (a mid-shard drop, so a reader resumes from a
+    byte > 0), and the first GET of each ``index.json`` is dropped the same way. Counters: ``drops``, ``resumed`` (GETs from a byte > 0), ``gets``."""
+
+    def __init__(self, root: Path, drop_fraction: float = 0.4):
+        import http.server
+        import threading
+        import time
+
+        server = self
+        self.root, self.drop_fraction = Path(root), drop_fraction
+        self.drops = self.resumed = self.gets = 0
+        self.lock, self.seen_index = threading.Lock(), set()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_HEAD(self):
+                self._serve(body=False)
+
+            def do_GET(self):
+                self._serve(body=True)
+
+            def _serve(self, body):
+                path = server.root / self.path.lstrip("/")
+                if not path.is_file():
+                    self.send_error(404)
+                    return
+                data = path.read_bytes()
+                start = 0
+                ranged = self.headers.get("Range")
+                if ranged:
+                    start = int(ranged.split("=", 1)[1].split("-", 1)[0])
+                self.send_response(206 if ranged else 200)
+                if ranged:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(data) - start))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                if not body:
+                    return
+                with server.lock:
+                    server.gets += 1
+                    server.resumed += start > 0
+                    drop = start == 0 and (path.suffix == ".tar" or path not in server.seen_index)
+                    server.seen_index.add(path)
+                    server.drops += drop
+                if drop:
+                    self.wfile.write(data[: int(len(data) * server.drop_fraction)])
+                    self.wfile.flush()
+                    time.sleep(0.2)  # the client reads what came before the connection breaks
+                    self.close_connection = True
+                    self.connection.shutdown(2)  # the client sees the body end early
+                    return
+                self.wfile.write(data[start:])
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> "DroppingHTTPServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=10)
+
+
 # --- AntiDeepfake releases and a trained tiny checkpoint (owner: hub export/conversion) ---
 
 # transformers Wav2Vec2Model/HubertModel name -> fairseq name, as regex rewrites applied in order. Written

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 from tqdm import tqdm
 
 from posttrain.config import SAMPLE_RATE_HZ
+from posttrain.data import locations
 from posttrain.data.labels import LABELS
 
 FORMAT = "posttrain-shards"
@@ -43,14 +44,24 @@ def sample_key(sample_id: str) -> str:
     return _KEY_UNSAFE.sub("_", sample_id)
 
 
-def load_index(directory: str | Path) -> dict[str, Any]:
-    """Read ``index.json`` of a shard directory, checking its format and version."""
-    path = Path(directory) / INDEX_NAME
-    if not path.is_file():
-        raise ShardFormatError(missing_index_message(Path(directory)))
+def load_index(directory: str | Path, policy: locations.RetryPolicy = locations.RetryPolicy()) -> dict[str, Any]:
+    """Read ``index.json`` of a shard set (a folder, a URL or a ``pipe:`` command, see
+    ``posttrain.data.locations``), checking its format and version."""
+    if locations.is_local(str(directory)):
+        path = locations.local_path(str(directory)) / INDEX_NAME
+        if not path.is_file():
+            raise ShardFormatError(missing_index_message(locations.local_path(str(directory))))
+        text = path.read_bytes()
+    else:
+        path = locations.join(str(directory), INDEX_NAME)
+        try:
+            text = locations.read_bytes(path, policy)
+        except FileNotFoundError:
+            raise ShardFormatError(f"{path}: no shard index there; check the URL (a shard set's location is "
+                                   f"the folder that holds {INDEX_NAME})") from None
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+        index = json.loads(text.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ShardFormatError(f"{path}: not JSON: {error}") from None
     if index.get("format") != FORMAT or index.get("version") != VERSION:
         raise ShardFormatError(f"{path}: format {index.get('format')!r} version {index.get('version')!r}, "

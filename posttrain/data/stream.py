@@ -72,15 +72,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from posttrain.config import CropConfig, StreamConfig
+from posttrain.data import locations
 from posttrain.data.audio import decode_flac
 from posttrain.data.batch import Batch
 from posttrain.data.batching import (BucketPlan, PaddingMeter, antideepfake_plan, batch_by_seconds, bucket_edges,
                                      fitted_edges)
 from posttrain.data.labels import LABEL_IDS
+from posttrain.data.locations import RetryPolicy, ShardReadError, open_shard
 from posttrain.data.shards import INDEX_NAME, ShardFormatError, load_index, shard_paths
 from posttrain.dist import dist_info
 
@@ -92,6 +94,10 @@ STATE_VERSION = 3  # v1 states (no plan) load re-planned; v2 plans (no bucket pl
 # ------------------------------------------------------------------------------------------ shard sets
 
 
+def retry_policy(cfg: StreamConfig) -> RetryPolicy:
+    return RetryPolicy(cfg.read_attempts, cfg.read_backoff_seconds, timeout_seconds=cfg.read_timeout_seconds)
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     path: str
@@ -99,6 +105,7 @@ class ShardInfo:
     seconds: float
     keys: tuple[str, ...]
     num_samples: tuple[int, ...] | None  # audio samples per key; None in an index built before they were listed
+    bytes: int  # of the tar: a network stream that ends before it broke and is resumed
 
 
 @dataclass(frozen=True)
@@ -118,14 +125,18 @@ class ShardSet:
         return np.concatenate(lengths) / sample_rate_hz if lengths else np.zeros(0)
 
     @staticmethod
-    def load(directory: str | Path) -> "ShardSet":
-        """Read ``index.json``; a missing tar or an index that disagrees with itself raises
-        ``ShardFormatError`` naming the file."""
-        index = load_index(directory)
-        index_path = Path(directory) / INDEX_NAME
+    def load(directory: str | Path, policy: RetryPolicy = RetryPolicy()) -> "ShardSet":
+        """Read ``index.json`` (of a folder, a URL or a ``pipe:`` command, see
+        ``posttrain.data.locations``); a missing local tar or an index that disagrees with itself
+        raises ``ShardFormatError`` naming the file."""
+        index = load_index(directory, policy)
+        index_path = locations.join(str(directory), INDEX_NAME)
+        local = locations.is_local(str(directory))
+        paths = shard_paths(locations.local_path(str(directory)), index) if local else [
+            locations.join(str(directory), entry["name"]) for entry in index["shards"]]
         shards = []
-        for row, (entry, path) in enumerate(zip(index["shards"], shard_paths(directory, index))):
-            if not path.is_file():
+        for row, (entry, path) in enumerate(zip(index["shards"], paths)):
+            if local and not path.is_file():
                 raise ShardFormatError(f"{index_path}: shards[{row}] {path} does not exist")
             if len(entry["keys"]) != entry["samples"]:
                 raise ShardFormatError(f"{index_path}: shards[{row}] lists {len(entry['keys'])} keys "
@@ -135,7 +146,8 @@ class ShardSet:
                 raise ShardFormatError(f"{index_path}: shards[{row}] lists {len(num_samples)} durations "
                                        f"for {entry['samples']} samples")
             shards.append(ShardInfo(str(path), int(entry["samples"]), float(entry["seconds"]),
-                                    tuple(entry["keys"]), None if num_samples is None else tuple(num_samples)))
+                                    tuple(entry["keys"]), None if num_samples is None else tuple(num_samples),
+                                    int(entry["bytes"])))
         return ShardSet(str(directory), tuple(shards))
 
 
@@ -207,6 +219,7 @@ class UnitTask:
 
     unit: Unit
     path: str
+    bytes: int
     keys: tuple[str, ...]
     planned: np.ndarray
     skip: frozenset[int]
@@ -360,12 +373,16 @@ def shared_tensor(rows: int, width: int) -> torch.Tensor:
 
 class TarErrors:
     """A webdataset exception handler that counts instead of sleeping (``warn_and_continue`` sleeps
-    0.5 s per error); samples a tar error loses are later accounted as ``missing``."""
+    0.5 s per error); samples a tar error loses are later accounted as ``missing``. A shard that
+    could not be read after every retry stops the loader instead: its samples are not corrupt, and
+    a resumed job will read them."""
 
     def __init__(self) -> None:
         self.count = 0
 
     def __call__(self, error: Exception) -> bool:
+        if isinstance(error, ShardReadError):
+            raise error
         self.count += 1
         return True
 
@@ -374,12 +391,15 @@ class UnitReader:
     """Reads one unit's tar front to back with webdataset, on demand: ``take(position)`` returns that
     member's files, holding the members read before it. Consumed members are never loaded."""
 
-    def __init__(self, task: UnitTask):
+    def __init__(self, task: UnitTask, policy: RetryPolicy):
         self.task = task
         self.position_of = {key: i for i, key in enumerate(task.keys)}
         skip_keys = {task.keys[i] for i in task.skip}
-        self.samples = wds.tarfile_samples([{"url": task.path}], handler=TarErrors(),
-                                           select_files=lambda fname: fname.split(".", 1)[0] not in skip_keys)
+        self.stream = open_shard(task.path, task.bytes, policy)
+        handler = TarErrors()
+        files = tar_file_expander([{"url": task.path, "stream": self.stream}], handler=handler,
+                                  select_files=lambda fname: fname.split(".", 1)[0] not in skip_keys)
+        self.samples = group_by_keys(files, handler=handler)
         self.held: dict[int, dict[str, Any]] = {}
 
     def take(self, position: int) -> dict[str, Any] | None:
@@ -396,6 +416,7 @@ class UnitReader:
 
     def close(self) -> None:
         self.samples.close()
+        self.stream.close()
 
 
 @dataclass(frozen=True)
@@ -418,6 +439,7 @@ class EpochReader(IterableDataset):
     def __init__(self, cfg: StreamConfig, rank: int, world_size: int, queues: list[Any]):
         super().__init__()
         self.cfg, self.rank, self.world_size, self.queues = cfg, rank, world_size, queues
+        self.policy = retry_policy(cfg)
 
     def __iter__(self) -> Iterator[Delivery]:
         return self.deliveries(self.queues[get_worker_info().id].get())
@@ -446,7 +468,7 @@ class EpochReader(IterableDataset):
         left = Counter(index for index, _ in slots)
         readers: dict[int, UnitReader] = {}
         for index, position in slots:
-            reader = readers.get(index) or readers.setdefault(index, UnitReader(tasks[index]))
+            reader = readers.get(index) or readers.setdefault(index, UnitReader(tasks[index], self.policy))
             sample = reader.take(position)
             left[index] -= 1
             if not left[index]:  # close each tar as soon as its last sample is out
@@ -562,7 +584,7 @@ class ShardStream:
         info = dist_info(rank, world_size)
         self.cfg, self.rank, self.world_size = cfg, info.rank, info.world_size
         self.num_roles = max(1, cfg.num_workers)
-        self.sets = [ShardSet.load(directory) for directory in cfg.shards]
+        self.sets = [ShardSet.load(directory, retry_policy(cfg)) for directory in cfg.shards]
         self.weights = list(cfg.weights) or [1.0] * len(self.sets)
         self.epoch = epoch
         self._fitted_buckets = bucket_plan(cfg, self.sets, self.weights)
@@ -592,7 +614,7 @@ class ShardStream:
             base = self._base.get(unit.name, set())
             if len(base) < shard.samples:
                 planned = np.setdiff1d(np.arange(shard.samples), np.fromiter(base, dtype=np.int64, count=len(base)))
-                tasks.append(UnitTask(unit, shard.path, shard.keys, planned,
+                tasks.append(UnitTask(unit, shard.path, shard.bytes, shard.keys, planned,
                                       frozenset(self._consumed.get(unit.name, ())),
                                       shard.seconds * len(planned) / shard.samples))
         mine = [tasks[i] for i in balance([task.seconds for task in tasks], self.world_size)[self.rank]]
