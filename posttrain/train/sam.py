@@ -63,7 +63,7 @@ import torch
 
 from posttrain.config import SamConfig
 from posttrain.data.batch import Batch
-from posttrain.dist import gather_vectors
+from posttrain.dist import dist_info, gather_vectors
 from posttrain.train.ascent import ascent_direction_, perturb_, restore_, takes_ascent
 from posttrain.train.partitions import (OwnedParameters, check_partitions_released, discard_gradients, global_sums,
                                         local_dot, local_sum_of_squares, owned_gradients, owned_parameters,
@@ -213,7 +213,7 @@ def select_sharpest(increases: list[torch.Tensor], fraction: float) -> tuple[lis
     order), and the global number selected. Collective (``gather_vectors``)."""
     local = torch.cat(increases).double() if increases else torch.zeros(0, dtype=torch.float64)
     every_rank = gather_vectors(local)
-    rank = torch_dist.get_rank() if torch_dist.is_available() and torch_dist.is_initialized() else 0
+    rank = dist_info().rank
     start = sum(v.numel() for v in every_rank[:rank])
     values = torch.cat(every_rank)
     count = math.ceil(fraction * values.numel())
@@ -277,11 +277,11 @@ def esam_step(engine: "DeepSpeedEngine", batches: list[Batch], ctx: StepContext)
         restore_(owned, saved)
     del saved
     loss = torch.cat(first).double().sum() + 0.0 * second  # L(w) reported; a non-finite L(w + e) still skips
-    increase = _global_sum(torch.cat(increases).double().sum(), device)
     extra = {"sam/grad_norm": norm, "sam/full_step": 1.0,
-             "esam/selected_fraction": selected / samples if samples else 0.0,
-             "sam/loss_increase": increase / samples if samples else 0.0}
-    stats = finish_step(engine, ctx, loss, samples, seconds, extra)
+             "esam/selected_fraction": selected / samples if samples else 0.0}
+    # mean L(w + e) - L(w) over the step's samples, reduced in finish_step's one collective
+    sums = {"sam/loss_increase": torch.cat(increases).double().sum()}
+    stats = finish_step(engine, ctx, loss, samples, seconds, extra, sums)
     if perturb and zero_stage(engine) in (1, 2) and getattr(engine.optimizer, "overflow", False):
         sync_model_copies(engine)  # the skipped step did not all-gather the restored slices
     clear_perturbed(engine)
