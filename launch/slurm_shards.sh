@@ -6,7 +6,8 @@
 # e.g.
 #   launch/slurm_shards.sh /scratch/shards/train 32 --protocol protocols/*.csv --root /data \
 #       --split train --max-samples-per-shard 2000 --max-shard-mb 1000 --seed 1234 --workers 16
-# (--split keeps the rows whose Proportion is that split; one shard set per split)
+# (--split keeps the rows whose Proportion is that split; one shard set per split). Before sbatch the
+# same arguments go through `posttrain shards build --check` (CSVs, split selection, plan).
 #
 # Each array task runs `posttrain shards build ... --task-index $SLURM_ARRAY_TASK_ID --num-tasks
 # $SLURM_ARRAY_TASK_COUNT` and builds a disjoint, contiguous range of shards (the plan depends only on
@@ -21,12 +22,17 @@
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then
-    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 OUT_DIR=$1
 NUM_TASKS=$2
 shift 2
+# Errors before sbatch, not in every array task: the CSVs, the split selection (mixed proportions need
+# --split or --mixed-proportions) and the plan, checked here with the same arguments.
+( [[ -n "${POSTTRAIN_VENV:-}" ]] && source "$POSTTRAIN_VENV/bin/activate"
+  posttrain shards build --check --out "$OUT_DIR" --no-progress "$@" )
+
 mkdir -p "$OUT_DIR/slurm"
 
 SBATCH_COMMON=(--cpus-per-task="${SHARDS_CPUS:-16}" --time="${SHARDS_TIME:-04:00:00}" --requeue)

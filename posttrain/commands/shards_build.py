@@ -58,6 +58,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-tasks", type=int, default=None,
                         help="tasks of a split build (default: SLURM_ARRAY_TASK_COUNT, else 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--check", action="store_true",
+                        help="read the CSVs, select the split and plan the shards, then stop: what would be built, "
+                             "or the error a build would stop with (launch/slurm_shards.sh runs it before sbatch)")
     from posttrain.data import build_submit
 
     build_submit.add_arguments(parser)
@@ -85,6 +88,16 @@ def _selection(args: argparse.Namespace) -> tuple[list[str], dict]:
     return _mix_protocol(args) if args.mix else (args.protocol, split_options(args))
 
 
+def _check(protocols: list[str], options) -> int:
+    from posttrain.data.shard_build import plan_build
+
+    options, split, specs = plan_build(protocols, options)
+    rows = sum(len(spec.rows) for spec in specs)
+    print(f"check: {rows} rows, split {split or 'unassigned'}, {len(specs)} shards "
+          f"({options.prefix}-000000.tar ...); nothing written")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from posttrain.data.shard_build import build_shards
     from posttrain.data.shards import format_index
@@ -101,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
                    task_index=task_index, num_tasks=num_tasks, progress=not args.no_progress)
     protocols, selection = _selection(args)
     options.update(selection)
+    if args.check:
+        return _check(protocols, BuildOptions(**options))
     if build_submit.submitted(args):
         return build_submit.run_submitted(args, protocols, BuildOptions(**options))
     index = build_shards(protocols, args.root, args.out, **options)

@@ -308,14 +308,20 @@ def task_index_path(out: Path, task_index: int, num_tasks: int) -> Path:
     return out / f"index.task-{task_index:05d}-of-{num_tasks:05d}.json"
 
 
+def plan_build(protocols: list[str | Path], options: BuildOptions) -> tuple[BuildOptions, str | None, list[ShardSpec]]:
+    """Read and select the protocol rows and plan their shards: (options with the set's name, the
+    set's split label, the plan). Writes nothing: every task, and ``--check``, start here."""
+    rows, split = select_rows(read_protocols(protocols), options, ", ".join(map(str, protocols)))
+    options = dataclasses.replace(options, name=options.name or (split if split in SPLITS else None))
+    return options, split, plan_shards(rows, options)
+
+
 def build_task(protocols: list[str | Path], root: str | Path | None, out: str | Path,
                options: BuildOptions) -> Path:
     """Build (or finish) this task's shards and write its partial index; returns the partial index path."""
     out = Path(out)
     root = Path(root) if root is not None else None
-    rows, split = select_rows(read_protocols(protocols), options, ", ".join(map(str, protocols)))
-    options = dataclasses.replace(options, name=options.name or (split if split in SPLITS else None))
-    specs = plan_shards(rows, options)
+    options, split, specs = plan_build(protocols, options)
     fingerprint = plan_fingerprint(specs, options)
     mine = task_shards(specs, options.task_index, options.num_tasks)
     for directory in (out, out / STAGING_DIR, out / RECORDS_DIR):
