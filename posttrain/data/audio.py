@@ -81,7 +81,11 @@ def _native_stderr_captured() -> Iterator[list[str]]:
     lines: list[str] = []
     with _STDERR_LOCK, tempfile.TemporaryFile() as capture:
         sys.stderr.flush()
-        saved = os.dup(2)
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr at all (a daemon): nothing to keep clean
+            yield lines
+            return
         os.dup2(capture.fileno(), 2)
         try:
             yield lines
@@ -103,8 +107,12 @@ _STDERR_LOCK = threading.Lock()
 
 def _soundfile_read(source: str | Path | bytes) -> tuple[np.ndarray, int]:
     handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-    with _native_stderr_captured():
-        samples, rate = sf.read(handle, dtype="float32", always_2d=True)
+    with _native_stderr_captured() as notes:
+        try:
+            samples, rate = sf.read(handle, dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError, TypeError) as error:
+            error.decoder_notes = notes  # filled as the capture ends: the decoder's own account
+            raise
     return samples, int(rate)
 
 
@@ -123,6 +131,9 @@ def decode(source: str | Path | bytes) -> tuple[np.ndarray, int]:
         return _soundfile_read(source)
     except (sf.LibsndfileError, RuntimeError, TypeError) as error:
         soundfile_message = _soundfile_message(error)
+        notes = getattr(error, "decoder_notes", [])
+        if notes:  # libmpg123's notes say more than libsndfile's summary
+            soundfile_message = f"{soundfile_message}: {'; '.join(notes[:3])}"
     try:
         return decode_with_ffmpeg(source)
     except AudioError as error:
