@@ -35,6 +35,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="protocol CSV whose rows give each scored file's ID, label and groups, matched by "
                              "path (default: none)")
     parser.add_argument("--root", type=Path, default=None, help="data root replacing $ROOT in --labels (default: none)")
+    parser.add_argument("--timeline", type=Path, default=None, metavar="DIR",
+                        help="also write per file the score of every window (NAME.timeline.csv/.json, calibrated "
+                             "when a calibration is known) and a PNG of it with the threshold and the regions "
+                             "called fake into DIR (default: none)")
     add_arguments(parser, batch_seconds=100.0)
 
 
@@ -46,6 +50,21 @@ def _read_labels(args: argparse.Namespace) -> list | None:
     if args.scores_out is not None and args.labels is None:
         raise UserError("--scores-out needs --labels PROTOCOL_CSV: a score file's trials need labels")
     return None if args.labels is None else read_protocol(args.labels)
+
+
+def timeline_stems(ids: list[str]) -> list[str]:
+    """A file-name stem per scored file: its name, numbered by position where two names collide."""
+    names = [Path(file_id).name for file_id in ids]
+    return [name if names.count(name) == 1 else f"{position:04d}-{name}" for position, name in enumerate(names)]
+
+
+def _write_timelines(directory: Path, outputs: list, rows: list[dict], decision, calibration) -> None:
+    from posttrain.eval.timeline import timeline_of, write_timeline
+
+    for out, row, stem in zip(outputs, rows, timeline_stems([out.id for out in outputs])):
+        paths = write_timeline(timeline_of(out, decision, calibration), directory, stem)
+        row["timeline"] = {kind: str(path) for kind, path in paths.items()}
+    print(f"timelines: {len(outputs)} file(s) in {directory} (NAME.timeline.csv/.json/.png)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"WARNING {out.id}: near-silent input ({row['level_dbfs']:.0f} dBFS RMS, below "
                   f"{NEAR_SILENT_DBFS:g}): the model normalises the level away, so this score says nothing "
                   f"about the recording")
+    if args.timeline is not None:
+        _write_timelines(args.timeline, result.outputs, rows, decision, calibration)
     for item in result.skipped:
         print(f"ERROR {item.id}: {item.reason}: {item.detail}")
     quiet = sum(row["near_silent"] for row in rows)

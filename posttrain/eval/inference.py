@@ -149,6 +149,10 @@ class SampleOutput:
     embedding: np.ndarray | None  # [D], aggregated like the logits; only when asked for
     num_windows: int
     num_samples: int
+    # the windows behind ``logits``: ``[start, stop)`` sample spans and their own [W, 2] logits, in
+    # window order (what a timeline plots; ``posttrain.eval.timeline``)
+    window_spans: tuple[tuple[int, int], ...] = ()
+    window_logits: np.ndarray | None = None
 
     @property
     def seconds(self) -> float:
@@ -384,11 +388,12 @@ class _Pending:
     def output(self, rule: str) -> SampleOutput:
         lengths = np.array([stop - start for start, stop in self.spans])
         embeddings = None if self.embeddings[0] is None else np.stack(self.embeddings)
-        logits, embedding = aggregate(lengths, np.stack(self.logits), embeddings, rule)
+        window_logits = np.stack(self.logits).astype(np.float64)
+        logits, embedding = aggregate(lengths, window_logits, embeddings, rule)
         sample = self.sample
         return SampleOutput(sample.position, sample.id, sample.meta, logits,
                             None if embedding is None else embedding.astype(np.float32),
-                            len(self.spans), len(sample.wave))
+                            len(self.spans), len(sample.wave), tuple(self.spans), window_logits)
 
 
 def min_input_samples(model: Detector) -> int:
