@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+ConfigT = typing.TypeVar("ConfigT")
+
 
 SAMPLE_RATE_HZ = 16_000  # the one rate of shards, batches and models (every SSL backbone here is 16 kHz)
 
@@ -545,6 +547,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def dump_config(cfg: Any) -> str:
+    """The YAML a run saves (checkpoints, run folder): ``load_config`` reads it back to an equal config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested mapping, in place."""
     for override in overrides:
@@ -609,5 +616,17 @@ def blamed_override(key: str, overrides: typing.Iterable[str]) -> str | None:
     return None
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def resolved(cfg: ConfigT, values: typing.Mapping[str, Any]) -> ConfigT:
+    """A new, validated copy of ``cfg`` with the dotted keys of ``values`` set: what a run learns once its
+    config is valid (the ZeRO stage accelerate chose, the preset and normalisation of the model a
+    fine-tune starts from). ``cfg`` itself is never changed after validation."""
+    data = to_dict(cfg)
+    for key, value in values.items():
+        node = data
+        *sections, name = key.split(".")
+        for section in sections:
+            node = node[section]
+        if name not in node:
+            raise ConfigError(key, "unknown key")
+        node[name] = value
+    return from_dict(type(cfg), data)

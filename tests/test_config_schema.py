@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from posttrain.config import (ConfigError, PosttrainConfig, SamConfig, apply_overrides, from_dict, load_config,
-                              save_config, to_dict)
+from posttrain.config import (ConfigError, PosttrainConfig, SamConfig, apply_overrides, dump_config, from_dict,
+                              load_config, resolved, to_dict)
 
 
 def test_defaults_are_the_antideepfake_hyperparameters():
@@ -35,8 +35,19 @@ def test_yaml_then_overrides_then_round_trip(tmp_path):
     cfg = load_config(path, ["train.zero_stage=2", "data.train.shards=[a, b]", "sam.enabled=true"])
     assert (cfg.train.zero_stage, cfg.train.precision, cfg.model.preset) == (2, "fp32", "xlsr_1b")
     assert cfg.data.train.shards == ["a", "b"] and cfg.sam.enabled
-    save_config(cfg, tmp_path / "resolved.yaml")
+    (tmp_path / "resolved.yaml").write_text(dump_config(cfg))
     assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_resolved_is_a_new_validated_copy():
+    cfg = load_config(None, ["train.zero_stage=1"])
+    later = resolved(cfg, {"train.zero_stage": 3, "model.preset": "xlsr_300m"})
+    assert (later.train.zero_stage, later.model.preset) == (3, "xlsr_300m")
+    assert (cfg.train.zero_stage, cfg.model.preset) == (1, "tiny")  # the validated config is unchanged
+    with pytest.raises(ConfigError, match=r"^train.zero_stage: must be one of"):
+        resolved(cfg, {"train.zero_stage": 4})
+    with pytest.raises(ConfigError, match=r"^train.zero_stag: unknown key"):
+        resolved(cfg, {"train.zero_stag": 2})
 
 
 def test_error_in_a_file_names_the_file(tmp_path):

@@ -47,7 +47,7 @@ def _measure(args: argparse.Namespace, stage: int, mode: str) -> dict:
     from posttrain.models.detector import build_detector
     from posttrain.train.engine import build_optimizer, deepspeed_config, init_distributed, resolve_device
     from posttrain.train.partitions import owned_parameters
-    from posttrain.train.sam import _looksam_directions
+    from posttrain.train.sam import LOOKSAM_DIRECTION
     from posttrain.train.step import StepContext, get_step_mode, step_mode_name
 
     torch.set_num_threads(args.threads)
@@ -89,7 +89,7 @@ def _measure(args: argparse.Namespace, stage: int, mode: str) -> dict:
     owned = owned_parameters(engine)
     element = owned.model[0].element_size() if owned.model else 0
     held = owned.numel * element if (mode != "plain" and owned.master_aliases_model) else 0
-    held += sum(t.numel() * t.element_size() for t in _looksam_directions.get(engine, []))
+    held += sum(t.numel() * t.element_size() for t in ctx.scratch.get("sam", {}).get(LOOKSAM_DIRECTION, []))
     peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"stage": stage, "mode": mode, "step_s": statistics.fmean(times), "peak_bytes": peak,
             "sam_held_bytes": held, "owned_params": owned.numel}

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.eval.inference import (ProtocolSource, ShardSource, config_from_args, device_from_args,
                                           process_group, run_inference)
     from posttrain.eval.report import SCORE_TYPES, write_report
-    from posttrain.eval.scoring import SCORE_TYPE, logit_diff, resolve_calibration
+    from posttrain.eval.scoring import SCORE_TYPE, resolve_calibration, score_record
     from posttrain.loading import load_model
 
     definition = SCORE_TYPES[SCORE_TYPE]
@@ -63,10 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if not result.outputs:
             print(f"posttrain eval: error: no sample could be scored ({len(result.skipped)} skipped)", file=sys.stderr)
             return 1
-        records = [{"id": out.id, "score": float(logit_diff(out.logits)), "label": out.meta["label"],
-                    "attack": out.meta.get("attack"), "language": out.meta.get("language"),
-                    "corpus": out.meta.get("corpus"), "score_type": SCORE_TYPE,
-                    "logit_fake": float(out.logits[0]), "logit_real": float(out.logits[1])} for out in result.outputs]
+        records = [score_record(out.id, out.logits, out.meta) for out in result.outputs]
         data_identity = {**source.identity(), "scored": len(result.outputs), "skipped": len(result.skipped),
                          "audio_seconds": result.seconds, "windows": result.windows, "world_size": info.world_size,
                          "inference": cfg.describe(), "calibration_source": calibration_source}

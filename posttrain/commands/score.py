@@ -71,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.data.files import write_bytes_atomic
     from posttrain.eval.inference import (FileSource, config_from_args, device_from_args, process_group,
                                           run_inference)
-    from posttrain.eval.scoring import (NEAR_SILENT_DBFS, Decision, labelled_file_records, logit_diff, near_silent,
-                                        p_real, resolve_calibration)
+    from posttrain.eval.scoring import (NEAR_SILENT_DBFS, Decision, labelled_file_records, logit_columns, logit_diff,
+                                        near_silent, p_real, resolve_calibration)
     from posttrain.loading import load_model
 
     with process_group() as info:
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         llr = None if calibration is None else float(calibration.llr([score])[0])
         row = {"file": out.id, "p_real": float(p_real(out.logits)), "logit_diff": score, "llr": llr,
                "decision": decision.label(score), "seconds": out.seconds, "windows": out.num_windows,
-               "logit_fake": float(out.logits[0]), "logit_real": float(out.logits[1])}
+               **logit_columns(out.logits)}
         row.update(level_dbfs=out.meta.get("level_dbfs"), near_silent=near_silent(out.meta))
         rows.append(row)
         llr_text = "" if llr is None else f"  LLR {llr:+.4f}"

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 
+
 @dataclass
 class Batch:
     """Zero-padded waveforms with their true lengths; padding must be masked by every consumer.

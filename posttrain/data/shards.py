@@ -2,7 +2,7 @@
 
 A shard directory holds ``<name>-%06d.tar`` files, ``index.json`` and ``rejects.jsonl`` (format in
 HELPERS.md / the README). Each sample is ``<key>.flac`` (16 kHz mono, PCM_16) + ``<key>.json``.
-Building lives in ``posttrain.data.shard_build`` (``build_shards`` is re-exported here).
+Building lives in ``posttrain.data.shard_build``. ``decode_sample`` is the one decoder of a sample.
 """
 
 from __future__ import annotations
@@ -11,14 +11,16 @@ import hashlib
 import json
 import re
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 from tqdm import tqdm
 
 from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.data import locations
-from posttrain.data.labels import LABELS
+from posttrain.data.labels import LABEL_IDS, LABELS
 
 FORMAT = "posttrain-shards"
 VERSION = 1
@@ -111,6 +113,64 @@ def iter_shard(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, files
 
 
+class SampleError(ValueError):
+    """One shard sample that cannot be used. ``reason``: one word (``incomplete``, ``json``, ``audio``);
+    ``detail`` names the member at fault (it starts with ``json`` or ``flac``); ``sample_id`` once known."""
+
+    def __init__(self, reason: str, detail: str, sample_id: str | None = None):
+        self.reason = reason
+        self.detail = detail
+        self.sample_id = sample_id
+        super().__init__(f"{reason}: {detail}")
+
+
+@dataclass
+class SampleMeta:
+    id: str
+    label: int  # label id (posttrain.data.labels): 1 = real
+    meta: dict[str, Any]  # the whole JSON member
+
+
+@dataclass
+class ShardSample(SampleMeta):
+    wave: np.ndarray  # float32 mono at SAMPLE_RATE_HZ
+
+
+def decode_meta(key: str, data: bytes) -> SampleMeta:
+    """A sample's JSON member: its id (the key when the JSON has none) and label id."""
+    try:
+        meta = json.loads(data)
+        return SampleMeta(str(meta.get("id", key)), LABEL_IDS[meta["label"]], meta)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSON, UTF-8, a missing or unknown label
+        raise SampleError("json", f"json: {error!r}") from None
+
+
+def decode_audio(data: bytes, sample_rate_hz: int = SAMPLE_RATE_HZ) -> np.ndarray:
+    """A sample's FLAC member as float32 mono; any other rate than ``sample_rate_hz`` is an error."""
+    from posttrain.data.audio import decode_flac  # soundfile only; keeps inspect free of it
+
+    try:
+        samples, rate = decode_flac(data)
+    except Exception as error:  # any decoder failure is a corrupt sample (soundfile raises RuntimeErrors)
+        raise SampleError("audio", f"flac does not decode: {error!r}") from None
+    if rate != sample_rate_hz:
+        raise SampleError("audio", f"flac at {rate} Hz, expected {sample_rate_hz}")
+    return samples
+
+
+def decode_sample(key: str, files: dict[str, bytes], sample_rate_hz: int = SAMPLE_RATE_HZ) -> ShardSample:
+    """One shard sample (``{extension: bytes}`` as ``iter_shard`` yields it) -> id, label, metadata and
+    waveform; ``SampleError`` says what is wrong. Every reader of shard samples decodes through here."""
+    if "json" not in files or "flac" not in files:
+        raise SampleError("incomplete", f"{key} has {sorted(files)}")
+    meta = decode_meta(key, files["json"])
+    try:
+        wave = decode_audio(files["flac"], sample_rate_hz)
+    except SampleError as error:
+        raise SampleError(error.reason, error.detail, meta.id) from None
+    return ShardSample(meta.id, meta.label, meta.meta, wave)
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -121,8 +181,6 @@ def file_sha256(path: str | Path) -> str:
 
 def _check_sample(key: str, files: dict[str, bytes]) -> list[str]:
     """Problems of one sample: member set, JSON fields, FLAC decoding and length."""
-    from posttrain.data.audio import decode_flac  # soundfile only; keeps inspect free of it
-
     if sorted(files) != sorted(SAMPLE_EXTENSIONS):
         return [f"members {sorted(files)}, expected {list(SAMPLE_EXTENSIONS)}"]
     try:
@@ -135,11 +193,9 @@ def _check_sample(key: str, files: dict[str, bytes]) -> list[str]:
     if sample_key(meta["id"]) != key:
         problems.append(f"json id {meta['id']!r} does not match the key")
     try:
-        samples, rate = decode_flac(files["flac"])
-    except Exception as error:  # any decoder failure is a corrupt sample here
-        return problems + [f"flac does not decode: {error}"]
-    if rate != SAMPLE_RATE_HZ:
-        problems.append(f"flac at {rate} Hz, expected {SAMPLE_RATE_HZ}")
+        samples = decode_audio(files["flac"])
+    except SampleError as error:
+        return problems + [error.detail]
     if len(samples) != meta["num_samples"]:
         problems.append(f"flac has {len(samples)} samples, json says {meta['num_samples']}")
     return problems

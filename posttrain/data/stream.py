@@ -77,13 +77,11 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from posttrain.config import CropConfig, StreamConfig
 from posttrain.data import locations
-from posttrain.data.audio import decode_flac
 from posttrain.data.batch import Batch
 from posttrain.data.batching import (BucketPlan, PaddingMeter, antideepfake_plan, batch_by_seconds, bucket_edges,
                                      fitted_edges)
-from posttrain.data.labels import LABEL_IDS
 from posttrain.data.locations import RetryPolicy, ShardReadError, open_shard
-from posttrain.data.shards import INDEX_NAME, ShardFormatError, load_index, shard_paths
+from posttrain.data.shards import INDEX_NAME, SampleError, ShardFormatError, decode_sample, load_index, shard_paths
 from posttrain.dist import dist_info
 
 log = logging.getLogger(__name__)
@@ -342,12 +340,6 @@ class Corrupt:
     reason: str
 
 
-class CorruptSample(ValueError):
-    def __init__(self, reason: str, detail: str):
-        self.reason = reason
-        super().__init__(f"{reason}: {detail}")
-
-
 # ---------------------------------------------------------------------------------------- worker side
 
 
@@ -479,27 +471,18 @@ class EpochReader(IterableDataset):
                 continue
             try:
                 yield self._decode(assignment.epoch, unit, position, sample)
-            except CorruptSample as error:
+            except SampleError as error:
                 yield Corrupt(unit.name, position, error.reason)
 
     def _decode(self, epoch: int, unit: Unit, position: int, sample: dict[str, Any]) -> Decoded:
-        if "json" not in sample or "flac" not in sample:
-            raise CorruptSample("incomplete", f"{sample['__key__']} has {sorted(sample)}")
-        try:
-            meta = json.loads(sample["json"])
-            label = LABEL_IDS[meta["label"]]
-        except (ValueError, KeyError, TypeError) as error:
-            raise CorruptSample("json", repr(error)) from None
-        try:
-            samples, sample_rate_hz = decode_flac(sample["flac"])
-        except (RuntimeError, ValueError, TypeError) as error:  # soundfile's errors are RuntimeErrors
-            raise CorruptSample("audio", repr(error)) from None
-        if sample_rate_hz != self.cfg.sample_rate_hz or samples.size == 0:
-            raise CorruptSample("audio", f"{samples.size} samples at {sample_rate_hz} Hz")
+        decoded = decode_sample(sample["__key__"], sample, self.cfg.sample_rate_hz)
+        samples, sample_rate_hz = decoded.wave, self.cfg.sample_rate_hz
+        if samples.size == 0:
+            raise SampleError("audio", "flac holds 0 samples")
         start, length = crop_window(samples.size, self.cfg.crop, sample_rate_hz,
                                     lambda: sample_rng(self.cfg.seed, epoch, unit, sample["__key__"]))
         wave = torch.from_numpy(samples[start:start + length])  # a view: collation copies it once
-        return Decoded(unit.name, position, wave, label, str(meta.get("id", sample["__key__"])), meta,
+        return Decoded(unit.name, position, wave, decoded.label, decoded.id, decoded.meta,
                        samples.size / sample_rate_hz, unit.occurrence)
 
     def _batch(self, assignment: Assignment, items: Iterator[Decoded | Corrupt]) -> Iterator[Delivery]:

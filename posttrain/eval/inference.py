@@ -50,7 +50,7 @@ from posttrain.data import audio
 from posttrain.data.batch import Batch
 from posttrain.data.batching import batch_by_seconds, bucket_edges
 from posttrain.data.protocol import read_protocol, row_to_dict
-from posttrain.data.shards import file_sha256, iter_shard, load_index, shard_paths
+from posttrain.data.shards import SampleError, decode_sample, file_sha256, iter_shard, load_index, shard_paths
 from posttrain.data.stream import balance
 from posttrain.dist import DistInfo, dist_info
 from posttrain.errors import UserError
@@ -213,20 +213,11 @@ class ShardSource:
 
 
 def _decode_shard_sample(position: int, key: str, files: dict[str, bytes], shard: str) -> Sample | Skipped:
-    import json
-
     try:
-        meta = json.loads(files["json"])
-        sample_id = str(meta["id"])
-    except Exception as error:
-        return Skipped(position, key, "corrupt", f"{shard}: json: {error!r}")
-    try:
-        wave, rate = audio.decode_flac(files["flac"])
-    except Exception as error:  # any decoder failure: this sample is corrupt, the shard goes on
-        return Skipped(position, sample_id, "corrupt", f"{shard}: flac: {error!r}")
-    if rate != SAMPLE_RATE_HZ:
-        return Skipped(position, sample_id, "corrupt", f"{shard}: flac at {rate} Hz, expected {SAMPLE_RATE_HZ}")
-    return _checked(Sample(position, sample_id, wave, {**meta, "shard": shard}))
+        decoded = decode_sample(key, files)
+    except SampleError as error:  # this sample is corrupt, the shard goes on
+        return Skipped(position, error.sample_id or key, "corrupt", f"{shard}: {error.detail}")
+    return _checked(Sample(position, decoded.id, decoded.wave, {**decoded.meta, "shard": shard}))
 
 
 def _checked(sample: Sample) -> Sample | Skipped:
@@ -408,7 +399,8 @@ def min_input_samples(model: Detector) -> int:
 @torch.inference_mode()
 def forward_windows(model: Detector, waves: list[np.ndarray], device: torch.device,
                     precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
-    """``(logits [B, 2], pooled [B, D])`` float32 of windows, each normalised on its own."""
+    """``(logits [B, 2], pooled [B, D])`` float32 of windows, each normalised on its own (with the
+    model's normalisation: a model is scored as it was trained)."""
     batch = Batch.collate([torch.from_numpy(np.ascontiguousarray(w)) for w in waves], [0] * len(waves),
                           [], []).to(device)
     inputs = model.normalise(batch.waveforms, batch.lengths)

@@ -110,12 +110,17 @@ def logit_diff(logits: np.ndarray) -> np.ndarray:
     return logits[..., 1] - logits[..., 0]
 
 
+def logit_columns(logits: np.ndarray) -> dict[str, float]:
+    """The two logits of one output as the columns every score row carries."""
+    return {"logit_fake": float(logits[0]), "logit_real": float(logits[1])}
+
+
 def score_record(sample_id: str, logits: np.ndarray, meta: Mapping[str, Any]) -> dict[str, Any]:
     """One row of a score file (``posttrain.eval.report`` reads these): the ``logit_diff`` score of
     ``[fake, real]`` logits with the sample's label and groups from its metadata."""
     return {"id": sample_id, "score": float(logit_diff(logits)), "label": meta["label"],
             "attack": meta.get("attack"), "language": meta.get("language"), "corpus": meta.get("corpus"),
-            "score_type": SCORE_TYPE, "logit_fake": float(logits[0]), "logit_real": float(logits[1])}
+            "score_type": SCORE_TYPE, **logit_columns(logits)}
 
 
 def labelled_file_records(outputs: Iterable[Any], rows: Iterable[ProtocolRow], root: str | Path | None,

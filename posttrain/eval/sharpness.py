@@ -13,10 +13,9 @@ skipped and counted.
 
 from __future__ import annotations
 
-import json
 import tarfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from posttrain.config import SAMPLE_RATE_HZ
-from posttrain.data.audio import decode_flac
-from posttrain.data.batch import TRANSFORMERS_INPUT_EPS, normalize_waveforms
-from posttrain.data.labels import LABEL_IDS
-from posttrain.data.shards import load_index, shard_paths
+from posttrain.data.batch import Batch, normalize_waveforms
+from posttrain.data.shards import SampleError, SampleMeta, decode_audio, decode_meta, load_index, shard_paths
 from posttrain.dist import DistInfo
 from posttrain.train.ascent import ascent_direction_, module_parameters, perturb_, restore_, takes_ascent
 
@@ -83,7 +80,7 @@ def catalog(directory: str | Path) -> list[CatalogEntry]:
     entries = []
     for path in shard_paths(directory, load_index(directory)):
         flac: dict[str, tuple[int, int]] = {}
-        metas: dict[str, dict[str, Any]] = {}
+        metas: dict[str, SampleMeta] = {}
         with tarfile.open(path, "r:") as archive:
             for member in archive:
                 key, _, extension = member.name.partition(".")
@@ -91,16 +88,13 @@ def catalog(directory: str | Path) -> list[CatalogEntry]:
                     flac[key] = (member.offset_data, member.size)
                 elif extension == "json":
                     try:
-                        metas[key] = json.loads(archive.extractfile(member).read())
-                    except ValueError as error:
-                        raise ValueError(f"{path}: {member.name}: unparsable metadata: {error}") from None
+                        metas[key] = decode_meta(key, archive.extractfile(member).read())
+                    except SampleError as error:
+                        raise ValueError(f"{path}: {member.name}: {error.detail}") from None
         for key, meta in metas.items():
             if key not in flac:
                 raise ValueError(f"{path}: sample {key!r} has no .flac member")
-            label = LABEL_IDS.get(meta.get("label"))
-            if label is None:
-                raise ValueError(f"{path}: sample {key!r}: label {meta.get('label')!r} is not real/fake")
-            entries.append(CatalogEntry(str(meta["id"]), label, meta, str(path), *flac[key]))
+            entries.append(CatalogEntry(meta.id, meta.label, meta.meta, str(path), *flac[key]))
     return entries
 
 
@@ -110,40 +104,29 @@ def group_of(entry: CatalogEntry, field_name: str) -> str:
     return str(entry.meta.get(field_name, "-"))
 
 
-@dataclass
-class LoadedBatch:
-    waveforms: torch.Tensor  # [B, T] normalised, zero padded
-    lengths: torch.Tensor
-    labels: torch.Tensor
-    skipped: list[str] = field(default_factory=list)  # ids that failed to decode
-
-
-def load_batch(entries: Sequence[CatalogEntry], *, max_seconds: float, normalize: bool = True,
-               eps: float = TRANSFORMERS_INPUT_EPS) -> LoadedBatch:
-    """Decode (first ``max_seconds`` of each sample), pad and normalise a batch (with the model's
-    ``eps``); corrupt audio is skipped."""
-    waves, labels, skipped = [], [], []
+def load_batch(entries: Sequence[CatalogEntry], *, max_seconds: float, eps: float | None) -> tuple[Batch, list[str]]:
+    """Decode (first ``max_seconds`` of each sample), pad and normalise (with the model's ``eps``; None:
+    raw waveforms) a batch; corrupt audio is skipped. Returns the batch and the skipped ids."""
+    waves, kept, skipped = [], [], []
     max_samples = int(max_seconds * SAMPLE_RATE_HZ)
     for entry in entries:
         with open(entry.tar, "rb") as handle:
             handle.seek(entry.offset)
             data = handle.read(entry.size)
         try:
-            wave, rate = decode_flac(data)
-            if rate != SAMPLE_RATE_HZ or len(wave) == 0 or not np.isfinite(wave).all():
-                raise ValueError(f"{rate} Hz, {len(wave)} samples")
-        except Exception:  # any decoder failure: the sample is corrupt, the batch goes on without it
+            wave = decode_audio(data)
+        except SampleError:  # the sample is corrupt, the batch goes on without it
+            skipped.append(entry.id)
+            continue
+        if len(wave) == 0 or not np.isfinite(wave).all():
             skipped.append(entry.id)
             continue
         waves.append(torch.from_numpy(np.ascontiguousarray(wave[:max_samples], dtype=np.float32)))
-        labels.append(entry.label)
-    lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
-    batch = torch.zeros(len(waves), int(lengths.max()) if waves else 0)
-    for row, wave in enumerate(waves):
-        batch[row, :len(wave)] = wave
-    if normalize and waves:
-        batch = normalize_waveforms(batch, lengths, eps)
-    return LoadedBatch(batch, lengths, torch.tensor(labels, dtype=torch.long), skipped)
+        kept.append(entry)
+    batch = Batch.collate(waves, [e.label for e in kept], [e.id for e in kept], [e.meta for e in kept])
+    if eps is not None and waves:
+        batch.waveforms = normalize_waveforms(batch.waveforms, batch.lengths, eps)
+    return batch, skipped
 
 
 def draw_batches(entries: Sequence[CatalogEntry], batch_size: int, seed: int) -> list[list[CatalogEntry]]:
@@ -179,7 +162,7 @@ class SetSharpness:
                 "skipped": self.skipped}
 
 
-def _cross_entropy(model: nn.Module, batch: LoadedBatch, device: torch.device) -> Callable[[], torch.Tensor]:
+def _cross_entropy(model: nn.Module, batch: Batch, device: torch.device) -> Callable[[], torch.Tensor]:
     waveforms, lengths, labels = batch.waveforms.to(device), batch.lengths.to(device), batch.labels.to(device)
     return lambda: F.cross_entropy(model(waveforms, lengths).float(), labels)
 
@@ -191,16 +174,16 @@ def measure_sets(model: nn.Module, sets: dict[str, Sequence[CatalogEntry]], cfg:
     from tqdm import tqdm
 
     model.eval()
+    eps = model.input_eps if cfg.normalize else None
     plan = [(name, batch) for index, (name, entries) in enumerate(sets.items())
             for batch in draw_batches(list(entries), cfg.batch_size, cfg.seed + index)]
     names = list(sets)
     sums = torch.zeros(len(names), 5, dtype=torch.float64)  # sum n*S, sum n*L, n, batches, skipped
     mine = plan[info.rank::info.world_size]
     for name, entries in tqdm(mine, desc="sharpness", unit="batch", disable=not progress):
-        batch = load_batch(entries, max_seconds=cfg.max_seconds, normalize=cfg.normalize,
-                           eps=model.input_eps)
+        batch, skipped = load_batch(entries, max_seconds=cfg.max_seconds, eps=eps)
         row = sums[names.index(name)]
-        row[4] += len(batch.skipped)
+        row[4] += len(skipped)
         if len(batch.labels) == 0:
             continue
         value, loss = batch_sharpness(model, _cross_entropy(model, batch, device), cfg.rho,
@@ -330,18 +313,16 @@ def scores_of(model: nn.Module, entries: Sequence[CatalogEntry], cfg: SharpnessC
     from tqdm import tqdm
 
     model.eval()
+    eps = model.input_eps if cfg.normalize else None
     batches = [list(entries[i:i + cfg.batch_size]) for i in range(0, len(entries), cfg.batch_size)]
     scores: dict[str, float] = {}
     with torch.no_grad():
         for chunk in tqdm(batches[info.rank::info.world_size], desc="scores", unit="batch", disable=not progress):
-            batch = load_batch(chunk, max_seconds=cfg.max_seconds, normalize=cfg.normalize,
-                               eps=model.input_eps)
+            batch, _ = load_batch(chunk, max_seconds=cfg.max_seconds, eps=eps)
             if len(batch.labels) == 0:
                 continue
-            skipped = set(batch.skipped)
             logits = model(batch.waveforms.to(device), batch.lengths.to(device)).float().cpu()
-            kept = [e.id for e in chunk if e.id not in skipped]
-            scores.update(zip(kept, (logits[:, 1] - logits[:, 0]).tolist()))
+            scores.update(zip(batch.ids, (logits[:, 1] - logits[:, 0]).tolist()))
     if info.world_size > 1 and torch_dist.is_initialized():
         parts: list[Any] = [None] * info.world_size
         torch_dist.all_gather_object(parts, scores)

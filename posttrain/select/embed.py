@@ -33,6 +33,7 @@ from posttrain.data.files import write_bytes_atomic
 from posttrain.dist import DistInfo, dist_info
 from posttrain.eval.inference import (InferenceConfig, ShardSource, Skipped, gather, iter_outputs, rank_inputs,
                                       rank_tasks)
+from posttrain.eval.scoring import logit_columns
 from posttrain.models.detector import Detector
 
 EMBEDDINGS_NAME, META_NAME, MANIFEST_NAME = "embeddings.npy", "meta.jsonl", "embeddings.json"
@@ -50,8 +51,7 @@ class EmbeddingsError(ValueError):
 def _row_meta(output, local_row: int) -> dict[str, Any]:
     meta = {field: output.meta.get(field, "-") for field in META_FIELDS}
     return {"id": output.id, **meta, "shard": output.meta.get("shard"), "seconds": output.seconds,
-            "num_windows": output.num_windows, "logit_fake": float(output.logits[0]),
-            "logit_real": float(output.logits[1]), "_local_row": local_row}
+            "num_windows": output.num_windows, **logit_columns(output.logits), "_local_row": local_row}
 
 
 def embed_shards(model: Detector, shards: str | Path, out_dir: str | Path, cfg: InferenceConfig, *,

@@ -23,9 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-import yaml
 
-from posttrain.config import ConfigError, PosttrainConfig, layerdrop_conflicts, to_dict
+from posttrain.config import ConfigError, PosttrainConfig, dump_config, layerdrop_conflicts, to_dict
 from posttrain.data.batch import Batch
 from posttrain.data.files import write_text_atomic
 from posttrain.dist import free_port
@@ -370,7 +369,8 @@ class Trainer:
         resume = ckpt.find_resume(cfg.checkpoint.resume, self.output_dir)
         metadata = ckpt.read_metadata(resume) if resume is not None else None
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
-        self.model = self._build_model(metadata)
+        self.model, self.cfg = self._build_model(metadata)
+        cfg = self.cfg  # resolved for the model (e.g. a fine-tune takes the loaded model's preset)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
         universal = metadata is not None and metadata["world_size"] != self.world_size
@@ -378,7 +378,7 @@ class Trainer:
             ckpt.convert_to_universal(resume)
         silence_deepspeed_noise()
         self.engine = self._build_engine(universal)
-        self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)  # after the engine may have set the stage
+        self.config_yaml = dump_config(cfg)
         self.stream = ShardStream(cfg.data.train)
         self.progress = Progress()
         self.ctx = StepContext(cfg=cfg, optimizer=self.optimizer, scheduler=self.scheduler, device=self.device,
@@ -395,11 +395,14 @@ class Trainer:
         self.last_save_time = time.monotonic()
         self.history: list[dict[str, float]] = []
 
-    def _build_model(self, metadata: dict[str, Any] | None) -> torch.nn.Module:
+    def _build_model(self, metadata: dict[str, Any] | None) -> tuple[torch.nn.Module, PosttrainConfig]:
+        """The model to train and the config resolved for it (a new validated copy, never ``self.cfg``
+        changed in place); here the config as given."""
         from posttrain.models.detector import build_detector
 
         return build_detector(self.cfg.model, ssl_config=metadata["ssl_config"] if metadata else None,
-                              layerdrop_conflicts=layerdrop_conflicts(self.cfg), layerdrop_seed=self.cfg.train.seed)
+                              layerdrop_conflicts=layerdrop_conflicts(self.cfg),
+                              layerdrop_seed=self.cfg.train.seed), self.cfg
 
     def _build_engine(self, load_universal: bool) -> Any:
         import deepspeed

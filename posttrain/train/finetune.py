@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from posttrain.config import ConfigError, EvalSetConfig, FinetuneConfig, layerdrop_conflicts, to_dict
+from posttrain.config import ConfigError, FinetuneConfig, layerdrop_conflicts, resolved, to_dict
 from posttrain.errors import UserError
 from posttrain.train.checkpoint import BEST, CheckpointError, checkpoint_root, read_pointer
 from posttrain.train.engine import (Trainer, TrainResult, checked_deepspeed_config, deepspeed_config, init_distributed,
@@ -69,15 +69,18 @@ def resolve_data(cfg: FinetuneConfig) -> FinetuneConfig:
     empty (see ``FinetuneSection``); a named shard folder that is missing raises ``ConfigError``."""
     section = cfg.finetune
     root = Path(section.df2024_dir) if section.df2024_dir else None
+    filled: dict[str, Any] = {}
     if not cfg.data.train.shards:
         if root is None:
             raise ConfigError("data.train.shards", "empty, and no finetune.df2024_dir to take them from")
-        cfg.data.train.shards = [str(root / "shards" / f"{section.train_segment_seconds}s" / "train")]
+        filled["data.train.shards"] = [str(root / "shards" / f"{section.train_segment_seconds}s" / "train")]
     if not section.test_sets and root is not None:
-        section.test_sets = [
-            EvalSetConfig(name=f"{n}s", shards=str(root / "shards" / f"{n}s" / "test"),
-                          segments_csv=str(root / f"{n}s" / "segments.csv"))
+        filled["finetune.test_sets"] = [
+            {"name": f"{n}s", "shards": str(root / "shards" / f"{n}s" / "test"),
+             "segments_csv": str(root / f"{n}s" / "segments.csv")}
             for n in section.eval_segment_seconds if (root / "shards" / f"{n}s" / "test" / "index.json").is_file()]
+    cfg = resolved(cfg, filled)
+    section = cfg.finetune
     for i, directory in enumerate(cfg.data.train.shards):
         if not (Path(directory) / "index.json").is_file():
             raise ConfigError(f"data.train.shards[{i}]", f"{directory}: no index.json (run `posttrain data df2024 "
@@ -94,19 +97,23 @@ def plugin_deepspeed_config(plugin_config: dict[str, Any], cfg: FinetuneConfig, 
 
     accelerate keeps the ZeRO section (stage, offload, buckets) and any other explicit key of its
     config file; ``STEP_KEYS`` are always posttrain's (the loss scaling and skip logic assume them);
-    ``auto`` values become posttrain's; ``train.deepspeed_overrides`` are merged last. Sets
-    ``cfg.train.zero_stage`` to the stage accelerate chose, so checkpoints record the truth."""
-    stage = plugin_config.get("zero_optimization", {}).get("stage", cfg.train.zero_stage)
-    if stage not in (1, 2, 3):
-        raise ConfigError("zero_optimization.stage", f"the accelerate DeepSpeed config asks for ZeRO stage {stage}; "
-                                                     "posttrain needs 1, 2 or 3 (its skip logic relies on ZeRO)")
-    cfg.train.zero_stage = stage
+    ``auto`` values become posttrain's; ``train.deepspeed_overrides`` are merged last."""
+    cfg = with_plugin_stage(cfg, plugin_config)
     ours = deepspeed_config(cfg, load_universal=load_universal)
     theirs = _without_auto({key: value for key, value in plugin_config.items()
                             if key not in STEP_KEYS and key != "train_batch_size"})
     # DeepSpeed derives train_batch_size from micro-batch x accumulation x world size
     return checked_deepspeed_config(merge_dicts(merge_dicts(ours, theirs), cfg.train.deepspeed_overrides), cfg,
                                     "accelerate's DeepSpeed config or train.deepspeed_overrides")
+
+
+def with_plugin_stage(cfg: FinetuneConfig, plugin_config: dict[str, Any]) -> FinetuneConfig:
+    """``cfg`` resolved to the ZeRO stage accelerate's config chose, so checkpoints record the truth."""
+    stage = plugin_config.get("zero_optimization", {}).get("stage", cfg.train.zero_stage)
+    if stage not in (1, 2, 3):
+        raise ConfigError("zero_optimization.stage", f"the accelerate DeepSpeed config asks for ZeRO stage {stage}; "
+                                                     "posttrain needs 1, 2 or 3 (its skip logic relies on ZeRO)")
+    return resolved(cfg, {"train.zero_stage": stage})
 
 
 def _without_auto(config: dict[str, Any]) -> dict[str, Any]:
@@ -142,22 +149,23 @@ def make_accelerator(cfg: FinetuneConfig) -> "Accelerator":
                        deepspeed_plugin=plugin)
 
 
-def initial_detector(cfg: FinetuneConfig, metadata: dict[str, Any] | None, load_model: "ModelLoader") -> "Detector":
-    """The detector to train: from a resumed checkpoint's architecture (its weights come with the
-    DeepSpeed state), else from ``finetune.init_from`` (read by ``load_model``), rebuilt under
-    ``cfg.model``'s training settings. ``cfg.model.preset`` becomes the loaded model's preset when it
-    names one."""
+def initial_detector(cfg: FinetuneConfig, metadata: dict[str, Any] | None,
+                     load_model: "ModelLoader") -> tuple["Detector", FinetuneConfig]:
+    """The detector to train and ``cfg`` resolved for it: from a resumed checkpoint's architecture (its
+    weights come with the DeepSpeed state), else from ``finetune.init_from`` (read by ``load_model``),
+    rebuilt under ``cfg.model``'s training settings. The model's identity wins over the config: its
+    preset (when it names one) and its waveform normalisation (a model is trained as it was before)."""
     from posttrain.models.detector import build_detector
 
     training = {"layerdrop_conflicts": layerdrop_conflicts(cfg), "layerdrop_seed": cfg.train.seed}
     if metadata is not None:
-        cfg.model.preset = metadata.get("preset") or cfg.model.preset
-        return build_detector(cfg.model, ssl_config=metadata["ssl_config"], **training)
+        cfg = resolved(cfg, {"model.preset": metadata.get("preset") or cfg.model.preset})
+        return build_detector(cfg.model, ssl_config=metadata["ssl_config"], **training), cfg
     loaded, identity = load_model(cfg.finetune.init_from, preset=cfg.finetune.init_preset)
-    cfg.model.preset = identity.get("preset") or cfg.model.preset
+    cfg = resolved(cfg, {"model.preset": identity.get("preset") or cfg.model.preset})
     detector = build_detector(cfg.model, ssl_config=loaded.ssl_config.to_dict(), **training)
     detector.load_state_dict(loaded.state_dict(), strict=True)
-    return detector.train()
+    return detector.train(), cfg
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -170,10 +178,11 @@ class FinetuneTrainer(Trainer):
     def __init__(self, cfg: FinetuneConfig, accelerator: "Accelerator", load_model: "ModelLoader"):
         self.accelerator = accelerator
         self.load_model = load_model
+        cfg = with_plugin_stage(cfg, accelerator.state.deepspeed_plugin.deepspeed_config)
         # accelerate's process_index reads 0 on every rank under DS_ACCELERATOR=cpu: the engine asks torch
         super().__init__(cfg, device=accelerator.device)
 
-    def _build_model(self, metadata: dict[str, Any] | None) -> torch.nn.Module:
+    def _build_model(self, metadata: dict[str, Any] | None) -> tuple[torch.nn.Module, FinetuneConfig]:
         return initial_detector(self.cfg, metadata, self.load_model)
 
     def _build_engine(self, load_universal: bool) -> Any:
@@ -219,19 +228,16 @@ def file_of(segment_id: str, mapping: dict[str, tuple[str, int]] | None) -> tupl
 
 
 def segment_records(outputs: list["SampleOutput"]) -> list[dict[str, Any]]:
-    from posttrain.eval.scoring import SCORE_TYPE, logit_diff
+    from posttrain.eval.scoring import score_record
 
-    return [{"id": out.id, "score": float(logit_diff(out.logits)), "label": out.meta["label"],
-             "attack": out.meta.get("attack"), "language": out.meta.get("language"), "corpus": out.meta.get("corpus"),
-             "score_type": SCORE_TYPE, "logit_fake": float(out.logits[0]), "logit_real": float(out.logits[1])}
-            for out in outputs]
+    return [score_record(out.id, out.logits, out.meta) for out in outputs]
 
 
 def file_records(outputs: list["SampleOutput"], mapping: dict[str, tuple[str, int]] | None,
                  rule: str) -> list[dict[str, Any]]:
     """One record per source file: its segments' logits aggregated (``scoring.aggregate``, weights =
     segment lengths, segments in index order). A file whose segments disagree on the label raises."""
-    from posttrain.eval.scoring import SCORE_TYPE, aggregate, logit_diff
+    from posttrain.eval.scoring import aggregate, score_record
 
     files: dict[str, list[tuple[int, "SampleOutput"]]] = {}
     for out in outputs:
@@ -246,10 +252,7 @@ def file_records(outputs: list["SampleOutput"], mapping: dict[str, tuple[str, in
         first = parts[0][1].meta
         logits, _ = aggregate(np.array([out.num_samples for _, out in parts]),
                               np.stack([out.logits for _, out in parts]), None, rule)
-        records.append({"id": file_id, "score": float(logit_diff(logits)), "label": labels.pop(),
-                        "attack": first.get("attack"), "language": first.get("language"),
-                        "corpus": first.get("corpus"), "score_type": SCORE_TYPE,
-                        "logit_fake": float(logits[0]), "logit_real": float(logits[1])})
+        records.append(score_record(file_id, logits, first))  # every segment carries the file's label
     return records
 
 
@@ -378,7 +381,7 @@ def finetune(cfg: FinetuneConfig, load_model: "ModelLoader",
     accelerator = accelerator or make_accelerator(cfg)
     trainer = FinetuneTrainer(cfg, accelerator, load_model)
     result = trainer.fit()
-    device = trainer.device
+    device, cfg = trainer.device, trainer.cfg  # the config as the run resolved and recorded it
     del trainer  # the engine's partitions and optimiser state go before the test model comes in
     accelerator.free_memory()
     gc.collect()

@@ -26,7 +26,8 @@ forward and ``engine.backward`` of every micro-batch of the step (boundary at th
 LookSAM (Liu et al., CVPR 2022; ``sam.variant: looksam``): the full step above every
 ``looksam_every_steps`` steps, which also stores ``g_v = g_s - <g_s, g>/||g||^2 g`` (the part of the
 SAM gradient orthogonal to the plain one) as an fp32 copy of the owned gradient partitions; the
-steps between run one pass and update with ``g + alpha ||g|| / ||g_v|| g_v``. The copy is not
+steps between run one pass and update with ``g + alpha ||g|| / ||g_v|| g_v``. The copy lives in the
+step's memory (``StepContext.scratch``), not in module state, and is not
 checkpointed: after a resume the first step is a full one.
 
 ESAM (Du et al., ICLR 2022; ``sam.variant: esam``, ``esam_step``), the same steps 1-7 with two savings:
@@ -54,7 +55,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -76,7 +76,7 @@ from posttrain.train.step import (StepContext, StepStats, finish_step, forward_b
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
-_looksam_directions: "weakref.WeakKeyDictionary[Any, list[torch.Tensor]]" = weakref.WeakKeyDictionary()
+LOOKSAM_DIRECTION = "looksam_direction"  # key of the stored g_v in the step's memory (``StepContext.scratch``)
 
 
 @dataclass
@@ -88,19 +88,19 @@ class SamOutcome:
     grad_norm: float  # global ||g|| of the first pass (ASAM: ||T g||)
     full_step: bool  # False on a LookSAM reuse step
     perturbed: bool  # False when the norm was 0 or non-finite (no ascent taken)
-    update: Any = None  # what apply_update returned
+    update: StepStats | None = None  # what apply_update returned (the step mode's StepStats)
 
 
 # ------------------------------------------------------------------------------------------ the step
 
 
-def _store_plain_gradient(engine: Any, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+def _store_plain_gradient(memory: dict[str, Any], grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """LookSAM: the first-pass gradient, kept (fp32, owned partitions) to project the SAM gradient on."""
-    stored = _looksam_directions.get(engine)
+    stored = memory.get(LOOKSAM_DIRECTION)
     if stored is None or [t.numel() for t in stored] != [g.numel() for g in grads]:
         flat = torch.empty(sum(g.numel() for g in grads), dtype=torch.float32, device=grads[0].device if grads else None)
         stored = list(flat.split([g.numel() for g in grads]))
-        _looksam_directions[engine] = stored
+        memory[LOOKSAM_DIRECTION] = stored
     torch._foreach_copy_(stored, grads)
     return stored
 
@@ -126,18 +126,20 @@ def _reuse_orthogonal_component_(grads: list[torch.Tensor], stored: list[torch.T
 
 
 def sharpness_aware_step(engine: "DeepSpeedEngine", run_pass: Callable[[], torch.Tensor], cfg: SamConfig, *,
-                         step_index: int = 0,
-                         apply_update: Callable[[SamOutcome], Any] | None = None) -> SamOutcome:
+                         step_index: int = 0, apply_update: Callable[[SamOutcome], Any] | None = None,
+                         memory: dict[str, Any] | None = None) -> SamOutcome:
     """One SAM / ASAM / LookSAM optimiser step (see the module doc). Collective: every rank calls it.
 
     ``run_pass()`` forwards every micro-batch of the step and calls ``engine.backward`` on each (the
     accumulation boundary at the last), returning a detached loss tensor (e.g. the local loss sum).
     ``apply_update(outcome)`` takes the update once the weights are restored (default ``engine.step()``);
     its return value is ``outcome.update``. ``step_index`` (optimiser steps done so far) schedules
-    LookSAM's full steps."""
+    LookSAM's full steps; ``memory`` (the step mode's ``StepContext.scratch`` entry) keeps LookSAM's
+    direction from one call to the next (None: every call is a full step)."""
     device = torch.device(engine.device)
     looksam = cfg.variant == "looksam"
-    stored = _looksam_directions.get(engine) if looksam else None
+    memory = {} if memory is None else memory
+    stored = memory.get(LOOKSAM_DIRECTION) if looksam else None
     full_step = stored is None or step_index % cfg.looksam_every_steps == 0
     rng = rng_state()
     first_loss = run_pass()
@@ -149,7 +151,7 @@ def sharpness_aware_step(engine: "DeepSpeedEngine", run_pass: Callable[[], torch
         outcome.update = apply_update(outcome) if apply_update else engine.step()
         return outcome
 
-    plain = _store_plain_gradient(engine, grads) if looksam else None
+    plain = _store_plain_gradient(memory, grads) if looksam else None
     norm = ascent_direction_(owned, grads, adaptive=cfg.adaptive, eta=cfg.adaptive_eta, device=device)
     perturb = takes_ascent(norm)
     saved = None
@@ -313,5 +315,6 @@ def sam_step(engine: "DeepSpeedEngine", micro_batches: list[Batch], ctx: StepCon
         sums = {} if outcome.second_loss is None else {"sam/loss_increase": outcome.second_loss - outcome.first_loss}
         return finish_step(engine, ctx, loss, samples, seconds, extra, sums)
 
-    outcome = sharpness_aware_step(engine, run_pass, ctx.cfg.sam, step_index=ctx.step, apply_update=apply_update)
+    outcome = sharpness_aware_step(engine, run_pass, ctx.cfg.sam, step_index=ctx.step, apply_update=apply_update,
+                                   memory=ctx.scratch.setdefault("sam", {}))
     return outcome.update

@@ -88,6 +88,9 @@ class StepContext:
     augment: Callable[[Batch, int], Batch] | None = None
     state: dict[str, Any] = field(default_factory=dict)
     input_eps: float = TRANSFORMERS_INPUT_EPS  # the model's input normalisation (Detector.input_eps)
+    # mode buffers that live for the run but are not checkpointed (device tensors, e.g. LookSAM's stored
+    # direction): a resumed run starts them afresh
+    scratch: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sample_rate_hz(self) -> int:

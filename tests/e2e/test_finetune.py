@@ -20,7 +20,7 @@ from posttrain.cli import main as cli_main
 from posttrain.config import ConfigError, FinetuneConfig, load_config
 from posttrain.eval.inference import SampleOutput
 from posttrain.train.checkpoint import read_metadata, resolve_checkpoint
-from posttrain.train.finetune import file_records, plugin_deepspeed_config, resolve_data
+from posttrain.train.finetune import file_records, plugin_deepspeed_config, resolve_data, with_plugin_stage
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -101,7 +101,8 @@ def test_accelerate_keeps_zero_settings_posttrain_keeps_step_settings():
                       cls=FinetuneConfig)
     merged = plugin_deepspeed_config(accelerate_config, cfg)
     zero = merged["zero_optimization"]
-    assert zero["stage"] == 3 and cfg.train.zero_stage == 3  # the stage accelerate chose is recorded
+    assert zero["stage"] == 3 and with_plugin_stage(cfg, accelerate_config).train.zero_stage == 3  # recorded
+    assert cfg.train.zero_stage == 1  # in a resolved copy: the validated config is never changed
     assert zero["offload_optimizer"]["device"] == "cpu" and "reduce_bucket_size" not in zero
     assert zero["stage3_param_persistence_threshold"] == 0  # SAM perturbs owned partitions only
     assert zero["overlap_comm"] is True  # train.deepspeed_overrides last
