@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy import stats
@@ -169,7 +169,50 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, threshold: fl
             "precision": precision, "recall": recall, "f1": f1}
 
 
-_TWO_CLASS_METRICS = ("eer", "eer_threshold", "min_dcf", "min_dcf_threshold", "auc", "act_dcf", "cllr")
+@dataclass(frozen=True)
+class Trials:
+    """One set of two-class trials as the metrics read them: scores, and the LLRs actDCF and Cllr use."""
+
+    bona: np.ndarray
+    spoof: np.ndarray
+    llr_bona: np.ndarray
+    llr_spoof: np.ndarray
+    costs: DetectionCosts
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A report metric in one place: its key in ``compute_metrics``' output (``companions``: the keys of
+    the extra values its function returns, e.g. a threshold), its function, its column in report tables
+    and model cards, and its format (value x ``scale`` with ``digits`` decimals)."""
+
+    name: str
+    column: str
+    compute: Callable[[Trials], float | tuple[float, ...]]
+    companions: tuple[str, ...] = ()
+    scale: float = 1.0
+    digits: int = 4
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.name, *self.companions)
+
+    def values(self, trials: Trials) -> dict[str, float]:
+        computed = self.compute(trials)
+        return dict(zip(self.keys, computed if isinstance(computed, tuple) else (computed,)))
+
+    def format(self, value: object) -> str | None:
+        return None if value is None else f"{float(value) * self.scale:.{self.digits}f}"
+
+
+# The metrics every report and model card shows, in column order. A new metric: one row here.
+METRICS: tuple[Metric, ...] = (
+    Metric("eer", "EER%", lambda t: eer(t.bona, t.spoof), ("eer_threshold",), scale=100.0, digits=2),
+    Metric("min_dcf", "minDCF", lambda t: min_dcf(t.bona, t.spoof, t.costs), ("min_dcf_threshold",)),
+    Metric("act_dcf", "actDCF", lambda t: act_dcf(t.llr_bona, t.llr_spoof, t.costs)),
+    Metric("cllr", "Cllr", lambda t: cllr(t.llr_bona, t.llr_spoof)),
+    Metric("auc", "AUC", lambda t: roc_auc(t.bona, t.spoof)),
+)
 
 
 def eer_operating_threshold(eer_threshold: float | None) -> float | None:
@@ -200,11 +243,9 @@ def compute_metrics(scores: Sequence[float] | np.ndarray, labels: Sequence[int] 
                                  "costs": asdict(costs), "llr_source": "raw score" if llr is None else "calibrated"}
     undefined: dict[str, str] = {}
     if bona.size and spoof.size:
-        result["eer"], result["eer_threshold"] = eer(bona, spoof)
-        result["min_dcf"], result["min_dcf_threshold"] = min_dcf(bona, spoof, costs)
-        result["auc"] = roc_auc(bona, spoof)
-        llr_bona, llr_spoof = (bona, spoof) if llr is None else split_classes(llr, labels)
-        result["act_dcf"], result["cllr"] = act_dcf(llr_bona, llr_spoof, costs), cllr(llr_bona, llr_spoof)
+        trials = Trials(bona, spoof, *((bona, spoof) if llr is None else split_classes(llr, labels)), costs)
+        for metric in METRICS:
+            result.update(metric.values(trials))
         if llr is not None:
             result["raw_act_dcf"], result["raw_cllr"] = act_dcf(bona, spoof, costs), cllr(bona, spoof)
         result["eer_ci"] = (eer_confidence_interval(bona, spoof, resamples=bootstrap_resamples, seed=seed,
@@ -213,7 +254,7 @@ def compute_metrics(scores: Sequence[float] | np.ndarray, labels: Sequence[int] 
     else:
         present = "bona fide" if bona.size else "spoof"
         reason = f"only {present} samples (n={scores.size}): needs both bona fide and spoof"
-        for name in (*_TWO_CLASS_METRICS, "eer_ci"):
+        for name in (*(key for metric in METRICS for key in metric.keys), "eer_ci"):
             result[name] = None
             undefined[name] = reason
     decision_threshold = threshold if threshold is not None else eer_operating_threshold(result["eer_threshold"])

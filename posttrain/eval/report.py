@@ -27,7 +27,7 @@ import yaml
 from posttrain.data.files import write_bytes_atomic
 from posttrain.data.labels import label_id
 from posttrain.data.shards import file_sha256
-from posttrain.eval.metrics import (ASVSPOOF5_COSTS, DetectionCosts, compute_metrics, det_curve,
+from posttrain.eval.metrics import (ASVSPOOF5_COSTS, METRICS, DetectionCosts, compute_metrics, det_curve,
                                     group_mask, metrics_by_group, split_classes)
 
 if TYPE_CHECKING:
@@ -273,8 +273,15 @@ def evaluate(table: ScoreTable, *, group_by: Sequence[str] = (), calibration: Ca
             "pooled": compute_metrics(table.scores, table.labels, llr, **options), "groups": groups}
 
 
-def _cell(value: object, scale: float = 1.0, digits: int = 4) -> str:
-    return "n/a" if value is None else f"{float(value) * scale:.{digits}f}"
+EER_CI_COLUMN = "EER% CI"  # shown right after the EER column
+
+
+def _with_eer_ci(cells: Sequence[str], ci_cell: str) -> list[str]:
+    """One cell per metric of ``METRICS``, with the EER's confidence interval right after the EER."""
+    out = []
+    for metric, cell in zip(METRICS, cells):
+        out += [cell, ci_cell] if metric.name == "eer" else [cell]
+    return out
 
 
 def format_table(document: Mapping[str, Any], score_definition: str = "") -> str:
@@ -282,15 +289,14 @@ def format_table(document: Mapping[str, Any], score_definition: str = "") -> str
     rows: list[tuple[str, Mapping[str, Any]]] = [("pooled", document["pooled"])]
     for by, groups in document["groups"].items():
         rows += [(f"{by}={name}", metrics) for name, metrics in groups.items()]
-    header = ("group", "n", "bona", "spoof", "EER%", "EER% CI", "minDCF", "actDCF", "Cllr", "AUC")
+    header = ("group", "n", "bona", "spoof", *_with_eer_ci([metric.column for metric in METRICS], EER_CI_COLUMN))
     body = []
     notes: dict[str, str] = {}
     for name, metrics in rows:
         ci = metrics.get("eer_ci")
         ci_text = f"[{ci['low'] * 100:.2f}, {ci['high'] * 100:.2f}]" if ci else "-"
         body.append((name, str(metrics["n"]), str(metrics["n_bona_fide"]), str(metrics["n_spoof"]),
-                          _cell(metrics["eer"], 100, 2), ci_text, _cell(metrics["min_dcf"]),
-                          _cell(metrics["act_dcf"]), _cell(metrics["cllr"]), _cell(metrics["auc"])))
+                     *_with_eer_ci([metric.format(metrics[metric.name]) or "n/a" for metric in METRICS], ci_text)))
         if metrics["undefined"].get("eer"):
             notes[name] = metrics["undefined"]["eer"]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
@@ -411,8 +417,8 @@ def _result_document(table: ScoreTable, document: Mapping[str, Any], *, score_fi
         "skipped": {"count": len(skipped), "items": list(skipped)},
         "model": dict(model_identity), "data": dict(data_identity),
         "calibration": document["calibration"],
-        "metrics": {name: pooled[name] for name in ("eer", "eer_threshold", "eer_ci", "min_dcf", "act_dcf",
-                                                    "cllr", "auc", "llr_source")},
+        "metrics": {name: pooled[name] for name in ("eer", "eer_threshold", "eer_ci",
+                                                    *(m.name for m in METRICS if m.name != "eer"), "llr_source")},
         "files": {role: path.name for role, path in files.items() if role != "result"},
     }
 

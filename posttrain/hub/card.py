@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from posttrain.config import SAMPLE_RATE_HZ
+from posttrain.eval.metrics import METRICS
 from posttrain.eval.report import RESULT_FORMAT
 
 TAGS = ["audio-classification", "anti-spoofing", "deepfake-detection", "speech", "posttrain"]
@@ -233,9 +234,8 @@ def _evaluation(results: Sequence[TestResult]) -> str:
     rows = []
     for result in results:
         metrics, counts = result.document.get("metrics") or {}, result.document.get("counts") or {}
-        rows.append((result.name, counts.get("trials"), _percent(metrics.get("eer")), _number(metrics.get("min_dcf")),
-                     _number(metrics.get("act_dcf")), _number(metrics.get("cllr")), _number(metrics.get("auc"))))
-    lines = ["## Evaluation\n", _table(("test set", "trials", "EER %", "minDCF", "actDCF", "Cllr", "AUC"), rows),
+        rows.append((result.name, counts.get("trials"), *(m.format(metrics.get(m.name)) for m in METRICS)))
+    lines = ["## Evaluation\n", _table(("test set", "trials", *(m.column for m in METRICS)), rows),
              "minDCF/actDCF use the ASVspoof 5 costs; actDCF and Cllr are computed on calibrated LLRs when the "
              "evaluation had a calibration (see each result's `llr_source`).\n"]
     for result in results:
@@ -304,10 +304,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def _value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip().removesuffix("...").strip() \
         if isinstance(value, (dict, list)) else str(value)
-
-
-def _percent(value: Any) -> str | None:
-    return None if value is None else f"{100 * float(value):.2f}"
 
 
 def _number(value: Any) -> str | None:
