@@ -45,6 +45,7 @@ import torch
 import torch.distributed as torch_dist
 
 from posttrain.config import ConfigError
+from posttrain.errors import UserError
 
 
 @dataclass
@@ -75,6 +76,26 @@ class OwnedParameters:
         """True when editing ``model`` also edits the optimiser's master weights (ZeRO-3 fp32, stage 0):
         an in-place perturbation must then be undone from a saved copy, not from the master."""
         return any(m.data_ptr() == p.data_ptr() for m, p in zip(self.master, self.model))
+
+
+# the DeepSpeed releases whose private ZeRO internals (``_hp_mapping``, ``averaged_gradients``,
+# ``fp32_partitioned_groups_flat``, ...) this module was checked against; pyproject.toml pins the same range
+TESTED_DEEPSPEED = ((0, 19), (0, 20))  # [from, before) as (major, minor)
+
+
+def check_deepspeed_version(version: str) -> None:
+    """Refuse a DeepSpeed outside ``TESTED_DEEPSPEED``: its internals may have moved, and a wrong view
+    of the partitions would silently give a wrong SAM norm or alignment."""
+    try:
+        major_minor = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        major_minor = ()
+    (low, high) = TESTED_DEEPSPEED
+    if not low <= major_minor < high:
+        tested = f">={low[0]}.{low[1]},<{high[0]}.{high[1]}"
+        raise UserError(f"partitions: DeepSpeed {version} is untested: SAM and gradient alignment read private "
+                        f"ZeRO internals checked on deepspeed{tested} only; install it with "
+                        f"pip install 'deepspeed{tested}'")
 
 
 def zero_stage(engine: Any) -> int:
@@ -132,6 +153,9 @@ def check_zero_section(zero_section: dict[str, Any], step_mode: str, source: str
 
 
 def _check_supported(engine: Any) -> int:
+    import deepspeed
+
+    check_deepspeed_version(deepspeed.__version__)
     stage = zero_stage(engine)
     if stage == 0 and engine.bfloat16_enabled():
         raise NotImplementedError("partitions: ZeRO stage 0 with bf16 (DeepSpeed's BF16_Optimizer) is not "
