@@ -1,10 +1,16 @@
-"""Where this process sits: rank and world size, resolved explicitly."""
+"""Where this process sits (rank, world size, device) and the few collectives every floor shares.
+
+One home for the process-group helpers: whether a group is up, the world group, ``process_rank``, barrier, the
+sums of per-rank partials (``global_sums``, ``all_reduce_sum``), every rank's vector
+(``gather_vectors``), and the device chooser. Each collective is a no-op alone (no process group)."""
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -58,3 +64,57 @@ def gather_vectors(values: torch.Tensor) -> list[torch.Tensor]:
     gathered = [torch.zeros_like(padded) for _ in range(world)]
     torch_dist.all_gather(gathered, padded)
     return [g[:n] for g, n in zip(gathered, sizes)]
+
+
+# ------------------------------------------------------------------------------------ collectives
+
+
+def is_initialized() -> bool:
+    """A process group is up (every collective below is then a real one)."""
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def world_group() -> Any:
+    """The default group when a process group is up, else None (sums are then local)."""
+    return torch_dist.group.WORLD if is_initialized() else None
+
+
+def process_rank() -> int:
+    return torch_dist.get_rank() if is_initialized() else 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        torch_dist.barrier()
+
+
+def global_sums(partials: torch.Tensor, group: Any) -> torch.Tensor:
+    """Sum a small vector of per-rank partial sums over ``group`` (one all-reduce; ``None``: every rank
+    holds everything, return as is). Returns a new tensor."""
+    total = partials.clone()
+    if group is not None and is_initialized():
+        torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM, group=group)
+    return total
+
+
+def all_reduce_sum(values: Sequence[float], device: torch.device | str) -> list[float]:
+    """Per-rank numbers summed over every rank, in float64 (one all-reduce; alone: the numbers)."""
+    return global_sums(torch.tensor(list(values), dtype=torch.float64, device=device), world_group()).tolist()
+
+
+# ------------------------------------------------------------------------------------------ devices
+
+
+def choose_device(want: str = "auto", local_rank: int | None = None) -> torch.device:
+    """The device of this process: ``auto`` is ``cuda:LOCAL_RANK`` when CUDA is visible, else the CPU;
+    ``cuda`` without a visible GPU is an error naming the setting. A CUDA device becomes the current
+    one (object collectives on NCCL use it)."""
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device: cuda requested but no CUDA device is visible")
+    if want != "cuda":
+        return torch.device(want)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank)
+    torch.cuda.set_device(device)
+    return device

@@ -45,14 +45,15 @@ def _measure(args: argparse.Namespace, stage: int, mode: str) -> dict:
     from posttrain.config import load_config
     from posttrain.data.batch import Batch
     from posttrain.models.detector import build_detector
-    from posttrain.train.engine import build_optimizer, deepspeed_config, init_distributed, resolve_device
+    from posttrain.dist import choose_device
+    from posttrain.train.engine import build_optimizer, deepspeed_config, init_distributed
     from posttrain.train.partitions import owned_parameters
     from posttrain.train.sam import LOOKSAM_DIRECTION
     from posttrain.train.step import StepContext, get_step_mode, step_mode_name
 
     torch.set_num_threads(args.threads)
     cfg = load_config(None, _overrides(args, stage, mode))
-    device = resolve_device(cfg)
+    device = choose_device(cfg.train.device)
     init_distributed(device)
     import deepspeed
 

@@ -99,12 +99,13 @@ def main(argv: list[str]) -> int:
                              "optim.lr=1.0e-6", "schedule.warmup_steps=0", "tracking.enabled=false"])
     # imported after the config so DS_ACCELERATOR is set (by init_distributed) before DeepSpeed loads
     from posttrain.models.detector import build_detector, count_parameters
-    from posttrain.train.engine import build_optimizer, deepspeed_config, init_distributed, resolve_device, seed_everything
+    from posttrain.dist import choose_device
+    from posttrain.train.engine import build_optimizer, deepspeed_config, init_distributed, seed_everything
     from posttrain.train.flops import training_flops_per_audio_second
     from posttrain.train.schedule import build_scheduler
     from posttrain.train.step import StepContext, get_step_mode
 
-    device = resolve_device(cfg)
+    device = choose_device(cfg.train.device)
     init_distributed(device)
     import deepspeed
 

@@ -71,14 +71,15 @@ def model_description(identity: dict[str, Any]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from posttrain.eval.inference import default_device, process_group
+    from posttrain.dist import choose_device
+    from posttrain.eval.inference import process_group
     from posttrain.eval.sharpness import catalog, format_sharpness_table, grouped_sets, measure_sets
     from posttrain.data.files import write_text_atomic
 
     with process_group() as info:
         try:
             cfg = measure_config(args)
-            device = default_device(info) if args.device is None else torch.device(args.device)
+            device = choose_device("auto", info.local_rank) if args.device is None else torch.device(args.device)
             model, identity = load_for_args(args, device)
             sets = grouped_sets(catalog(args.shards), args.by)
         except (ValueError, FileNotFoundError) as error:

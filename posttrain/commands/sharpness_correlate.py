@@ -35,7 +35,8 @@ def format_table(rows: list[dict], correlation: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from posttrain.eval.inference import default_device, process_group
+    from posttrain.dist import choose_device
+    from posttrain.eval.inference import process_group
     from posttrain.eval.sharpness import (catalog, measure_sets, nested_subsets, plot_correlation, rank_correlation,
                                           scores_of, subset_eer)
     from posttrain.data.files import write_text_atomic
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             if args.steps is not None and args.steps < 3:
                 raise ValueError("--steps must be >= 3 (a rank correlation needs at least 3 subsets)")
             cfg = measure_config(args)
-            device = default_device(info) if args.device is None else torch.device(args.device)
+            device = choose_device("auto", info.local_rank) if args.device is None else torch.device(args.device)
             model, identity = load_for_args(args, device)
             entries = catalog(args.shards)
             subsets = nested_subsets(entries, args.by, steps=args.steps, seed=args.seed)

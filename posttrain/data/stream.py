@@ -82,7 +82,7 @@ from posttrain.data.batching import (BucketPlan, PaddingMeter, antideepfake_plan
                                      fitted_edges)
 from posttrain.data.locations import RetryPolicy, ShardReadError, open_shard
 from posttrain.data.shards import INDEX_NAME, SampleError, ShardFormatError, decode_sample, load_index, shard_paths
-from posttrain.dist import dist_info
+from posttrain.dist import dist_info, is_initialized
 
 log = logging.getLogger(__name__)
 
@@ -646,7 +646,7 @@ class ShardStream:
         iteration = self._iterations
         roles = self._role_tasks()
         batches = self._in_turn(self._deliveries(roles), len(roles))
-        agree = self.world_size > 1 and torch_dist.is_available() and torch_dist.is_initialized()
+        agree = self.world_size > 1 and is_initialized()
         while True:
             if iteration != self._iterations:
                 raise RuntimeError("loader: this iteration was abandoned when a newer one of the same stream started")
@@ -728,7 +728,7 @@ class ShardStream:
     def global_state_dict(self) -> dict[str, Any]:
         """The union of every rank's state. A collective when a process group is initialised:
         call it on every rank."""
-        if self.world_size > 1 and torch_dist.is_available() and torch_dist.is_initialized():
+        if self.world_size > 1 and is_initialized():
             states: list[Any] = [None] * torch_dist.get_world_size()
             torch_dist.all_gather_object(states, self.state_dict())
             return merge_states(states)

@@ -52,7 +52,7 @@ from posttrain.data.batching import batch_by_seconds, bucket_edges
 from posttrain.data.protocol import read_protocol, row_to_dict
 from posttrain.data.shards import SampleError, decode_sample, file_sha256, iter_shard, load_index, shard_paths
 from posttrain.data.stream import balance
-from posttrain.dist import DistInfo, dist_info
+from posttrain.dist import DistInfo, choose_device, dist_info
 from posttrain.errors import UserError
 from posttrain.eval.scoring import AGGREGATIONS, WindowConfig, aggregate
 from posttrain.models.detector import Detector
@@ -456,14 +456,6 @@ def iter_outputs(model: Detector, inputs: Iterable[Sample | Skipped], cfg: Infer
 # ------------------------------------------------------------------------------------ ranks, runs
 
 
-def default_device(info: DistInfo | None = None) -> torch.device:
-    info = info or dist_info()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank)  # object collectives on NCCL use the current device
-        return torch.device("cuda", info.local_rank)
-    return torch.device("cpu")
-
-
 @contextlib.contextmanager
 def process_group() -> Iterator[DistInfo]:
     """A process group for the duration of a command run under torchrun (``WORLD_SIZE > 1``): NCCL
@@ -569,4 +561,4 @@ def config_from_args(args) -> InferenceConfig:
 
 
 def device_from_args(args, info: DistInfo) -> torch.device:
-    return torch.device(args.device) if args.device else default_device(info)
+    return torch.device(args.device) if args.device else choose_device("auto", info.local_rank)

@@ -28,7 +28,7 @@ from torch import nn
 from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.data.batch import Batch, normalize_waveforms
 from posttrain.data.shards import SampleError, SampleMeta, decode_audio, decode_meta, load_index, shard_paths
-from posttrain.dist import DistInfo
+from posttrain.dist import DistInfo, global_sums, world_group
 from posttrain.train.ascent import ascent_direction_, module_parameters, perturb_, restore_, takes_ascent
 
 GROUP_FIELDS = ("corpus", "attack", "language", "speaker")
@@ -190,10 +190,8 @@ def measure_sets(model: nn.Module, sets: dict[str, Sequence[CatalogEntry]], cfg:
                                       adaptive=cfg.adaptive, eta=cfg.adaptive_eta)
         size = len(batch.labels)
         row += torch.tensor([size * value, size * loss, size, 1, 0], dtype=torch.float64)
-    if info.world_size > 1 and torch_dist.is_initialized():
-        reduced = sums.to(device)
-        torch_dist.all_reduce(reduced, op=torch_dist.ReduceOp.SUM)
-        sums = reduced.cpu()
+    if info.world_size > 1:
+        sums = global_sums(sums.to(device), world_group()).cpu()
     results = {}
     for name, (weighted, loss, count, batches, skipped) in zip(names, sums.tolist()):
         results[name] = SetSharpness(weighted / count if count else float("nan"),

@@ -5,12 +5,12 @@ parameters), every method here returns ``g = a_c * g_c + a_a * g_a`` whose coeff
 on three global scalars ``<g_c, g_a>``, ``||g_c||^2`` and ``||g_a||^2``. So each rank:
 
 1. computes its partial scalars over the gradient elements it owns (``partial_products``),
-2. sums them across ranks with ONE all-reduce of a 3-element tensor (``process_group_all_reduce``;
-   skip it, i.e. ``local_all_reduce``, when every rank holds the full gradient),
+2. sums them across ranks with ONE all-reduce of a 3-element tensor over the group whose
+   partitions tile the gradient (``posttrain.dist.global_sums``; none when one rank holds it all),
 3. gets the coefficients (``GradientAligner.coefficients``) and combines its own elements in place
    (``combine_``).
 
-``GradientAligner.align_`` does the three steps. Methods (two tasks, reduction = mean as in DPDA):
+``GradientAligner.align_`` does the three steps (the dual-path step mode calls it). Methods (two tasks, reduction = mean as in DPDA):
 
 * ``pcgrad`` (Yu et al., 2020): when ``<g_c, g_a> < 0`` each gradient drops its component along the
   other, ``g_c' = g_c - <g_c,g_a>/||g_a||^2 g_a`` (and symmetrically); ``g = (g_c' + g_a') / 2``.
@@ -29,19 +29,17 @@ The small epsilons follow the DPDA reference code (ductuantruong/dpda_ga) so res
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from posttrain.config import DualPathConfig
+from posttrain.dist import global_sums
 
 METHODS = ("pcgrad", "gradvac", "cagrad", "sum", "mean")
 EPS = 1e-8  # the reference code's guard in every denominator
-
-AllReduce = Callable[[torch.Tensor], torch.Tensor]
-
 
 # ------------------------------------------------------------------------------ global scalars
 
@@ -68,22 +66,6 @@ def partial_products(grads_clean: Sequence[torch.Tensor], grads_aug: Sequence[to
     return products if device is None else products.to(device)
 
 
-def local_all_reduce(products: torch.Tensor) -> torch.Tensor:
-    """Single process, or every rank holds the whole gradient: nothing to sum."""
-    return products
-
-
-def process_group_all_reduce(group: Any = None) -> AllReduce:
-    """Sum the partial scalars over ``group`` (disjoint gradient partitions, e.g. ZeRO-1/2/3)."""
-    import torch.distributed as dist
-
-    def all_reduce(products: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(products, op=dist.ReduceOp.SUM, group=group)
-        return products
-
-    return all_reduce
-
-
 # ------------------------------------------------------------------------------- coefficients
 
 
@@ -105,9 +87,6 @@ class AlignStats:
     coef_clean: float
     coef_aug: float
     target_cosine: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def pcgrad_coefficients(dot: float, sq_clean: float, sq_aug: float) -> tuple[float, float]:
@@ -233,16 +212,19 @@ class GradientAligner:
         return AlignStats(self.method, dot, norm_c, norm_a, cosine, dot < 0, coefs != plain,
                           coefs[0], coefs[1], target)
 
-    def align_(self, grads_clean: Sequence[torch.Tensor], grads_aug: Sequence[torch.Tensor],
-               all_reduce: AllReduce = local_all_reduce, into: Literal["clean", "aug"] = "clean",
-               device: torch.device | str | None = None) -> AlignStats:
-        """Combine this rank's gradient elements in place (into ``grads_clean`` or ``grads_aug``).
+    def align_(self, grads_clean: Sequence[torch.Tensor], grads_aug: Sequence[torch.Tensor], group: Any,
+               device: torch.device | str | None = None) -> AlignStats | None:
+        """``grads_aug <- coef_c g_c + coef_a g_a`` in place on this rank's elements, the coefficients from
+        the GLOBAL products summed over ``group`` (the ranks whose partitions tile the gradient, e.g.
+        ZeRO-1/2/3; None: these lists are the whole gradient). Collective: one all-reduce of three
+        scalars; every rank of ``group`` calls it, with empty lists if it owns no elements (then pass
+        ``device`` for the collective's tensor).
 
-        ``all_reduce`` must sum over the ranks whose partitions together make the whole gradient;
-        every rank of that group must call this (it is a collective), with an empty list if it
-        owns no elements (then pass ``device`` for the collective's tensor).
-        """
-        products = partial_products(grads_clean, grads_aug, device)
-        stats = self.coefficients(all_reduce(products))
-        combine_(grads_clean, grads_aug, stats.coef_clean, stats.coef_aug, into)
+        Returns None, touching nothing (no EMA move), when the products are not finite: the caller then
+        makes every rank skip the update."""
+        products = global_sums(partial_products(grads_clean, grads_aug, device), group)
+        if not bool(torch.isfinite(products).all()):
+            return None
+        stats = self.coefficients(products)
+        combine_(grads_clean, grads_aug, stats.coef_clean, stats.coef_aug, into="aug")
         return stats

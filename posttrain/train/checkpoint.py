@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as torch_dist
 
 from posttrain.config import ModelConfig
 from posttrain.data.files import write_text_atomic
+from posttrain.dist import barrier, process_rank
 from posttrain.errors import UserError
 from posttrain.train.perturbation import assert_not_perturbed
 from posttrain.train.rng import rng_state, set_rng_state
@@ -66,15 +66,6 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 
 def tag_for_step(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def _barrier() -> None:
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.barrier()
-
-
-def _rank() -> int:
-    return torch_dist.get_rank() if torch_dist.is_available() and torch_dist.is_initialized() else 0
 
 
 # ------------------------------------------------------------------------------------ small files
@@ -155,14 +146,14 @@ def save_checkpoint(engine: "DeepSpeedEngine", root: Path, tag: str, metadata: d
     assert_not_perturbed(engine, "write a checkpoint")  # never between a perturbing step's two passes
     root = Path(root)
     tag_dir = root / tag
-    rank = _rank()
+    rank = process_rank()
     engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
     rng_file = rng_path(tag_dir, rank)
     rng_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = rng_file.with_name(rng_file.name + ".tmp")
     torch.save(rng_state(), tmp)
     os.replace(tmp, rng_file)
-    _barrier()  # every rank has finished its DeepSpeed files and RNG state
+    barrier()  # every rank has finished its DeepSpeed files and RNG state
     if rank == 0:
         write_text_atomic(tag_dir / "config.yaml", config_yaml)
         record = {"format": METADATA_FORMAT, "version": METADATA_VERSION, "tag": tag, **metadata}
@@ -171,7 +162,7 @@ def save_checkpoint(engine: "DeepSpeedEngine", root: Path, tag: str, metadata: d
         if best:
             write_pointer(root, tag, BEST)
         prune(root, keep_last)
-    _barrier()  # nobody reads or prunes while rank 0 is still moving pointers
+    barrier()  # nobody reads or prunes while rank 0 is still moving pointers
     return tag_dir
 
 
@@ -221,7 +212,7 @@ def convert_to_universal(tag_dir: Path) -> Path:
     """Collective: rank 0 converts ``tag_dir`` with DeepSpeed's ``ds_to_universal`` (once; the result
     is kept next to it), the others wait. Returns the universal tag folder."""
     target = universal_dir(tag_dir)
-    if _rank() == 0 and not (target / ".complete").is_file():
+    if process_rank() == 0 and not (target / ".complete").is_file():
         staging = target.with_name(target.name + ".staging")
         shutil.rmtree(staging, ignore_errors=True)
         staging.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +226,7 @@ def convert_to_universal(tag_dir: Path) -> Path:
         (staging / ".complete").write_text("")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
-    _barrier()
+    barrier()
     return target
 
 

@@ -38,8 +38,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from posttrain.data.batch import Batch
-from posttrain.train.align import AlignStats, GradientAligner, combine_, partial_products
-from posttrain.train.partitions import discard_gradients, global_sums, owned_gradients, owned_parameters
+from posttrain.dist import global_sums, world_group
+from posttrain.train.align import AlignStats, GradientAligner
+from posttrain.train.partitions import discard_gradients, flat_copy, owned_gradients, owned_parameters
 from posttrain.train.step import (StepContext, StepStats, finish_step, forward_backward, global_counts, loss_scale,
                                   model_inputs, register_step_mode)
 
@@ -122,16 +123,6 @@ def step_extras(stats: AlignStats | None, tracker: ConflictTracker) -> dict[str,
 # ----------------------------------------------------------------------------------------- gradients
 
 
-def copy_gradients(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One contiguous copy of the owned gradient partitions (views of a single flat buffer)."""
-    if not grads:
-        return []
-    flat = torch.empty(sum(g.numel() for g in grads), dtype=grads[0].dtype, device=grads[0].device)
-    copies = list(flat.split([g.numel() for g in grads]))
-    torch._foreach_copy_(copies, grads)
-    return copies
-
-
 def align_partitions_(clean: list[torch.Tensor], augmented: list[torch.Tensor], group: Any,
                       tracker: ConflictTracker, device: torch.device) -> AlignStats | None:
     """``augmented <- coef_c clean + coef_a augmented`` in place, the coefficients from the GLOBAL
@@ -140,12 +131,9 @@ def align_partitions_(clean: list[torch.Tensor], augmented: list[torch.Tensor], 
 
     Returns None, touching nothing (no EMA move, no count), when the products are not finite: the
     caller then makes every rank skip the update."""
-    products = global_sums(partial_products(clean, augmented, device), group)
-    if not bool(torch.isfinite(products).all()):
-        return None
-    stats = tracker.aligner.coefficients(products)
-    combine_(clean, augmented, stats.coef_clean, stats.coef_aug, into="aug")
-    tracker.record(stats)
+    stats = tracker.aligner.align_(clean, augmented, group, device)
+    if stats is not None:
+        tracker.record(stats)
     return stats
 
 
@@ -172,7 +160,7 @@ def dual_path_step(engine: "DeepSpeedEngine", micro_batches: list[Batch], ctx: S
 
     loss_clean = forward_backward(engine, clean, scale, ctx)
     grads = owned_gradients(engine)
-    saved = copy_gradients(grads)
+    saved = flat_copy(grads)
     discard_gradients(engine)
     loss_aug = forward_backward(engine, augmented, scale, ctx)
     stats = align_partitions_(saved, owned_gradients(engine), owned_parameters(engine).group, tracker, ctx.device)

@@ -27,7 +27,7 @@ import torch.distributed as torch_dist
 from posttrain.config import ConfigError, PosttrainConfig, dump_config, layerdrop_conflicts, to_dict
 from posttrain.data.batch import Batch
 from posttrain.data.files import write_text_atomic
-from posttrain.dist import free_port
+from posttrain.dist import choose_device, free_port
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.partitions import check_zero_section
 from posttrain.train.run_lock import RunLock, RunLockError
@@ -68,17 +68,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------ set-up
-
-
-def resolve_device(cfg: PosttrainConfig) -> torch.device:
-    want = cfg.train.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device: cuda requested but no CUDA device is visible")
-    if want == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def init_distributed(device: torch.device) -> None:
@@ -343,7 +332,7 @@ class Trainer:
         self.cfg = cfg
         check_data_sets(cfg)  # a one-line error now, not a traceback after the first epoch
         if device is None:
-            device = resolve_device(cfg)
+            device = choose_device(cfg.train.device)
             init_distributed(device)
         self.device = device
         self.rank, self.world_size = torch_dist.get_rank(), torch_dist.get_world_size()

@@ -40,8 +40,9 @@ import torch.distributed as torch_dist
 from posttrain.config import ConfigError, FinetuneConfig, layerdrop_conflicts, resolved, to_dict
 from posttrain.errors import UserError
 from posttrain.train.checkpoint import BEST, CheckpointError, checkpoint_root, read_pointer
+from posttrain.dist import choose_device
 from posttrain.train.engine import (Trainer, TrainResult, checked_deepspeed_config, deepspeed_config, init_distributed,
-                                    merge_dicts, resolve_device)
+                                    merge_dicts)
 from posttrain.train.tracking import Tracker
 
 if TYPE_CHECKING:
@@ -131,7 +132,7 @@ def make_accelerator(cfg: FinetuneConfig) -> "Accelerator":
     kernel build) and an ``Accelerator`` with a DeepSpeed plugin: under ``accelerate launch
     --use_deepspeed`` the plugin reads accelerate's config; a plain ``python finetune.py`` gets
     ``train.zero_stage``."""
-    device = resolve_device(cfg)
+    device = choose_device(cfg.train.device)
     init_distributed(device)
     from accelerate import Accelerator, DeepSpeedPlugin
 

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as torch_dist
 
 from posttrain.config import ConfigError
 from posttrain.errors import UserError
@@ -288,16 +287,21 @@ def check_partitions_released(engine: Any) -> None:
                            f"(e.g. {gathered[0]}); editing their partitions would not reach the next forward")
 
 
-# ---------------------------------------------------------------------------------- global sums
+# ------------------------------------------------------------------------------- local partial sums
 
 
-def global_sums(partials: torch.Tensor, group: Any) -> torch.Tensor:
-    """Sum a small vector of per-rank partial sums over ``group`` (one all-reduce; ``None``: every rank
-    holds everything, return as is). Returns a new tensor."""
-    total = partials.clone()
-    if group is not None and torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM, group=group)
-    return total
+def flat_copy(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None,
+              into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """``tensors`` copied into views of ONE contiguous buffer (of ``dtype``, default theirs): ``into``
+    when it has their sizes (reused across steps), else a new buffer."""
+    sizes = [t.numel() for t in tensors]
+    if into is None or [t.numel() for t in into] != sizes:
+        if not tensors:
+            return []
+        flat = torch.empty(sum(sizes), dtype=dtype or tensors[0].dtype, device=tensors[0].device)
+        into = list(flat.split(sizes))
+    torch._foreach_copy_(into, list(tensors))
+    return into
 
 
 def accumulation_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
@@ -321,10 +325,3 @@ def local_dot(first: Sequence[torch.Tensor], second: Sequence[torch.Tensor],
     dtype = accumulation_dtype([*first, *second])
     dots = [torch.dot(a.reshape(-1).to(dtype), b.reshape(-1).to(dtype)) for a, b in zip(first, second)]
     return torch.stack(dots).double().sum()
-
-
-def global_sum_of_squares(tensors: Sequence[torch.Tensor], group: Any,
-                          device: torch.device | None = None) -> torch.Tensor:
-    """``||concat over ranks of tensors||^2`` (float64 scalar): local ``_foreach_norm`` partial sums,
-    then ONE all-reduce over ``group`` (``None``: the tensors already are the whole)."""
-    return global_sums(local_sum_of_squares(tensors, device), group)

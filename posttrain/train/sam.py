@@ -63,9 +63,9 @@ import torch
 
 from posttrain.config import SamConfig
 from posttrain.data.batch import Batch
-from posttrain.dist import dist_info, gather_vectors
 from posttrain.train.ascent import ascent_direction_, perturb_, restore_, takes_ascent
-from posttrain.train.partitions import (OwnedParameters, check_partitions_released, discard_gradients, global_sums,
+from posttrain.dist import dist_info, gather_vectors, global_sums
+from posttrain.train.partitions import (OwnedParameters, check_partitions_released, discard_gradients, flat_copy,
                                         local_dot, local_sum_of_squares, owned_gradients, owned_parameters,
                                         sync_model_copies, zero_stage)
 from posttrain.train.perturbation import clear_perturbed, mark_perturbed
@@ -96,13 +96,8 @@ class SamOutcome:
 
 def _store_plain_gradient(memory: dict[str, Any], grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """LookSAM: the first-pass gradient, kept (fp32, owned partitions) to project the SAM gradient on."""
-    stored = memory.get(LOOKSAM_DIRECTION)
-    if stored is None or [t.numel() for t in stored] != [g.numel() for g in grads]:
-        flat = torch.empty(sum(g.numel() for g in grads), dtype=torch.float32, device=grads[0].device if grads else None)
-        stored = list(flat.split([g.numel() for g in grads]))
-        memory[LOOKSAM_DIRECTION] = stored
-    torch._foreach_copy_(stored, grads)
-    return stored
+    memory[LOOKSAM_DIRECTION] = flat_copy(grads, torch.float32, into=memory.get(LOOKSAM_DIRECTION))
+    return memory[LOOKSAM_DIRECTION]
 
 
 def _orthogonal_component_(stored: list[torch.Tensor], sam_grads: list[torch.Tensor], group: Any,

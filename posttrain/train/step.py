@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
 from posttrain.config import PosttrainConfig
 from posttrain.data.batch import TRANSFORMERS_INPUT_EPS, Batch, normalize_waveforms
+from posttrain.dist import all_reduce_sum, global_sums, world_group
 
 if TYPE_CHECKING:  # deepspeed picks its accelerator at import: the engine module imports it first
     from deepspeed import DeepSpeedEngine
@@ -187,13 +187,6 @@ def prepare(ctx: StepContext, micro_batches: list[Batch]) -> list[Batch]:
     return [model_inputs(batch, ctx.input_eps) for batch in batches]
 
 
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
-    return tensor.tolist()
-
-
 def global_counts(ctx: StepContext, batches: list[Batch]) -> tuple[int, float]:
     """(samples, audio seconds) of the whole step over all ranks: the sums the loader already agreed on
     (``Batch.global_counts``, no collective), else one all_reduce."""
@@ -202,7 +195,7 @@ def global_counts(ctx: StepContext, batches: list[Batch]) -> tuple[int, float]:
         audio_samples = sum(batch.global_counts[1] for batch in batches)
         return samples, audio_samples / ctx.sample_rate_hz
     local = [sum(len(batch) for batch in batches), sum(int(batch.lengths.sum()) for batch in batches)]
-    samples, audio_samples = _all_reduce_sum(local, ctx.device)
+    samples, audio_samples = all_reduce_sum(local, ctx.device)
     return int(round(samples)), audio_samples / ctx.sample_rate_hz
 
 
@@ -253,8 +246,7 @@ def finish_step(engine: "DeepSpeedEngine", ctx: StepContext, loss_sum: torch.Ten
     names = list(sample_sums or {})
     local = torch.stack([loss_sum.detach().double().reshape(()), (~torch.isfinite(loss_sum)).double().reshape(()),
                          *[sample_sums[name].detach().double().reshape(()).to(loss_sum.device) for name in names]])
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.all_reduce(local, op=torch_dist.ReduceOp.SUM)
+    local = global_sums(local, world_group())
     total_loss, bad, *sums = local.tolist()
     extra = dict(extra or {})
     extra.update({name: value / samples if samples else 0.0 for name, value in zip(names, sums)})

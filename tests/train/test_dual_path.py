@@ -16,6 +16,7 @@ from posttrain.augment.rawboost import RawBoost
 from posttrain.config import ConfigError, load_config
 from posttrain.data.batch import Batch, normalize_waveforms
 from posttrain.train import dual_path
+from posttrain.train.partitions import flat_copy
 from posttrain.train.step import STEP_MODE_MODULES, StepContext, get_step_mode
 
 
@@ -129,8 +130,12 @@ def test_running_counts_and_gradvac_target_survive_a_json_round_trip(caplog):
 
 def test_gradient_copy_is_one_flat_buffer_independent_of_the_source():
     grads = [torch.arange(5.0), torch.arange(3.0) + 10]
-    copies = dual_path.copy_gradients(grads)
+    copies = flat_copy(grads)
     torch._foreach_zero_(grads)
     assert [c.tolist() for c in copies] == [[0.0, 1.0, 2.0, 3.0, 4.0], [10.0, 11.0, 12.0]]
     assert copies[1].untyped_storage().data_ptr() == copies[0].untyped_storage().data_ptr()
-    assert dual_path.copy_gradients([]) == []
+    assert flat_copy([]) == []
+    # reused when the sizes match (LookSAM's stored direction), in the asked dtype
+    again = flat_copy([torch.ones(5, dtype=torch.bfloat16), torch.ones(3, dtype=torch.bfloat16)], into=copies)
+    assert again is copies and copies[0].dtype == torch.float32 and copies[1].tolist() == [1.0, 1.0, 1.0]
+    assert flat_copy(grads, torch.float64)[0].dtype == torch.float64

@@ -10,7 +10,8 @@ from torch import nn
 
 from posttrain.train import ascent, perturbation, sam
 from posttrain.train.ascent import module_parameters
-from posttrain.train.partitions import global_sums, local_dot, local_sum_of_squares
+from posttrain.dist import global_sums
+from posttrain.train.partitions import local_dot, local_sum_of_squares
 
 
 def _model_with_grads():
