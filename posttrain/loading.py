@@ -102,7 +102,7 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu", *,
     elif kind == "antideepfake":
         detector, identity = convert_release(path, preset=preset, repo_id=repo_id)
     else:
-        detector, identity = load_checkpoint(path)
+        detector, identity = detector_from_checkpoint(path)
     identity = {**identity, "loaded_from": {"spec": str(spec), "path": str(path), "format": kind,
                                             "repo_id": repo_id}}
     return detector.to(device).eval(), identity
@@ -116,7 +116,7 @@ def convert_release(path: str | Path, *, preset: str | None = None,
                                               base_model=found["base_model"], source=found["source"])
 
 
-def load_checkpoint(path: str | Path) -> tuple[Detector, dict[str, Any]]:
+def detector_from_checkpoint(path: str | Path) -> tuple[Detector, dict[str, Any]]:
     """A posttrain DeepSpeed checkpoint (folder, tag folder or run folder) -> ``(Detector, identity)``,
     consolidated to fp32. Only for checkpoints you trust: DeepSpeed's files are pickles."""
     from posttrain.train.checkpoint import load_detector_from_checkpoint, resolve_checkpoint

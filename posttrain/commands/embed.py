@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from posttrain.eval.inference import add_arguments
+    from posttrain.commands.inference_options import add_arguments
     from posttrain.select.embed import DTYPES
 
     parser.add_argument("--model", required=True,
@@ -22,7 +22,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.eval.inference import config_from_args, device_from_args, process_group
+    from posttrain.commands.inference_options import config_from_args, device_from_args
+    from posttrain.eval.inference import process_group
     from posttrain.loading import load_model
     from posttrain.select.embed import embed_shards
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from posttrain.eval.inference import add_arguments
+    from posttrain.commands.inference_options import add_arguments
     from posttrain.eval.report import GROUPINGS
 
     parser.add_argument("--model", required=True,
@@ -37,8 +37,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from posttrain.eval.calibration import CalibrationError
-    from posttrain.eval.inference import (ProtocolSource, ShardSource, config_from_args, device_from_args,
-                                          process_group, run_inference)
+    from posttrain.commands.inference_options import config_from_args, device_from_args
+    from posttrain.eval.inference import ProtocolSource, ShardSource, process_group, run_inference
     from posttrain.eval.report import SCORE_TYPES, write_report
     from posttrain.eval.scoring import SCORE_TYPE, resolve_calibration, score_record
     from posttrain.loading import load_model

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from posttrain.commands.hub_convert import add_out_option
 
@@ -33,35 +31,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--private", action="store_true", help="create the hub repository as private")
 
 
-def calibration_entry(path: Path) -> dict[str, Any]:
-    """The calibration as stored in posttrain.json, with its Bayes decision threshold on raw scores."""
-    from posttrain.eval.calibration import load_calibration
-    from posttrain.eval.metrics import ASVSPOOF5_COSTS
-
-    calibration = load_calibration(path)
-    return {**calibration.to_dict(), "score_threshold": calibration.score_threshold(ASVSPOOF5_COSTS),
-            "threshold_costs": asdict(ASVSPOOF5_COSTS)}
-
-
-def training_shards(identity: dict[str, Any]) -> list[str]:
-    config = (identity.get("training") or {}).get("config") or {}
-    return list(((config.get("data") or {}).get("train") or {}).get("shards") or [])
-
-
-def push_to_hub(folder: Path, repo_id: str, *, private: bool = False) -> str:
-    """Create (or reuse) the model repository and upload ``folder`` as one commit; returns its URL."""
-    from huggingface_hub import HfApi  # only when pushing: publishing offline never needs the client
-
-    api = HfApi()
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    commit = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
-                               commit_message=f"posttrain publish: {folder.name}")
-    return str(getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}")
-
-
 def run(args: argparse.Namespace) -> int:
     from posttrain.hub.card import CardInputs, read_result, render_card, training_data
     from posttrain.hub.export import check_out_dir, export_detector, with_stock_pipeline_gap
+    from posttrain.hub.publish import calibration_entry, push_to_hub, training_shards
     from posttrain.models.detector import count_parameters
     from posttrain.loading import load_model
 

@@ -1,21 +1,14 @@
 """``posttrain select nc``: neural-collapse selection of a smaller training set from embeddings.
 
-Writes ``selection.csv`` (the selected rows of the original protocol CSVs, every column kept, so the
-subset re-shards like any corpus), ``selection.json`` (options, NC1 before/after per embeddings set,
-kept samples and hours per corpus, label and attack) and, with ``--shards``, ``shards/`` built from
-``selection.csv``.
+Writes ``selection.csv`` and ``selection.json`` (``posttrain.select.report``) and, with ``--shards``,
+``shards/`` built from ``selection.csv``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
-from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -50,86 +43,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples-per-shard", type=int, default=1000, help="samples per shard at most")
 
 
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None  # JSON has no NaN
-
-
-def _read_sources(directories: list[Path], protocol_ids: set[str]) -> list[tuple[Path, Any, list[dict], dict]]:
-    from posttrain.select.embed import MANIFEST_NAME, load_embeddings
-
-    sources = []
-    for directory in directories:
-        embeddings, meta = load_embeddings(directory)
-        missing = [item["id"] for item in meta if item["id"] not in protocol_ids]
-        if missing:
-            raise ValueError(f"{directory}: {len(missing)} embedded id(s) are in no --protocol CSV, "
-                             f"e.g. {missing[:3]}")
-        manifest = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
-        sources.append((directory, embeddings, meta, manifest))
-    return sources
-
-
-def format_totals(totals: dict[str, dict[str, dict[str, float]]]) -> str:
-    """The kept-audio table: one block per grouping, a line per value."""
-    lines = []
-    for group, values in totals.items():
-        lines.append(f"{group:<24} {'samples':>8} {'kept':>8} {'hours':>9} {'kept h':>9} {'kept %':>7}")
-        for value, entry in values.items():
-            share = 100 * entry["kept_hours"] / entry["hours"] if entry["hours"] else 0.0
-            lines.append(f"{value:<24} {entry['samples']:>8} {entry['kept_samples']:>8} {entry['hours']:>9.4f} "
-                         f"{entry['kept_hours']:>9.4f} {share:>6.1f}%")
-        lines.append("")
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> int:
-    from posttrain.data.files import write_bytes_atomic
-    from posttrain.data.protocol import ProtocolError, read_protocols, write_protocol
+    from posttrain.data.protocol import ProtocolError
     from posttrain.select.embed import EmbeddingsError
-    from posttrain.select.nc import SelectionOptions, merge_selections, select_source, totals_by
+    from posttrain.select.nc import SelectionOptions
+    from posttrain.select.report import format_totals, select_to_files
 
     try:
         options = SelectionOptions(budget=args.budget, budget_unit=args.budget_unit, distance=args.distance,
                                    fake_clusters=args.fake_clusters, per=args.per, seed=args.seed,
                                    chunk_rows=args.chunk_rows, kmeans_epochs=args.kmeans_epochs)
-        rows = read_protocols(args.protocol)
-        sources = _read_sources(args.embeddings, {row.id for row in rows})
-        selections = [select_source(embeddings, meta, options, name=str(directory), model=manifest.get("model"))
-                      for directory, embeddings, meta, manifest in sources]
+        result = select_to_files(args.embeddings, args.protocol, options, args.out)
     except (ProtocolError, EmbeddingsError, ValueError) as error:
         print(f"posttrain select nc: error: {error}", file=sys.stderr)
         return 2
-    metas = [meta for _, _, meta, _ in sources]
-    selected_by = merge_selections(selections, metas)
-    kept_rows = [row for row in rows if row.id in selected_by]
-    write_protocol(kept_rows, args.out / "selection.csv")
-
-    records: dict[str, dict[str, Any]] = {}
-    for meta in metas:
-        for item in meta:
-            records.setdefault(item["id"], item)
-    totals = totals_by(records, set(selected_by))
-    report = {
-        "options": asdict(options),
-        "embeddings": [str(directory) for directory in args.embeddings],
-        "protocols": [str(path) for path in args.protocol],
-        "sources": [{"directory": selection.name, "model": selection.model, "samples": len(meta),
-                     "kept_samples": len(selection.kept_rows), "nc1_before": _finite(selection.nc1_before),
-                     "nc1_after": _finite(selection.nc1_after), "groups": [asdict(group) for group in selection.groups]}
-                    for selection, meta in zip(selections, metas)],
-        "merged": {"samples": len(records), "kept_samples": len(selected_by),
-                   "hours": totals["all"]["all"]["hours"] if records else 0.0,
-                   "kept_hours": totals["all"]["all"]["kept_hours"] if records else 0.0,
-                   "selected_by_sources": {str(sources_count): samples for sources_count, samples
-                                           in sorted(Counter(selected_by.values()).items())}},
-        "totals": totals,
-    }
-    write_bytes_atomic(args.out / "selection.json", (json.dumps(report, indent=1) + "\n").encode("utf-8"))
-    for selection in selections:
+    for selection in result.selections:
         print(f"{selection.name}: NC1 {selection.nc1_before:.4g} -> {selection.nc1_after:.4g} (selected), "
               f"kept {len(selection.kept_rows)} samples")
-    print(format_totals(totals), end="")
-    print(f"selection: {args.out / 'selection.csv'} ({len(kept_rows)} rows)")
+    print(format_totals(result.totals), end="")
+    print(f"selection: {args.out / 'selection.csv'} ({result.kept_rows} rows)")
     if args.shards:
         from posttrain.commands.shards_build import split_options
         from posttrain.data.shard_build import ShardBuildError, build_shards

@@ -230,7 +230,7 @@ def convert_to_universal(tag_dir: Path) -> Path:
     return target
 
 
-def load_checkpoint(engine: "DeepSpeedEngine", tag_dir: Path, *, universal: bool) -> None:
+def restore_engine(engine: "DeepSpeedEngine", tag_dir: Path, *, universal: bool) -> None:
     """Load model and optimiser state into ``engine`` (collective). ``universal`` loads the
     conversion made by ``convert_to_universal`` (the engine must have ``checkpoint.load_universal``)."""
     source = universal_dir(tag_dir) if universal else Path(tag_dir)

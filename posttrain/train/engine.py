@@ -193,7 +193,7 @@ def _broadcast_flag(flag: bool, device: torch.device) -> bool:
 # ---------------------------------------------------------------------------------------- validation
 
 
-def validate(engine: Any, cfg: PosttrainConfig, device: torch.device) -> tuple[float, int]:
+def evaluate_validation(engine: Any, cfg: PosttrainConfig, device: torch.device) -> tuple[float, int]:
     """(EER, samples) on ``data.valid``, scores = logit_real - logit_fake gathered from every rank.
     Collective. Join batches forward the dummy input so ZeRO-3's gathers stay in lockstep."""
     from posttrain.data.stream import ShardStream
@@ -402,7 +402,7 @@ class Trainer:
         return engine
 
     def _restore(self, tag_dir: Path, metadata: dict[str, Any], universal: bool) -> str | None:
-        ckpt.load_checkpoint(self.engine, tag_dir, universal=universal)
+        ckpt.restore_engine(self.engine, tag_dir, universal=universal)
         self.scheduler.load_state_dict(metadata["scheduler"])
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr
@@ -456,7 +456,7 @@ class Trainer:
         """Validate; True when the EER improved on the best so far (then the caller saves as best)."""
         if not self.cfg.data.valid.shards:
             return False
-        value, count = validate(self.engine, self.cfg, self.device)
+        value, count = evaluate_validation(self.engine, self.cfg, self.device)
         self.progress.last_valid_eer = value
         improved = self.progress.best_valid_eer is None or value < self.progress.best_valid_eer
         if improved:

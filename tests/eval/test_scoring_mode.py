@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from posttrain.config import ModelConfig
-from posttrain.eval.inference import InferenceConfig, Sample, add_arguments, config_from_args, iter_outputs
+from posttrain.commands.inference_options import add_arguments, config_from_args
+from posttrain.eval.inference import InferenceConfig, Sample, iter_outputs
 from posttrain.eval.report import UNKNOWN_SCORING, write_report
 from posttrain.models.detector import build_detector
 
