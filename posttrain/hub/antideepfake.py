@@ -23,6 +23,7 @@ from posttrain.config import ModelConfig
 from posttrain.eval.report import file_sha256
 from posttrain.hub.export import matching_presets
 from posttrain.data.batch import ANTIDEEPFAKE_INPUT_EPS
+from posttrain.models.backbones import fairseq_family
 from posttrain.models.detector import INPUT_EPS_FIELD, Detector, build_detector
 from posttrain.models.presets import PRESETS
 
@@ -172,7 +173,7 @@ def infer_shape(encoder_state: dict[str, torch.Tensor], where: str = "checkpoint
     hidden_size = _require(encoder_state, "encoder.layers.0.fc1.weight", where).shape[1]
     pos_conv = _require(encoder_state, "encoder.pos_conv.0.weight_v", where)
     return FairseqShape(
-        architecture="hubert" if any(key.startswith("label_embs") for key in keys) else "wav2vec2",
+        architecture=fairseq_family(keys).name,
         conv_dim=tuple(int(w.shape[0]) for w in convs), conv_kernel=tuple(int(w.shape[2]) for w in convs),
         conv_bias="feature_extractor.conv_layers.0.0.bias" in keys, feat_extract_norm=norm,
         hidden_size=int(hidden_size), num_hidden_layers=len(layers),

@@ -24,17 +24,15 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from transformers import (AutoConfig, HubertForSequenceClassification, PretrainedConfig, PreTrainedModel,
-                          Wav2Vec2FeatureExtractor, Wav2Vec2ForSequenceClassification)
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, Wav2Vec2FeatureExtractor
 
 from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.data.batch import ANTIDEEPFAKE_INPUT_EPS, TRANSFORMERS_INPUT_EPS
 from posttrain.data.labels import FAKE_LABEL, LABEL_IDS, REAL_LABEL
 from posttrain.models.detector import NUM_CLASSES, Detector
-from posttrain.models.presets import ARCHITECTURES, PRESETS
+from posttrain.models.backbones import BACKBONES, backbone_of, get_backbone
+from posttrain.models.presets import PRESETS
 
-CLASSIFIERS: dict[str, type[PreTrainedModel]] = {"wav2vec2": Wav2Vec2ForSequenceClassification,
-                                                 "hubert": HubertForSequenceClassification}
 ID2LABEL = {FAKE_LABEL: "fake", REAL_LABEL: "real"}
 IDENTITY_NAME = "posttrain.json"
 # written last into every export: its kind and the files it holds, so a later export may replace the
@@ -63,10 +61,11 @@ class ExportError(ValueError):
 
 
 def architecture_of(config: PretrainedConfig) -> str:
-    for name, config_cls in ARCHITECTURES.items():
-        if isinstance(config, config_cls):
-            return name
-    raise ExportError(f"model_type {config.model_type!r}: only {sorted(ARCHITECTURES)} encoders are supported")
+    """The backbone family of an encoder config (``posttrain.models.backbones``)."""
+    backbone = backbone_of(config)
+    if backbone is None:
+        raise ExportError(f"model_type {config.model_type!r}: only {sorted(BACKBONES)} encoders are supported")
+    return backbone.name
 
 
 def matching_presets(architecture: str, shape: Mapping[str, Any]) -> list[str]:
@@ -145,7 +144,7 @@ def to_transformers(detector: Detector) -> PreTrainedModel:
     """A ``*ForSequenceClassification`` whose logits equal ``detector``'s. Its parameters are the
     detector's own tensors (no copy: a 2B model fits once in memory), so don't train both."""
     architecture = architecture_of(detector.ssl_config)
-    classifier_cls = CLASSIFIERS[architecture]
+    classifier_cls = get_backbone(architecture).classifier_class
     config = classifier_cls.config_class.from_dict({
         **detector.ssl_config.to_dict(), **INFERENCE_SETTINGS,
         "id2label": dict(ID2LABEL), "label2id": {label: index for index, label in ID2LABEL.items()},
@@ -316,7 +315,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[D
     path = Path(path)
     _check_preprocessor(path)
     config = AutoConfig.from_pretrained(path)
-    classifier_cls = CLASSIFIERS[architecture_of(config)]
+    classifier_cls = get_backbone(architecture_of(config)).classifier_class
     model = classifier_cls.from_pretrained(path, **INFERENCE_SETTINGS)
     detector = from_transformers(model).to(device)
     identity = read_identity(path)

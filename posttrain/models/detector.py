@@ -21,16 +21,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import HubertModel, PretrainedConfig, PreTrainedModel, Wav2Vec2Model
+from transformers import PretrainedConfig, PreTrainedModel
 
 from posttrain.config import ModelConfig
 from posttrain.data.batch import TRANSFORMERS_INPUT_EPS, normalize_waveforms
 from posttrain.errors import hf_download_hint
+from posttrain.models.backbones import get_backbone
 from posttrain.models.masked_norm import first_conv_frames, install_masked_group_norm
 from posttrain.models.presets import get_preset
 from posttrain.models.regularise import SyncedLayerDrop, install_feature_grad_mult
 
-ENCODERS: dict[str, type[PreTrainedModel]] = {"wav2vec2": Wav2Vec2Model, "hubert": HubertModel}
 NUM_CLASSES = 2  # [fake, real]
 # The input normalisation eps a model was trained with, kept in its encoder config so that it travels
 # with checkpoints (saved ssl_config) and exports (config.json); absent = TRANSFORMERS_INPUT_EPS.
@@ -147,7 +147,7 @@ def build_detector(cfg: ModelConfig, ssl_config: PretrainedConfig | dict | None 
     with a checkpoint), or pre-trained SSL weights from ``cfg.pretrained`` (hub id or local path), with
     the training regularisation of ``regularisation(cfg, layerdrop_conflicts)``."""
     preset = get_preset(cfg.preset)
-    encoder_cls = ENCODERS[preset.architecture]
+    encoder_cls = get_backbone(preset.architecture).encoder_class
     values = regularisation(cfg, layerdrop_conflicts)
     overrides = ssl_overrides(cfg, values)
     if cfg.pretrained:

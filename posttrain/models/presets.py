@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import HubertConfig, PretrainedConfig, Wav2Vec2Config
+from transformers import PretrainedConfig
 
-ARCHITECTURES: dict[str, type[PretrainedConfig]] = {"wav2vec2": Wav2Vec2Config, "hubert": HubertConfig}
+from posttrain.models.backbones import get_backbone
+
 
 # The released feature extractors all use 7 conv layers of 512 channels (total stride 320 = 20 ms).
 _FULL_CONV = {"conv_dim": [512] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2]}
@@ -45,7 +46,7 @@ def _shape(layers: int, dim: int, ffn: int, heads: int) -> dict[str, int]:
 @dataclass(frozen=True)
 class Preset:
     name: str
-    architecture: str  # key of ARCHITECTURES
+    architecture: str  # its backbone family (``posttrain.models.backbones``)
     config_kwargs: dict[str, Any] = field(default_factory=dict)
     params_millions: float | None = None  # released model size, for checks; None for test presets
     hub_id: str | None = None  # pre-trained SSL weights
@@ -54,7 +55,7 @@ class Preset:
     regularisation: dict[str, float] = field(default_factory=lambda: dict(NO_REGULARISATION))  # training defaults
 
     def ssl_config(self, **overrides: Any) -> PretrainedConfig:
-        return ARCHITECTURES[self.architecture](**{**self.config_kwargs, **overrides})
+        return get_backbone(self.architecture).config_class(**{**self.config_kwargs, **overrides})
 
 
 PRESETS: dict[str, Preset] = {

@@ -17,11 +17,11 @@ Training costs ``TRAIN_MULTIPLIER`` x forward (backward = 2 x forward); full act
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 from transformers import PretrainedConfig
 
 from posttrain.config import SAMPLE_RATE_HZ
+from posttrain.models.backbones import FlopsBreakdown, backbone_of
+from posttrain.models.backbones.wav2vec2 import conv_output_lengths
 
 DEFAULT_CLIP_SECONDS = 4.0
 NUM_CLASSES = 2
@@ -29,61 +29,16 @@ TRAIN_MULTIPLIER = 3.0  # forward + backward (grads w.r.t. activations and weigh
 RECOMPUTE_MULTIPLIER = 4.0  # + one recomputed forward under activation checkpointing
 
 
-@dataclass(frozen=True)
-class FlopsBreakdown:
-    """Forward FLOPs of one clip, by component."""
-
-    feature_extractor: float  # strided conv stack on the waveform
-    feature_projection: float  # conv channels -> hidden size
-    positional_conv: float  # grouped conv positional embedding
-    attention_projections: float  # q, k, v, out
-    attention_scores: float  # Q K^T and softmax(.) V: quadratic in frames
-    feed_forward: float
-    head: float  # pooled vector -> logits
-
-    @property
-    def total(self) -> float:
-        return sum(getattr(self, f.name) for f in fields(self))
-
-    def scaled(self, factor: float) -> "FlopsBreakdown":
-        return FlopsBreakdown(**{f.name: getattr(self, f.name) * factor for f in fields(self)})
-
-
-def conv_output_lengths(config: PretrainedConfig, num_samples: int) -> list[int]:
-    """Output length of each feature-extractor conv layer (no padding) for ``num_samples`` input."""
-    lengths, length = [], num_samples
-    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
-        length = (length - kernel) // stride + 1
-        if length < 1:
-            raise ValueError(f"{num_samples} samples are too short for the feature extractor "
-                             f"(kernels {list(config.conv_kernel)}, strides {list(config.conv_stride)})")
-        lengths.append(length)
-    return lengths
+def forward_flops(config: PretrainedConfig, num_samples: int, num_classes: int = NUM_CLASSES) -> FlopsBreakdown:
+    """Forward FLOPs of the detector on one clip of ``num_samples`` samples (its backbone family's formula)."""
+    backbone = backbone_of(config)
+    if backbone is None:
+        raise ValueError(f"flops: no backbone family for model_type {config.model_type!r}")
+    return backbone.forward_flops(config, num_samples, num_classes)
 
 
 def frame_count(config: PretrainedConfig, num_samples: int) -> int:
     return conv_output_lengths(config, num_samples)[-1]
-
-
-def forward_flops(config: PretrainedConfig, num_samples: int, num_classes: int = NUM_CLASSES) -> FlopsBreakdown:
-    """Forward FLOPs of the detector on one clip of ``num_samples`` samples."""
-    lengths = conv_output_lengths(config, num_samples)
-    channels_in = [1, *config.conv_dim[:-1]]
-    extractor = sum(2.0 * length * c_out * c_in * kernel for length, c_out, c_in, kernel
-                    in zip(lengths, config.conv_dim, channels_in, config.conv_kernel))
-    frames, hidden, ffn, layers = lengths[-1], config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    kernel = config.num_conv_pos_embeddings
-    # "same" padding of kernel // 2 each side: an even kernel yields one extra frame, dropped afterwards
-    pos_frames = frames + 1 - kernel % 2
-    return FlopsBreakdown(
-        feature_extractor=extractor,
-        feature_projection=2.0 * frames * config.conv_dim[-1] * hidden,
-        positional_conv=2.0 * pos_frames * hidden * (hidden // config.num_conv_pos_embedding_groups) * kernel,
-        attention_projections=layers * 4 * 2.0 * frames * hidden * hidden,
-        attention_scores=layers * 2 * 2.0 * frames * frames * hidden,
-        feed_forward=layers * 2 * 2.0 * frames * hidden * ffn,
-        head=2.0 * hidden * num_classes,
-    )
 
 
 def forward_flops_per_audio_second(config: PretrainedConfig, clip_seconds: float = DEFAULT_CLIP_SECONDS,
