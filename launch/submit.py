@@ -4,7 +4,7 @@
     python launch/submit.py demo --local --gpus-per-node 2 train.device=cpu
 
 submitit starts one task per GPU (no torchrun); each task exports the torch.distributed variables
-from the SLURM (or local) job environment and runs ``posttrain.train.engine.train``. Near the time
+from the SLURM (or local) job environment and runs ``posttrain.train.trainer.train``. Near the time
 limit (or on preemption) submitit calls ``checkpoint()`` on global rank 0 inside a signal handler:
 it only asks for a requeue. Collective DeepSpeed checkpoints are written periodically by the training
 loop; the requeued job resumes from ``<output_dir>/checkpoints/latest`` (``checkpoint.resume=auto``),
@@ -54,7 +54,7 @@ class PosttrainJob(submitit.helpers.Checkpointable):
 
     def train(self) -> Any:
         from posttrain.config import load_config
-        from posttrain.train.engine import train
+        from posttrain.train.trainer import train
 
         return train(load_config(self.config_path, self.overrides))
 

@@ -309,13 +309,13 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # "auto": sam / dual_path / plain from those sections; or any mode registered in posttrain.train.step
     step_mode: str = "auto"
-    # ZeRO communication (posttrain.train.engine.deepspeed_config): overlap the gradient reduction with
+    # ZeRO communication (posttrain.train.trainer.deepspeed_config): overlap the gradient reduction with
     # the backward (null = on for CUDA, off on CPU where there is no stream to overlap with); bucket
     # sizes in elements (DeepSpeed's default 5e8 costs 1 GB per bf16 bucket, two with overlap)
     overlap_comm: bool | None = None
     reduce_bucket_elements: int = 200_000_000
     allgather_bucket_elements: int = 200_000_000
-    # deep-merged last into the DeepSpeed config the engine generates (posttrain.train.engine)
+    # deep-merged last into the DeepSpeed config the engine generates (posttrain.train.trainer)
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

@@ -377,7 +377,7 @@ def tiny_checkpoint(shard_dir, tmp_path_factory) -> Path:
                  "train.precision=fp32", "train.device=cpu", "tracking.enabled=false",
                  f"data.train.shards=[{shard_dir}]", "data.train.num_workers=0", "data.train.max_batch_seconds=4",
                  "optim.lr=0.001", "schedule.warmup_steps=0", "schedule.decay_end_steps=2"]
-    script = ("import sys\nfrom posttrain.config import load_config\nfrom posttrain.train.engine import train\n"
+    script = ("import sys\nfrom posttrain.config import load_config\nfrom posttrain.train.trainer import train\n"
               "train(load_config(None, sys.argv[1:]))\n")
     done = subprocess.run([sys.executable, "-c", script, *overrides], capture_output=True, text=True, timeout=600,
                           cwd=out.parent, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})

@@ -5,7 +5,7 @@
     python -m posttrain.bench fullsize --activations           # fit the planner's activation factor
 
 Each (preset, ZeRO stage) runs in a fresh process group of ``--world-size`` spawned ranks (gloo,
-``DS_ACCELERATOR=cpu``), built as training builds it (``posttrain.train.engine``: the detector, the
+``DS_ACCELERATOR=cpu``), built as training builds it (``posttrain.train.trainer``: the detector, the
 client AdamW, the generated DeepSpeed config) with bf16 and activation checkpointing, then ``--steps``
 plain and SAM steps of the real step modes (after one warm-up step each) on one random clip per rank
 per step, 4 s on one rank and 8 s on the other, alternating. Per rank it records the RSS high-water
@@ -91,7 +91,7 @@ def build_engine(cfg, *, bf16_build: bool = False):
     import deepspeed
 
     from posttrain.models.detector import build_detector
-    from posttrain.train.engine import build_optimizer, deepspeed_config, seed_everything
+    from posttrain.train.trainer import build_optimizer, deepspeed_config, seed_everything
     from posttrain.train.schedule import build_scheduler
 
     seed_everything(cfg.train.seed)
@@ -120,7 +120,7 @@ def run_rank(rank: int, world_size: int, port: int, job: dict, out_dir: str) -> 
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(job["threads"])
     from posttrain.config import load_config
-    from posttrain.train.engine import init_distributed
+    from posttrain.train.trainer import init_distributed
     from posttrain.train.step import StepContext, get_step_mode
 
     cfg = load_config(None, _overrides(job["preset"], job["stage"]))

@@ -4,7 +4,7 @@
     python -m posttrain.bench gpu --device cpu --presets tiny  # dry run of the machinery (tests, laptops)
 
 Per preset, in a fresh process (so peak memory is that preset's own): the detector built as training
-builds it (``posttrain.train.engine``: generated DeepSpeed config with overlap_comm and buckets, fused
+builds it (``posttrain.train.trainer``: generated DeepSpeed config with overlap_comm and buckets, fused
 AdamW, the configured attention kernel) with bf16 and activation checkpointing, under the preset's
 ZeRO stage (``PRESET_RUNS``: 300M and 1B ZeRO-2, 2B ZeRO-3) at AntiDeepfake's batch budgets (100
 padded audio-seconds per GPU, 50 for 2B) of 4 s clips, then ``--steps`` plain and SAM steps of the
@@ -61,7 +61,8 @@ def measure_preset(preset: str, device_name: str, steps: int, warmup: int, clip_
     from posttrain.config import load_config
     from posttrain.data.batch import Batch
     from posttrain.models.detector import build_detector
-    from posttrain.train.engine import build_optimizer, deepspeed_config, init_distributed, resolve_device
+    from posttrain.dist import choose_device
+    from posttrain.train.trainer import build_optimizer, deepspeed_config, init_distributed
     from posttrain.train.flops import training_flops_per_audio_second
     from posttrain.train.plan import PlanRequest, memory_breakdown
     from posttrain.train.schedule import build_scheduler
@@ -70,7 +71,7 @@ def measure_preset(preset: str, device_name: str, steps: int, warmup: int, clip_
     stage, default_seconds = PRESET_RUNS.get(preset, (2, 100.0))
     batch_seconds = batch_seconds or default_seconds
     cfg = load_config(None, _overrides(preset, stage, device_name))
-    device = resolve_device(cfg)
+    device = choose_device(cfg.train.device)
     init_distributed(device)
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the device: minutes saved for 2B on the host

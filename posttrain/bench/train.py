@@ -4,7 +4,7 @@
     python -m posttrain.bench train --preset xlsr_1b --seconds-per-batch 100 --zero-stage 2 --gradient-checkpointing
 
 Runs the real training step (``posttrain.train.step``'s plain mode) inside a DeepSpeed engine built
-exactly as training builds it (``posttrain.train.engine``: DeepSpeed config, AdamW, schedule), in
+exactly as training builds it (``posttrain.train.trainer``: DeepSpeed config, AdamW, schedule), in
 one process, on random audio batches of ``--seconds-per-batch`` seconds cut into equal clips.
 MFU = analytic model FLOPs (``posttrain.train.flops``, 3 x forward) per second / peak FLOP/s.
 """
@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
     # imported after the config so DS_ACCELERATOR is set (by init_distributed) before DeepSpeed loads
     from posttrain.models.detector import build_detector, count_parameters
     from posttrain.dist import choose_device
-    from posttrain.train.engine import build_optimizer, deepspeed_config, init_distributed, seed_everything
+    from posttrain.train.trainer import build_optimizer, deepspeed_config, init_distributed, seed_everything
     from posttrain.train.flops import training_flops_per_audio_second
     from posttrain.train.schedule import build_scheduler
     from posttrain.train.step import StepContext, get_step_mode

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # imported after the config is valid: DeepSpeed picks its accelerator on import (see engine)
-    from posttrain.train.engine import train
+    from posttrain.train.trainer import train
 
     result = train(cfg)
     progress = result.progress

@@ -1,6 +1,6 @@
 """Fine-tuning on Deepfake-Eval-2024 under ``accelerate launch``, then per-segment and per-file tests.
 
-``finetune(cfg)`` runs the post-training loop of ``posttrain.train.engine`` unchanged (step modes,
+``finetune(cfg)`` runs the post-training loop of ``posttrain.train.trainer`` unchanged (step modes,
 checkpoints, MLflow, validation) with three differences:
 
 - the weights start from ``finetune.init_from``, any ``posttrain.loading.load_model`` spec (a posttrain checkpoint, a
@@ -41,7 +41,7 @@ from posttrain.config import ConfigError, FinetuneConfig, layerdrop_conflicts, r
 from posttrain.errors import UserError
 from posttrain.train.checkpoint import BEST, CheckpointError, checkpoint_root, read_pointer
 from posttrain.dist import choose_device
-from posttrain.train.engine import (Trainer, TrainResult, checked_deepspeed_config, deepspeed_config, init_distributed,
+from posttrain.train.trainer import (Trainer, TrainResult, checked_deepspeed_config, deepspeed_config, init_distributed,
                                     merge_dicts)
 from posttrain.train.tracking import Tracker
 
@@ -94,7 +94,7 @@ def resolve_data(cfg: FinetuneConfig) -> FinetuneConfig:
 
 def plugin_deepspeed_config(plugin_config: dict[str, Any], cfg: FinetuneConfig, *,
                             load_universal: bool = False) -> dict[str, Any]:
-    """accelerate's DeepSpeed config completed by posttrain's (``engine.deepspeed_config``).
+    """accelerate's DeepSpeed config completed by posttrain's (``trainer.deepspeed_config``).
 
     accelerate keeps the ZeRO section (stage, offload, buckets) and any other explicit key of its
     config file; ``STEP_KEYS`` are always posttrain's (the loss scaling and skip logic assume them);

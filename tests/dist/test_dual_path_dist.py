@@ -346,7 +346,7 @@ def _run_case(case: Case, rank: int) -> dict:
     from torch.optim.lr_scheduler import LambdaLR
 
     from posttrain.train.dual_path import dual_path_step
-    from posttrain.train.engine import build_optimizer, deepspeed_config
+    from posttrain.train.trainer import build_optimizer, deepspeed_config
     from posttrain.train.step import StepContext, get_step_mode, step_mode_name
 
     cfg = _config(case)
@@ -379,7 +379,7 @@ def _worker(rank: int, port: int, cases: list[dict], out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD_SIZE), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from posttrain.train.engine import init_distributed
+    from posttrain.train.trainer import init_distributed
 
     init_distributed(torch.device("cpu"))
     results = {case["name"]: _run_case(Case(**case), rank) for case in cases}

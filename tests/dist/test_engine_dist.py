@@ -23,7 +23,7 @@ from posttrain.data.stream import ShardSet
 from posttrain.dist import free_port
 from posttrain.models.detector import build_detector
 from posttrain.train.checkpoint import consolidate_fp32, load_detector_from_checkpoint, read_metadata, read_pointer
-from posttrain.train.engine import seed_everything
+from posttrain.train.trainer import seed_everything
 from posttrain.train.schedule import lr_factor
 from posttrain.train.step import plain_step, register_step_mode
 
@@ -96,7 +96,7 @@ def _cfg(shards, out, *overrides):
 
 
 def _run(name, cfg, probe_dir, **probe):
-    from posttrain.train.engine import train
+    from posttrain.train.trainer import train
 
     PROBE.clear()
     PROBE.update(dir=str(probe_dir), name=name, **probe)
@@ -114,7 +114,7 @@ def _result(probe_dir, name, **values):
 def _zero2_program(shards, work):
     """ZeRO-2 fp32: uninterrupted run (A), stop at the epoch end + resume (B), crash mid-epoch right
     after a checkpoint + resume to A's end (C), NaN injection (D)."""
-    from posttrain.train.engine import NonFiniteTrainingError
+    from posttrain.train.trainer import NonFiniteTrainingError
 
     tracking = ["tracking.enabled=true", f"tracking.tracking_uri=sqlite:///{work}/mlflow.db",
                 "tracking.system_metrics=false"]

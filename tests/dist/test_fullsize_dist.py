@@ -50,7 +50,7 @@ def _worker(rank: int, port: int, out_dir: str, phase: str) -> None:
     from posttrain.bench.fullsize import _overrides, build_engine, clip_batch
     from posttrain.config import load_config
     from posttrain.train import checkpoint as ckpt
-    from posttrain.train.engine import init_distributed
+    from posttrain.train.trainer import init_distributed
     from posttrain.train.step import StepContext, get_step_mode
 
     cfg = load_config(None, _overrides(PRESET, 2))
@@ -66,7 +66,7 @@ def _worker(rank: int, port: int, out_dir: str, phase: str) -> None:
                   "files": {p.name: p.stat().st_size for p in tag_dir.glob("*.pt")}}
     else:
         tag_dir = ckpt.resolve_checkpoint(root)
-        ckpt.load_checkpoint(engine, tag_dir, universal=False)
+        ckpt.restore_engine(engine, tag_dir, universal=False)
         result = {"states": _states(engine), "metadata": ckpt.read_metadata(tag_dir)["progress"]}
     Path(out_dir, f"{phase}.json").write_text(json.dumps(result))
     torch.distributed.destroy_process_group()

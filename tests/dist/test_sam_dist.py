@@ -319,7 +319,7 @@ def _run_case(case: Case, rank: int) -> dict:
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
-    from posttrain.train.engine import build_optimizer, deepspeed_config
+    from posttrain.train.trainer import build_optimizer, deepspeed_config
     from posttrain.train.partitions import owned_parameters
     from posttrain.train.sam import sharpness_aware_step
     from posttrain.train.step import StepContext, get_step_mode, step_mode_name
@@ -377,7 +377,7 @@ def _dropout_masks_and_flags(rank: int) -> dict:
 
     import deepspeed
 
-    from posttrain.train.engine import build_optimizer, deepspeed_config
+    from posttrain.train.trainer import build_optimizer, deepspeed_config
     from posttrain.train.perturbation import PerturbedWeightsError, assert_not_perturbed
     from posttrain.train.sam import sharpness_aware_step
 
@@ -425,7 +425,7 @@ def _refused_zero_layout(rank: int) -> str:
     import deepspeed
 
     from posttrain.config import ConfigError
-    from posttrain.train.engine import build_optimizer, deepspeed_config
+    from posttrain.train.trainer import build_optimizer, deepspeed_config
     from posttrain.train.sam import sharpness_aware_step
 
     case = Case("persistent", 3)
@@ -464,7 +464,7 @@ def _worker(rank: int, port: int, cases: list[dict], out: str, shard_dir: str) -
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD_SIZE), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from posttrain.train.engine import init_distributed
+    from posttrain.train.trainer import init_distributed
 
     init_distributed(torch.device("cpu"))
     results = {case["name"]: _run_case(Case(**case), rank) for case in cases}

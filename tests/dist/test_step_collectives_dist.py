@@ -64,7 +64,7 @@ def _run(mode: str, loader_counts: bool, overlap: bool, rank: int) -> dict:
     from posttrain.config import load_config
     from posttrain.data.stream import _agree
     from posttrain.models.detector import build_detector
-    from posttrain.train.engine import build_optimizer, deepspeed_config, seed_everything
+    from posttrain.train.trainer import build_optimizer, deepspeed_config, seed_everything
     from posttrain.train.schedule import build_scheduler
     from posttrain.train.step import StepContext, get_step_mode, make_augment
 
@@ -106,7 +106,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD_SIZE), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from posttrain.train.engine import init_distributed
+    from posttrain.train.trainer import init_distributed
 
     init_distributed(torch.device("cpu"))
     results = {}

@@ -49,7 +49,7 @@ def test_config_errors_name_the_key(capsys):
 
 def test_antideepfake_parity_config_ramps_to_6_25e_7_and_tests_the_best_checkpoint(tmp_path):
     from posttrain.train.checkpoint import CheckpointError, write_pointer
-    from posttrain.train.engine import TrainResult
+    from posttrain.train.trainer import TrainResult
     from posttrain.train.finetune import checkpoint_to_test
     from posttrain.train.schedule import lr_factor
 

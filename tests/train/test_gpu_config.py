@@ -11,7 +11,7 @@ import torch
 from posttrain.config import ModelConfig, load_config
 from posttrain.data.batch import Batch
 from posttrain.models.detector import build_detector
-from posttrain.train.engine import build_optimizer, deepspeed_config
+from posttrain.train.trainer import build_optimizer, deepspeed_config
 from posttrain.train.step import _OVERLAP_COMM_UNSAFE, _STEP_MODES, plain_step, register_step_mode
 
 MODES = {"plain": [], "sam": ["sam.enabled=true"], "dual_path": ["dual_path.enabled=true"],

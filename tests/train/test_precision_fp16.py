@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from posttrain.config import ConfigError, load_config
-from posttrain.train.engine import deepspeed_config
+from posttrain.train.trainer import deepspeed_config
 
 
 def test_fp16_gets_loss_scaling_like_torch_gradscaler_and_refuses_sam_and_dual_path():
@@ -32,7 +32,7 @@ def test_fp16_post_training_runs_with_half_weights(shard_dir, tmp_path):
                  "train.precision=fp16", "train.device=cpu", "tracking.enabled=false", f"data.train.shards=[{shard_dir}]",
                  "data.train.num_workers=0", "data.train.max_batch_seconds=4", "optim.lr=0.001",
                  "schedule.warmup_steps=0", "schedule.decay_end_steps=2"]
-    script = ("import sys\nfrom posttrain.config import load_config\nfrom posttrain.train.engine import train\n"
+    script = ("import sys\nfrom posttrain.config import load_config\nfrom posttrain.train.trainer import train\n"
               "result = train(load_config(None, sys.argv[1:]))\nprint('STEPS', result.progress.step)\n")
     done = subprocess.run([sys.executable, "-c", script, *overrides], capture_output=True, text=True, timeout=600,
                           cwd=tmp_path, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})

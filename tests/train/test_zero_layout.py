@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from posttrain.config import ConfigError, FinetuneConfig, load_config
-from posttrain.train.engine import deepspeed_config
+from posttrain.train.trainer import deepspeed_config
 from posttrain.train.finetune import plugin_deepspeed_config
 
 # zero_optimization entry -> the key the error must name

@@ -1,4 +1,5 @@
-"""Post-training with DeepSpeed: engine set-up, the ``train(cfg)`` loop, validation, checkpoint cadence.
+"""Post-training with DeepSpeed: the ``Trainer`` (engine set-up, the ``train(cfg)`` loop, validation,
+checkpoint cadence); ``self.engine`` is the DeepSpeed engine it drives.
 
 The loop is short on purpose: it groups the loader's batches into ``grad_accum_steps`` micro-batches,
 calls the configured step mode (``posttrain.train.step``) once per optimiser step, and around it
@@ -118,7 +119,7 @@ def deepspeed_config(cfg: PosttrainConfig, *, load_universal: bool = False,
     ``device_type`` (default: where ``train.device`` resolves) decides ``overlap_comm`` when the
     config leaves it open (``resolve_overlap_comm``)."""
     train = cfg.train
-    device_type = device_type or resolve_device(cfg).type
+    device_type = device_type or choose_device(cfg.train.device).type
     zero: dict[str, Any] = {"stage": train.zero_stage, "overlap_comm": resolve_overlap_comm(cfg, device_type),
                             "contiguous_gradients": True, "reduce_bucket_size": train.reduce_bucket_elements}
     if train.zero_stage == 3:
