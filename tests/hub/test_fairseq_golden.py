@@ -138,7 +138,8 @@ def test_finetuning_starts_from_the_release_as_fairseq_scores_it(family):
     from posttrain.train.finetune import initial_detector
 
     cfg = load_config(None, [f"finetune.init_from={FIXTURES / family}"], cls=FinetuneConfig)
-    detector = initial_detector(cfg, None, load_model).eval()
+    detector, cfg = initial_detector(cfg, None, load_model)  # cfg: resolved to the release's preset
+    detector = detector.eval()
     assert cfg.model.preset == RECORD["families"][family]["preset"] and detector.input_eps == AD_EPS
     # a checkpoint of the fine-tuned model is rebuilt from its saved encoder config: the eps stays
     saved = json.loads(detector.ssl_config.to_json_string(use_diff=False))
