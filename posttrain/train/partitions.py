@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as torch_dist
 
 from posttrain.config import ConfigError
 from posttrain.errors import UserError
