@@ -30,8 +30,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-seconds", type=float, default=defaults.clip_seconds, help="typical clip length")
     parser.add_argument("--sam", action=argparse.BooleanOptionalAction, default=None,
                         help=f"count SAM's second pass (default: the config's, else {defaults.sam})")
-    parser.add_argument("--sam-variant", choices=["sam", "looksam"], default=None,
-                        help=f"SAM every step, or LookSAM (default: the config's, else "
+    parser.add_argument("--sam-variant", choices=["sam", "looksam", "esam"], default=None,
+                        help=f"SAM every step, LookSAM or ESAM (default: the config's, else "
                              f"{defaults.sam_variant})")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help=f"activation checkpointing (default: the config's, else "
@@ -62,6 +62,7 @@ def request_from(args: argparse.Namespace):
         fields.update(preset=cfg.model.preset, zero_stage=cfg.train.zero_stage, precision=cfg.train.precision,
                       batch_seconds=cfg.data.train.max_batch_seconds, sam=cfg.sam.enabled,
                       sam_variant=cfg.sam.variant, looksam_every_steps=cfg.sam.looksam_every_steps,
+                      esam_data_fraction=cfg.sam.esam_data_fraction,
                       gradient_checkpointing=cfg.model.gradient_checkpointing,
                       grad_accum_steps=cfg.train.grad_accum_steps,
                       reduce_bucket_elements=cfg.train.reduce_bucket_elements,

@@ -68,8 +68,9 @@ class PlanRequest:
     batch_seconds: float = 100.0  # padded audio seconds per micro-batch per GPU (data.train.max_batch_seconds)
     clip_seconds: float = 4.0  # typical clip length (frames per clip, attention cost)
     sam: bool = False
-    sam_variant: str = "sam"  # sam | looksam
+    sam_variant: str = "sam"  # sam | looksam | esam
     looksam_every_steps: int = 5
+    esam_data_fraction: float = 0.5  # ESAM: share of the samples in the second pass
     gradient_checkpointing: bool = True
     grad_accum_steps: int = 1
     reduce_bucket_elements: int = 200_000_000
@@ -90,7 +91,8 @@ class PlanRequest:
                   (self.gpu_memory_gib > 0, "gpu_memory_gib", "must be > 0"),
                   (self.batch_seconds > 0, "batch_seconds", "must be > 0"),
                   (self.clip_seconds > 0, "clip_seconds", "must be > 0"),
-                  (self.sam_variant in ("sam", "looksam"), "sam_variant", "must be sam or looksam"),
+                  (self.sam_variant in ("sam", "looksam", "esam"), "sam_variant", "must be sam, looksam or esam"),
+                  (0 < self.esam_data_fraction <= 1, "esam_data_fraction", "must be in (0, 1]"),
                   (self.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1"),
                   (0 < self.mfu <= 1, "mfu", "must be in (0, 1]"),
                   (self.peak_tflops > 0, "peak_tflops", "must be > 0"),
@@ -249,10 +251,19 @@ def step_seconds(request: PlanRequest, batch_seconds: float | None = None) -> fl
     """Expected optimiser-step time at ``request.mfu``: every GPU trains its micro-batches in parallel."""
     seconds = (request.batch_seconds if batch_seconds is None else batch_seconds) * request.grad_accum_steps
     flops = training_flops_per_audio_second(_ssl_config(request.preset), request.clip_seconds) * seconds
-    if request.sam:
-        full = 1.0 if request.sam_variant == "sam" else 1.0 / request.looksam_every_steps
-        flops *= 1.0 + full  # a full SAM step is two forward/backward passes
+    flops *= sam_pass_factor(request)
     return flops / (request.mfu * request.peak_tflops * 1e12)
+
+
+def sam_pass_factor(request: PlanRequest) -> float:
+    """Training FLOPs of a step in units of a plain step's: a full SAM step is two forward/backward
+    passes, LookSAM does one every k steps, ESAM one no-grad forward (1/3 of a training pass) plus a
+    second pass on ``esam_data_fraction`` of the samples."""
+    if not request.sam:
+        return 1.0
+    if request.sam_variant == "esam":
+        return 1.0 + 1.0 / 3.0 + request.esam_data_fraction
+    return 1.0 + (1.0 if request.sam_variant == "sam" else 1.0 / request.looksam_every_steps)
 
 
 def planned_steps(request: PlanRequest) -> int:

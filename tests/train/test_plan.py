@@ -103,6 +103,10 @@ def test_step_and_run_time_follow_the_analytic_flops():
     assert planner.plan(dataclasses.replace(request, sam=True)).step_seconds == pytest.approx(2 * result.step_seconds)
     looksam = planner.plan(dataclasses.replace(request, sam=True, sam_variant="looksam", looksam_every_steps=5))
     assert looksam.step_seconds == pytest.approx(1.2 * result.step_seconds)
+    # ESAM: the first pass, a no-grad forward (one of the three forward-units of a pass), the second
+    # pass on 30 % of the samples
+    esam = planner.plan(dataclasses.replace(request, sam=True, sam_variant="esam", esam_data_fraction=0.3))
+    assert esam.step_seconds == pytest.approx((1 + 1 / 3 + 0.3) * result.step_seconds)
 
 
 def test_bad_requests_name_the_key():
