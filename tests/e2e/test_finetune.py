@@ -103,7 +103,8 @@ def test_accelerate_keeps_zero_settings_posttrain_keeps_step_settings():
     zero = merged["zero_optimization"]
     assert zero["stage"] == 3 and with_plugin_stage(cfg, accelerate_config).train.zero_stage == 3  # recorded
     assert cfg.train.zero_stage == 1  # in a resolved copy: the validated config is never changed
-    assert zero["offload_optimizer"]["device"] == "cpu" and "reduce_bucket_size" not in zero
+    assert zero["offload_optimizer"]["device"] == "cpu"
+    assert zero["reduce_bucket_size"] == cfg.train.reduce_bucket_elements  # accelerate's "auto" becomes posttrain's
     assert zero["stage3_param_persistence_threshold"] == 0  # SAM perturbs owned partitions only
     assert zero["overlap_comm"] is True  # train.deepspeed_overrides last
     assert merged["gradient_accumulation_steps"] == 4 and merged["gradient_clipping"] == 100.0
