@@ -1,7 +1,7 @@
 """``python -m posttrain.bench fullsize``: the real presets trained on the CPU, peak memory per rank.
 
     python -m posttrain.bench fullsize                         # xlsr_300m, world size 2, ZeRO-2 and 3
-    python -m posttrain.bench fullsize --presets xlsr_1b --stages 3 --forward-backward-only
+    python -m posttrain.bench fullsize --presets xlsr_1b --stages 3 --world-size 1 --modes plain --forward-backward-only
     python -m posttrain.bench fullsize --activations           # fit the planner's activation factor
 
 Each (preset, ZeRO stage) runs in a fresh process group of ``--world-size`` spawned ranks (gloo,
