@@ -94,7 +94,7 @@ def demo_shards(scratch: Path, demo: str | None) -> str | None:
     """Shards of the demo corpus's train split (``demo``: a ``posttrain data demo`` folder, or built
     here); None when it cannot be built (klettres-data or espeak-ng missing)."""
     from posttrain.data import demo as demo_corpus
-    from posttrain.data.shards import build_shards
+    from posttrain.data.shard_build import build_shards
 
     folder = Path(demo) if demo else scratch / "demo"
     if not demo:
