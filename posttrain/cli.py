@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("eval", "score a test set with a model; metrics, plots and result.yaml"),
     "metrics": ("metrics", "metrics and reports for any score file"),
     "score": ("score", "score audio files of any length"),
+    "serve": ("serve", "an HTTP service scoring uploads: file score, probability, timeline; a web page"),
     "sharpness": ("sharpness", "m-sharpness of a model on a shard set, overall and per group"),
     "sharpness correlate": ("sharpness_correlate", "EER vs sharpness over nested subsets"),
     "embed": ("embed", "pooled embeddings for every sample of a shard set"),

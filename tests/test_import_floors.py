@@ -20,7 +20,7 @@ FLOORS = {
     "posttrain.train": 4, "posttrain.eval": 4,
     "posttrain.select": 5, "posttrain.hub": 5,
     "posttrain.loading": 6,
-    "posttrain.commands": 7, "posttrain.cli": 7, "posttrain.bench": 7, "posttrain.__main__": 7,
+    "posttrain.serve": 7, "posttrain.commands": 7, "posttrain.cli": 7, "posttrain.bench": 7, "posttrain.__main__": 7,
 }
 
 

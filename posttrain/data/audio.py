@@ -38,7 +38,7 @@ class AudioError(ValueError):
     ``empty`` (no samples), ``nan`` (NaN/inf samples), ``too_short``, ``duration_mismatch`` (the decoded
     audio disagrees with the protocol's ``Duration``)."""
 
-    REASONS = ("missing", "unreadable", "empty", "nan", "too_short", "duration_mismatch")
+    REASONS = ("missing", "unreadable", "empty", "nan", "too_short", "duration_mismatch", "truncated")
 
     def __init__(self, reason: str, detail: str):
         if reason not in self.REASONS:
@@ -256,3 +256,37 @@ def decode_flac(data: bytes) -> tuple[np.ndarray, int]:
     """FLAC bytes -> (1-D float32, sample_rate_hz); the reverse of ``encode_flac`` for mono audio."""
     samples, rate = sf.read(io.BytesIO(data), dtype="float32")
     return to_mono(samples), int(rate)
+
+
+def probe_seconds(path: str | Path) -> tuple[float, bool]:
+    """``(duration in seconds from the container header, exact)`` without decoding the audio: exact
+    for what libsndfile reads (wav/flac/ogg), ffprobe's estimate otherwise. Raises ``AudioError``
+    ("unreadable") for a file neither recognises, ("truncated") for a WAV shorter than its RIFF header says."""
+    path = Path(path)
+    try:
+        with _native_stderr_captured():
+            info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        info = None
+    if info is not None and info.samplerate > 0:
+        _check_riff_size(path)
+        return info.frames / info.samplerate, True
+    result = subprocess.run(
+        [_ffmpeg_binary("ffprobe"), "-v", "error", "-select_streams", "a:0", "-show_entries",
+         "format=duration:stream=codec_type", "-of", "json", str(path)], capture_output=True, text=True, check=False)
+    found = json.loads(result.stdout or "{}") if result.returncode == 0 else {}
+    duration = (found.get("format") or {}).get("duration")
+    if not found.get("streams") or duration in (None, "N/A"):
+        why = _ffmpeg_words(result.stderr, path) if result.stderr.strip() else "no audio stream with a duration"
+        raise AudioError("unreadable", f"{path.name}: not audio that libsndfile or ffmpeg can read ({why})")
+    return float(duration), False
+
+
+def _check_riff_size(path: Path) -> None:
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if head[:4] == b"RIFF":
+        declared, actual = int.from_bytes(head[4:8], "little") + 8, path.stat().st_size
+        if declared > actual and declared != 0xFFFFFFFF + 8:  # 0xFFFFFFFF: a streamed WAV of unknown size
+            raise AudioError("truncated", f"{path.name}: truncated WAV ({actual} of the {declared} bytes its "
+                                          f"header declares)")
