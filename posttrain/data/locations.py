@@ -13,8 +13,9 @@ Reading a shard is a byte stream of known length (``index.json`` lists each tar'
 connection, a timeout, a failed command or a stream that ends early is retried with exponential
 back-off: an fsspec file is re-opened at the byte where it broke; a ``pipe:`` command is run again
 and the bytes already delivered are skipped. The tar reader above sees one unbroken stream, so every
-sample is delivered exactly once. ``attempts`` failures in a row without progress raise
-``ShardReadError`` naming the file and the byte.
+sample is delivered exactly once. ``attempts`` failures in a row without progress, or an error no
+retry can mend (a missing file, a server without byte ranges), raise ``ShardReadError`` naming the
+file (and the byte).
 """
 
 from __future__ import annotations
@@ -194,8 +195,8 @@ class RetryingReader(io.RawIOBase):
                 return read
             except Exception as error:  # noqa: BLE001 -- sorted by _retryable; the rest is re-raised
                 self._drop_handle()
-                if not _retryable(error):
-                    raise
+                if not _retryable(error):  # a ShardReadError: the loader stops instead of skipping the shard
+                    raise ShardReadError(f"{self.location}: {type(error).__name__}: {error}") from error
                 self._failures += 1
                 if self._failures >= self.policy.attempts:
                     raise ShardReadError(f"{self.location}: {type(error).__name__}: {error} at byte {self.offset} "
