@@ -1,11 +1,11 @@
 # The two commands of the README:
 #   make demo   set up everything, then run the main job (demo corpus -> shards -> post-training -> eval)
 #   make test   set up everything, then run the whole test suite
-# Set-up = Debian packages (ffmpeg, espeak-ng, klettres-data, libsndfile) + a venv pinned by constraints.txt.
+# Set-up = Debian packages (ffmpeg, espeak-ng, klettres-data, libsndfile; chromium + its driver for the page test) + a venv pinned by constraints.txt.
 
 PYTHON ?= python3.11
 VENV ?= .venv
-APT_PACKAGES = ffmpeg espeak-ng klettres-data libsndfile1
+APT_PACKAGES = ffmpeg espeak-ng klettres-data libsndfile1 chromium chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 system-packages:
-	@if ! (command -v ffmpeg && command -v espeak-ng && [ -d /usr/share/klettres ]) >/dev/null 2>&1; then \
+	@if ! (command -v ffmpeg && command -v espeak-ng && [ -d /usr/share/klettres ] && command -v chromium && command -v chromedriver) >/dev/null 2>&1; then \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES); \
 	fi
 

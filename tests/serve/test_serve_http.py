@@ -199,3 +199,61 @@ def test_config_refuses_a_public_address_without_tokens():
     with pytest.raises(ValueError, match="serve.max_upload_seconds"):
         ServeConfig(model="m", max_upload_seconds=100, max_inflight_seconds=50).validate()
     assert "t0ken" not in repr(ServeConfig(model="m", tokens=("t0ken",)))
+
+
+def _chromium():
+    """Debian's chromium and its driver (the Makefile's APT_PACKAGES), or a skip naming them."""
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
+    return browser, driver
+
+
+def test_page_in_a_headless_browser_shows_verdict_probability_and_timeline(server, tmp_path):
+    """Upload a demo recording through the page in real headless chromium; the page must show the
+    verdict and P(real) the API gives for the same file, and draw the timeline. The screenshot is kept
+    as a test artefact (``page.png`` in this test's pytest tmp dir)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from posttrain.data.demo import KLETTRES_DIR
+
+    browser, driver_path = _chromium()
+    demo = sorted(KLETTRES_DIR.glob("*/alpha/*.ogg"))
+    if not demo:
+        pytest.skip(f"no klettres recordings under {KLETTRES_DIR} (apt-get install klettres-data)")
+    demo_file = demo[0]
+    expected = requests.post(f"{server.url}/v1/score", data=demo_file.read_bytes(), timeout=60,
+                             headers=server.headers(**{"Content-Type": "audio/ogg"})).json()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    try:
+        driver.get(server.url)
+        driver.find_element(By.ID, "token").send_keys(server.headers()["Authorization"].split()[1])
+        picker = driver.find_element(By.ID, "file")
+        driver.execute_script("arguments[0].hidden = false;", picker)  # the drop zone's picker, shown for the driver
+        picker.send_keys(str(demo_file))
+        verdict = driver.find_element(By.ID, "verdict")
+        WebDriverWait(driver, 60).until(lambda _: verdict.get_attribute("data-state") in ("done", "error"))
+        driver.save_screenshot(str(tmp_path / "page.png"))
+        assert verdict.get_attribute("data-state") == "done", verdict.text
+        assert verdict.text == expected["decision"]
+        assert driver.find_element(By.ID, "probability").text == f"{expected['p_real']:.4f}"
+        painted = driver.execute_script(
+            "const c = document.getElementById('timeline'); const d = c.getContext('2d')"
+            ".getImageData(0, 0, c.width, c.height).data; let n = 0;"
+            "for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n;")
+        assert painted > 500  # the window segments and the threshold line were drawn
+    finally:
+        driver.quit()
+    assert (tmp_path / "page.png").read_bytes()[:4] == b"\x89PNG"

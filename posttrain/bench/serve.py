@@ -1,0 +1,198 @@
+"""``python -m posttrain.bench serve``: load on a running ``posttrain serve`` over the loopback.
+
+Starts the service (the tiny random model unless ``--model``) in its own process, then runs two phases
+of ``--clients`` concurrent clients for ``--seconds`` each: all good uploads (2..8 s clips), then the
+same with every fourth request a bad input (corrupt bytes, truncated WAV, wrong content type, oversize
+body, digital silence). Prints throughput, p50/p99 latency, answers by class, 503 rejections, 5xx and
+lost requests (no HTTP answer at all), and the service's RSS at the start, end and peak of each phase.
+Exit code 1 when any 5xx or lost request occurred.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+RATE = 16000
+
+
+def _clip(seconds: float, seed: int) -> bytes:
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * RATE)) / RATE
+    wave = 0.2 * np.sin(2 * np.pi * (150 + 20 * seed) * t) + 0.05 * rng.standard_normal(t.size)
+    out = io.BytesIO()
+    sf.write(out, wave.astype(np.float32), RATE, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+def _requests(max_upload_bytes: int) -> tuple[list[tuple[bytes, str, float]], list[tuple[bytes, str, str]]]:
+    """Good uploads ``(bytes, content type, seconds)`` and bad ones ``(bytes, content type, kind)``."""
+    import soundfile as sf
+
+    good = [(_clip(seconds, seed), "audio/wav", seconds) for seed, seconds in enumerate((2.0, 3.5, 5.0, 8.0))]
+    wav = good[1][0]
+    silence = io.BytesIO()
+    sf.write(silence, np.zeros(3 * RATE, np.float32), RATE, format="WAV", subtype="FLOAT")
+    bad = [(b"\x00\x01garbage" * 500, "audio/wav", "corrupt"), (wav[: len(wav) // 2], "audio/wav", "truncated"),
+           (b"hello", "text/plain", "content_type"), (b"\x00" * (max_upload_bytes + 1), "audio/wav", "oversize"),
+           (silence.getvalue(), "audio/wav", "silence")]
+    return good, bad
+
+
+@dataclass
+class Phase:
+    name: str
+    latencies_s: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    lost: int = 0
+    audio_s: float = 0.0
+    rss_mb: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, status: int | None, latency_s: float, audio_s: float) -> None:
+        with self.lock:
+            if status is None:
+                self.lost += 1
+                return
+            self.latencies_s.append(latency_s)
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+            if status == 200:
+                self.audio_s += audio_s
+
+    def count(self, low: int, high: int) -> int:
+        return sum(n for status, n in self.statuses.items() if low <= status < high)
+
+    def row(self) -> list[str]:
+        done = len(self.latencies_s) + self.lost
+        p50, p99 = (np.percentile(self.latencies_s, [50, 99]) * 1000) if self.latencies_s else (float("nan"),) * 2
+        return [self.name, str(done), f"{done / self.wall_s:.1f}", f"{self.audio_s / self.wall_s:.0f}",
+                f"{p50:.0f}", f"{p99:.0f}", str(self.count(200, 300)), str(self.count(400, 500)),
+                str(self.statuses.get(503, 0)), str(self.count(500, 600) - self.statuses.get(503, 0)),
+                str(self.lost), f"{self.rss_mb[0]:.0f}/{self.rss_mb[-1]:.0f}/{max(self.rss_mb):.0f}"]
+
+
+COLUMNS = ("phase", "requests", "req/s", "audio-s/s", "p50 ms", "p99 ms", "2xx", "4xx", "503", "other 5xx",
+           "lost", "RSS MB start/end/peak")
+
+
+def _rss_mb(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def run_phase(name: str, url: str, pid: int, clients: int, seconds: float, good, bad, bad_every: int) -> Phase:
+    import requests
+
+    phase = Phase(name, rss_mb=[_rss_mb(pid)])
+    stop_at = time.monotonic() + seconds
+    counter = itertools.count()
+
+    def client() -> None:
+        session = requests.Session()
+        while time.monotonic() < stop_at:
+            n = next(counter)
+            if bad_every and n % bad_every == bad_every - 1:
+                data, kind, audio_s = *bad[(n // bad_every) % len(bad)][:2], 0.0
+            else:
+                data, kind, audio_s = good[n % len(good)]
+            started = time.perf_counter()
+            try:
+                response = session.post(f"{url}/v1/score", data=data, headers={"Content-Type": kind}, timeout=120)
+                phase.record(response.status_code, time.perf_counter() - started, audio_s)
+            except requests.RequestException:
+                phase.record(None, 0.0, 0.0)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        time.sleep(0.5)
+        phase.rss_mb.append(_rss_mb(pid))
+    phase.wall_s = time.monotonic() - started
+    phase.rss_mb.append(_rss_mb(pid))
+    return phase
+
+
+def _start(model: str, port: int, temp: Path, max_upload_mb: float) -> subprocess.Popen:
+    import requests
+
+    command = [sys.executable, "-m", "posttrain", "serve", model, "--port", str(port), "--temp-dir", str(temp),
+               "--max-upload-mb", str(max_upload_mb), "--log-level", "warning"]
+    process = subprocess.Popen(command)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"posttrain serve exited with {process.returncode}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return process
+        except requests.ConnectionError:
+            time.sleep(0.3)
+    process.kill()
+    raise SystemExit("posttrain serve not ready in 180 s")
+
+
+def _tiny_model(directory: Path) -> str:
+    import torch
+
+    from posttrain.config import ModelConfig
+    from posttrain.hub.export import export_detector, identity_document
+    from posttrain.models.detector import build_detector
+
+    torch.manual_seed(0)
+    detector = build_detector(ModelConfig(preset="tiny"))
+    return str(export_detector(detector, directory / "model", identity_document(detector, preset="tiny"),
+                               "# tiny random model for the serve benchmark\n"))
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m posttrain.bench serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model spec (default: a tiny random model)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    parser.add_argument("--port", type=int, default=8765, help="loopback port")
+    parser.add_argument("--max-upload-mb", type=float, default=1.0, help="the service's upload limit")
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="posttrain-bench-serve-"))
+    try:
+        model = args.model or _tiny_model(work)
+        (work / "tmp").mkdir()
+        process = _start(model, args.port, work / "tmp", args.max_upload_mb)
+        try:
+            good, bad = _requests(int(args.max_upload_mb * 2**20))
+            url = f"http://127.0.0.1:{args.port}"
+            run_phase("warm-up", url, process.pid, 2, 3.0, good, bad, 0)
+            phases = [run_phase("good only", url, process.pid, args.clients, args.seconds, good, bad, 0),
+                      run_phase("1 in 4 bad", url, process.pid, args.clients, args.seconds, good, bad, 4)]
+            left = list((work / "tmp").rglob("*.upload"))
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rows = [list(COLUMNS)] + [phase.row() for phase in phases]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    print(f"posttrain serve on the loopback: {args.clients} clients x {args.seconds:g} s per phase, "
+          f"model {args.model or 'tiny (random)'}")
+    for row in rows:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+    failures = sum(int(phase.row()[9]) + phase.lost for phase in phases)
+    print(f"uploads left in the service's temp folder: {len(left)}; 5xx (not 503) + lost: {failures}")
+    return 1 if failures or left else 0
