@@ -153,10 +153,10 @@ def rawboost_clips_per_s(device_name: str, clips: int = 256, clip_seconds: float
 
 def loader_feed_rate(files: int, seconds: float, workers: int) -> float:
     """Audio-seconds per wall second the training loader delivers (synthetic shards, crop none)."""
-    from posttrain.bench.data import loader, synthetic_shards
+    from posttrain.bench.data import build_set, loader
 
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as scratch:
-        directory = synthetic_shards(Path(scratch), files, seconds)
+        directory = build_set(Path(scratch), "feed", [seconds] * files)
         loader([directory], workers, "none")  # page cache and worker start warm-up
         audio, _, wall, _ = loader([directory], workers, "none")
     return audio / wall
@@ -185,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--loader-files", type=int, default=96)
     parser.add_argument("--loader-seconds", type=float, default=8.0)
     parser.add_argument("--loader-workers", type=int, default=2)
-    parser.add_argument("--preset-timeout-s", type=float, default=150.0)
+    parser.add_argument("--preset-timeout-s", type=float, default=240.0)
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     return parser

@@ -36,9 +36,9 @@
   (``python -m posttrain.bench gpu``) prints the measured peak next to this prediction.
 * a fixed **reserve** for the CUDA context, NCCL and the caching allocator's fragmentation.
 
-Checked against CPU measurements (``python -m posttrain.bench fullsize``, docs/scaling.md): for xlsr_300m
-at world size 2, ZeRO-2 and ZeRO-3, bf16, the predicted peak per rank is ~11 % below the measured RSS
-peak (0.5 GiB of buffers and allocator slack it does not model); keep the reserve as that margin.
+Checked against CPU measurements (``python -m posttrain.bench fullsize``, docs/scaling.md), bf16, per
+rank: xlsr_300m at world size 2 ZeRO-2 +3 % (SAM step; plain +10 %), ZeRO-3 -11 % (0.5 GiB of gather
+buffers and bookkeeping not modelled); xlsr_1b ZeRO-3 forward + backward +9 %. The reserve covers that.
 
 Time: training FLOPs from ``posttrain.train.flops`` (model FLOPs, 3 x forward; SAM runs two passes)
 at a given model-FLOPs utilisation of the GPU's peak.
