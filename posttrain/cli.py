@@ -17,6 +17,7 @@ from posttrain.errors import DEBUG_ENV, DEBUG_FLAG, EXIT_OK, EXIT_USAGE, debug_r
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "the README's main job: demo corpus -> shards -> post-training -> evaluation"),
     "data demo": ("data_demo", "build the demo corpus (klettres recordings vs espeak-ng speech)"),
+    "data partialspoof": ("data_partialspoof", "a partial-spoof test set: recordings with a spliced-in segment"),
     "data prepare": ("data_prepare", "write the protocol CSV of a corpus from its official layout"),
     "data deepvoice-segments": ("data_deepvoice_segments", "cut DEEP-VOICE into AntiDeepfake's logged test segments"),
     "data df2024": ("data_df2024", "Deepfake-Eval-2024: protocol CSVs, transcoding, segmentation"),

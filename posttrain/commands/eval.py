@@ -11,6 +11,7 @@ file whole and alone (AntiDeepfake's test protocol) instead of in batched 13 s w
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -32,7 +33,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="calibration.json (default: the one stored with the model, if any)")
     parser.add_argument("--bootstrap", type=int, default=0, metavar="N", help="bootstrap resamples for the EER CI")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--segments", type=Path, default=None, metavar="SEGMENTS_CSV",
+                        help="true segments of a partial-spoof set (`posttrain data partialspoof`): also report "
+                             "segment-level EER per PartialSpoof resolution and how well the fake regions are "
+                             "located; needs windows with a hop <= 0.64 s (default: none)")
     add_arguments(parser)
+
+
+def _segment_truth(path: Path | None, cfg) -> tuple[dict, dict] | None:
+    """(spoofed spans, length in samples) per file ID of ``--segments``, read (and the hop checked)
+    before any scoring, so a bad file or option fails at once."""
+    from posttrain.data.partialspoof import read_segments, spoof_regions
+    from posttrain.eval.segments import supported_resolutions
+
+    if path is None:
+        return None
+    supported_resolutions(cfg.window.hop_seconds if cfg.window.window_seconds > 0 else math.inf)
+    sidecar = read_segments(path)
+    return ({file_id: spoof_regions(segments) for file_id, segments in sidecar.items()},
+            {file_id: segments[-1].stop for file_id, segments in sidecar.items()})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.commands.inference_options import config_from_args, device_from_args
     from posttrain.eval.inference import ProtocolSource, ShardSource, process_group, run_inference
     from posttrain.eval.report import SCORE_TYPES, write_report
-    from posttrain.eval.scoring import SCORE_TYPE, resolve_calibration, score_record
+    from posttrain.eval.scoring import SCORE_TYPE, Decision, resolve_calibration, score_record
+    from posttrain.eval.segments import evaluate_segments
     from posttrain.loading import load_model
 
     definition = SCORE_TYPES[SCORE_TYPE]
@@ -54,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             if calibration is not None and calibration.score_definition not in ("", definition, SCORE_TYPE):
                 raise CalibrationError(f"the calibration maps {calibration.score_definition!r}, eval scores "
                                        f"are {definition!r}")
+            truth = _segment_truth(args.segments, cfg)
         except (ValueError, FileNotFoundError) as error:  # config, protocol, shard, model, calibration errors
             print(f"posttrain eval: error: {error}", file=sys.stderr)
             return 2
@@ -64,13 +85,16 @@ def run(args: argparse.Namespace) -> int:
             print(f"posttrain eval: error: no sample could be scored ({len(result.skipped)} skipped)", file=sys.stderr)
             return 1
         records = [score_record(out.id, out.logits, out.meta) for out in result.outputs]
+        segments = None if truth is None else evaluate_segments(
+            result.outputs, *truth, hop_seconds=cfg.window.hop_seconds, threshold=Decision.of(calibration).threshold)
         data_identity = {**source.identity(), "scored": len(result.outputs), "skipped": len(result.skipped),
                          "audio_seconds": result.seconds, "windows": result.windows, "world_size": info.world_size,
                          "inference": cfg.describe(), "calibration_source": calibration_source}
         report = write_report(args.out, records, score_definition=definition, model_identity=identity,
                               data_identity=data_identity, skipped=[s.to_dict() for s in result.skipped],
                               group_by=list(dict.fromkeys(args.by)), calibration=calibration,
-                              bootstrap_resamples=args.bootstrap, seed=args.seed, scoring=cfg.summary())
+                              bootstrap_resamples=args.bootstrap, seed=args.seed, scoring=cfg.summary(),
+                              segments=segments)
     print(report["table"], end="")
     for item in result.skipped:
         print(f"skipped {item.id}: {item.reason}: {item.detail}")

@@ -29,6 +29,7 @@ from posttrain.data.labels import label_id
 from posttrain.data.shards import file_sha256
 from posttrain.eval.metrics import (ASVSPOOF5_COSTS, METRICS, DetectionCosts, compute_metrics, det_curve,
                                     group_mask, metrics_by_group, split_classes)
+from posttrain.eval.segments import localisation_lines
 
 if TYPE_CHECKING:
     from posttrain.eval.calibration import Calibration
@@ -256,10 +257,17 @@ def write_scores(path: str | Path, table: ScoreTable) -> str:
 # ------------------------------------------------------------------------------------- evaluation
 
 
+SEGMENT_GROUPING = "segment"  # the report's rows of segment-level trials, one per resolution
+
+
 def evaluate(table: ScoreTable, *, group_by: Sequence[str] = (), calibration: Calibration | None = None,
              costs: DetectionCosts = ASVSPOOF5_COSTS, bootstrap_resamples: int = 0, seed: int = 0,
-             threshold: float | None = None) -> dict[str, Any]:
-    """Pooled and per-group metrics of a score table (LLRs from ``calibration`` when given)."""
+             threshold: float | None = None,
+             segment_trials: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, Any]:
+    """Pooled and per-group metrics of a score table (LLRs from ``calibration`` when given).
+
+    ``segment_trials`` (``posttrain.eval.segments``): ``{resolution: (scores, labels)}`` of segment
+    trials, reported with every metric as the rows ``segment=<resolution>``."""
     llr = None if calibration is None else calibration.llr(table.scores)
     options = {"costs": costs, "threshold": threshold, "bootstrap_resamples": bootstrap_resamples, "seed": seed}
     groups = {}
@@ -268,6 +276,10 @@ def evaluate(table: ScoreTable, *, group_by: Sequence[str] = (), calibration: Ca
             raise ValueError(f"unknown grouping {by!r}; expected one of {sorted(GROUPINGS)}")
         groups[by] = metrics_by_group(table.scores, table.labels, table.group_values(by), llr,
                                       pool_bona_fide=GROUPINGS[by], **options)
+    if segment_trials:
+        groups[SEGMENT_GROUPING] = {
+            name: compute_metrics(scores, labels, None if calibration is None else calibration.llr(scores), **options)
+            for name, (scores, labels) in segment_trials.items()}
     return {"score_types": table.score_types_present, "llr_source": "raw score" if llr is None else "calibrated",
             "calibration": None if calibration is None else calibration.to_dict(),
             "pooled": compute_metrics(table.scores, table.labels, llr, **options), "groups": groups}
@@ -310,6 +322,10 @@ def format_table(document: Mapping[str, Any], score_definition: str = "") -> str
              f"actDCF/Cllr on: {document['llr_source']}"]
     text += [render(header), "  ".join("-" * width for width in widths), *map(render, body)]
     text += [f"n/a in {name}: {reason}" for name, reason in notes.items()]
+    if document.get("segments"):
+        segments = document["segments"]
+        text += [f"segment=<resolution>: PartialSpoof segments, {segments['label_rule']}; score: {segments['score_rule']}",
+                 *localisation_lines(segments["localisation"])]
     return "\n".join(text) + "\n"
 
 
@@ -420,6 +436,9 @@ def _result_document(table: ScoreTable, document: Mapping[str, Any], *, score_fi
         "metrics": {name: pooled[name] for name in ("eer", "eer_threshold", "eer_ci",
                                                     *(m.name for m in METRICS if m.name != "eer"), "llr_source")},
         "files": {role: path.name for role, path in files.items() if role != "result"},
+        "segments": None if not document.get("segments") else {
+            **document["segments"],
+            "eer": {name: m["eer"] for name, m in document["groups"][SEGMENT_GROUPING].items()}},
     }
 
 
@@ -429,7 +448,7 @@ def write_report(out_dir: str | Path, scores: ScoreTable | Iterable[Mapping[str,
                  group_by: Sequence[str] = (), calibration: Calibration | None = None,
                  score_file: str | Path | None = None, costs: DetectionCosts = ASVSPOOF5_COSTS,
                  bootstrap_resamples: int = 0, seed: int = 0, threshold: float | None = None,
-                 scoring: str = UNKNOWN_SCORING) -> dict[str, Any]:
+                 scoring: str = UNKNOWN_SCORING, segments: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate ``scores`` and write the full report into ``out_dir``.
 
     ``scores`` is a ``ScoreTable`` or records for ``ScoreTable.from_records``. ``score_file`` is the
@@ -437,7 +456,8 @@ def write_report(out_dir: str | Path, scores: ScoreTable | Iterable[Mapping[str,
     result.yaml always holds the sha256 of a score file. ``skipped`` lists inputs left out upstream
     (e.g. ``{"id": ..., "reason": ...}``), recorded as given. ``scoring`` says how the scores were
     produced (``InferenceConfig.summary()``: AntiDeepfake's protocol or windowed); every report file
-    carries it. Returns ``{"metrics", "table", "files",
+    carries it. ``segments``: ``posttrain.eval.segments.evaluate_segments``' output (a partial-spoof
+    set): segment EER rows per resolution and the localisation lines. Returns ``{"metrics", "table", "files",
     "score_file_sha256"}`` with ``files`` mapping each report file's role to its path.
     """
     out_dir = Path(out_dir)
@@ -451,7 +471,11 @@ def write_report(out_dir: str | Path, scores: ScoreTable | Iterable[Mapping[str,
         sha256 = file_sha256(score_file)
     document = {"score_definition": score_definition, "scoring": scoring,
                 **evaluate(table, group_by=group_by, calibration=calibration, costs=costs,
-                           bootstrap_resamples=bootstrap_resamples, seed=seed, threshold=threshold)}
+                           bootstrap_resamples=bootstrap_resamples, seed=seed, threshold=threshold,
+                           segment_trials=None if segments is None else segments["trials"])}
+    if segments is not None:
+        document["segments"] = {key: segments[key] for key in ("label_rule", "score_rule", "resolutions_s",
+                                                               "localisation")}
     text = format_table(document, score_definition)
     write_bytes_atomic(files["metrics_json"], (json.dumps(document, indent=2) + "\n").encode("utf-8"))
     write_bytes_atomic(files["table"], text.encode("utf-8"))
