@@ -174,6 +174,7 @@ def sharpness_aware_step(engine: "DeepSpeedEngine", run_pass: Callable[[], torch
 # ------------------------------------------------------------------------------------------- ESAM
 
 _MASK_BITS = (1 << 31) - 1  # the element hash works on 31-bit integers: every product fits in int64
+_MASK_CHUNK = 1 << 16  # elements hashed at a time (1 MiB of int64 scratch, stays in cache)
 
 
 def _mask_key(seed: int, step_index: int, name: str) -> int:
@@ -183,15 +184,24 @@ def _mask_key(seed: int, step_index: int, name: str) -> int:
 
 def keep_mask(key: int, offset: int, numel: int, fraction: float, device: torch.device) -> torch.Tensor:
     """Bernoulli(``fraction``) draws for elements ``offset .. offset + numel - 1`` of one parameter: a
-    counter-based integer hash of (element index, ``key``), so any slice of a parameter gets its own
-    part of the same mask without drawing the rest."""
-    x = (torch.arange(offset, offset + numel, dtype=torch.int64, device=device) + key) & _MASK_BITS
-    x = (x * 1103515245 + 12345) & _MASK_BITS
-    for _ in range(3):  # xorshift-multiply rounds: scramble the low bits into the high ones
-        x = x ^ (x >> 15)
-        x = (x * 0x2C1B3C6D) & _MASK_BITS
-    x = x ^ (x >> 16)
-    return x < int(fraction * (_MASK_BITS + 1))
+    counter-based integer hash of (element index + ``key``), so any slice of a parameter gets its own
+    part of the same mask without drawing the rest. Hashed in cache-sized chunks with in-place ops:
+    a few int64 passes per element (as cheap as one more elementwise op on the weights)."""
+    out = torch.empty(numel, dtype=torch.bool, device=device)
+    threshold = int(fraction * (_MASK_BITS + 1))
+    base = torch.arange(min(numel, _MASK_CHUNK), dtype=torch.int64, device=device)
+    x, shifted = torch.empty_like(base), torch.empty_like(base)
+    for start in range(0, numel, _MASK_CHUNK):
+        count = min(_MASK_CHUNK, numel - start)
+        h, t = x[:count], shifted[:count]
+        torch.add(base[:count], offset + start + key, out=h)
+        h.bitwise_and_(_MASK_BITS).mul_(1103515245).add_(12345).bitwise_and_(_MASK_BITS)  # an LCG step
+        torch.bitwise_right_shift(h, 15, out=t)  # then xorshift-multiply-xorshift: low bits into high ones
+        h.bitwise_xor_(t).mul_(0x2C1B3C6D).bitwise_and_(_MASK_BITS)
+        torch.bitwise_right_shift(h, 16, out=t)
+        h.bitwise_xor_(t)
+        torch.lt(h, threshold, out=out[start:start + count])
+    return out
 
 
 def stochastic_weight_mask_(owned: OwnedParameters, direction: list[torch.Tensor], fraction: float, seed: int,
