@@ -149,21 +149,25 @@ def summarise_localisation(files: Sequence[FileLocalisation], resolution_s: floa
     }
 
 
-def localisation_lines(summary: Mapping[str, Any]) -> list[str]:
-    """The report table's lines for ``summarise_localisation``'s output."""
-    def show(value: object, scale: float = 1.0, unit: str = "", digits: int = 3) -> str:
-        return "n/a" if value is None else f"{float(value) * scale:.{digits}f}{unit}"
+def _show(value: object, scale: float = 1.0, unit: str = "", digits: int = 3) -> str:
+    return "n/a" if value is None else f"{float(value) * scale:.{digits}f}{unit}"
 
-    return [f"localisation ({show(summary['resolution_s'] * 1000, digits=0)} ms segments called fake below "
+
+def _summary_line(name: str, summary: Mapping[str, Any]) -> str:
+    return (f"  {name:<18} IoU {_show(summary['mean_iou'])}  found {_show(summary['found_rate'], 100, '%', 1)}  "
+            f"boundary error median {_show(summary['boundary_error_median_s'], 1000, ' ms', 0)} "
+            f"mean {_show(summary['boundary_error_mean_s'], 1000, ' ms', 0)} "
+            f"(missed {summary['boundaries_missed']}/{summary['boundaries']})  lowest window in fake "
+            f"{_show(summary['lowest_window_hit_rate'], 100, '%', 1)} of {summary['spliced_files']}  real time "
+            f"called fake {_show(summary['real_files_called_fake_fraction'], 100, '%', 1)}")
+
+
+def localisation_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The report table's lines for the localisation summary: all files, then per attack."""
+    return [f"localisation ({_show(summary['resolution_s'] * 1000, digits=0)} ms segments called fake below "
             f"logit_diff {summary['threshold_logit_diff']:+.4g}; {summary['files_with_spoof']} files with spoof, "
-            f"{summary['real_files']} real):",
-            f"  mean IoU {show(summary['mean_iou'])}  found {show(summary['found_rate'], 100, '%', 1)}  "
-            f"boundary error median {show(summary['boundary_error_median_s'], 1000, ' ms', 0)} "
-            f"mean {show(summary['boundary_error_mean_s'], 1000, ' ms', 0)} "
-            f"(missed {summary['boundaries_missed']}/{summary['boundaries']})",
-            f"  lowest window inside the fake region: {show(summary['lowest_window_hit_rate'], 100, '%', 1)} of "
-            f"{summary['spliced_files']} spliced files; real files called fake: "
-            f"{show(summary['real_files_called_fake_fraction'], 100, '%', 1)} of their time"]
+            f"{summary['real_files']} real):", _summary_line("all files", summary),
+            *(_summary_line(f"attack={name}", group) for name, group in summary.get("by_attack", {}).items())]
 
 
 def evaluate_segments(outputs: Sequence[Any], regions: Mapping[str, Sequence[Span]], file_samples: Mapping[str, int],
@@ -174,7 +178,7 @@ def evaluate_segments(outputs: Sequence[Any], regions: Mapping[str, Sequence[Spa
     ValueError (its segment labels would be wrong)."""
     resolutions = supported_resolutions(hop_seconds)
     trials: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {resolution_name(r): ([], []) for r in resolutions}
-    located = []
+    located: list[tuple[str, FileLocalisation]] = []
     for out in outputs:
         if out.id not in regions:
             raise ValueError(f"{out.id}: scored but absent from the segments file")
@@ -186,9 +190,14 @@ def evaluate_segments(outputs: Sequence[Any], regions: Mapping[str, Sequence[Spa
             grid = segment_grid(out.num_samples, round(resolution * SAMPLE_RATE_HZ))
             trials[resolution_name(resolution)][0].append(segment_scores(grid, out.window_spans, scores))
             trials[resolution_name(resolution)][1].append(segment_labels(grid, regions[out.id]))
-        located.append(localise(out.id, out.num_samples, regions[out.id], out.window_spans, scores, threshold,
-                                round(resolutions[0] * SAMPLE_RATE_HZ)))
+        located.append((str(out.meta.get("attack") or "-"),
+                        localise(out.id, out.num_samples, regions[out.id], out.window_spans, scores, threshold,
+                                 round(resolutions[0] * SAMPLE_RATE_HZ))))
+    files = [file for _, file in located]
+    by_attack = {attack: summarise_localisation([file for name, file in located if name == attack], resolutions[0],
+                                                threshold)
+                 for attack in sorted({name for name, _ in located})}
     return {"label_rule": LABEL_RULE, "score_rule": SCORE_RULE, "resolutions_s": list(resolutions),
             "trials": {name: (np.concatenate(s), np.concatenate(l)) for name, (s, l) in trials.items()},
-            "localisation": summarise_localisation(located, resolutions[0], threshold),
-            "files": located}
+            "localisation": {**summarise_localisation(files, resolutions[0], threshold), "by_attack": by_attack},
+            "files": files}
