@@ -3,7 +3,7 @@
 * Counts agreed by the loader's join collective (``stream._agree``, attached as ``Batch.global_counts``)
   give bit-identical weights and statistics to the step's own all_reduce, and the step then issues
   exactly ONE collective of its own (the finiteness/loss one), SAM and dual path included (their
-  loss sums ride in it).
+  loss sums ride in it; their algorithm's own collectives, e.g. SAM's global norm, are not the step's).
 * ``overlap_comm`` forced on gives the same SAM and dual-path weights as off (the code path that
   double-buffers reductions; on CPU there is no stream race to test, only DeepSpeed's bookkeeping).
 """
@@ -42,18 +42,15 @@ def _batches(rank: int, step: int) -> list:
     return out
 
 
-class _CountingDist:
-    """``torch.distributed`` as the step module sees it, counting its all_reduce calls."""
+class _Counting:
+    """A collective helper as the step module imported it, counting its calls."""
 
     def __init__(self, real):
-        self._real, self.calls = real, 0
+        self.real, self.calls = real, 0
 
-    def all_reduce(self, *args, **kwargs):
+    def __call__(self, *args, **kwargs):
         self.calls += 1
-        return self._real.all_reduce(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
+        return self.real(*args, **kwargs)
 
 
 def _run(mode: str, loader_counts: bool, overlap: bool, rank: int) -> dict:
@@ -81,7 +78,8 @@ def _run(mode: str, loader_counts: bool, overlap: bool, rank: int) -> dict:
     ctx = StepContext(cfg=cfg, optimizer=optimizer, scheduler=scheduler, device=torch.device("cpu"),
                       world_size=WORLD_SIZE, augment=make_augment(cfg))
     step_fn = get_step_mode(mode)
-    counting = _CountingDist(step_module.torch_dist)
+    # the step module's own collectives: the counts fallback (all_reduce_sum) and finish_step (global_sums)
+    counters = {name: _Counting(getattr(step_module, name)) for name in ("all_reduce_sum", "global_sums")}
     stats, calls = [], []
     for index in range(2):
         batches = _batches(rank, index)
@@ -90,12 +88,15 @@ def _run(mode: str, loader_counts: bool, overlap: bool, rank: int) -> dict:
                 batch.global_counts = _agree(None if batch.is_empty else batch)
         seed_everything(7 + rank)
         ctx.step = index
-        step_module.torch_dist, counting.calls = counting, 0
+        for name, counter in counters.items():
+            counter.calls = 0
+            setattr(step_module, name, counter)
         try:
             result = step_fn(engine, batches, ctx)
         finally:
-            step_module.torch_dist = counting._real
-        calls.append(counting.calls)
+            for name, counter in counters.items():
+                setattr(step_module, name, counter.real)
+        calls.append(sum(counter.calls for counter in counters.values()))
         stats.append((result.loss, result.samples, result.audio_seconds, result.skipped, sorted(result.extra.items())))
     weights = torch.cat([safe_get_full_fp32_param(p).flatten() for p in engine.module.parameters()])
     engine.destroy()
