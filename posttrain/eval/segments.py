@@ -154,7 +154,7 @@ def _show(value: object, scale: float = 1.0, unit: str = "", digits: int = 3) ->
 
 
 def _summary_line(name: str, summary: Mapping[str, Any]) -> str:
-    return (f"  {name:<18} IoU {_show(summary['mean_iou'])}  found {_show(summary['found_rate'], 100, '%', 1)}  "
+    return (f"  {name:<24} IoU {_show(summary['mean_iou'])}  found {_show(summary['found_rate'], 100, '%', 1)}  "
             f"boundary error median {_show(summary['boundary_error_median_s'], 1000, ' ms', 0)} "
             f"mean {_show(summary['boundary_error_mean_s'], 1000, ' ms', 0)} "
             f"(missed {summary['boundaries_missed']}/{summary['boundaries']})  lowest window in fake "
