@@ -129,11 +129,13 @@ def run_phase(name: str, url: str, pid: int, clients: int, seconds: float, good,
     return phase
 
 
-def _start(model: str, port: int, temp: Path, max_upload_mb: float) -> subprocess.Popen:
+def _start(model: str, port: int, temp: Path, args: argparse.Namespace) -> subprocess.Popen:
     import requests
 
     command = [sys.executable, "-m", "posttrain", "serve", model, "--port", str(port), "--temp-dir", str(temp),
-               "--max-upload-mb", str(max_upload_mb), "--log-level", "warning"]
+               "--max-upload-mb", str(args.max_upload_mb), "--max-inflight-seconds", str(args.max_inflight_seconds),
+               "--max-upload-seconds", str(min(600.0, args.max_inflight_seconds)), "--max-queue", str(args.max_queue),
+               "--log-level", "warning"]
     process = subprocess.Popen(command)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -168,13 +170,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     parser.add_argument("--port", type=int, default=8765, help="loopback port")
     parser.add_argument("--max-upload-mb", type=float, default=1.0, help="the service's upload limit")
+    parser.add_argument("--max-inflight-seconds", type=float, default=1200.0,
+                        help="the service's audio-seconds bound (small values show the 503 back-pressure)")
+    parser.add_argument("--max-queue", type=int, default=32, help="the service's admission queue")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="posttrain-bench-serve-"))
     try:
         model = args.model or _tiny_model(work)
         (work / "tmp").mkdir()
-        process = _start(model, args.port, work / "tmp", args.max_upload_mb)
+        process = _start(model, args.port, work / "tmp", args)
         try:
             good, bad = _requests(int(args.max_upload_mb * 2**20))
             url = f"http://127.0.0.1:{args.port}"
@@ -190,7 +195,8 @@ def main(argv: list[str]) -> int:
     rows = [list(COLUMNS)] + [phase.row() for phase in phases]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     print(f"posttrain serve on the loopback: {args.clients} clients x {args.seconds:g} s per phase, "
-          f"model {args.model or 'tiny (random)'}")
+          f"model {args.model or 'tiny (random)'}, at most {args.max_inflight_seconds:g} audio-s in flight, "
+          f"queue {args.max_queue}")
     for row in rows:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
     failures = sum(int(phase.row()[9]) + phase.lost for phase in phases)
