@@ -1,14 +1,17 @@
 """Where this process sits (rank, world size, device) and the few collectives every floor shares.
 
-One home for the process-group helpers: whether a group is up, the world group, ``process_rank``, barrier, the
-sums of per-rank partials (``global_sums``, ``all_reduce_sum``), every rank's vector
-(``gather_vectors``), and the device chooser. Each collective is a no-op alone (no process group)."""
+One home for the process-group helpers: the one initialiser (``start_process_group``, and the
+``process_group`` context of the inference commands), whether a group is up, the world group,
+``process_rank``, barrier, the sums of per-rank partials (``global_sums``, ``all_reduce_sum``), every
+rank's vector (``gather_vectors``), and the device chooser. Each collective is a no-op alone (no process
+group)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +67,72 @@ def gather_vectors(values: torch.Tensor) -> list[torch.Tensor]:
     gathered = [torch.zeros_like(padded) for _ in range(world)]
     torch_dist.all_gather(gathered, padded)
     return [g[:n] for g, n in zip(gathered, sizes)]
+
+
+# ---------------------------------------------------------------------------------- process group
+
+
+def backend_for(device: torch.device) -> str:
+    """NCCL for a CUDA device, gloo otherwise (CPU runs and the multi-process tests)."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def start_process_group(device: torch.device, *, deepspeed: bool) -> bool:
+    """The one process-group initialiser (training, fine-tuning, benches, eval, score, embed,
+    sharpness), backend from ``backend_for(device)``; nothing starts when a group is already up (e.g.
+    accelerate's). Returns whether this call started the group (its caller then owns its teardown).
+
+    ``deepspeed=True`` (training): DeepSpeed needs a group even in a plain ``python`` run, which becomes
+    a world of one on a free local port, and its comm layer must know the group, so DeepSpeed starts it.
+    DeepSpeed picks its accelerator when first imported, hence the environment first.
+    ``deepspeed=False`` (inference commands): plain torch.distributed, and only under a launcher
+    (``WORLD_SIZE > 1``); a single process stays without a group."""
+    if deepspeed:
+        _prepare_deepspeed(device)
+    elif int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if is_initialized():
+        return False
+    if deepspeed:
+        import deepspeed as ds
+
+        ds.init_distributed(dist_backend=backend_for(device), auto_mpi_discovery=False)
+    else:
+        torch_dist.init_process_group(backend_for(device))
+    return True
+
+
+def _prepare_deepspeed(device: torch.device) -> None:
+    """DeepSpeed's accelerator, a world of one outside a launcher, and the current CUDA device."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    import deepspeed
+
+    if device.type == "cpu":
+        # DeepSpeed's CPU comm backend JIT-compiles a shared-memory kernel (about 2 minutes on two
+        # cores) that only its *inference* all-reduce uses; training collectives go through
+        # torch.distributed (gloo). Marking the op incompatible makes the backend skip the build.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[DistInfo]:
+    """A process group for the duration of an inference command run under torchrun
+    (``WORLD_SIZE > 1``): NCCL when CUDA is visible, gloo otherwise, destroyed on exit. Nothing is
+    started for a single process or an existing group."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    started = start_process_group(device, deepspeed=False)
+    try:
+        yield dist_info()
+    finally:
+        if started:
+            torch_dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------ collectives

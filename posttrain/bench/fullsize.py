@@ -120,11 +120,11 @@ def run_rank(rank: int, world_size: int, port: int, job: dict, out_dir: str) -> 
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(job["threads"])
     from posttrain.config import load_config
-    from posttrain.train.trainer import init_distributed
+    from posttrain.dist import start_process_group
     from posttrain.train.step import StepContext, get_step_mode
 
     cfg = load_config(None, _overrides(job["preset"], job["stage"]))
-    init_distributed(torch.device("cpu"))
+    start_process_group(torch.device("cpu"), deepspeed=True)
     import torch.distributed as dist
 
     base = rss_bytes()  # interpreter, torch, DeepSpeed: not what the planner counts

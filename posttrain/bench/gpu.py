@@ -61,8 +61,8 @@ def measure_preset(preset: str, device_name: str, steps: int, warmup: int, clip_
     from posttrain.config import load_config
     from posttrain.data.batch import Batch
     from posttrain.models.detector import build_detector
-    from posttrain.dist import choose_device
-    from posttrain.train.trainer import build_optimizer, deepspeed_config, init_distributed
+    from posttrain.dist import choose_device, start_process_group
+    from posttrain.train.trainer import build_optimizer, deepspeed_config
     from posttrain.train.flops import training_flops_per_audio_second
     from posttrain.train.plan import PlanRequest, memory_breakdown
     from posttrain.train.schedule import build_scheduler
@@ -72,7 +72,7 @@ def measure_preset(preset: str, device_name: str, steps: int, warmup: int, clip_
     batch_seconds = batch_seconds or default_seconds
     cfg = load_config(None, _overrides(preset, stage, device_name))
     device = choose_device(cfg.train.device)
-    init_distributed(device)
+    start_process_group(device, deepspeed=True)
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the device: minutes saved for 2B on the host
         model = build_detector(cfg.model)

@@ -45,8 +45,8 @@ def _measure(args: argparse.Namespace, stage: int, mode: str) -> dict:
     from posttrain.config import load_config
     from posttrain.data.batch import Batch
     from posttrain.models.detector import build_detector
-    from posttrain.dist import choose_device
-    from posttrain.train.trainer import build_optimizer, deepspeed_config, init_distributed
+    from posttrain.dist import choose_device, start_process_group
+    from posttrain.train.trainer import build_optimizer, deepspeed_config
     from posttrain.train.partitions import owned_parameters
     from posttrain.train.sam import LOOKSAM_DIRECTION
     from posttrain.train.step import StepContext, get_step_mode, step_mode_name
@@ -54,7 +54,7 @@ def _measure(args: argparse.Namespace, stage: int, mode: str) -> dict:
     torch.set_num_threads(args.threads)
     cfg = load_config(None, _overrides(args, stage, mode))
     device = choose_device(cfg.train.device)
-    init_distributed(device)
+    start_process_group(device, deepspeed=True)
     import deepspeed
 
     torch.manual_seed(0)

@@ -97,16 +97,16 @@ def main(argv: list[str]) -> int:
                              f"train.zero_stage={args.zero_stage}", f"train.device={args.device}",
                              f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
                              "optim.lr=1.0e-6", "schedule.warmup_steps=0", "tracking.enabled=false"])
-    # imported after the config so DS_ACCELERATOR is set (by init_distributed) before DeepSpeed loads
+    # imported after the config so DS_ACCELERATOR is set (by start_process_group) before DeepSpeed loads
     from posttrain.models.detector import build_detector, count_parameters
-    from posttrain.dist import choose_device
-    from posttrain.train.trainer import build_optimizer, deepspeed_config, init_distributed, seed_everything
+    from posttrain.dist import choose_device, start_process_group
+    from posttrain.train.trainer import build_optimizer, deepspeed_config, seed_everything
     from posttrain.train.flops import training_flops_per_audio_second
     from posttrain.train.schedule import build_scheduler
     from posttrain.train.step import StepContext, get_step_mode
 
     device = choose_device(cfg.train.device)
-    init_distributed(device)
+    start_process_group(device, deepspeed=True)
     import deepspeed
 
     seed_everything(cfg.train.seed)

@@ -23,7 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from posttrain.commands.inference_options import config_from_args, device_from_args
-    from posttrain.eval.inference import process_group
+    from posttrain.dist import process_group
     from posttrain.loading import load_model
     from posttrain.select.embed import embed_shards
 

@@ -57,7 +57,8 @@ def _segment_truth(path: Path | None, cfg) -> tuple[dict, dict] | None:
 def run(args: argparse.Namespace) -> int:
     from posttrain.eval.calibration import CalibrationError
     from posttrain.commands.inference_options import config_from_args, device_from_args
-    from posttrain.eval.inference import ProtocolSource, ShardSource, process_group, run_inference
+    from posttrain.dist import process_group
+    from posttrain.eval.inference import ProtocolSource, ShardSource, run_inference
     from posttrain.eval.report import SCORE_TYPES, write_report
     from posttrain.eval.scoring import SCORE_TYPE, Decision, resolve_calibration, score_record
     from posttrain.eval.segments import evaluate_segments

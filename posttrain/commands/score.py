@@ -70,7 +70,8 @@ def _write_timelines(directory: Path, outputs: list, rows: list[dict], decision,
 def run(args: argparse.Namespace) -> int:
     from posttrain.data.files import write_bytes_atomic
     from posttrain.commands.inference_options import config_from_args, device_from_args
-    from posttrain.eval.inference import FileSource, process_group, run_inference
+    from posttrain.dist import process_group
+    from posttrain.eval.inference import FileSource, run_inference
     from posttrain.eval.scoring import (NEAR_SILENT_DBFS, Decision, labelled_file_records, logit_columns, logit_diff,
                                         near_silent, p_real, resolve_calibration)
     from posttrain.loading import load_model

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from posttrain.dist import choose_device
-    from posttrain.eval.inference import process_group
+    from posttrain.dist import process_group
     from posttrain.eval.sharpness import catalog, format_sharpness_table, grouped_sets, measure_sets
     from posttrain.data.files import write_text_atomic
 

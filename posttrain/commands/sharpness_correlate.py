@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from posttrain.dist import choose_device
-    from posttrain.eval.inference import process_group
+    from posttrain.dist import process_group
     from posttrain.eval.sharpness import (catalog, measure_sets, nested_subsets, plot_correlation, rank_correlation,
                                           scores_of, subset_eer)
     from posttrain.data.files import write_text_atomic

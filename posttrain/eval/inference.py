@@ -32,7 +32,6 @@ Scoring modes (``InferenceConfig.mode``; every report says which one produced it
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -454,21 +453,6 @@ def iter_outputs(model: Detector, inputs: Iterable[Sample | Skipped], cfg: Infer
 
 
 # ------------------------------------------------------------------------------------ ranks, runs
-
-
-@contextlib.contextmanager
-def process_group() -> Iterator[DistInfo]:
-    """A process group for the duration of a command run under torchrun (``WORLD_SIZE > 1``): NCCL
-    on GPUs, gloo otherwise. Nothing is started for a single process or an existing group."""
-    started = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        started = True
-    try:
-        yield dist_info()
-    finally:
-        if started:
-            torch_dist.destroy_process_group()
 
 
 def gather(objects: list[Any], info: DistInfo) -> list[Any] | None:

@@ -40,9 +40,8 @@ import torch.distributed as torch_dist
 from posttrain.config import ConfigError, FinetuneConfig, layerdrop_conflicts, resolved, to_dict
 from posttrain.errors import UserError
 from posttrain.train.checkpoint import BEST, CheckpointError, checkpoint_root, read_pointer
-from posttrain.dist import choose_device
-from posttrain.train.trainer import (Trainer, TrainResult, checked_deepspeed_config, deepspeed_config, init_distributed,
-                                    merge_dicts)
+from posttrain.dist import choose_device, start_process_group
+from posttrain.train.trainer import (Trainer, TrainResult, checked_deepspeed_config, deepspeed_config, merge_dicts)
 from posttrain.train.tracking import Tracker
 
 if TYPE_CHECKING:
@@ -128,12 +127,12 @@ def _without_auto(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_accelerator(cfg: FinetuneConfig) -> "Accelerator":
-    """The process group (posttrain's ``init_distributed``: gloo on CPU without the shared-memory
+    """The process group (posttrain's ``start_process_group``: gloo on CPU without the shared-memory
     kernel build) and an ``Accelerator`` with a DeepSpeed plugin: under ``accelerate launch
     --use_deepspeed`` the plugin reads accelerate's config; a plain ``python finetune.py`` gets
     ``train.zero_stage``."""
     device = choose_device(cfg.train.device)
-    init_distributed(device)
+    start_process_group(device, deepspeed=True)
     from accelerate import Accelerator, DeepSpeedPlugin
 
     launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"

@@ -28,7 +28,7 @@ import torch.distributed as torch_dist
 from posttrain.config import ConfigError, PosttrainConfig, dump_config, layerdrop_conflicts, to_dict
 from posttrain.data.batch import Batch
 from posttrain.data.files import write_text_atomic
-from posttrain.dist import choose_device, free_port
+from posttrain.dist import choose_device, start_process_group
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.partitions import check_zero_section
 from posttrain.train.run_lock import RunLock, RunLockError
@@ -69,28 +69,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------ set-up
-
-
-def init_distributed(device: torch.device) -> None:
-    """DeepSpeed's process group (gloo on CPU, NCCL on GPU); a plain ``python`` run becomes a world of
-    one. DeepSpeed picks its accelerator when first imported, hence the environment first."""
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    import deepspeed
-
-    if device.type == "cpu":
-        # DeepSpeed's CPU comm backend JIT-compiles a shared-memory kernel (about 2 minutes on two
-        # cores) that only its *inference* all-reduce uses; training collectives go through
-        # torch.distributed (gloo). Marking the op incompatible makes the backend skip the build.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not torch_dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
 
 
 def seed_everything(seed: int) -> None:
@@ -334,7 +312,7 @@ class Trainer:
         check_data_sets(cfg)  # a one-line error now, not a traceback after the first epoch
         if device is None:
             device = choose_device(cfg.train.device)
-            init_distributed(device)
+            start_process_group(device, deepspeed=True)
         self.device = device
         self.rank, self.world_size = torch_dist.get_rank(), torch_dist.get_world_size()
         self.output_dir = Path(cfg.output_dir)

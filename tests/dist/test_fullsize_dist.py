@@ -50,11 +50,11 @@ def _worker(rank: int, port: int, out_dir: str, phase: str) -> None:
     from posttrain.bench.fullsize import _overrides, build_engine, clip_batch
     from posttrain.config import load_config
     from posttrain.train import checkpoint as ckpt
-    from posttrain.train.trainer import init_distributed
+    from posttrain.dist import start_process_group
     from posttrain.train.step import StepContext, get_step_mode
 
     cfg = load_config(None, _overrides(PRESET, 2))
-    init_distributed(torch.device("cpu"))
+    start_process_group(torch.device("cpu"), deepspeed=True)
     model, optimizer, scheduler, engine = build_engine(cfg)
     root = Path(out_dir) / "checkpoints"
     if phase == "save":

@@ -464,9 +464,9 @@ def _worker(rank: int, port: int, cases: list[dict], out: str, shard_dir: str) -
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD_SIZE), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from posttrain.train.trainer import init_distributed
+    from posttrain.dist import start_process_group
 
-    init_distributed(torch.device("cpu"))
+    start_process_group(torch.device("cpu"), deepspeed=True)
     results = {case["name"]: _run_case(Case(**case), rank) for case in cases}
     results["_dropout"] = _dropout_masks_and_flags(rank)
     results["_refused_layout"] = _refused_zero_layout(rank)

@@ -107,9 +107,9 @@ def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD_SIZE), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from posttrain.train.trainer import init_distributed
+    from posttrain.dist import start_process_group
 
-    init_distributed(torch.device("cpu"))
+    start_process_group(torch.device("cpu"), deepspeed=True)
     results = {}
     for mode in MODES:
         results[(mode, "own")] = _run(mode, loader_counts=False, overlap=False, rank=rank)
