@@ -141,6 +141,17 @@ def compile_encoder(encoder: PreTrainedModel) -> None:
         layer.compile(dynamic=True)
 
 
+def enable_activation_checkpointing(encoder: PreTrainedModel) -> None:
+    """Recompute the encoder's layer activations in the backward pass (non-reentrant checkpoints).
+    transformers 5 renamed ``gradient_checkpointing_enable`` (now a deprecated alias that warns) to
+    ``activation_checkpointing_enable``; older releases the range allows have only the old name."""
+    enable = getattr(encoder, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_detector(cfg: ModelConfig, ssl_config: PretrainedConfig | dict | None = None, *,
                    layerdrop_conflicts: Sequence[str] = (), layerdrop_seed: int = 0) -> Detector:
     """A detector for ``cfg``: random init from the preset (or from ``ssl_config``, e.g. the one saved
@@ -159,7 +170,7 @@ def build_detector(cfg: ModelConfig, ssl_config: PretrainedConfig | dict | None 
             ssl_config = preset.ssl_config(**overrides)
         encoder = encoder_cls(ssl_config)
     if cfg.gradient_checkpointing:
-        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(encoder)
     if cfg.freeze_feature_encoder:
         encoder.freeze_feature_encoder()
     install_feature_grad_mult(encoder, values["feature_grad_mult"])
