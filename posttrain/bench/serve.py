@@ -129,6 +129,13 @@ def run_phase(name: str, url: str, pid: int, clients: int, seconds: float, good,
     return phase
 
 
+def _metric(url: str, name: str) -> float:
+    import requests
+
+    text = requests.get(f"{url}/metrics", timeout=30).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
 def _start(model: str, port: int, temp: Path, args: argparse.Namespace) -> subprocess.Popen:
     import requests
 
@@ -187,6 +194,7 @@ def main(argv: list[str]) -> int:
             phases = [run_phase("good only", url, process.pid, args.clients, args.seconds, good, bad, 0),
                       run_phase("1 in 4 bad", url, process.pid, args.clients, args.seconds, good, bad, 4)]
             left = list((work / "tmp").rglob("*.upload"))
+            passes, windows = _metric(url, "posttrain_serve_forward_passes_total"), _metric(url, "posttrain_serve_windows_total")
         finally:
             process.terminate()
             process.wait(timeout=60)
@@ -199,6 +207,8 @@ def main(argv: list[str]) -> int:
           f"queue {args.max_queue}")
     for row in rows:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+    print(f"forward passes: {passes:.0f} for {windows:.0f} windows ({windows / max(passes, 1):.1f} windows a pass, "
+          f"all phases)")
     failures = sum(int(phase.row()[9]) + phase.lost for phase in phases)
     print(f"uploads left in the service's temp folder: {len(left)}; 5xx (not 503) + lost: {failures}")
     return 1 if failures or left else 0

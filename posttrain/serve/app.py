@@ -79,6 +79,9 @@ class Metrics:
         self.errors = Counter("posttrain_serve_errors", "refused or failed files by kind", ["kind"],
                               registry=self.registry)
         self.audio = Counter("posttrain_serve_audio_seconds", "decoded audio seconds scored", registry=self.registry)
+        self.passes = Counter("posttrain_serve_forward_passes", "forward passes on the device", registry=self.registry)
+        self.windows = Counter("posttrain_serve_windows", "windows scored (windows / passes = the batch size)",
+                               registry=self.registry)
         queue_depth = Gauge("posttrain_serve_queue_depth", "requests waiting for admission", registry=self.registry)
         queue_depth.set_function(lambda: len(state.admission.waiting))
         in_flight = Gauge("posttrain_serve_inflight_audio_seconds", "admitted audio seconds", registry=self.registry)
@@ -99,13 +102,18 @@ class ServiceState:
         self.window = WindowConfig(cfg.window_seconds, cfg.hop_seconds, cfg.min_tail_seconds)
         self.min_samples = min_input_samples(model)
         self.admission = Admission(cfg.max_inflight_seconds, cfg.max_queue, cfg.queue_timeout_seconds)
+        self.metrics = Metrics(self)
         self.batcher = Batcher(model, device, max_batch_seconds=cfg.max_batch_seconds,
-                               max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_batch_wait_ms)
+                               max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_batch_wait_ms,
+                               on_pass=self._count_pass)
         self.temp = Path(tempfile.mkdtemp(prefix="posttrain-serve-", dir=cfg.temp_dir))
         # the decoders' own temporary files (ffmpeg input copies) and multipart spooling land here too
         tempfile.tempdir = str(self.temp)
-        self.metrics = Metrics(self)
         self.closing = False
+
+    def _count_pass(self, windows: int) -> None:
+        self.metrics.passes.inc()
+        self.metrics.windows.inc(windows)
 
     def close(self) -> None:
         self.closing = True

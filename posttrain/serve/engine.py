@@ -18,6 +18,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -78,12 +79,11 @@ class Batcher:
     """One thread running every forward pass; ``submit`` returns a future per window ([2] logits)."""
 
     def __init__(self, model, device: torch.device, *, max_batch_seconds: float, max_batch_size: int,
-                 max_wait_ms: float):
-        self.model, self.device = model, device
+                 max_wait_ms: float, on_pass: Callable[[int], None] = lambda windows: None):
+        self.model, self.device, self.on_pass = model, device, on_pass
         self.max_samples = int(max_batch_seconds * SAMPLE_RATE_HZ)
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_ms / 1000.0
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
-        self.batches = 0
         self.thread = threading.Thread(target=self._run, name="posttrain-serve-batcher", daemon=True)
         self.thread.start()
 
@@ -134,6 +134,6 @@ class Batcher:
                 for j in batch:
                     j.future.set_exception(error)
                 continue
-            self.batches += 1
+            self.on_pass(len(batch))
             for row, j in enumerate(batch):
                 j.future.set_result(logits[row].astype(np.float64))

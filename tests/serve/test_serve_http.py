@@ -3,6 +3,7 @@ every bad input gets a 4xx (or 503) with a one-line reason while the service sta
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import socket
@@ -32,11 +33,16 @@ def _wav(seconds: float, *, seed: int = 0, level: float = 0.2, noise: float = 0.
     return out.getvalue()
 
 
-def _reference_scores(model_dir, data: bytes, window_s: float, hop_s: float) -> tuple[list[float], float]:
-    """Window logit_diffs (each window alone, its own normalisation) and their length-weighted mean."""
+@functools.lru_cache(maxsize=1)
+def _model(model_dir):
     from posttrain.loading import load_model
 
-    model, _ = load_model(model_dir)
+    return load_model(model_dir)[0]
+
+
+def _reference_scores(model_dir, data: bytes, window_s: float, hop_s: float) -> tuple[list[float], float]:
+    """Window logit_diffs (each window alone, its own normalisation) and their length-weighted mean."""
+    model = _model(model_dir)
     wave, _ = sf.read(io.BytesIO(data), dtype="float32")
     window, hop = int(window_s * RATE), int(hop_s * RATE)
     spans, start = [], 0
@@ -84,6 +90,33 @@ def test_scores_equal_an_independent_reference_with_timeline(server, tiny_export
     form = requests.post(f"{server.url}/v1/score", files={"file": ("c.wav", data, "audio/wav")},
                          headers=server.headers(), timeout=60).json()
     assert form["logit_diff"] == pytest.approx(result["logit_diff"], abs=1e-6)
+
+
+def _metric(server, name: str) -> float:
+    text = requests.get(f"{server.url}/metrics", headers=server.headers(), timeout=30).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_windows_of_concurrent_requests_share_forward_passes(server, tiny_export_dir):
+    """8 simultaneous 5.5 s uploads (5 windows each): scored in fewer passes than requests, so windows
+    of different requests were batched together; each still gets its own, correct-length result."""
+    passes, windows = _metric(server, "posttrain_serve_forward_passes_total"), _metric(server, "posttrain_serve_windows_total")
+    clips = [_wav(5.5, seed=10 + i) for i in range(8)]
+    results: dict[int, dict] = {}
+
+    def call(i: int) -> None:
+        results[i] = _post(server, clips[i]).json()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(results[i]["windows"] == 5 for i in range(8)), results
+    assert _metric(server, "posttrain_serve_windows_total") - windows == 40
+    assert _metric(server, "posttrain_serve_forward_passes_total") - passes < 8
+    for i, clip in enumerate(clips):  # each request got its own windows' result back
+        assert results[i]["logit_diff"] == pytest.approx(_reference_scores(tiny_export_dir, clip, 2, 1)[1], abs=1e-4)
 
 
 def test_batch_scores_each_file_and_reports_each_bad_one(server, tiny_export_dir):
