@@ -135,7 +135,7 @@ class ServiceState:
         except Busy as error:
             raise RequestError(503, "busy", f"service busy: {error}") from None
         try:
-            wave, level = await anyio.to_thread.run_sync(_decode, path, name, seconds if exact else None)
+            wave, level = await anyio.to_thread.run_sync(_decode, path, name, seconds if exact else None, limit)
             return await self._score_wave(wave, level, name)
         finally:
             self.admission.release(admitted)
@@ -176,8 +176,9 @@ def _probe(path: Path, name: str) -> tuple[float, bool]:
         raise RequestError(422, error.reason, error.detail.replace(path.name, name)) from None
 
 
-def _decode(path: Path, name: str, declared_seconds: float | None) -> tuple[np.ndarray, float]:
-    """16 kHz mono samples and their level; a file shorter than its (exact) header says is truncated."""
+def _decode(path: Path, name: str, declared_seconds: float | None, max_seconds: float) -> tuple[np.ndarray, float]:
+    """16 kHz mono samples and their level; a file shorter than its (exact) header says is truncated, one
+    longer than the limit (a compressed file whose header understated its length) is refused."""
     try:
         waveform = audio.load(path, sample_rate_hz=SAMPLE_RATE_HZ)
     except audio.AudioError as error:
@@ -187,6 +188,9 @@ def _decode(path: Path, name: str, declared_seconds: float | None) -> tuple[np.n
     if declared_seconds is not None and waveform.seconds < declared_seconds - 0.05:
         raise RequestError(422, "truncated", f"{name}: truncated ({waveform.seconds:.2f} s decoded of the "
                                              f"{declared_seconds:.2f} s its header declares)")
+    if waveform.seconds > max_seconds:
+        raise RequestError(413, "too_long", f"{name}: {waveform.seconds:.1f} s decoded (its header said less); "
+                                            f"this service scores at most {max_seconds:g} s per file")
     return waveform.samples, audio.level_dbfs(waveform.samples)
 
 
