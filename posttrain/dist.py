@@ -152,9 +152,31 @@ def process_rank() -> int:
     return torch_dist.get_rank() if is_initialized() else 0
 
 
+def process_world_size() -> int:
+    return torch_dist.get_world_size() if is_initialized() else 1
+
+
 def barrier() -> None:
     if is_initialized():
         torch_dist.barrier()
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (one broadcast on ``device``; alone: the flag)."""
+    tensor = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    if process_world_size() > 1:
+        torch_dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
+def all_gather_objects(item: Any) -> list[Any]:
+    """Every rank's picklable ``item``, in rank order (one all_gather_object; alone: ``[item]``)."""
+    world = process_world_size()
+    if world == 1:
+        return [item]
+    gathered: list[Any] = [None] * world
+    torch_dist.all_gather_object(gathered, item)
+    return gathered
 
 
 def global_sums(partials: torch.Tensor, group: Any) -> torch.Tensor:

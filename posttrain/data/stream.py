@@ -82,7 +82,7 @@ from posttrain.data.batching import (BucketPlan, PaddingMeter, antideepfake_plan
                                      fitted_edges)
 from posttrain.data.locations import RetryPolicy, ShardReadError, open_shard
 from posttrain.data.shards import INDEX_NAME, SampleError, ShardFormatError, decode_sample, load_index, shard_paths
-from posttrain.dist import dist_info, is_initialized
+from posttrain.dist import all_gather_objects, dist_info, is_initialized
 
 log = logging.getLogger(__name__)
 
@@ -729,9 +729,7 @@ class ShardStream:
         """The union of every rank's state. A collective when a process group is initialised:
         call it on every rank."""
         if self.world_size > 1 and is_initialized():
-            states: list[Any] = [None] * torch_dist.get_world_size()
-            torch_dist.all_gather_object(states, self.state_dict())
-            return merge_states(states)
+            return merge_states(all_gather_objects(self.state_dict()))
         return self.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -21,14 +21,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
 from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.data.batch import Batch, normalize_waveforms
 from posttrain.data.shards import SampleError, SampleMeta, decode_audio, decode_meta, load_index, shard_paths
-from posttrain.dist import DistInfo, global_sums, world_group
+from posttrain.dist import DistInfo, all_gather_objects, global_sums, is_initialized, world_group
 from posttrain.train.ascent import ascent_direction_, module_parameters, perturb_, restore_, takes_ascent
 
 GROUP_FIELDS = ("corpus", "attack", "language", "speaker")
@@ -321,10 +320,8 @@ def scores_of(model: nn.Module, entries: Sequence[CatalogEntry], cfg: SharpnessC
                 continue
             logits = model(batch.waveforms.to(device), batch.lengths.to(device)).float().cpu()
             scores.update(zip(batch.ids, (logits[:, 1] - logits[:, 0]).tolist()))
-    if info.world_size > 1 and torch_dist.is_initialized():
-        parts: list[Any] = [None] * info.world_size
-        torch_dist.all_gather_object(parts, scores)
-        scores = {k: v for part in parts for k, v in part.items()}
+    if info.world_size > 1 and is_initialized():
+        scores = {k: v for part in all_gather_objects(scores) for k, v in part.items()}
     return scores
 
 

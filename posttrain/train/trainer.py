@@ -28,7 +28,7 @@ import torch.distributed as torch_dist
 from posttrain.config import ConfigError, PosttrainConfig, dump_config, layerdrop_conflicts, to_dict
 from posttrain.data.batch import Batch
 from posttrain.data.files import write_text_atomic
-from posttrain.dist import choose_device, start_process_group
+from posttrain.dist import all_gather_objects, broadcast_flag, choose_device, start_process_group
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.partitions import check_zero_section
 from posttrain.train.run_lock import RunLock, RunLockError
@@ -154,21 +154,6 @@ def build_optimizer(model: torch.nn.Module, cfg: PosttrainConfig, device: torch.
                           betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay, fused=fused)
 
 
-# --------------------------------------------------------------------------------------- collectives
-
-
-def _world_size() -> int:
-    return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
-
-
-def _broadcast_flag(flag: bool, device: torch.device) -> bool:
-    """Rank 0's ``flag`` on every rank."""
-    tensor = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    if torch_dist.is_initialized() and _world_size() > 1:
-        torch_dist.broadcast(tensor, src=0)
-    return bool(tensor.item())
-
-
 # ---------------------------------------------------------------------------------------- validation
 
 
@@ -195,11 +180,7 @@ def evaluate_validation(engine: Any, cfg: PosttrainConfig, device: torch.device)
                 labels += batch.labels.tolist()
     finally:
         engine.train()
-    gathered: list[Any] = [None] * _world_size()
-    if _world_size() > 1:
-        torch_dist.all_gather_object(gathered, (scores, labels))
-    else:
-        gathered = [(scores, labels)]
+    gathered = all_gather_objects((scores, labels))
     all_scores = [s for part, _ in gathered for s in part]
     all_labels = [y for _, part in gathered for y in part]
     try:
@@ -424,7 +405,7 @@ class Trainer:
         due = bool(every_steps) and self.progress.step % every_steps == 0
         if every_minutes:  # rank 0's clock decides for everyone, so all enter the save together
             elapsed = time.monotonic() - self.last_save_time >= every_minutes * 60
-            due = _broadcast_flag(elapsed, self._collective_device()) or due
+            due = broadcast_flag(elapsed, self._collective_device()) or due
         return due
 
     def _collective_device(self) -> torch.device:
