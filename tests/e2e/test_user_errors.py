@@ -203,6 +203,10 @@ CASES = [
     Case("hub download", "output folder holds a user's file", lambda i, m: [
         "nobody-t14b/absent-release", "--out", str(i.occupied("dl2"))], EXIT_USAGE,
          lambda i: f"{i.path('dl2')}: not empty and not a posttrain export", out="dl2"),
+    Case("serve", "public address without a token", lambda i, m: [str(i.export), "--host", "0.0.0.0"], EXIT_USAGE,
+         lambda i: "serve.host: 0.0.0.0 is reachable beyond this machine and no token is configured"),
+    Case("serve", "missing token file", lambda i, m: [str(i.export), "--token-file", str(i.path("tokens.txt"))],
+         EXIT_USAGE, lambda i: f"serve.token_file: {i.path('tokens.txt')}: No such file or directory"),
 ]
 
 
