@@ -179,6 +179,11 @@ def all_gather_objects(item: Any) -> list[Any]:
     return gathered
 
 
+def collective_device() -> torch.device:
+    """Where a collective's tensors live: NCCL reduces on the current CUDA device, gloo on the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch_dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def global_sums(partials: torch.Tensor, group: Any) -> torch.Tensor:
     """Sum a small vector of per-rank partial sums over ``group`` (one all-reduce; ``None``: every rank
     holds everything, return as is). Returns a new tensor."""

@@ -71,7 +71,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -82,7 +81,7 @@ from posttrain.data.batching import (BucketPlan, PaddingMeter, antideepfake_plan
                                      fitted_edges)
 from posttrain.data.locations import RetryPolicy, ShardReadError, open_shard
 from posttrain.data.shards import INDEX_NAME, SampleError, ShardFormatError, decode_sample, load_index, shard_paths
-from posttrain.dist import all_gather_objects, dist_info, is_initialized
+from posttrain.dist import all_gather_objects, collective_device, dist_info, global_sums, is_initialized, world_group
 
 log = logging.getLogger(__name__)
 
@@ -783,9 +782,7 @@ def _agree(batch: Batch | None) -> tuple[int, int] | None:
     """One SUM all_reduce of (has a batch, samples, audio samples): None when no rank has a batch
     this slot, else the slot's global (samples, audio samples), which the train step uses for its
     loss scale instead of a collective of its own."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch_dist.get_backend() == "nccl" else "cpu"
     local = [0, 0, 0] if batch is None else [1, len(batch), int(batch.lengths.sum())]
-    totals = torch.tensor(local, dtype=torch.int64, device=device)
-    torch_dist.all_reduce(totals, op=torch_dist.ReduceOp.SUM)
+    totals = global_sums(torch.tensor(local, dtype=torch.int64, device=collective_device()), world_group())
     has_data, samples, audio_samples = totals.tolist()
     return (samples, audio_samples) if has_data else None

@@ -28,7 +28,7 @@ import torch.distributed as torch_dist
 from posttrain.config import ConfigError, PosttrainConfig, dump_config, layerdrop_conflicts, to_dict
 from posttrain.data.batch import Batch
 from posttrain.data.files import write_text_atomic
-from posttrain.dist import all_gather_objects, broadcast_flag, choose_device, start_process_group
+from posttrain.dist import all_gather_objects, broadcast_flag, choose_device, collective_device, start_process_group
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.partitions import check_zero_section
 from posttrain.train.run_lock import RunLock, RunLockError
@@ -405,11 +405,8 @@ class Trainer:
         due = bool(every_steps) and self.progress.step % every_steps == 0
         if every_minutes:  # rank 0's clock decides for everyone, so all enter the save together
             elapsed = time.monotonic() - self.last_save_time >= every_minutes * 60
-            due = broadcast_flag(elapsed, self._collective_device()) or due
+            due = broadcast_flag(elapsed, collective_device()) or due
         return due
-
-    def _collective_device(self) -> torch.device:
-        return self.device if torch_dist.get_backend() == "nccl" else torch.device("cpu")
 
     # -- validation
     def run_validation(self) -> bool:
