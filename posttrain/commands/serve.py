@@ -13,12 +13,15 @@ from posttrain.serve.config import TOKENS_ENV, ServeConfig
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from posttrain.eval.inference import PRECISIONS
+
     d = ServeConfig(model="")
     parser.add_argument("model", metavar="MODEL_SPEC",
                         help="transformers export folder, posttrain checkpoint, AntiDeepfake release or hub id")
     parser.add_argument("--host", default=d.host, help="address to listen on")
     parser.add_argument("--port", type=int, default=d.port, help="TCP port")
     parser.add_argument("--device", default=d.device, help="torch device of the model")
+    parser.add_argument("--precision", choices=PRECISIONS, default=d.precision, help="bf16: autocast on CUDA")
     parser.add_argument("--token-file", type=Path, default=None,
                         help=f"bearer tokens, one a line (also: {TOKENS_ENV}=a,b); default: no authentication")
     parser.add_argument("--allow-public", action="store_true",
@@ -50,7 +53,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    cfg = ServeConfig(model=args.model, host=args.host, port=args.port, device=args.device,
+    cfg = ServeConfig(model=args.model, host=args.host, port=args.port, device=args.device, precision=args.precision,
                       allow_public=args.allow_public, token_file=args.token_file, calibration=args.calibration,
                       window_seconds=args.window_seconds, hop_seconds=args.hop_seconds,
                       max_upload_bytes=int(args.max_upload_mb * 2**20), max_upload_seconds=args.max_upload_seconds,

@@ -105,7 +105,7 @@ class ServiceState:
         self.metrics = Metrics(self)
         self.batcher = Batcher(model, device, max_batch_seconds=cfg.max_batch_seconds,
                                max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_batch_wait_ms,
-                               on_pass=self._count_pass)
+                               precision=cfg.precision, on_pass=self._count_pass)
         self.temp = Path(tempfile.mkdtemp(prefix="posttrain-serve-", dir=cfg.temp_dir))
         # the decoders' own temporary files (ffmpeg input copies) and multipart spooling land here too
         tempfile.tempdir = str(self.temp)

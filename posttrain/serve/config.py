@@ -17,6 +17,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "cpu"
+    precision: str = "fp32"  # bf16: autocast on CUDA (posttrain.eval.inference.PRECISIONS)
     allow_public: bool = False  # listen beyond the loopback without tokens (explicit opt-in)
     token_file: Path | None = None  # one bearer token a line; or POSTTRAIN_SERVE_TOKENS
     calibration: Path | None = None  # default: the one stored with the model
@@ -40,6 +41,10 @@ class ServeConfig:
     def validate(self) -> None:
         if not self.model:
             raise ValueError("serve.model: a model spec is needed")
+        from posttrain.eval.inference import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"serve.precision: {self.precision!r} is not one of {PRECISIONS}")
         if not 0 < self.port < 65536:
             raise ValueError(f"serve.port: must be in 1..65535, got {self.port}")
         for key in ("window_seconds", "hop_seconds", "max_upload_seconds", "max_batch_seconds",

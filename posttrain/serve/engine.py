@@ -79,8 +79,8 @@ class Batcher:
     """One thread running every forward pass; ``submit`` returns a future per window ([2] logits)."""
 
     def __init__(self, model, device: torch.device, *, max_batch_seconds: float, max_batch_size: int,
-                 max_wait_ms: float, on_pass: Callable[[int], None] = lambda windows: None):
-        self.model, self.device, self.on_pass = model, device, on_pass
+                 max_wait_ms: float, precision: str = "fp32", on_pass: Callable[[int], None] = lambda windows: None):
+        self.model, self.device, self.precision, self.on_pass = model, device, precision, on_pass
         self.max_samples = int(max_batch_seconds * SAMPLE_RATE_HZ)
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_ms / 1000.0
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
@@ -129,7 +129,7 @@ class Batcher:
                 return
             batch, carry = self._gather(job)
             try:
-                logits, _ = forward_windows(self.model, [j.wave for j in batch], self.device)
+                logits, _ = forward_windows(self.model, [j.wave for j in batch], self.device, self.precision)
             except Exception as error:  # noqa: BLE001 - a failed pass fails its requests, not the service
                 for j in batch:
                     j.future.set_exception(error)

@@ -231,6 +231,8 @@ def test_config_refuses_a_public_address_without_tokens():
         ServeConfig(model="m", window_seconds=2, hop_seconds=3).validate()
     with pytest.raises(ValueError, match="serve.max_upload_seconds"):
         ServeConfig(model="m", max_upload_seconds=100, max_inflight_seconds=50).validate()
+    with pytest.raises(ValueError, match="serve.precision"):
+        ServeConfig(model="m", precision="fp16").validate()
     assert "t0ken" not in repr(ServeConfig(model="m", tokens=("t0ken",)))
 
 
