@@ -131,6 +131,16 @@ def test_batch_scores_each_file_and_reports_each_bad_one(server, tiny_export_dir
     assert not junk["ok"] and junk["status"] == 422 and junk["error"] == "unreadable" and junk["file"] == "junk.wav"
 
 
+def test_compressed_formats_score_like_score_reads_them(server, tmp_path):
+    """mp3 and m4a (ffmpeg's path, which needs a seekable copy: made in the service's own folder)."""
+    (tmp_path / "c.wav").write_bytes(_wav(3.0, seed=5))
+    for name, kind in (("c.mp3", "audio/mpeg"), ("c.m4a", "audio/mp4")):
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(tmp_path / "c.wav"), str(tmp_path / name)], check=True)
+        response = _post(server, (tmp_path / name).read_bytes(), kind)
+        assert response.status_code == 200, response.text
+        assert abs(response.json()["seconds"] - 3.0) < 0.1  # encoder padding only
+
+
 def test_bad_inputs_get_a_one_line_4xx_and_the_service_stays_up(server):
     wav = _wav(3.0)
     _assert_refused(_post(server, b"\x00\x01garbage" * 400), 422, "unreadable")  # corrupt audio
