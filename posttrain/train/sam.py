@@ -120,6 +120,26 @@ def _reuse_orthogonal_component_(grads: list[torch.Tensor], stored: list[torch.T
     return grad_norm
 
 
+def _ascend(engine: "DeepSpeedEngine", owned: OwnedParameters, grads: list[torch.Tensor], cfg: SamConfig,
+            device: torch.device, mode: str, thin_: Callable[[], None] | None = None) -> tuple[float, bool, Any]:
+    """Move the owned partitions to ``w + e`` along the first-pass gradient (the SAM or ASAM direction;
+    ``thin_`` first masks it, ESAM's stochastic weight perturbation), then drop that gradient for the
+    second pass. Returns the direction's global norm, whether an ascent was taken, and what
+    ``restore_`` needs."""
+    norm = ascent_direction_(owned, grads, adaptive=cfg.adaptive, eta=cfg.adaptive_eta, device=device)
+    perturb = takes_ascent(norm)
+    saved = None
+    mark_perturbed(engine, mode)
+    if perturb:
+        check_partitions_released(engine)
+        if thin_ is not None:
+            thin_()
+        saved = perturb_(owned, grads, cfg.rho, norm)
+        sync_model_copies(engine)
+    discard_gradients(engine)
+    return norm, perturb, saved
+
+
 def sharpness_aware_step(engine: "DeepSpeedEngine", run_pass: Callable[[], torch.Tensor], cfg: SamConfig, *,
                          step_index: int = 0, apply_update: Callable[[SamOutcome], Any] | None = None,
                          memory: dict[str, Any] | None = None) -> SamOutcome:
@@ -147,15 +167,7 @@ def sharpness_aware_step(engine: "DeepSpeedEngine", run_pass: Callable[[], torch
         return outcome
 
     plain = _store_plain_gradient(memory, grads) if looksam else None
-    norm = ascent_direction_(owned, grads, adaptive=cfg.adaptive, eta=cfg.adaptive_eta, device=device)
-    perturb = takes_ascent(norm)
-    saved = None
-    mark_perturbed(engine, "sam")
-    if perturb:
-        check_partitions_released(engine)
-        saved = perturb_(owned, grads, cfg.rho, norm)
-        sync_model_copies(engine)
-    discard_gradients(engine)
+    norm, perturb, saved = _ascend(engine, owned, grads, cfg, device, "sam")
     set_rng_state(rng)  # the same dropout / SpecAugment draws as the first pass
     second_loss = run_pass()
     if perturb:
@@ -264,16 +276,9 @@ def esam_step(engine: "DeepSpeedEngine", batches: list[Batch], ctx: StepContext)
     first = sample_losses(engine, batches, loss_scale(ctx, samples), ctx)
     owned = owned_parameters(engine)
     grads = owned_gradients(engine)
-    norm = ascent_direction_(owned, grads, adaptive=cfg.adaptive, eta=cfg.adaptive_eta, device=device)
-    perturb = takes_ascent(norm)
-    saved = None
-    mark_perturbed(engine, "esam")
-    if perturb:
-        check_partitions_released(engine)
-        stochastic_weight_mask_(owned, grads, cfg.esam_weight_fraction, ctx.cfg.train.seed, ctx.step)
-        saved = perturb_(owned, grads, cfg.rho, norm)
-        sync_model_copies(engine)
-    discard_gradients(engine)
+    norm, perturb, saved = _ascend(
+        engine, owned, grads, cfg, device, "esam",
+        thin_=lambda: stochastic_weight_mask_(owned, grads, cfg.esam_weight_fraction, ctx.cfg.train.seed, ctx.step))
     set_rng_state(rng)
     increases = [after - before for after, before in zip(forward_losses(engine, batches, ctx), first)]
     rows, selected = select_sharpest(increases, cfg.esam_data_fraction)
