@@ -247,13 +247,14 @@ def test_config_refuses_a_public_address_without_tokens():
 
 
 def _chromium():
-    """Debian's chromium and its driver (the Makefile's APT_PACKAGES), or a skip naming them."""
+    """Debian's chromium and its driver (the Makefile's APT_PACKAGES). Missing ones fail the test rather
+    than skip it: `make test` installs them, so a skip would only hide a broken set-up."""
     import shutil
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if browser is None or driver is None:
-        pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
+        pytest.fail("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
     return browser, driver
 
 
@@ -271,7 +272,7 @@ def test_page_in_a_headless_browser_shows_verdict_probability_and_timeline(serve
     browser, driver_path = _chromium()
     demo = sorted(KLETTRES_DIR.glob("*/alpha/*.ogg"))
     if not demo:
-        pytest.skip(f"no klettres recordings under {KLETTRES_DIR} (apt-get install klettres-data)")
+        pytest.fail(f"no klettres recordings under {KLETTRES_DIR} (apt-get install klettres-data)")
     demo_file = demo[0]
     expected = requests.post(f"{server.url}/v1/score", data=demo_file.read_bytes(), timeout=60,
                              headers=server.headers(**{"Content-Type": "audio/ogg"})).json()
