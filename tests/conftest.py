@@ -157,10 +157,13 @@ def shard_dir(tiny_corpus, tmp_path_factory) -> Path:
 
 
 def write_shard_set(directory: Path, name: str, shard_sizes: list, *, seconds: tuple = (0.2, 1.0),
-                    seed: int = 0, corrupt: dict | None = None, list_lengths: bool = True) -> dict:
+                    seed: int = 0, corrupt: dict | None = None, list_lengths: bool = True,
+                    exact_seconds: list | None = None) -> dict:
     """Tars ``<name>-%06d.tar`` + ``index.json`` in the shard format, written with webdataset's
     TarWriter so sizes, durations and broken members are exact. Ids are ``<NAME>-<shard>_<i>``;
-    ``corrupt`` maps an id to ``"audio"`` (garbage FLAC bytes) or ``"json"`` (unparsable JSON).
+    ``corrupt`` maps an id to ``"audio"`` (garbage FLAC bytes), ``"json"`` (unparsable JSON),
+    ``"json_says_more"`` or ``"json_says_less"`` (a JSON ``num_samples`` 800 off what the FLAC holds). ``exact_seconds`` (one per
+    sample, in order over the shards) replaces the random durations.
     ``list_lengths=False`` writes an index as older builds did, without per-key lengths.
     Returns id -> seconds of every sample written (corrupt ones included)."""
     import hashlib
@@ -182,6 +185,8 @@ def write_shard_set(directory: Path, name: str, shard_sizes: list, *, seconds: t
             for i in range(size):
                 sample_id = f"{name.upper()}-{shard_index}_{i}"  # already a valid webdataset key
                 frames = int(rng.uniform(*seconds) * rate_hz)
+                if exact_seconds is not None:
+                    frames = int(exact_seconds[sum(shard_sizes[:shard_index]) + i] * rate_hz)
                 wave = 0.3 * np.sin(2 * np.pi * 300 * np.arange(frames) / rate_hz) + 0.05 * rng.standard_normal(frames)
                 label = "real" if i % 2 == 0 else "fake"
                 meta = {"id": sample_id, "label": label, "corpus": name.upper(), "attack": "-", "speaker": "spk0",
@@ -194,6 +199,9 @@ def write_shard_set(directory: Path, name: str, shard_sizes: list, *, seconds: t
                     flac = b"fLaC" + rng.bytes(200)
                 elif corrupt.get(sample_id) == "json":
                     payload = b"{not json"
+                elif corrupt.get(sample_id) in ("json_says_more", "json_says_less"):
+                    wrong = frames + (800 if corrupt[sample_id] == "json_says_more" else -800)
+                    payload = json.dumps({**meta, "num_samples": wrong}).encode()
                 writer.write({"__key__": sample_id, "flac": flac, "json": payload})
                 keys.append(sample_id)
                 lengths.append(frames)

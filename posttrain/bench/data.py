@@ -9,8 +9,18 @@ padding fraction is the share of padded samples ``B x longest`` that are zeros.
 Throughput (``--only throughput``): audio-seconds per core-second of the full loader (tar reading,
 JSON, crop, bucketing, collation, IPC from workers, state accounting) vs plain decoding (``tarfile`` +
 ``soundfile``: the floor any loader pays), over at least an hour of audio by default. Both count the
-decoded (source) seconds per CPU second of the process and its workers, so cropping does not flatter
-the loader. ``--epochs 2`` also times a second epoch (a new epoch restarts no worker when they persist).
+source seconds per CPU second of the process and its workers; the loader's CPU includes starting its
+workers. The loader decodes only the window of a cropped file, so on a corpus of files longer than
+the crop the ``crop=antideepfake`` rows count seconds it did not decode (the default corpus, 12 s
+clips, is not cropped: both rows decode everything). ``--epochs 2`` also times a second epoch
+(a new epoch restarts no worker when they persist).
+
+Two baselines: plain decoding in one process (``vs 1 plain``), and in as many processes as the loader
+keeps busy (``vs N plain``: its workers, or one without). On a small VM two busy cores decode up to
+a quarter slower per core than one (shared caches and memory bandwidth, a host that shares the cores),
+which no loader design can avoid; ``vs N plain`` is what the loader itself costs. A VM's per-core speed
+also drifts by tens of per cent from minute to minute, so every round times all paths back to back
+(in a rotating order) and the table gives each ratio's median and range over the rounds.
 
 ``python -m posttrain.bench data [--only padding|throughput] [--demo DIR] [--shards DIR ...]
 [--files 300] [--seconds 12] [--long-tailed-files 1000] [--workers 0 1 2] [--repeats 3]``
@@ -20,13 +30,16 @@ from __future__ import annotations
 
 import argparse
 import io
+import multiprocessing
 import resource
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
+from tqdm import tqdm
 
 from posttrain.config import CropConfig, StreamConfig
 
@@ -38,17 +51,32 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def plain_decode(directories: list[str]) -> tuple[float, float, float]:
-    """(audio seconds, CPU seconds, wall seconds) of decoding every FLAC of the shard sets."""
-    from posttrain.data.shards import iter_shard, shard_paths
+def _decode_shards(paths: list[str]) -> tuple[float, float]:
+    """(audio seconds, CPU seconds of this process) of decoding every FLAC of the tars ``paths``."""
+    from posttrain.data.shards import iter_shard
 
-    cpu, wall, seconds = _cpu_seconds(), time.perf_counter(), 0.0
-    for directory in directories:
-        for path in shard_paths(directory):
-            for _, files in iter_shard(path):
-                samples, rate_hz = sf.read(io.BytesIO(files["flac"]), dtype="float32")
-                seconds += len(samples) / rate_hz
-    return seconds, _cpu_seconds() - cpu, time.perf_counter() - wall
+    cpu, seconds = time.process_time(), 0.0
+    for path in paths:
+        for _, files in iter_shard(path):
+            samples, rate_hz = sf.read(io.BytesIO(files["flac"]), dtype="float32")
+            seconds += len(samples) / rate_hz
+    return seconds, time.process_time() - cpu
+
+
+def plain_decode(directories: list[str], processes: int = 1) -> tuple[float, float, float]:
+    """(audio seconds, CPU seconds, wall seconds) of decoding every FLAC of the shard sets, in
+    ``processes`` forked processes that split the tars (their start is not counted)."""
+    from posttrain.data.shards import shard_paths
+
+    paths = [str(path) for directory in directories for path in shard_paths(directory)]
+    wall = time.perf_counter()
+    if processes == 1:
+        seconds, cpu = _decode_shards(paths)
+    else:
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            parts = pool.map(_decode_shards, [paths[i::processes] for i in range(processes)])
+        seconds, cpu = sum(part[0] for part in parts), sum(part[1] for part in parts)
+    return seconds, cpu, time.perf_counter() - wall
 
 
 def loader(directories: list[str], num_workers: int, crop: str, epochs: int = 1,
@@ -124,19 +152,46 @@ def padding_table(corpora: dict[str, str]) -> None:
             print(f"{name:<12} {crop:<13} " + " ".join(f"{fraction:>13.1%}" for fraction in fractions))
 
 
+def _spread(values: list[float], unit: str = "%") -> str:
+    """``median [min-max]`` of ratios (``%``) or rates."""
+    low, middle, high = np.min(values), np.median(values), np.max(values)
+    if unit == "%":
+        return f"{middle:>4.0%} [{low:.0%}-{high:.0%}]"
+    return f"{middle:>5.0f} [{low:.0f}-{high:.0f}]"
+
+
 def throughput_table(directories: list[str], workers: list[int], repeats: int, epochs: int) -> None:
-    plain_decode(directories)  # warm the page cache so both sides read from memory
-    audio, cpu, wall = min((plain_decode(directories) for _ in range(repeats)), key=lambda r: r[1])
-    plain_rate = audio / cpu
-    print(f"\n{audio:.0f} audio-s in {', '.join(directories)}; {epochs} loader epoch(s) per run, best of {repeats}")
-    print(f"{'path':<34} {'audio-s/core-s':>15} {'vs plain':>9} {'audio-s/wall-s':>15} {'padding':>8}")
-    print(f"{'plain soundfile decode':<34} {plain_rate:>15.0f} {1.0:>9.0%} {audio / wall:>15.0f} {'-':>8}")
-    for crop in ("none", "antideepfake"):
-        for num_workers in workers:
-            runs = [loader(directories, num_workers, crop, epochs) for _ in range(repeats)]
-            audio, cpu, wall, padding = min(runs, key=lambda r: r[1])
-            print(f"{f'loader crop={crop} workers={num_workers}':<34} {audio / cpu:>15.0f} "
-                  f"{audio / cpu / plain_rate:>9.0%} {audio / wall:>15.0f} {padding:>8.1%}")
+    loaders = [(crop, num_workers) for crop in ("none", "antideepfake") for num_workers in workers]
+    parallel = sorted({1} | {max(1, num_workers) for num_workers in workers})
+    plain_decode(directories)  # warm the page cache so every path reads from memory
+    plain: dict[int, list[tuple[float, float, float]]] = {n: [] for n in parallel}
+    runs: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {path: [] for path in loaders}
+    paths: list[Any] = [("plain", n) for n in parallel] + loaders
+    for round_index in tqdm(range(repeats), desc="rounds", unit="round"):
+        shift = round_index % len(paths)
+        for path in paths[shift:] + paths[:shift]:
+            if path[0] == "plain":
+                plain[path[1]].append(plain_decode(directories, path[1]))
+            else:
+                runs[path].append(loader(directories, path[1], path[0], epochs))
+    audio = plain[1][0][0]
+    print(f"\n{audio:.0f} audio-s in {', '.join(directories)}; {epochs} loader epoch(s) per run; "
+          f"median [range] over {repeats} rounds")
+    print(f"{'path':<34} {'audio-s/core-s':>18} {'vs 1 plain':>16} {'vs N plain':>16} {'audio-s/wall-s':>18} "
+          f"{'padding':>8}")
+    per_core = {n: [a / c for a, c, _ in plain[n]] for n in parallel}
+    for n in parallel:
+        print(f"{f'plain decode, {n} process(es)':<34} {_spread(per_core[n], 'rate'):>18} "
+              f"{_spread([r / b for r, b in zip(per_core[n], per_core[1])]):>16} {'-':>16} "
+              f"{_spread([a / w for a, _, w in plain[n]], 'rate'):>18} {'-':>8}")
+    for crop, num_workers in loaders:
+        rates = [a / c for a, c, _, _ in runs[crop, num_workers]]
+        same = per_core[max(1, num_workers)]
+        print(f"{f'loader crop={crop} workers={num_workers}':<34} {_spread(rates, 'rate'):>18} "
+              f"{_spread([r / b for r, b in zip(rates, per_core[1])]):>16} "
+              f"{_spread([r / b for r, b in zip(rates, same)]):>16} "
+              f"{_spread([a / w for a, _, w, _ in runs[crop, num_workers]], 'rate'):>18} "
+              f"{runs[crop, num_workers][0][3]:>8.1%}")
 
 
 def main(argv: list[str]) -> int:
@@ -148,7 +203,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--files", type=int, default=300, help="throughput: synthetic files")
     parser.add_argument("--seconds", type=float, default=12.0, help="throughput: seconds per synthetic file")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker counts to time")
-    parser.add_argument("--repeats", type=int, default=3, help="best of N runs (the machine may be shared)")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of every path, back to back")
     parser.add_argument("--epochs", type=int, default=1, help="throughput: loader epochs per run")
     args = parser.parse_args(argv)
 

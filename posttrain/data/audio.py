@@ -258,6 +258,31 @@ def decode_flac(data: bytes) -> tuple[np.ndarray, int]:
     return to_mono(samples), int(rate)
 
 
+def flac_frames(data: bytes) -> int:
+    """Frames in FLAC bytes, from the header (nothing is decoded)."""
+    with sf.SoundFile(io.BytesIO(data)) as audio:
+        return audio.frames
+
+
+def decode_flac_into(data: bytes, out: np.ndarray, start: int = 0) -> tuple[int, int]:
+    """Decode frames ``[start, start + len(out))`` of FLAC bytes straight into the 1-D float32 ``out``
+    (the mean of the channels when not mono): no buffer of its own, no copy, and for a window only the
+    FLAC frames around it are decoded. Returns ``(sample_rate_hz, frames in the file)``; a file that
+    ends before the window does raises ``ValueError``."""
+    with sf.SoundFile(io.BytesIO(data)) as audio:
+        if audio.channels == 1:
+            if start:
+                audio.seek(start)
+            got = len(audio.read(len(out), dtype="float32", out=out))
+        else:
+            window = to_mono(audio.read(dtype="float32"))[start:start + len(out)]
+            got = len(window)
+            out[:got] = window
+        if got != len(out):
+            raise ValueError(f"the file ends {len(out) - got} frames before the window [{start}, {start + len(out)})")
+        return audio.samplerate, audio.frames
+
+
 def probe_seconds(path: str | Path) -> tuple[float, bool]:
     """``(duration in seconds from the container header, exact)`` without decoding the audio: exact
     for what libsndfile reads (wav/flac/ogg), ffprobe's estimate otherwise. Raises ``AudioError``

@@ -59,11 +59,11 @@ class Batch:
 
     @staticmethod
     def collate(waveforms: list[torch.Tensor], labels: list[int], ids: list[str], meta: list[dict[str, Any]],
-                repeats: list[int] | None = None, out: torch.Tensor | None = None) -> "Batch":
-        """Zero-pad ``waveforms`` into ``[B, longest]``: into ``out`` when given (a tensor of that shape,
-        e.g. in shared memory; whatever it holds is overwritten), else a new tensor."""
+                repeats: list[int] | None = None) -> "Batch":
+        """Zero-pad ``waveforms`` into ``[B, longest]`` (the training loader decodes straight into its
+        batches instead, see ``posttrain.data.stream``)."""
         lengths = [w.numel() for w in waveforms]
-        padded = torch.empty(len(waveforms), max(lengths, default=0), dtype=torch.float32) if out is None else out
+        padded = torch.empty(len(waveforms), max(lengths, default=0), dtype=torch.float32)
         for row, (wave, length) in enumerate(zip(waveforms, lengths)):
             padded[row, :length] = wave
             padded[row, length:] = 0.0

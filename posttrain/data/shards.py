@@ -136,6 +136,15 @@ class ShardSample(SampleMeta):
     wave: np.ndarray  # float32 mono at SAMPLE_RATE_HZ
 
 
+@dataclass
+class PendingSample(SampleMeta):
+    """A shard sample whose JSON is parsed and whose audio is not decoded yet (``decode_audio_into``
+    writes it, or a window of it, where it is needed)."""
+
+    flac: bytes
+    num_samples: int | None  # as the JSON says; None when it does not
+
+
 def decode_meta(key: str, data: bytes) -> SampleMeta:
     """A sample's JSON member: its id (the key when the JSON has none) and label id."""
     try:
@@ -158,17 +167,55 @@ def decode_audio(data: bytes, sample_rate_hz: int = SAMPLE_RATE_HZ) -> np.ndarra
     return samples
 
 
-def decode_sample(key: str, files: dict[str, bytes], sample_rate_hz: int = SAMPLE_RATE_HZ) -> ShardSample:
+def parse_sample(key: str, files: dict[str, bytes]) -> PendingSample:
     """One shard sample (``{extension: bytes}`` as ``iter_shard`` yields it) -> id, label, metadata and
-    waveform; ``SampleError`` says what is wrong. Every reader of shard samples decodes through here."""
+    its FLAC bytes, undecoded; ``SampleError`` says what is wrong."""
     if "json" not in files or "flac" not in files:
         raise SampleError("incomplete", f"{key} has {sorted(files)}")
     meta = decode_meta(key, files["json"])
+    num_samples = meta.meta.get("num_samples")
+    return PendingSample(meta.id, meta.label, meta.meta, files["flac"],
+                         num_samples if isinstance(num_samples, int) and not isinstance(num_samples, bool) else None)
+
+
+def decode_sample(key: str, files: dict[str, bytes], sample_rate_hz: int = SAMPLE_RATE_HZ) -> ShardSample:
+    """One shard sample -> id, label, metadata and waveform; ``SampleError`` says what is wrong. Every
+    reader of shard samples decodes through here or through ``decode_audio_into``."""
+    sample = parse_sample(key, files)
     try:
-        wave = decode_audio(files["flac"], sample_rate_hz)
+        wave = decode_audio(sample.flac, sample_rate_hz)
     except SampleError as error:
-        raise SampleError(error.reason, error.detail, meta.id) from None
-    return ShardSample(meta.id, meta.label, meta.meta, wave)
+        raise SampleError(error.reason, error.detail, sample.id) from None
+    return ShardSample(sample.id, sample.label, sample.meta, wave)
+
+
+def sample_frames(sample: PendingSample) -> int:
+    """The sample's length in samples: its JSON's ``num_samples``, else the FLAC header's."""
+    from posttrain.data.audio import flac_frames
+
+    if sample.num_samples is not None:
+        return sample.num_samples
+    try:
+        return flac_frames(sample.flac)
+    except Exception as error:  # soundfile raises RuntimeErrors for bytes that are not FLAC
+        raise SampleError("audio", f"flac does not decode: {error!r}", sample.id) from None
+
+
+def decode_audio_into(sample: PendingSample, out: np.ndarray, start: int = 0,
+                      sample_rate_hz: int = SAMPLE_RATE_HZ) -> None:
+    """Samples ``[start, start + len(out))`` of the sample's audio straight into ``out`` (a row of a
+    batch: no buffer, no copy). ``SampleError`` as ``decode_audio``, and also when the FLAC does not
+    hold the ``num_samples`` its JSON says (the window was cut from that length)."""
+    from posttrain.data.audio import decode_flac_into
+
+    try:
+        rate, frames = decode_flac_into(sample.flac, out, start)
+    except Exception as error:  # any decoder failure is a corrupt sample (soundfile raises RuntimeErrors)
+        raise SampleError("audio", f"flac does not decode: {error!r}", sample.id) from None
+    if rate != sample_rate_hz:
+        raise SampleError("audio", f"flac at {rate} Hz, expected {sample_rate_hz}", sample.id)
+    if sample.num_samples is not None and frames != sample.num_samples:
+        raise SampleError("audio", f"flac holds {frames} samples, json says {sample.num_samples}", sample.id)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -1,4 +1,5 @@
 import io
+import os
 import json
 import tarfile
 from collections import Counter
@@ -414,3 +415,78 @@ def test_delivered_lengths_follow_the_crop():
     lengths, weights = delivered_lengths(seconds, CropConfig(policy="fixed", fixed_seconds=4.0))
     assert lengths.tolist() == [1.0, 4.0, 4.0, 4.0] and weights.tolist() == [1, 1, 1, 1]
     assert delivered_lengths(seconds, CropConfig(policy="none"))[0].tolist() == seconds.tolist()
+
+
+def _storage_inode(tensor) -> int:
+    return os.fstat(tensor.untyped_storage()._share_fd_cpu_()[0]).st_ino
+
+
+def test_workers_reuse_batch_buffers_but_never_one_that_is_still_referenced(sets):
+    """Workers collate into shared buffers that come back once nothing refers to their batch. Over
+    three epochs the consumer drops most batches (their buffers are reused), keeps some whole and
+    keeps only a view of others; every kept sample still holds its own audio at the end, and the
+    padding of every batch is zero (one bucket: rows of different lengths over a reused buffer)."""
+    reference = _reference_waves(sets["a"])
+    stream = ShardStream(_cfg(sets["a"], num_workers=2, max_batch_seconds=3.0, num_buckets=1), rank=0, world_size=1)
+    kept_batches, kept_views, buffers, batches = [], [], Counter(), 0
+    for epoch in range(3):
+        stream.set_epoch(epoch)
+        for batch in stream:
+            buffers[_storage_inode(batch.waveforms)] += 1
+            for row, length in enumerate(batch.lengths.tolist()):
+                assert float(batch.waveforms[row, length:].abs().sum()) == 0.0
+            if batches % 5 == 0:
+                kept_batches.append(batch)
+            elif batches % 5 == 1:
+                kept_views.append((batch.ids[0], int(batch.lengths[0]), batch.waveforms[0].numpy()))
+            batches += 1
+    stream.close()
+    assert len(buffers) < batches and max(buffers.values()) > 1  # buffers were reused
+    for batch in kept_batches:
+        for row, sample_id in enumerate(batch.ids):
+            np.testing.assert_allclose(batch.waveforms[row, : batch.lengths[row]].numpy(), reference[sample_id][0],
+                                       atol=1e-6)
+            assert float(batch.waveforms[row, batch.lengths[row]:].abs().sum()) == 0.0
+    for sample_id, length, row in kept_views:
+        np.testing.assert_allclose(row[:length], reference[sample_id][0], atol=1e-6)
+
+
+def test_an_abandoned_epoch_leaves_the_next_one_whole(sets):
+    """Batches the DataLoader drops when a new iteration starts (possibly the first batch of a
+    buffer, which carries its descriptor) do not break the buffers of the next epoch."""
+    reference = _reference_waves(sets["a"])
+    stream = ShardStream(_cfg(sets["a"], num_workers=2, max_batch_seconds=1.5), rank=0, world_size=1)
+    next(iter(stream))
+    stream.set_epoch(1)
+    seen = []
+    for batch in stream:
+        for row, sample_id in enumerate(batch.ids):
+            np.testing.assert_allclose(batch.waveforms[row, : batch.lengths[row]].numpy(), reference[sample_id][0],
+                                       atol=1e-6)
+        seen += batch.ids
+    stream.close()
+    assert Counter(seen) == Counter(sets["a_ids"])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_sample_found_corrupt_while_its_batch_is_filled_leaves_no_trace(make_shard_set, num_workers):
+    """Audio is decoded straight into the batch's rows, after batching: a sample that fails there
+    (garbage FLAC, or another length than its JSON says) is counted corrupt, the next sample takes its
+    row, and the batch is no wider than its longest remaining sample (here the longest was corrupt)."""
+    seconds = [0.5, 0.9, 0.3, 0.6, 0.4, 0.2, 0.45]
+    directory, _ = make_shard_set(f"late-{num_workers}", [7], exact_seconds=seconds,
+                                  corrupt={f"LATE-{num_workers}-0_1": "audio", f"LATE-{num_workers}-0_3": "json_says_more",
+                                           f"LATE-{num_workers}-0_6": "json_says_less"})
+    reference = _reference_waves(directory)
+    stream = ShardStream(_cfg(directory, num_workers=num_workers, max_batch_seconds=20.0, num_buckets=1),
+                         rank=0, world_size=1)
+    batches = list(stream)
+    stream.close()
+    assert len(batches) == 1
+    batch = batches[0]
+    assert sorted(batch.ids) == sorted(f"LATE-{num_workers}-0_{i}" for i in (0, 2, 4, 5))
+    assert batch.waveforms.shape == (4, int(0.5 * RATE_HZ))
+    for row, sample_id in enumerate(batch.ids):
+        np.testing.assert_array_equal(batch.waveforms[row, : batch.lengths[row]].numpy(), reference[sample_id][0])
+        assert float(batch.waveforms[row, batch.lengths[row]:].abs().sum()) == 0.0
+    assert stream.stats()["corrupt_by_reason"] == {"audio": 3}
