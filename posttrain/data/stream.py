@@ -615,10 +615,11 @@ class EpochReader(IterableDataset):
         that does not decode is added to ``corrupt`` and the next one takes its row. Returns the filled
         rows (no wider than their longest sample) and the samples in them."""
         filled: list[Decoded] = []
+        rows = out.numpy()  # numpy views: a tenth of the per-row cost of torch indexing
         for item in group:
-            row = out[len(filled)]
+            row = rows[len(filled)]
             try:
-                decode_audio_into(item.sample, row[:item.length].numpy(), item.start, self.cfg.sample_rate_hz)
+                decode_audio_into(item.sample, row[:item.length], item.start, self.cfg.sample_rate_hz)
             except SampleError as error:
                 corrupt.append(Corrupt(item.unit, item.position, error.reason))
                 continue

@@ -60,9 +60,10 @@ def _reference_waves(directory: Path) -> dict[str, tuple[np.ndarray, str]]:
     return waves
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_epoch_delivers_every_sample_once_decoded_and_raw(sets, num_workers):
-    stream = ShardStream(_cfg(sets["a"], num_workers=num_workers), rank=0, world_size=1)
+@pytest.mark.parametrize("num_workers,start_method", [(0, "fork"), (2, "fork"), (2, "spawn")])
+def test_epoch_delivers_every_sample_once_decoded_and_raw(sets, num_workers, start_method):
+    stream = ShardStream(_cfg(sets["a"], num_workers=num_workers, worker_start_method=start_method),
+                         rank=0, world_size=1)
     reference = _reference_waves(sets["a"])
     seen = []
     for batch in stream:
