@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 from math import gcd
@@ -140,3 +141,28 @@ def test_unreadable_says_what_the_decoder_said_and_decoder_chatter_stays_off_the
     with audio._native_stderr_captured():  # what is not decoder chatter still reaches stderr
         os.write(2, b"Warning: Xing stream size off\nsomething else\n")
     assert capfd.readouterr().err == "something else\n"
+
+
+def test_decode_flac_into_a_window_equals_the_slice_of_a_full_decode():
+    """The training loader decodes windows straight into batch rows, seeking inside the FLAC
+    (20,000 samples: five 4,096-sample FLAC blocks); every window, at a block edge or not, equals the
+    same slice of a whole-file decode (``sf.read``, independent of the seek path); a stereo file is
+    the channel mean; a window past the end raises."""
+    rng = np.random.default_rng(0)
+    mono = (0.3 * rng.standard_normal(20000)).clip(-1, 1).astype(np.float32)
+    data = audio.encode_flac(mono)
+    whole, _ = sf.read(io.BytesIO(data), dtype="float32")
+    for start, length in [(0, 20000), (0, 100), (4095, 2), (4096, 4096), (12345, 7000), (19999, 1)]:
+        out = np.full(length, np.nan, dtype=np.float32)
+        assert audio.decode_flac_into(data, out, start) == (16000, 20000)
+        np.testing.assert_array_equal(out, whole[start:start + length])
+    with pytest.raises(ValueError, match="ends 10 frames before the window"):
+        audio.decode_flac_into(data, np.zeros(110, dtype=np.float32), 19900)
+
+    stereo = np.stack([mono, -0.5 * mono], axis=1)
+    buffer = io.BytesIO()
+    sf.write(buffer, stereo, 16000, format="FLAC", subtype="PCM_16")
+    both, _ = sf.read(io.BytesIO(buffer.getvalue()), dtype="float32")
+    out = np.empty(500, dtype=np.float32)
+    audio.decode_flac_into(buffer.getvalue(), out, 9000)
+    np.testing.assert_array_equal(out, both.mean(axis=1, dtype=np.float32)[9000:9500])
