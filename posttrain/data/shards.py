@@ -7,6 +7,7 @@ Building lives in ``posttrain.data.shard_build``. ``decode_sample`` is the one d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -154,16 +155,27 @@ def decode_meta(key: str, data: bytes) -> SampleMeta:
         raise SampleError("json", f"json: {error!r}") from None
 
 
+@contextlib.contextmanager
+def _flac_decoding(sample_id: str | None = None) -> Iterator[None]:
+    """Any decoder failure is a corrupt sample (soundfile raises RuntimeErrors)."""
+    try:
+        yield
+    except Exception as error:
+        raise SampleError("audio", f"flac does not decode: {error!r}", sample_id) from None
+
+
+def _check_rate(rate: int, sample_rate_hz: int, sample_id: str | None = None) -> None:
+    if rate != sample_rate_hz:
+        raise SampleError("audio", f"flac at {rate} Hz, expected {sample_rate_hz}", sample_id)
+
+
 def decode_audio(data: bytes, sample_rate_hz: int = SAMPLE_RATE_HZ) -> np.ndarray:
     """A sample's FLAC member as float32 mono; any other rate than ``sample_rate_hz`` is an error."""
     from posttrain.data.audio import decode_flac  # soundfile only; keeps inspect free of it
 
-    try:
+    with _flac_decoding():
         samples, rate = decode_flac(data)
-    except Exception as error:  # any decoder failure is a corrupt sample (soundfile raises RuntimeErrors)
-        raise SampleError("audio", f"flac does not decode: {error!r}") from None
-    if rate != sample_rate_hz:
-        raise SampleError("audio", f"flac at {rate} Hz, expected {sample_rate_hz}")
+    _check_rate(rate, sample_rate_hz)
     return samples
 
 
@@ -195,10 +207,8 @@ def sample_frames(sample: PendingSample) -> int:
 
     if sample.num_samples is not None:
         return sample.num_samples
-    try:
+    with _flac_decoding(sample.id):
         return flac_frames(sample.flac)
-    except Exception as error:  # soundfile raises RuntimeErrors for bytes that are not FLAC
-        raise SampleError("audio", f"flac does not decode: {error!r}", sample.id) from None
 
 
 def decode_audio_into(sample: PendingSample, out: np.ndarray, start: int = 0,
@@ -208,12 +218,9 @@ def decode_audio_into(sample: PendingSample, out: np.ndarray, start: int = 0,
     hold the ``num_samples`` its JSON says (the window was cut from that length)."""
     from posttrain.data.audio import decode_flac_into
 
-    try:
+    with _flac_decoding(sample.id):
         rate, frames = decode_flac_into(sample.flac, out, start)
-    except Exception as error:  # any decoder failure is a corrupt sample (soundfile raises RuntimeErrors)
-        raise SampleError("audio", f"flac does not decode: {error!r}", sample.id) from None
-    if rate != sample_rate_hz:
-        raise SampleError("audio", f"flac at {rate} Hz, expected {sample_rate_hz}", sample.id)
+    _check_rate(rate, sample_rate_hz, sample.id)
     if sample.num_samples is not None and frames != sample.num_samples:
         raise SampleError("audio", f"flac holds {frames} samples, json says {sample.num_samples}", sample.id)
 

@@ -371,23 +371,28 @@ class Delivery:
     source_seconds: float
 
 
+def rows_view(storage: torch.UntypedStorage, shape: tuple[int, int], row_stride: int) -> torch.Tensor:
+    """A float32 ``shape`` tensor over ``storage`` from its start, rows ``row_stride`` floats apart."""
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape, (row_stride, 1))
+
+
 def shared_tensor(rows: int, width: int, storage: torch.UntypedStorage | None = None) -> torch.Tensor:
     """A ``[rows, width]`` float32 tensor in shared memory (a new zeroed one, or a view of ``storage``).
-    A worker collates a batch into it (as torch's default_collate does), so sending it to the main
-    process passes a file descriptor instead of copying the batch into shared memory first."""
+    A worker fills a batch into it, so sending it to the main process passes a file descriptor instead
+    of copying the batch into shared memory first."""
     storage = torch.UntypedStorage._new_shared(rows * width * 4) if storage is None else storage
-    return torch.empty(0, dtype=torch.float32).set_(storage, 0, (rows, width))
+    return rows_view(storage, (rows, width), width)
 
 
 @dataclass
 class PackedBatch:
     """A batch on its way from a worker to the main process. The waveforms are in a ``BatchSlots``
     slot (``slot``; ``storage`` is the slot's shared storage while the main process has not mapped it
-    yet, else None) or, with ``slot`` None, ``storage`` is a shared tensor of their own; the rest goes
+    yet, else None) or, with ``slot`` None, in a fresh shared ``storage`` of their own; the rest goes
     by value (torch would put every small tensor in a shared-memory file of its own)."""
 
     slot: int | None
-    storage: torch.UntypedStorage | torch.Tensor | None
+    storage: torch.UntypedStorage | None
     shape: tuple[int, int]
     row_stride: int  # wider than the shape when corrupt samples left the buffer's longest row empty
     lengths: list[int]
@@ -445,28 +450,30 @@ class BatchSlots:
     def unused(self, slot: int | None) -> None:
         """A buffer that was not sent after all (every sample in it was corrupt)."""
         if slot is not None:
-            self.states[slot] = self.FREE if slot in self._announced else self.UNUSED
+            self.states[slot] = self.FREE
 
     def pack(self, batch: Batch, slot: int | None) -> PackedBatch:
         """The storage goes with a slot's first batch only: a slot comes back ``FREE`` only after the
         main process received a batch in it, so a first batch the DataLoader dropped leaves its slot
         ``SENT`` for good, and a slot sent again is one whose descriptor the main process holds."""
-        storage = batch.waveforms if slot is None else None if slot in self._announced else self._storages[slot]
-        if slot is not None:
+        if slot is None:
+            storage = batch.waveforms.untyped_storage()
+        else:
+            storage = None if slot in self._announced else self._storages[slot]
             self._announced.add(slot)
-        return PackedBatch(slot, storage, tuple(batch.waveforms.shape), batch.waveforms.stride(0), batch.lengths.tolist(),
+        waveforms = batch.waveforms
+        return PackedBatch(slot, storage, tuple(waveforms.shape), waveforms.stride(0), batch.lengths.tolist(),
                            batch.labels.tolist(), batch.ids, batch.meta, batch.repeats)
 
     # -- main side
     def unpack(self, packed: PackedBatch) -> Batch:
-        if packed.slot is None:
-            waveforms = packed.storage
-        else:
-            if packed.storage is not None:
-                self._fds[packed.slot] = os.dup(packed.storage._share_fd_cpu_()[0])
+        storage = packed.storage
+        if packed.slot is not None:
+            if storage is not None:
+                self._fds[packed.slot] = os.dup(storage._share_fd_cpu_()[0])
             storage = torch.UntypedStorage._new_shared_fd_cpu(self._fds[packed.slot], self.slot_floats * 4)
-            waveforms = torch.empty(0, dtype=torch.float32).set_(storage, 0, packed.shape, (packed.row_stride, 1))
             self._received.append((packed.slot, StorageWeakRef(storage)))
+        waveforms = rows_view(storage, packed.shape, packed.row_stride)
         return Batch(waveforms, torch.tensor(packed.lengths, dtype=torch.long),
                      torch.tensor(packed.labels, dtype=torch.long), packed.ids, packed.meta, packed.repeats)
 

@@ -491,3 +491,22 @@ def test_a_sample_found_corrupt_while_its_batch_is_filled_leaves_no_trace(make_s
         np.testing.assert_array_equal(batch.waveforms[row, : batch.lengths[row]].numpy(), reference[sample_id][0])
         assert float(batch.waveforms[row, batch.lengths[row]:].abs().sum()) == 0.0
     assert stream.stats()["corrupt_by_reason"] == {"audio": 3}
+
+
+def test_batches_beyond_the_buffers_come_in_fresh_ones(make_shard_set):
+    """A batch larger than a worker's buffers (one 2.5 s sample over a 1 s budget) and batches kept
+    while a worker's buffers are all held (every batch of the epoch is kept) travel in fresh shared
+    buffers, and arrive whole."""
+    seconds = [0.3, 2.5] + [0.2] * 38
+    directory, _ = make_shard_set("fresh", [20, 20], exact_seconds=seconds)
+    reference = _reference_waves(directory)
+    stream = ShardStream(_cfg(directory, num_workers=2, max_batch_seconds=1.0, max_batch_size=2), rank=0,
+                         world_size=1)
+    batches = list(stream)
+    stream.close()
+    assert len(batches) > 2 * 8  # more than both workers' buffers
+    assert max(int(b.lengths.max()) for b in batches) == int(2.5 * RATE_HZ)
+    assert Counter(i for b in batches for i in b.ids) == Counter(set(reference))
+    for batch in batches:
+        for row, sample_id in enumerate(batch.ids):
+            np.testing.assert_array_equal(batch.waveforms[row, : batch.lengths[row]].numpy(), reference[sample_id][0])
