@@ -26,7 +26,8 @@ CORPUS_RATES_HZ = (16000, 22050, 44100, 48000, 8000)
 CORPUS_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS")}
 # kind of bad file -> the reject reason the shard builder must give it
 BAD_AUDIO_REASONS = {"unreadable": "unreadable", "empty": "empty", "nan": "nan", "short": "too_short",
-                     "missing": "missing", "mismatch": "duration_mismatch"}
+                     "missing": "missing", "mismatch": "duration_mismatch", "rate": "rate_out_of_range",
+                     "understated": "length_mismatch"}
 
 
 @dataclasses.dataclass
@@ -115,6 +116,14 @@ def write_corpus(directory: Path, name: str = "corpus", *, num_files: int = 12, 
             sf.write(path, _signal("sine", 320, 16000, 1, rng), 16000, subtype="PCM_16")
         elif kind == "mismatch":  # 1 s of audio, the row says 3 s (a truncated file)
             sf.write(path, _signal("sine", 16000, 16000, 1, rng), 16000, subtype="PCM_16")
+        elif kind in ("rate", "understated"):
+            from posttrain.bench.hostile_audio import wav_header, wav_with_rate
+
+            if kind == "rate":  # a header claiming 2,147,483,647 Hz (140 bytes)
+                path.write_bytes(wav_with_rate(2_147_483_647, 48))
+            else:  # 3 s of samples behind a data chunk saying 1 s; the row read its Duration from that header
+                pcm = (_signal("sine", 3 * 16000, 16000, 1, rng)[:, 0] * 32767).astype("<i2").tobytes()
+                path.write_bytes(wav_header(16000, 2 * 16000) + pcm)
         elif kind != "missing":
             raise ValueError(f"unknown bad audio kind {kind!r}; known: {sorted(BAD_AUDIO_REASONS)}")
         row = add(index, relative, {"short": 0.02, "mismatch": 3.0}.get(kind, 1.0), 16000, 1, "wav")
@@ -504,21 +513,49 @@ from posttrain.dist import free_port  # noqa: E402
 TOKEN = "s3cret-token-7f1c"  # what the tests send; it must never appear in the service's output
 
 
+WATCHDOG_RSS_BYTES = 3 * 2**30  # a server above this is killed, so a memory regression fails a test
+
+
 @dataclasses.dataclass
 class Server:
     url: str
     temp_dir: Path
     log: Path
     process: subprocess.Popen
+    killed_for_memory: bool = False
 
     def headers(self, **extra: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {TOKEN}", **extra}
 
+    def status_bytes(self, field: str) -> int:
+        """``VmHWM`` (peak resident memory) or ``VmRSS`` of the server process, in bytes."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(field)
 
-def start_server(model: Path, work: Path, *options: str) -> Server:
+    def watch(self) -> None:
+        """Kill the server if its memory passes ``WATCHDOG_RSS_BYTES`` (polled every 50 ms)."""
+        def poll() -> None:
+            while self.process.poll() is None:
+                try:
+                    if self.status_bytes("VmRSS") > WATCHDOG_RSS_BYTES:
+                        self.killed_for_memory = True
+                        self.process.kill()
+                except (OSError, KeyError):
+                    return
+                time.sleep(0.05)
+
+        import threading
+
+        threading.Thread(target=poll, daemon=True).start()
+
+
+def start_server(model: Path, work: Path, *options: str, temp_dir: Path | None = None) -> Server:
     port = free_port()
-    temp_dir = work / "service_tmp"
-    temp_dir.mkdir()
+    work.mkdir(parents=True, exist_ok=True)
+    temp_dir = temp_dir or work / "service_tmp"
+    temp_dir.mkdir(exist_ok=True)
     (work / "tokens").write_text(f"# one token a line\n{TOKEN}\n")
     log = work / "server.log"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
@@ -533,7 +570,9 @@ def start_server(model: Path, work: Path, *options: str) -> Server:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
         try:
             if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return Server(url, temp_dir, log, process)
+                running = Server(url, temp_dir, log, process)
+                running.watch()
+                return running
         except requests.ConnectionError:
             pass
         time.sleep(0.2)

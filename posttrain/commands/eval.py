@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     with process_group() as info:
         try:
             cfg = config_from_args(args)
-            source = ShardSource(args.shards) if args.shards else ProtocolSource(args.protocol, args.root)
+            source = ShardSource(args.shards) if args.shards else ProtocolSource(
+                args.protocol, args.root, max_file_seconds=args.max_file_seconds)
             device = device_from_args(args, info)
             model, identity = load_model(args.model, device)
             calibration, calibration_source = resolve_calibration(args.calibration, identity)

@@ -8,6 +8,7 @@ import argparse
 import torch
 
 from posttrain.dist import DistInfo, choose_device
+from posttrain.data.audio import DEFAULT_MAX_FILE_SECONDS
 from posttrain.eval.inference import PRECISIONS, SCORING_MODES, InferenceConfig
 from posttrain.eval.scoring import AGGREGATIONS, WindowConfig
 
@@ -33,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, batch_seconds: float = 200
                        help="windows per forward pass at most")
     group.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16: autocast on CUDA")
     group.add_argument("--num-workers", type=int, default=0, help="decoding worker processes per rank")
+    group.add_argument("--max-file-seconds", type=float, default=DEFAULT_MAX_FILE_SECONDS,
+                       help="the most audio decoded from one file, seconds (bounds memory); a longer file is "
+                            "skipped as too_long")
     group.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -67,6 +67,23 @@ def _write_timelines(directory: Path, outputs: list, rows: list[dict], decision,
     print(f"timelines: {len(outputs)} file(s) in {directory} (NAME.timeline.csv/.json/.png)")
 
 
+def checked_inputs(inputs: list[Path]) -> list[Path]:
+    """The audio files to score, each probed from its header before any model is loaded: a missing file
+    or a sample rate out of range is the user's to fix (``UserError``, exit 2, naming the file); other
+    problems (a corrupt body) are per-file errors while scoring, and the rest are still scored."""
+    from posttrain.data.audio import AudioError, audio_inputs, probe
+    from posttrain.errors import UserError
+
+    paths = audio_inputs(inputs)
+    for path in paths:
+        try:
+            probe(path)
+        except AudioError as error:
+            if error.reason in ("missing", "rate_out_of_range"):
+                raise UserError(f"{error.detail} (nothing was scored: fix or drop this input)") from None
+    return paths
+
+
 def run(args: argparse.Namespace) -> int:
     from posttrain.data.files import write_bytes_atomic
     from posttrain.commands.inference_options import config_from_args, device_from_args
@@ -76,10 +93,11 @@ def run(args: argparse.Namespace) -> int:
                                         near_silent, p_real, resolve_calibration)
     from posttrain.loading import load_model
 
+    paths = checked_inputs(args.inputs)
     with process_group() as info:
         try:
             cfg = config_from_args(args)
-            source = FileSource(args.inputs)
+            source = FileSource(paths, max_file_seconds=args.max_file_seconds)
             device = device_from_args(args, info)
             model, identity = load_model(args.model, device)
             calibration, calibration_source = resolve_calibration(args.calibration, identity)
@@ -100,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         row = {"file": out.id, "p_real": float(p_real(out.logits)), "logit_diff": score, "llr": llr,
                "decision": decision.label(score), "seconds": out.seconds, "windows": out.num_windows,
                **logit_columns(out.logits)}
-        row.update(level_dbfs=out.meta.get("level_dbfs"), near_silent=near_silent(out.meta))
+        row.update(level_dbfs=out.meta.get("level_dbfs"), near_silent=near_silent(out.meta),
+                   warnings=list(out.meta.get("warnings", ())))
         rows.append(row)
         llr_text = "" if llr is None else f"  LLR {llr:+.4f}"
         print(f"{out.id}  P(real) {row['p_real']:.4f}  logit_diff {score:+.4f}{llr_text}  -> {row['decision']}"
@@ -109,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"WARNING {out.id}: near-silent input ({row['level_dbfs']:.0f} dBFS RMS, below "
                   f"{NEAR_SILENT_DBFS:g}): the model normalises the level away, so this score says nothing "
                   f"about the recording")
+        for warning in row["warnings"]:
+            print(f"WARNING {out.id}: {warning}")
     if args.timeline is not None:
         _write_timelines(args.timeline, result.outputs, rows, decision, calibration)
     for item in result.skipped:

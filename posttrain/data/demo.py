@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.data import audio
+from posttrain.data.resample import resample
 from posttrain.data.files import write_bytes_atomic
 from posttrain.data.protocol import ROOT_PLACEHOLDER, ProtocolRow, write_protocol
 
@@ -125,7 +126,7 @@ def normalise_level(samples: np.ndarray) -> np.ndarray:
 
 def finish(samples: np.ndarray, sample_rate_hz: int) -> np.ndarray:
     """Steps 3-5 of the chain: 16 kHz, trimmed, level-normalised mono float32."""
-    resampled = audio.resample(samples, sample_rate_hz, SAMPLE_RATE_HZ)
+    resampled = resample(samples, sample_rate_hz, SAMPLE_RATE_HZ)
     return normalise_level(trim_silence(resampled, SAMPLE_RATE_HZ))
 
 
@@ -152,7 +153,7 @@ def synthesize(text: str, voice: str, attack: Attack) -> bytes:
 
 def synthetic_waveform(text: str, voice: str, attack: Attack) -> np.ndarray:
     samples, rate = audio.decode(synthesize(text, voice, attack))
-    at_codec_rate = audio.resample(audio.to_mono(samples), rate, CODEC_RATE_HZ)
+    at_codec_rate = resample(audio.to_mono(samples), rate, CODEC_RATE_HZ)
     return finish(vorbis_roundtrip(at_codec_rate, CODEC_RATE_HZ), CODEC_RATE_HZ)
 
 

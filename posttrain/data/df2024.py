@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.data import audio
 from posttrain.data.files import write_bytes_atomic
 from posttrain.data.protocol import ROOT_PLACEHOLDER, ProtocolRow, write_protocol
+
+log = logging.getLogger(__name__)
 
 PREFIX = "DF2024"
 SEGMENT_SECONDS = (4, 10, 13, 30, 50)
@@ -210,10 +213,12 @@ def segment_relative(source: SourceFile, length_s: int, segment: Segment) -> Pat
 
 def _process(job: _Job) -> _Done:
     try:
-        waveform = audio.load(job.audio_path)
+        waveform = audio.load(job.audio_path, max_seconds=audio.DEFAULT_MAX_FILE_SECONDS)
     except audio.AudioError as error:
         return _Done(job.source, 0, 0, {}, str(error))
     samples = waveform.samples
+    for warning in waveform.warnings:  # cut by what was decoded; the header's disagreement is logged
+        log.warning("%s: %s", job.source.filename, warning)
     write_bytes_atomic(job.out / full_relative(job.source), audio.encode_flac(samples))
     segments = {}
     for length_s in job.segment_seconds:

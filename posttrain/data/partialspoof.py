@@ -159,7 +159,7 @@ def build_partialspoof(protocol: str | Path, root: str | Path, out: str | Path, 
         waves, file_segments, offset = [], [], 0
         for clip in plan:
             if clip.id not in cache:
-                cache[clip.id] = audio.load(clip.resolved_path(root)).samples.astype(np.float32)
+                cache[clip.id] = audio.load(clip.resolved_path(root), max_seconds=audio.DEFAULT_MAX_FILE_SECONDS).samples.astype(np.float32)
             waves.append(cache[clip.id])
             file_segments.append(Segment(offset, offset + len(waves[-1]), clip.label, clip.id))
             offset += len(waves[-1])

@@ -216,12 +216,26 @@ def task_shards(specs: list[ShardSpec], task_index: int, num_tasks: int) -> list
 
 
 def _load_sample(row: ProtocolRow, root: Path | None, options: BuildOptions) -> audio.Waveform:
-    wave = audio.load(row.resolved_path(root), min_seconds=options.min_seconds)
+    """The row's audio, decoded at most to the longest length its ``Duration`` admits (the plan's byte bound)."""
+    path = row.resolved_path(root)
     low, high = seconds_range(row, options.duration_tolerance_s)
+    tolerance = f"tolerance {options.duration_tolerance_s:g} s + 0.1 %"
+    info = audio.probe(path)
+    if info.understated:  # the header this row's Duration was likely read from hides part of the data
+        raise audio.AudioError("length_mismatch", f"{path}: its header declares {info.duration_s:.2f} s, its data "
+                                                  f"holds more; re-encode it and prepare its row again")
+    try:
+        wave = audio.load(path, min_seconds=options.min_seconds, max_seconds=high, info=info)
+    except audio.AudioError as error:
+        if error.reason != "too_long":
+            raise
+        raise audio.AudioError("duration_mismatch", f"{path}: more than {high:.3f} s of audio, the protocol's Duration "
+                                                    f"says {row.duration_s:g} s ({tolerance})") from None
+    if wave.warnings:  # the header this row's Duration was likely read from disagrees with the data
+        raise audio.AudioError("length_mismatch", f"{path}: {wave.warnings[0].split(': ', 1)[1]}")
     if not low <= wave.seconds <= high:
-        raise audio.AudioError("duration_mismatch", f"{row.resolved_path(root)}: {wave.seconds:.3f} s of audio, the "
-                                                    f"protocol's Duration says {row.duration_s:g} s (tolerance "
-                                                    f"{options.duration_tolerance_s:g} s + 0.1 %)")
+        raise audio.AudioError("duration_mismatch", f"{path}: {wave.seconds:.3f} s of audio, the protocol's Duration "
+                                                    f"says {row.duration_s:g} s ({tolerance})")
     return wave
 
 

@@ -52,12 +52,9 @@ from posttrain.data.protocol import read_protocol, row_to_dict
 from posttrain.data.shards import SampleError, decode_sample, file_sha256, iter_shard, load_index, shard_paths
 from posttrain.data.stream import balance
 from posttrain.dist import DistInfo, dist_info
-from posttrain.errors import UserError
-from posttrain.eval.scoring import AGGREGATIONS, WindowConfig, aggregate
+from posttrain.eval.scoring import AGGREGATIONS, PRECISIONS, WindowConfig, aggregate
 from posttrain.models.detector import Detector
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".mp4", ".aac", ".opus", ".webm")
-PRECISIONS = ("fp32", "bf16")
 SCORING_MODES = ("windowed", "antideepfake")
 ROWS_PER_TASK = 64  # protocol rows decoded by one task: enough to amortise a worker hand-off
 WHOLE_FILE_BUCKET_SECONDS = 30.0  # bucket range when files are scored whole (no window bound)
@@ -232,8 +229,9 @@ class ProtocolSource:
 
     kind = "protocol"
 
-    def __init__(self, protocol: str | Path, root: str | Path | None):
-        self.protocol, self.root = Path(protocol), root
+    def __init__(self, protocol: str | Path, root: str | Path | None, *,
+                 max_file_seconds: float = audio.DEFAULT_MAX_FILE_SECONDS):
+        self.protocol, self.root, self.max_file_seconds = Path(protocol), root, max_file_seconds
         self.rows = read_protocol(self.protocol)
         self.count = len(self.rows)
 
@@ -250,7 +248,7 @@ class ProtocolSource:
             except ValueError as error:
                 yield Skipped(position, row.id, "unreadable", str(error))
                 continue
-            yield _load_file(position, row.id, path, row_to_dict(row))
+            yield _load_file(position, row.id, path, row_to_dict(row), self.max_file_seconds)
 
     def identity(self) -> dict[str, Any]:
         return {"kind": self.kind, "protocol": str(self.protocol.resolve()),
@@ -258,34 +256,29 @@ class ProtocolSource:
                 "rows": self.count}
 
 
-def _load_file(position: int, sample_id: str, path: Path, meta: dict[str, Any]) -> Sample | Skipped:
+def _load_file(position: int, sample_id: str, path: Path, meta: dict[str, Any],
+               max_file_seconds: float) -> Sample | Skipped:
     try:
-        waveform = audio.load(path, sample_rate_hz=SAMPLE_RATE_HZ)
+        waveform = audio.load(path, sample_rate_hz=SAMPLE_RATE_HZ, max_seconds=max_file_seconds)
     except audio.AudioError as error:
         return Skipped(position, sample_id, error.reason, error.detail)
     except Exception as error:  # a decoder crash on a hostile file is that file's problem only
         return Skipped(position, sample_id, "unreadable", f"{path}: {error!r}")
     return Sample(position, sample_id, waveform.samples, {**meta, "path": str(path),
                                                           "orig_sample_rate_hz": waveform.orig_sample_rate_hz,
-                                                          "level_dbfs": audio.level_dbfs(waveform.samples)})
+                                                          "level_dbfs": audio.level_dbfs(waveform.samples),
+                                                          "warnings": list(waveform.warnings)})
 
 
 class FileSource:
-    """Audio files named on the command line; folders are searched recursively for ``AUDIO_EXTENSIONS``.
+    """Audio files named on the command line (``audio.audio_inputs``: folders searched recursively).
     A file's id is its path as found; files keep the order given, folder contents sorted by path."""
 
     kind = "files"
 
-    def __init__(self, paths: Iterable[str | Path]):
-        self.paths: list[Path] = []
-        for path in map(Path, paths):
-            if path.is_dir():
-                found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
-                if not found:
-                    raise UserError(f"{path}: no audio found (searched recursively for {', '.join(AUDIO_EXTENSIONS)})")
-                self.paths += found
-            else:
-                self.paths.append(path)  # a missing file becomes a per-file error, not an abort
+    def __init__(self, paths: Iterable[str | Path], *, max_file_seconds: float = audio.DEFAULT_MAX_FILE_SECONDS):
+        self.max_file_seconds = max_file_seconds
+        self.paths = audio.audio_inputs(paths)  # a missing file becomes a per-file error, not an abort
         self.count = len(self.paths)
 
     def tasks(self) -> list[Task]:
@@ -294,7 +287,7 @@ class FileSource:
 
     def read(self, task: Task) -> Iterator[Sample | Skipped]:
         path = self.paths[task.payload]
-        yield _load_file(task.payload, str(path), path, {})
+        yield _load_file(task.payload, str(path), path, {}, self.max_file_seconds)
 
     def identity(self) -> dict[str, Any]:
         return {"kind": self.kind, "files": self.count}

@@ -26,7 +26,7 @@ import yaml
 
 from posttrain.data.files import write_bytes_atomic
 from posttrain.data.labels import label_id
-from posttrain.data.shards import file_sha256
+from posttrain.data.shards import REJECTS_NAME, file_sha256
 from posttrain.eval.metrics import (ASVSPOOF5_COSTS, METRICS, DetectionCosts, compute_metrics, det_curve,
                                     group_mask, metrics_by_group, split_classes)
 from posttrain.eval.segments import localisation_lines
@@ -489,6 +489,10 @@ def write_report(out_dir: str | Path, scores: ScoreTable | Iterable[Mapping[str,
     plot_histograms(files["histograms"], bona, spoof, score_label=score_definition,
                     threshold=document["pooled"]["eer_threshold"])
 
+    if skipped:  # the same one-line-per-input file as a shard build's, so the reasons can be counted alike
+        files["rejects"] = out_dir / REJECTS_NAME
+        write_bytes_atomic(files["rejects"], "".join(json.dumps(dict(item), sort_keys=True, default=str) + "\n"
+                                                     for item in skipped).encode("utf-8"))
     result = _result_document(table, document, score_file=score_file, sha256=sha256,
                               score_definition=score_definition, model_identity=model_identity,
                               data_identity=data_identity, skipped=skipped, files=files)

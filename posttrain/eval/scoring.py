@@ -53,6 +53,7 @@ def near_silent(meta: Mapping[str, Any]) -> bool:
     level = meta.get("level_dbfs")
     return level is not None and level < NEAR_SILENT_DBFS
 AGGREGATIONS = ("mean_logits", "max_fake")
+PRECISIONS = ("fp32", "bf16")  # inference precision: bf16 is autocast on CUDA only
 
 
 @dataclass(frozen=True)

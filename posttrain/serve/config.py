@@ -1,64 +1,109 @@
-"""The typed configuration of ``posttrain serve`` (every limit in its unit, validated with the dotted key)."""
+"""The typed configuration of ``posttrain serve``: every limit in its unit, validated at construction with
+the dotted key, and the command's options derived from these fields (``cli_options``) so the two cannot
+drift."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
+
+from posttrain.eval.scoring import AGGREGATIONS, PRECISIONS
 
 TOKENS_ENV = "POSTTRAIN_SERVE_TOKENS"  # comma-separated bearer tokens (an alternative to a token file)
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _option(help_text: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
+            unit_scale: float | None = None, cli: bool = True) -> dict[str, Any]:
+    """A field's command-line metadata: its help, and where the flag differs from the field (``flag``,
+    or a unit: ``--max-upload-mb`` sets ``max_upload_bytes`` through ``unit_scale`` 2**20)."""
+    return {"help": help_text, "flag": flag, "choices": choices, "unit_scale": unit_scale, "cli": cli}
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    model: str  # any model spec the loading facade accepts
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str = "cpu"
-    precision: str = "fp32"  # bf16: autocast on CUDA (posttrain.eval.inference.PRECISIONS)
-    allow_public: bool = False  # listen beyond the loopback without tokens (explicit opt-in)
-    token_file: Path | None = None  # one bearer token a line; or POSTTRAIN_SERVE_TOKENS
-    calibration: Path | None = None  # default: the one stored with the model
-    window_seconds: float = 4.0  # timeline resolution: windows of this length...
-    hop_seconds: float = 2.0  # ...every hop
-    min_tail_seconds: float = 1.0
-    aggregation: str = "mean_logits"
-    max_upload_bytes: int = 32 * 2**20  # checked while the body streams in
-    max_upload_seconds: float = 600.0  # checked from the container header, before decoding
-    max_batch_files: int = 16
-    max_batch_seconds: float = 64.0  # padded audio seconds per forward pass on the device
-    max_batch_size: int = 16  # windows per forward pass
-    max_batch_wait_ms: float = 10.0  # how long a forward pass waits for more windows to join
-    max_inflight_seconds: float = 1200.0  # decoded audio admitted at once (bounds memory)
-    max_queue: int = 32  # requests waiting for admission; beyond it: 503 + Retry-After
-    queue_timeout_seconds: float = 30.0  # a queued request gives up (503) after this
-    retry_after_seconds: int = 2
-    temp_dir: Path | None = None  # the service's own temporary space (default: a fresh one, removed at exit)
-    tokens: tuple[str, ...] = field(default=(), repr=False)  # resolved by with_tokens(); never printed
+    model: str = field(metadata=_option("transformers export folder, posttrain checkpoint, AntiDeepfake release "
+                                        "or hub id", cli=False))
+    host: str = field(default="127.0.0.1", metadata=_option("address to listen on"))
+    port: int = field(default=8000, metadata=_option("TCP port"))
+    device: str = field(default="cpu", metadata=_option("torch device of the model"))
+    precision: str = field(default="fp32", metadata=_option("bf16: autocast on CUDA", choices=PRECISIONS))
+    allow_public: bool = field(default=False, metadata=_option("listen beyond the loopback without tokens"))
+    token_file: Path | None = field(default=None, metadata=_option(
+        f"bearer tokens, one a line (also: {TOKENS_ENV}=a,b); default: no authentication"))
+    calibration: Path | None = field(default=None, metadata=_option(
+        "calibration.json (default: the one stored with the model, if any)"))
+    window_seconds: float = field(default=4.0, metadata=_option("timeline window length"))
+    hop_seconds: float = field(default=2.0, metadata=_option("timeline hop"))
+    min_tail_seconds: float = field(default=1.0, metadata=_option(
+        "a last window shorter than this is merged into the one before it"))
+    aggregation: str = field(default="mean_logits", metadata=_option("window outputs -> file output",
+                                                                     choices=AGGREGATIONS))
+    max_upload_bytes: int = field(default=32 * 2**20, metadata=_option(
+        "largest upload per file, MiB (checked while it streams in, per file of a batch too)",
+        flag="--max-upload-mb", unit_scale=2**20))
+    max_upload_seconds: float = field(default=600.0, metadata=_option(
+        "longest audio per file: decoding stops one frame past it (413), whatever the header says"))
+    max_batch_files: int = field(default=16, metadata=_option("files per batch request"))
+    max_batch_seconds: float = field(default=16.0, metadata=_option(
+        "padded audio seconds per forward pass (small passes keep short requests fast on the CPU)"))
+    max_batch_size: int = field(default=16, metadata=_option("windows per forward pass"))
+    short_lane_seconds: float = field(default=4.0, metadata=_option(
+        "clips of at most this many seconds are scored in a lane of their own, beside long files (0: one lane)"))
+    max_batch_wait_ms: float = field(default=5.0, metadata=_option("how long a forward pass waits for more windows"))
+    max_inflight_seconds: float = field(default=1200.0, metadata=_option(
+        "decoded audio seconds admitted at once (bounds memory)"))
+    max_queue: int = field(default=32, metadata=_option("requests waiting for capacity before 503 + Retry-After"))
+    queue_timeout_seconds: float = field(default=30.0, metadata=_option("a queued request gets 503 after this wait"))
+    retry_after_seconds: int = field(default=2, metadata=_option("the Retry-After of a 503"))
+    decode_workers: int = field(default=2, metadata=_option(
+        "files decoded at once (each decode holds at most --max-upload-seconds of audio)"))
+    decode_timeout_seconds: float = field(default=60.0, metadata=_option(
+        "a file whose decoding takes longer is refused (422 decode_timeout)"))
+    read_timeout_seconds: float = field(default=30.0, metadata=_option(
+        "a connection that sends no request line and headers, or no body bytes, for this long is closed (408)"))
+    upload_timeout_seconds: float = field(default=300.0, metadata=_option(
+        "a whole upload must arrive within this (a trickled body is cut: 408)"))
+    shutdown_timeout_seconds: float = field(default=10.0, metadata=_option(
+        "on SIGTERM, requests still running after this are cut and their files removed"))
+    max_connections: int = field(default=256, metadata=_option("open connections at most; more are closed at once"))
+    temp_dir: Path | None = field(default=None, metadata=_option(
+        "where the service makes its temporary folder (created if missing; default: the system's); "
+        "folders left there by a killed service are removed at start"))
+    log_level: str = field(default="info", metadata=_option("log level of the service", choices=LOG_LEVELS))
+    tokens: tuple[str, ...] = field(default=(), repr=False, metadata=_option("from read_tokens(); never printed",
+                                                                             cli=False))
+
+    def __post_init__(self):
+        self.validate()
 
     def validate(self) -> None:
         if not self.model:
             raise ValueError("serve.model: a model spec is needed")
-        from posttrain.eval.inference import PRECISIONS
-
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"serve.precision: {self.precision!r} is not one of {PRECISIONS}")
+        for key, choices in (("precision", PRECISIONS), ("aggregation", AGGREGATIONS), ("log_level", LOG_LEVELS)):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"serve.{key}: {getattr(self, key)!r} is not one of {choices}")
         if not 0 < self.port < 65536:
             raise ValueError(f"serve.port: must be in 1..65535, got {self.port}")
         for key in ("window_seconds", "hop_seconds", "max_upload_seconds", "max_batch_seconds",
-                    "max_inflight_seconds", "queue_timeout_seconds"):
+                    "max_inflight_seconds", "queue_timeout_seconds", "decode_timeout_seconds", "read_timeout_seconds",
+                    "upload_timeout_seconds", "shutdown_timeout_seconds"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"serve.{key}: must be > 0, got {getattr(self, key)}")
         if self.hop_seconds > self.window_seconds:
             raise ValueError(f"serve.hop_seconds: must be <= window_seconds ({self.window_seconds}), "
                              f"got {self.hop_seconds} (a larger hop would leave audio unscored)")
-        for key in ("max_upload_bytes", "max_batch_files", "max_batch_size", "max_queue", "retry_after_seconds"):
+        for key in ("max_upload_bytes", "max_batch_files", "max_batch_size", "max_queue", "retry_after_seconds",
+                    "decode_workers", "max_connections"):
             if getattr(self, key) < 1:
                 raise ValueError(f"serve.{key}: must be >= 1, got {getattr(self, key)}")
-        if self.max_batch_wait_ms < 0 or self.min_tail_seconds < 0:
-            raise ValueError("serve.max_batch_wait_ms and serve.min_tail_seconds: must be >= 0")
+        for key in ("max_batch_wait_ms", "min_tail_seconds", "short_lane_seconds"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"serve.{key}: must be >= 0, got {getattr(self, key)}")
         if self.max_upload_seconds > self.max_inflight_seconds:
             raise ValueError(f"serve.max_upload_seconds ({self.max_upload_seconds}) must be <= "
                              f"serve.max_inflight_seconds ({self.max_inflight_seconds}), or a long upload could never run")
@@ -69,20 +114,29 @@ class ServeConfig:
             raise ValueError(f"serve.host: {self.host} is reachable beyond this machine and no token is configured; "
                              f"give --token-file (or {TOKENS_ENV}) or --allow-public")
 
-    def with_tokens(self) -> "ServeConfig":
-        """A copy holding the bearer tokens of ``token_file`` and the environment."""
-        from dataclasses import replace
 
-        tokens = [token.strip() for token in os.environ.get(TOKENS_ENV, "").split(",") if token.strip()]
-        if self.token_file is not None:
-            try:
-                lines = Path(self.token_file).read_text(encoding="utf-8").splitlines()
-            except OSError as error:
-                raise ValueError(f"serve.token_file: {self.token_file}: {error.strerror}") from None
-            tokens += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-            if not tokens:
-                raise ValueError(f"serve.token_file: {self.token_file}: no token in it")
-        return replace(self, tokens=tuple(tokens))
+
+def read_tokens(token_file: Path | None) -> tuple[str, ...]:
+    """The bearer tokens of ``token_file`` (one a line, ``#`` comments) and of ``POSTTRAIN_SERVE_TOKENS``."""
+    tokens = [token.strip() for token in os.environ.get(TOKENS_ENV, "").split(",") if token.strip()]
+    if token_file is not None:
+        try:
+            lines = Path(token_file).read_text(encoding="utf-8").splitlines()
+        except OSError as error:
+            raise ValueError(f"serve.token_file: {token_file}: {error.strerror}") from None
+        tokens += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        if not tokens:
+            raise ValueError(f"serve.token_file: {token_file}: no token in it")
+    return tuple(tokens)
+
+
+def cli_fields() -> list:
+    """The fields a command-line option sets, in declaration order."""
+    return [f for f in fields(ServeConfig) if f.metadata.get("cli", True)]
+
+
+def flag_of(spec) -> str:
+    return spec.metadata.get("flag") or "--" + spec.name.replace("_", "-")
 
 
 def is_loopback(host: str) -> bool:

@@ -29,6 +29,7 @@ from posttrain.config import ConfigError, PosttrainConfig, dump_config, layerdro
 from posttrain.data.batch import Batch
 from posttrain.data.files import write_text_atomic
 from posttrain.dist import all_gather_objects, broadcast_flag, choose_device, collective_device, start_process_group
+from posttrain.errors import UserError
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.partitions import check_zero_section
 from posttrain.train.run_lock import RunLock, RunLockError
@@ -121,6 +122,20 @@ def deepspeed_config(cfg: PosttrainConfig, *, load_universal: bool = False,
         "checkpoint": {"load_universal": load_universal},
     }
     return checked_deepspeed_config(merge_dicts(config, train.deepspeed_overrides), cfg, "train.deepspeed_overrides")
+
+
+def check_precision_supported(precision: str) -> None:
+    """A precision the DeepSpeed accelerator of this machine refuses is one line naming the key, not
+    DeepSpeed's traceback from inside ``initialize`` (its CPU accelerator reports fp16 only where oneDNN
+    has fp16 kernels: AVX512-FP16 or AMX-FP16)."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = {"fp16": accelerator.is_fp16_supported, "bf16": accelerator.is_bf16_supported}.get(precision)
+    if supported is not None and not supported():
+        raise UserError(f"train.precision: {precision} is not supported by DeepSpeed's "
+                        f"{accelerator.device_name()} accelerator on this machine; use train.precision=bf16 "
+                        f"(the default) or fp32")
 
 
 def checked_deepspeed_config(config: dict[str, Any], cfg: PosttrainConfig, source: str) -> dict[str, Any]:
@@ -326,6 +341,7 @@ class Trainer:
         if universal:
             ckpt.convert_to_universal(resume)
         silence_deepspeed_noise()
+        check_precision_supported(cfg.train.precision)
         self.engine = self._build_engine(universal)
         self.config_yaml = dump_config(cfg)
         self.stream = ShardStream(cfg.data.train)

@@ -405,6 +405,8 @@ def test_missing_and_corrupt_audio_fail_or_are_skipped_and_counted(tmp_path):
     assert sorted(row.id for row in result.rows) == ["ItW-0", "ItW-1"]
     assert len(result.skipped) == 2
     assert "2.wav: missing" in result.skipped[0] and "3.wav: unreadable" in result.skipped[1]
+    assert [(Path(r["path"]).name, r["reason"]) for r in result.rejects] == [("2.wav", "missing"), ("3.wav", "unreadable")]
+    assert result.rejects[0]["listed_at"].endswith("meta.csv:4")
 
 
 def test_duplicate_ids_and_unknown_recipe_are_errors(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 import scipy.signal
 import soundfile as sf
 import webdataset as wds
+from conftest import BAD_AUDIO_REASONS
 
 from posttrain.data.protocol import ProtocolRow, read_protocol, write_protocol
 from posttrain.data.shard_build import ShardBuildError, build_shards, merge
@@ -32,7 +33,7 @@ def _hashes(directory: Path) -> dict[str, str]:
 
 
 def test_index_totals_and_rejects_account_for_every_row(make_corpus, tmp_path):
-    corpus = make_corpus(num_files=12, bad=("unreadable", "empty", "nan", "short", "missing", "mismatch"))
+    corpus = make_corpus(num_files=12, bad=tuple(BAD_AUDIO_REASONS))
     index = build_shards([corpus.protocol], corpus.root, tmp_path / "out", max_samples_per_shard=4, progress=False)
     good = corpus.good_rows
     assert index["totals"]["samples"] + index["rejects"] == len(corpus.rows)
@@ -40,7 +41,8 @@ def test_index_totals_and_rejects_account_for_every_row(make_corpus, tmp_path):
     assert {reject["id"]: reject["reason"] for reject in rejects} == corpus.rejects
     assert all(Path(reject["source_path"]).is_file() != (reject["reason"] == "missing") for reject in rejects)
     assert index["rejects_by_reason"] == dict.fromkeys(["unreadable", "empty", "nan", "too_short", "missing",
-                                                        "duration_mismatch"], 1)
+                                                        "duration_mismatch", "rate_out_of_range",
+                                                        "length_mismatch"], 1)
     for group, field in {"by_label": "label", "by_corpus": "corpus", "by_language": "language",
                          "by_attack": "attack"}.items():
         expected = Counter(getattr(row, field) for row in good)

@@ -77,8 +77,15 @@ def test_score_fails_only_when_nothing_scores(tiny_export_dir, tmp_path, capsys)
     from posttrain.cli import main
 
     (tmp_path / "empty.wav").write_bytes(b"")
-    code = main(["score", "--model", str(tiny_export_dir), str(tmp_path / "empty.wav"), str(tmp_path / "absent.flac"),
+    (tmp_path / "junk.wav").write_bytes(b"RIFF" + bytes(range(200)))
+    code = main(["score", "--model", str(tiny_export_dir), str(tmp_path / "empty.wav"), str(tmp_path / "junk.wav"),
                  "--no-progress"])
     errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ERROR ")]
     assert code == 1 and len(errors) == 2
-    assert "absent.flac: missing" in errors[1] and "empty.wav: empty" in errors[0]
+    assert "empty.wav: empty" in errors[0] and "junk.wav: unreadable" in errors[1]
+    # a file that is not there is the user's to fix: exit 2 naming it, before the model is loaded
+    code = main(["score", "--model", str(tiny_export_dir), str(tmp_path / "empty.wav"), str(tmp_path / "absent.flac"),
+                 "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 2 and "ERROR" not in captured.out
+    assert f"{tmp_path / 'absent.flac'}: no such file" in captured.err

@@ -19,6 +19,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from posttrain.bench.hostile_audio import wav_with_rate
 from posttrain.cli import COMMANDS, main
 from posttrain.errors import EXIT_FAILED, EXIT_USAGE
 
@@ -172,6 +173,12 @@ CASES = [
          lambda i: str(i.path("scores.csv")), out="metrics_out"),
     Case("score", "folder without audio", lambda i, m: ["--model", str(i.export), str(i.audio_folder("quiet"))],
          EXIT_USAGE, lambda i: f"{i.path('quiet')}: no audio found"),
+    Case("score", "missing file", lambda i, m: ["--model", str(i.export), str(i.audio_folder("some", files=1)),
+                                                str(i.path("missing.wav"))],
+         EXIT_USAGE, lambda i: f"{i.path('missing.wav')}: no such file"),
+    Case("score", "sample rate out of range", lambda i, m: [
+        "--model", str(i.export), str(i.file("evil.wav", wav_with_rate(2_147_483_647, 48)))], EXIT_USAGE,
+         lambda i: f"{i.path('evil.wav')}: sample rate 2,147,483,647 Hz is outside"),
     Case("score", "corrupt safetensors", lambda i, m: [
         "--model", str(i.file("broken.safetensors", CORRUPT_SAFETENSORS)), str(i.audio_folder("some", files=1))],
          EXIT_USAGE, lambda i: f"{i.path('broken.safetensors')}: not a readable safetensors file"),
@@ -208,6 +215,9 @@ CASES = [
          lambda i: f"{i.path('dl2')}: not empty and not a posttrain export", out="dl2"),
     Case("serve", "public address without a token", lambda i, m: [str(i.export), "--host", "0.0.0.0"], EXIT_USAGE,
          lambda i: "serve.host: 0.0.0.0 is reachable beyond this machine and no token is configured"),
+    Case("serve", "temp dir that cannot be made", lambda i, m: [
+        str(i.export), "--temp-dir", str(i.file("a_file", b"x") / "sub")], EXIT_USAGE,
+         lambda i: f"serve.temp_dir: {i.path('a_file')}/sub: cannot create it"),
     Case("serve", "missing token file", lambda i, m: [str(i.export), "--token-file", str(i.path("tokens.txt"))],
          EXIT_USAGE, lambda i: f"serve.token_file: {i.path('tokens.txt')}: No such file or directory"),
 ]

@@ -27,7 +27,7 @@ def _cfg(**options) -> InferenceConfig:
 
 
 def test_shards_and_protocol_of_one_corpus_give_the_same_scores(model, make_corpus, tmp_path):
-    corpus = make_corpus("same", num_files=9, bad=("unreadable", "empty"))
+    corpus = make_corpus("same", num_files=9, bad=("unreadable", "empty", "rate"))
     shards = tmp_path / "shards"
     build_shards([corpus.protocol], root=corpus.root, out=shards, name="same", max_samples_per_shard=4, seed=0)
     from_shards = run_inference(model, ShardSource(shards), _cfg())

@@ -148,7 +148,8 @@ def test_write_report_from_records(tmp_path):
     out = tmp_path / "out"
     # every file was renamed into place: no temporary names left behind
     assert sorted(p.name for p in out.iterdir()) == ["det.png", "histograms.png", "metrics.json", "metrics.txt",
-                                                     "result.yaml", "scores.csv"]
+                                                     "rejects.jsonl", "result.yaml", "scores.csv"]
+    assert [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()] == skipped
     assert {role: path.name for role, path in report["files"].items()} == result_files(out)
     metrics = json.loads((out / "metrics.json").read_text())
     expected = compute_metrics(table.scores, table.labels, bootstrap_resamples=50)

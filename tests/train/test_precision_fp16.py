@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +33,14 @@ def test_fp16_post_training_runs_with_half_weights(shard_dir, tmp_path):
                  "train.precision=fp16", "train.device=cpu", "tracking.enabled=false", f"data.train.shards=[{shard_dir}]",
                  "data.train.num_workers=0", "data.train.max_batch_seconds=4", "optim.lr=0.001",
                  "schedule.warmup_steps=0", "schedule.decay_end_steps=2"]
-    script = ("import sys\nfrom posttrain.config import load_config\nfrom posttrain.train.trainer import train\n"
+    # DeepSpeed's CPU accelerator reports fp16 only where oneDNN has fp16 kernels (AVX512-FP16, AMX-FP16);
+    # torch's CPU half kernels run everywhere, so where it says no, the check is patched and posttrain's
+    # fp16 path (loss scaling, overflow handling) still runs for real on every CI machine
+    script = ("import sys\nfrom deepspeed.accelerator import get_accelerator\n"
+              "accelerator = get_accelerator()\n"
+              "if not accelerator.is_fp16_supported():\n"
+              "    type(accelerator).is_fp16_supported = lambda self: True\n"
+              "from posttrain.config import load_config\nfrom posttrain.train.trainer import train\n"
               "result = train(load_config(None, sys.argv[1:]))\nprint('STEPS', result.progress.step)\n")
     done = subprocess.run([sys.executable, "-c", script, *overrides], capture_output=True, text=True, timeout=600,
                           cwd=tmp_path, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
@@ -42,6 +50,22 @@ def test_fp16_post_training_runs_with_half_weights(shard_dir, tmp_path):
     saved = torch.load(states, map_location="cpu", weights_only=False)  # our own DeepSpeed file
     assert {tensor.dtype for tensor in saved["module"].values()} == {torch.float16}  # the engine ran in fp16
     assert saved["ds_config"]["fp16"]["enabled"] and not saved["ds_config"]["bf16"]["enabled"]
+
+
+def test_fp16_where_the_device_has_none_is_one_line_naming_the_key(shard_dir, tmp_path, monkeypatch, capsys):
+    from deepspeed.accelerator import get_accelerator
+
+    from posttrain.cli import main
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
+    code = main(["train", "--config", str(Path(__file__).resolve().parents[2] / "configs/posttrain/demo.yaml"),
+                 f"output_dir={tmp_path / 'run'}", "model.preset=tiny", "train.precision=fp16",
+                 "train.device=cpu", "tracking.enabled=false", f"data.train.shards=[{shard_dir}]",
+                 "data.valid.shards=[]", "data.train.num_workers=0", "train.max_steps=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    assert "train.precision: fp16 is not supported by DeepSpeed's cpu accelerator" in line and "bf16" in line
 
 
 def test_fp16_fine_tune_keeps_posttrains_loss_scaling_whatever_accelerate_says():

@@ -10,18 +10,16 @@ that dominates on network storage.
 from __future__ import annotations
 
 import csv
-import json
 import re
-import shutil
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-import soundfile as sf
 from tqdm import tqdm
 
+from posttrain.data import audio
+from posttrain.data.audio import AudioInfo
 from posttrain.data.labels import LABELS
 from posttrain.data.protocol import ROOT_PLACEHOLDER, ProtocolRow
 
@@ -65,19 +63,11 @@ class Recipe:
     parity_note: str = ""
 
 
-@dataclass(frozen=True)
-class AudioInfo:
-    duration_s: float
-    sample_rate_hz: int
-    channels: int
-    encoding: str
-    bits_per_sample: str
-
-
 @dataclass
 class PrepareResult:
     rows: list[ProtocolRow]
-    skipped: list[str]  # "path: reason" for missing/unreadable files (only with skip_missing)
+    skipped: list[str]  # "path: reason (detail)" for each file left out (only with skip_missing)
+    rejects: list[dict] = field(default_factory=list)  # the same as rejects.jsonl lines: path, reason, detail, listed_at
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,33 +191,17 @@ def check_name(pattern: re.Pattern[str], path: Path) -> re.Match[str]:
 # audio headers and rows
 
 
-def _ffprobe_info(path: Path) -> AudioInfo:
-    binary = shutil.which("ffprobe")
-    if binary is None:
-        raise RuntimeError("ffprobe not found on PATH (needed for m4a/mp4 headers)")
-    result = subprocess.run(
-        [binary, "-v", "error", "-select_streams", "a:0", "-show_entries",
-         "stream=sample_rate,channels,codec_name,duration:format=duration", "-of", "json", str(path)],
-        capture_output=True, text=True, check=False)
-    probed = json.loads(result.stdout or "{}") if result.returncode == 0 else {}
-    streams = probed.get("streams") or []
-    if not streams:
-        raise RuntimeError(f"ffprobe found no audio stream: {result.stderr.strip()[-200:]}")
-    stream = streams[0]
-    duration = stream.get("duration") or probed.get("format", {}).get("duration")
-    return AudioInfo(float(duration), int(stream["sample_rate"]), int(stream["channels"]),
-                     str(stream.get("codec_name", "-")).upper(), "-")
-
-
 def audio_info(path: Path) -> AudioInfo:
-    """Duration, rate, channels and encoding from the file header (no decoding)."""
-    try:
-        info = sf.info(str(path))
-    except (sf.LibsndfileError, RuntimeError):
-        return _ffprobe_info(path)
-    bits = re.search(r"(\d+)", info.subtype or "")
-    return AudioInfo(info.frames / info.samplerate, int(info.samplerate), int(info.channels),
-                     info.subtype or info.format, bits.group(1) if bits and "PCM" in info.subtype else "-")
+    """Duration, rate, channels and encoding from the file header, checked against the data (nothing is
+    decoded); ``AudioError`` when the file cannot be used, ``length_mismatch`` when its header
+    understates its data (its Duration would be wrong)."""
+    info = audio.probe(path)
+    if info.duration_s is None:
+        raise audio.AudioError("unreadable", f"{path}: no duration in its header")
+    if info.understated:
+        raise audio.AudioError("length_mismatch", f"{path}: its header declares {info.duration_s:.2f} s, its data "
+                                                  f"holds more; re-encode the file")
+    return info
 
 
 def rooted(path: Path, root: Path) -> str:
@@ -269,25 +243,27 @@ def build_rows(recipe: Recipe, root: str | Path, *, num_workers: int = 8, skip_m
                               f"(first from {seen[entry.file_id]})")
         seen[entry.file_id] = entry.source or str(entry.path)
 
-    def probe(entry: Entry) -> AudioInfo | str:
-        if not entry.path.is_file():
-            return "missing"
+    def probe(entry: Entry) -> AudioInfo | audio.AudioError:
         try:
             info = audio_info(entry.path)
-        except (RuntimeError, ValueError, KeyError) as error:
-            return f"unreadable ({error})"
-        return info if info.duration_s > 0 else "empty"
+        except audio.AudioError as error:
+            return error
+        return info if info.duration_s > 0 else audio.AudioError("empty", f"{entry.path}: no samples")
 
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         infos = list(tqdm(pool.map(probe, entries), total=len(entries), desc=f"{recipe.name} headers",
                           unit="file", disable=not progress))
-    rows, skipped = [], []
+    result = PrepareResult([], [])
     for entry, info in zip(entries, infos):
         if isinstance(info, AudioInfo):
-            rows.append(_row(recipe, root, entry, info))
+            result.rows.append(_row(recipe, root, entry, info))
             continue
-        problem = f"{entry.path}: {info}" + (f" (listed at {entry.source})" if entry.source else "")
+        detail = info.detail.replace(f"{entry.path}: ", "")
+        problem = f"{entry.path}: {info.reason}" + ("" if info.reason == "missing" else f" ({detail})")
+        problem += f" (listed at {entry.source})" if entry.source else ""
         if not skip_missing:
             raise RecipeError(problem)
-        skipped.append(problem)
-    return PrepareResult(rows, skipped)
+        result.skipped.append(problem)
+        result.rejects.append({"path": str(entry.path), "reason": info.reason, "detail": detail,
+                               "listed_at": entry.source or None})
+    return result

@@ -1,0 +1,165 @@
+"""What a running ``posttrain serve`` holds (model, limits, folder, admission, batcher, metrics) and how
+it scores one received file.
+
+A file's life: its header is probed and checked against its data (``posttrain.data.audio.probe``: a rate
+out of range, an unreadable or truncated file is refused before any decoding); it is admitted for the
+seconds its header claims (``engine.Admission``, 503 + Retry-After when the queue is full); it is decoded
+by one of ``decode_workers`` threads, streaming and stopping one frame past ``max_upload_seconds`` (413),
+whatever its header said, and the admission grows to what was really decoded; near-silent or too-short
+audio is refused (422); it is windowed and scored by a batcher: clips of at most ``short_lane_seconds``
+in the short lane, the rest in the long lane, each lane its own thread (on the CPU, one core each), so
+a short clip never waits for a long file's pass. A header that disagrees with the data
+is reported in ``warnings``. Every refusal is a ``RequestError`` (one-word kind, one-line detail).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import torch
+
+from posttrain.config import SAMPLE_RATE_HZ
+from posttrain.data import audio
+from posttrain.eval.inference import SampleOutput, min_input_samples
+from posttrain.eval.scoring import NEAR_SILENT_DBFS, Decision, WindowConfig, aggregate, logit_diff, p_real
+from posttrain.eval.timeline import timeline_of
+from posttrain.serve.config import ServeConfig
+from posttrain.serve.engine import Admission, Batcher, Busy
+from posttrain.serve.metrics import Metrics
+from posttrain.serve.receive import RequestError
+from posttrain.serve.tempspace import ServiceFolder
+
+# AudioError reasons that are about size, answered 413 like an upload over the byte limit
+_TOO_LARGE_REASONS = ("too_long",)
+
+
+class ServiceState:
+    """Everything a running service holds."""
+
+    def __init__(self, cfg: ServeConfig, model, identity: dict[str, Any], device):
+        from posttrain.eval.scoring import resolve_calibration
+
+        self.cfg, self.model, self.identity = cfg, model, identity
+        self.calibration, self.calibration_source = resolve_calibration(cfg.calibration, identity)
+        self.decision = Decision.of(self.calibration)
+        self.window = WindowConfig(cfg.window_seconds, cfg.hop_seconds, cfg.min_tail_seconds)
+        self.min_samples = min_input_samples(model)
+        self.admission = Admission(cfg.max_inflight_seconds * SAMPLE_RATE_HZ, cfg.max_queue, cfg.queue_timeout_seconds)
+        self.folder = ServiceFolder(cfg.temp_dir)
+        # multipart spooling and the decoders' own temporary files land in the service's folder too, so
+        # a killed service leaves them where the next one removes them
+        tempfile.tempdir = str(self.folder.path)
+        self.metrics = Metrics(self)
+        self.decoders = anyio.CapacityLimiter(cfg.decode_workers)
+        lanes = ("short", "long") if cfg.short_lane_seconds > 0 else ("long",)
+        if len(lanes) > 1 and device.type == "cpu":
+            # one core for each lane: a short clip's pass then runs beside a long pass, not after it
+            torch.set_num_threads(max(1, torch.get_num_threads() // len(lanes)))
+        # the short lane does not wait for windows to join: its clips are latency-bound, not throughput-bound
+        self.lanes = {lane: Batcher(model, device, max_batch_seconds=cfg.max_batch_seconds,
+                                    max_batch_size=cfg.max_batch_size,
+                                    max_wait_ms=0.0 if lane == "short" else cfg.max_batch_wait_ms,
+                                    precision=cfg.precision, on_pass=self.metrics.count_pass, name=lane)
+                      for lane in lanes}
+        self.closing = False
+
+    @property
+    def batchers(self) -> list[Batcher]:
+        return list(self.lanes.values())
+
+    def lane(self, samples: int) -> Batcher:
+        """The short lane for audio of at most ``short_lane_seconds``, else the long one."""
+        if "short" in self.lanes and samples <= self.cfg.short_lane_seconds * SAMPLE_RATE_HZ:
+            return self.lanes["short"]
+        return self.lanes["long"]
+
+    @property
+    def temp(self) -> Path:
+        return self.folder.path
+
+    def close(self) -> None:
+        self.closing = True
+        for batcher in self.batchers:
+            batcher.close(self.cfg.shutdown_timeout_seconds)
+        self.folder.close()
+
+    async def score_file(self, path: Path, name: str) -> dict[str, Any]:
+        """The result of one received file (removed by the caller); ``RequestError`` when refused."""
+        info = await anyio.to_thread.run_sync(_probe, path, name, limiter=self.decoders)
+        limit = self.cfg.max_upload_seconds
+        if info.exact and info.duration_s is not None and info.duration_s > limit:  # checked against the data
+            raise RequestError(413, "too_long", f"{name}: {info.duration_s:.1f} s of audio; this service scores at "
+                                                f"most {limit:g} s per file (cut it, or raise --max-upload-seconds)")
+        claimed = limit if info.duration_s is None else min(info.duration_s, limit)
+        admitted = max(1, math.ceil(claimed * SAMPLE_RATE_HZ))
+        try:
+            await self.admission.acquire(admitted)
+        except Busy as error:
+            raise RequestError(503, "busy", f"service busy: {error}") from None
+        try:
+            wave = await anyio.to_thread.run_sync(_decode, path, name, info, limit, self.cfg.decode_timeout_seconds,
+                                                  limiter=self.decoders)
+            if len(wave.samples) > admitted:  # more than the header said: hold what is really there
+                self.admission.overdraw(len(wave.samples) - admitted)
+                admitted = len(wave.samples)
+            return await self._score_wave(wave, name)
+        finally:
+            self.admission.release(admitted)
+
+    async def _score_wave(self, wave: audio.Waveform, name: str) -> dict[str, Any]:
+        samples = wave.samples
+        level = audio.level_dbfs(samples)
+        if level < NEAR_SILENT_DBFS:
+            raise RequestError(422, "near_silent", f"{name}: near-silent input ({level:.0f} dBFS RMS, below "
+                                                   f"{NEAR_SILENT_DBFS:g}): its score would say nothing")
+        if len(samples) < self.min_samples:
+            raise RequestError(422, "too_short", f"{name}: {len(samples) / SAMPLE_RATE_HZ:.3f} s; the model needs "
+                                                 f"at least {self.min_samples / SAMPLE_RATE_HZ:.3f} s")
+        spans = self.window.spans(len(samples))
+        futures = self.lane(len(samples)).submit([samples[start:stop] for start, stop in spans])
+        window_logits = np.stack(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        lengths = np.array([stop - start for start, stop in spans])
+        logits, _ = aggregate(lengths, window_logits, None, self.cfg.aggregation)
+        output = SampleOutput(0, name, {}, logits, None, len(spans), len(samples), tuple(spans), window_logits)
+        self.metrics.audio.inc(output.seconds)
+        return {**self._result(output, level), "warnings": list(wave.warnings)}
+
+    def _result(self, output: SampleOutput, level: float) -> dict[str, Any]:
+        score = float(logit_diff(output.logits))
+        llr = probability = None
+        if self.calibration is not None:
+            llr = float(self.calibration.llr([score])[0])
+            prior = self.calibration.prior_bona_fide
+            probability = 1.0 / (1.0 + math.exp(-(llr + math.log(prior / (1.0 - prior)))))
+        return {"file": output.id, "seconds": output.seconds, "windows": output.num_windows,
+                "logit_diff": score, "p_real": float(p_real(output.logits)), "llr": llr,
+                "probability_real_calibrated": probability, "decision": self.decision.label(score),
+                "level_dbfs": level, "timeline": timeline_of(output, self.decision, self.calibration).to_dict()}
+
+
+def _refusal(error: audio.AudioError, path: Path, name: str) -> RequestError:
+    status = 413 if error.reason in _TOO_LARGE_REASONS else 422
+    return RequestError(status, error.reason, error.detail.replace(str(path), name).replace(path.name, name))
+
+
+def _probe(path: Path, name: str) -> audio.AudioInfo:
+    try:
+        return audio.probe(path)
+    except audio.AudioError as error:
+        raise _refusal(error, path, name) from None
+
+
+def _decode(path: Path, name: str, info: audio.AudioInfo, max_seconds: float, timeout_s: float) -> audio.Waveform:
+    """16 kHz mono samples of at most ``max_seconds``, decoded by what the data holds."""
+    try:
+        return audio.load(path, sample_rate_hz=SAMPLE_RATE_HZ, max_seconds=max_seconds, timeout_s=timeout_s, info=info)
+    except audio.AudioError as error:
+        raise _refusal(error, path, name) from None
+    except Exception as error:  # noqa: BLE001 - a decoder crash on a hostile file is that file's problem
+        raise RequestError(422, "unreadable", f"{name}: cannot be decoded ({type(error).__name__})") from None
