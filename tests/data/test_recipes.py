@@ -409,6 +409,28 @@ def test_missing_and_corrupt_audio_fail_or_are_skipped_and_counted(tmp_path):
     assert result.rejects[0]["listed_at"].endswith("meta.csv:4")
 
 
+def test_prepare_skips_a_rate_out_of_range_and_a_lying_header_into_rejects_jsonl(tmp_path, capsys):
+    """``data prepare --skip-missing`` leaves out (and counts, one JSON line each) a WAV claiming
+    2,147,483,647 Hz and a WAV whose data chunk hides two thirds of its samples (its Duration would lie)."""
+    from posttrain.bench.hostile_audio import wav_header, wav_with_rate
+    from posttrain.cli import main
+
+    lay = Layout(tmp_path / "itw")
+    make_in_the_wild(lay)
+    lay.text("meta.csv", (lay.root / "meta.csv").read_text() + "2.wav,Someone,spoof\n3.wav,Someone,spoof\n")
+    (lay.root / "2.wav").write_bytes(wav_with_rate(2_147_483_647, 48))
+    (lay.root / "3.wav").write_bytes(wav_header(16000, 3200) + b"\x01\x02" * 4800)
+    out = tmp_path / "itw.csv"
+    assert main(["data", "prepare", "in_the_wild", "--root", str(lay.root), "--out", str(out), "--skip-missing",
+                 "--no-progress"]) == 0
+    assert [row.id for row in read_protocol(out)] == ["ItW-0", "ItW-1"]
+    rejects = [json.loads(line) for line in (tmp_path / "itw.rejects.jsonl").read_text().splitlines()]
+    assert [(Path(r["path"]).name, r["reason"]) for r in rejects] == [("2.wav", "rate_out_of_range"),
+                                                                      ("3.wav", "length_mismatch")]
+    assert "2,147,483,647 Hz" in rejects[0]["detail"] and rejects[1]["listed_at"].endswith("meta.csv:5")
+    assert "rate_out_of_range 1, length_mismatch 1" in capsys.readouterr().err
+
+
 def test_duplicate_ids_and_unknown_recipe_are_errors(tmp_path):
     lay = Layout(tmp_path / "asv")
     make_asvspoof2019_la(lay)
