@@ -106,7 +106,7 @@ def check_before_submit(job: PosttrainJob) -> str | None:
     before the queue; the problem as one line, or None."""
     from posttrain.config import load_config
     from posttrain.errors import INPUT_ERRORS, one_line
-    from posttrain.models.detector import hub_offline
+    from posttrain.hubcache import hub_offline
     from posttrain.train.preflight import preflight
 
     try:

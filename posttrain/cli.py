@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from posttrain import __version__, console
 from posttrain.errors import DEBUG_ENV, DEBUG_FLAG, EXIT_OK, EXIT_USAGE, debug_requested, guarded
 
 # command words -> (module in posttrain.commands, one-line help)
@@ -61,7 +62,8 @@ def _overview(prefix: str = "") -> str:
 
 
 EPILOG = (f"exit codes: 0 done, 1 the work failed, 2 bad usage or input; {DEBUG_FLAG} (or {DEBUG_ENV}=1) shows "
-          "the traceback of an error")
+          "the traceback of an error; -v/--verbose shows the libraries' own messages too, -q/--quiet only "
+          "warnings and errors; --version the version")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -92,7 +94,8 @@ def _no_command(argv: list[str]) -> int:
     prefix = f"{argv[0]} " if argv and not argv[0].startswith("-") else ""
     known = any(name.startswith(prefix) for name in COMMANDS)
     asked_help = argv[len(prefix.split()):] in (["-h"], ["--help"])
-    print(_overview(prefix if known else ""), file=sys.stdout if asked_help else sys.stderr)
+    if asked_help or not argv or (known and prefix and len(argv) == 1):
+        print(_overview(prefix if known else ""), file=sys.stdout if asked_help else sys.stderr)
     if asked_help:
         return EXIT_OK
     if not argv:
@@ -100,13 +103,31 @@ def _no_command(argv: list[str]) -> int:
     elif known and prefix and len(argv) == 1:
         problem = f"'{argv[0]}' needs a subcommand (posttrain {argv[0]} --help lists them)"
     else:
-        problem = f"unknown command {' '.join(argv)!r}"
-    print(f"\nposttrain: error: {problem}", file=sys.stderr)
+        words = [word for word in argv[:2] if not word.startswith("-")][: 2 if known else 1]
+        problem = f"unknown command {' '.join(words)!r}{_did_you_mean(words)}; posttrain --help lists the commands"
+    print(f"\nposttrain: error: {problem}" if not argv or problem.startswith("'") else f"posttrain: error: {problem}",
+          file=sys.stderr)
     return EXIT_USAGE
+
+
+def _did_you_mean(words: list[str]) -> str:
+    import difflib
+
+    candidates = [" ".join(words)] + words[:1]
+    for candidate in candidates:
+        near = difflib.get_close_matches(candidate, list(COMMANDS), n=1, cutoff=0.6)
+        if near:
+            return f" (did you mean 'posttrain {near[0]}'?)"
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
     debug, argv = debug_requested(list(sys.argv[1:] if argv is None else argv))
+    verbosity, argv = console.verbosity_requested(argv)
+    if argv in (["--version"], ["-V"]):
+        print(f"posttrain {__version__}")
+        return EXIT_OK
+    console.configure(verbosity)
     command, rest = resolve(argv)
     if command is None:
         return _no_command(argv)

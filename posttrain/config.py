@@ -521,13 +521,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(key, f"unsupported type {_type_name(tp)}")
 
 
+def unknown_key_hint(key: str, names) -> str:
+    """"unknown key (did you mean 'max_steps'?)", or the known keys when none is near."""
+    import difflib
+
+    near = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+    return f"unknown key (did you mean {near[0]!r}?)" if near else f"unknown key (known: {sorted(names)})"
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping; unknown keys and bad values raise ``ConfigError``."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            raise ConfigError(_join(prefix, key), f"unknown key (known: {sorted(names)})")
+            raise ConfigError(_join(prefix, key), unknown_key_hint(str(key), names))
     kwargs = {name: _coerce(value, hints[name], _join(prefix, name)) for name, value in data.items()}
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)

@@ -13,44 +13,20 @@ Accepted everywhere a model is asked (``posttrain eval``, ``score``, ``sharpness
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from posttrain.errors import hf_download_hint
 from posttrain.hub import antideepfake, export
+from posttrain.hubcache import locate_model
 from posttrain.models.detector import Detector
 
-REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
-# what a snapshot needs: configs, card, weights (safetensors only: hub pickles are never fetched)
-SNAPSHOT_PATTERNS = ["*.json", "*.md", "*.safetensors", "LICENSE*"]
 FORMATS = ("transformers", "antideepfake", "checkpoint")
 CHECKPOINT_MARKERS = ("posttrain.json", "latest", "checkpoints")
 # checkpoint metadata worth publishing (the loader/scheduler/step states only matter for resuming)
 TRAINING_KEYS = ("tag", "config", "progress", "step_mode", "world_size", "zero_stage", "precision",
                  "mlflow_run_id", "saved_unix_s")
-
-
-class ModelNotAvailableError(FileNotFoundError):
-    """A model that is neither on disk nor obtainable now (offline, not cached)."""
-
-
-def hub_snapshot(repo_id: str, *, revision: str | None = None, cache_dir: str | Path | None = None) -> Path:
-    """The local snapshot folder of ``repo_id``: downloaded into the Hugging Face cache, or found
-    there when ``HF_HUB_OFFLINE=1`` or the hub is unreachable."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                                      allow_patterns=SNAPSHOT_PATTERNS))
-    except LocalEntryNotFoundError as error:
-        cache = cache_dir or constants.HF_HUB_CACHE
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
-        raise ModelNotAvailableError(f"{repo_id}: not in the Hugging Face cache ({cache}) and {why}; "
-                                     f"{hf_download_hint(repo_id)} instead of the repo id") from error
 
 
 def model_format(path: str | Path) -> str:
@@ -91,11 +67,7 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu", *,
     licence, provenance) plus ``loaded_from`` (spec, resolved path, format). ``preset`` only helps an
     AntiDeepfake conversion choose among presets of identical shape.
     """
-    path, repo_id = Path(spec).expanduser(), None
-    if not path.exists():
-        if not REPO_ID.fullmatch(str(spec)):
-            raise FileNotFoundError(f"model {str(spec)!r}: no such file or folder, and not a hub repo id (owner/name)")
-        repo_id, path = str(spec), hub_snapshot(str(spec))
+    path, repo_id = locate_model(spec)
     kind = model_format(path)
     if kind == "transformers":
         detector, identity = export.load_export(path)

@@ -422,7 +422,7 @@ def write_embedding_set(directory: Path, embeddings: np.ndarray, meta: list, *, 
     ``embeddings`` ([count, dim], float32 or float16) and one metadata dict per row (row numbers added)."""
     import json
 
-    from posttrain.select.embed import EMBEDDINGS_NAME, MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, META_NAME
+    from posttrain.select.embeddings import EMBEDDINGS_NAME, MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, META_NAME
 
     directory.mkdir(parents=True, exist_ok=True)
     np.save(directory / EMBEDDINGS_NAME, embeddings)
@@ -602,3 +602,27 @@ def server(tiny_export_dir, tmp_path_factory):
     output = stop_server(running)  # the shutdown itself is checked: its folder removed, the token never logged
     assert "Application shutdown complete" in output and TOKEN not in output
     assert list(running.temp_dir.iterdir()) == []
+
+
+# --- headless Chromium (Debian's chromium + chromium-driver, installed by `make test`) -----------------
+
+
+def chromium_driver(profile: Path, width: int = 1000, height: int = 900):
+    """A selenium driver of headless Debian chromium with a fresh profile. A missing browser fails the test
+    rather than skipping it: `make test` installs it, so a skip would only hide a broken set-up."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if browser is None or driver_path is None:
+        pytest.fail("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile}", f"--window-size={width},{height}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=driver_path), options=options)

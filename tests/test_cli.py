@@ -40,3 +40,35 @@ def test_resolve_prefers_the_longest_command():
 def test_unknown_command_fails():
     result = subprocess.run([sys.executable, "-m", "posttrain", "frobnicate"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "unknown command" in result.stderr
+
+
+def test_version_and_did_you_mean_in_one_line(capsys):
+    from posttrain import __version__
+    from posttrain.cli import main
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"posttrain {__version__}"
+    assert main(["evl", "--model", "m"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("posttrain: error: unknown command 'evl' (did you mean 'posttrain eval'?); posttrain --help "
+                   "lists the commands")  # one line: no command table before it
+    assert main(["shards", "biuld"]) == 2
+    assert "did you mean 'posttrain shards build'?" in capsys.readouterr().err
+
+
+def test_quiet_default_and_verbose_decide_what_reaches_the_console():
+    """One logging set-up: posttrain's INFO shows by default, not with -q; a library's INFO/WARNING (here
+    DeepSpeed's logger and transformers') only with -v."""
+    script = ("import logging, sys\nfrom posttrain import console\n"
+              "verbosity, rest = console.verbosity_requested(sys.argv[1:])\nconsole.configure(verbosity)\n"
+              "logging.getLogger('posttrain.x').info('OURS-INFO')\nlogging.getLogger('posttrain.x').warning('OURS-WARN')\n"
+              "logging.getLogger('DeepSpeed').warning('DS-WARN')\nlogging.getLogger('transformers.modeling').info('TF-INFO')\n"
+              "logging.getLogger('mlflow.store').info('MLFLOW-INFO')\nlogging.getLogger('DeepSpeed').error('DS-ERROR')\n")
+    seen = {}
+    for flag in ("-q", "", "-v"):
+        result = subprocess.run([sys.executable, "-c", script, *([flag] if flag else [])], capture_output=True,
+                                text=True, timeout=60)
+        seen[flag] = {word for word in ("OURS-INFO", "OURS-WARN", "DS-WARN", "TF-INFO", "MLFLOW-INFO", "DS-ERROR")
+                      if word in result.stderr}
+    assert seen["-q"] == {"OURS-WARN", "DS-ERROR"}
+    assert seen[""] == {"OURS-INFO", "OURS-WARN", "DS-ERROR"}
+    assert seen["-v"] == {"OURS-INFO", "OURS-WARN", "DS-WARN", "TF-INFO", "MLFLOW-INFO", "DS-ERROR"}

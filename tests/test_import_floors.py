@@ -13,7 +13,7 @@ import posttrain
 
 PACKAGE_DIR = Path(posttrain.__file__).resolve().parent
 FLOORS = {
-    "posttrain": 0, "posttrain.config": 0, "posttrain.dist": 0, "posttrain.errors": 0,
+    "posttrain": 0, "posttrain.config": 0, "posttrain.dist": 0, "posttrain.errors": 0, "posttrain.hubcache": 0,
     "posttrain.data": 1,
     "posttrain.models": 2,
     "posttrain.augment": 3,

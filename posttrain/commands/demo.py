@@ -1,5 +1,6 @@
 """The README's main job, end to end on one machine: demo corpus -> shards -> loader statistics ->
-DeepSpeed post-training (local MLflow store) -> evaluation on the held-out test split.
+DeepSpeed post-training (local MLflow store) -> evaluation on the held-out test split -> export, the
+test results and the exported model attached to the training's MLflow run.
 
 Each stage is the same command a user would type, so the demo doubles as a walk through the CLI.
 Stages whose outputs exist are skipped (shard builds resume; training resumes from ``latest``), so a
@@ -60,6 +61,23 @@ def run(args: argparse.Namespace) -> int:
     _stage("evaluation on the held-out test split",
            ["eval", "--model", str(output_dir / "checkpoints"), "--shards", str(shards_dir / "test"),
             "--out", str(report_dir), "--by", "language", "attack", "--window-seconds", "0", "--no-progress"])
-    print(f"\nDone. Report: {report_dir}/ (metrics.json, det.png, histograms.png, result.yaml); "
-          f"MLflow: mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}")
+    published = output_dir / "published"
+    _stage("export as a stock transformers model, with its card",
+           ["publish", "--checkpoint", str(output_dir / "checkpoints"), "--out", str(published),
+            "--results", str(report_dir / "result.yaml")])
+    print(f"\nDone. Report: {report_dir}/ (metrics.json, det.png, histograms.png, result.yaml); model: {published}/")
+    print(_mlflow_line(output_dir, cfg))
     return 0
+
+
+def _mlflow_line(output_dir: Path, cfg) -> str:
+    """Where the run is in MLflow: the command to start the UI and the run's page in it."""
+    from posttrain.train.checkpoint import read_metadata, resolve_checkpoint
+    from posttrain.train.tracking import run_page_of
+
+    start = f"mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}"
+    run_id = read_metadata(resolve_checkpoint(output_dir / "checkpoints")).get("mlflow_run_id")
+    if not cfg.tracking.enabled or not run_id:
+        return f"MLflow: {start}"
+    return (f"MLflow (training, test metrics, plots, score file, model): {start}, then open "
+            f"http://127.0.0.1:5000/{run_page_of(cfg.tracking, run_id)}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from posttrain.commands.inference_options import add_arguments
-    from posttrain.select.embed import DTYPES
+    from posttrain.select.embeddings import DTYPES
 
     parser.add_argument("--model", required=True,
                         help="transformers export folder, posttrain checkpoint, AntiDeepfake release or hub id")
@@ -23,6 +23,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from posttrain.commands.inference_options import config_from_args, device_from_args
+    from posttrain.data.shards import load_index
+    from posttrain.hubcache import locate_model
+
+    config_from_args(args)  # options, the shard set and the model's location before torch loads
+    load_index(args.shards)
+    locate_model(args.model)
     from posttrain.dist import process_group
     from posttrain.loading import load_model
     from posttrain.select.embed import embed_shards

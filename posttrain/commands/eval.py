@@ -11,9 +11,10 @@ file whole and alone (AntiDeepfake's test protocol) instead of in batched 13 s w
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
+
+from posttrain.errors import UserError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -27,11 +28,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--shards", type=Path, help="shard folder (index.json) of the test set")
     parser.add_argument("--root", type=Path, default=None, help="data root replacing $ROOT in protocol paths")
     parser.add_argument("--out", type=Path, required=True, help="report folder")
+    parser.add_argument("--no-mlflow", action="store_true",
+                        help="do not attach the metrics and report files to the MLflow run that trained the model "
+                             "(attached when the model is a checkpoint of a tracked run)")
     parser.add_argument("--by", nargs="+", action="extend", default=[], choices=sorted(GROUPINGS),
                         help="also report per group")
     parser.add_argument("--calibration", type=Path, default=None,
                         help="calibration.json (default: the one stored with the model, if any)")
-    parser.add_argument("--bootstrap", type=int, default=0, metavar="N", help="bootstrap resamples for the EER CI")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples for the EER's 95 %% confidence interval (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--segments", type=Path, default=None, metavar="SEGMENTS_CSV",
                         help="true segments of a partial-spoof set (`posttrain data partialspoof`): also report "
@@ -48,16 +53,38 @@ def _segment_truth(path: Path | None, cfg) -> tuple[dict, dict] | None:
 
     if path is None:
         return None
-    supported_resolutions(cfg.window.hop_seconds if cfg.window.window_seconds > 0 else math.inf)
+    if cfg.mode == "antideepfake" or cfg.window.window_seconds == 0:
+        raise UserError("--segments needs windowed scoring: whole-file scoring (--window-seconds 0, --mode "
+                        "antideepfake) has no timeline to locate fake segments in; drop --segments, or score in "
+                        "windows (e.g. --window-seconds 4 --hop-seconds 0.32)")
+    supported_resolutions(cfg.window.hop_seconds)
     sidecar = read_segments(path)
     return ({file_id: spoof_regions(segments) for file_id, segments in sidecar.items()},
             {file_id: segments[-1].stop for file_id, segments in sidecar.items()})
 
 
+def _check_inputs(args: argparse.Namespace):
+    """Everything that can be checked without torch: options, the test set, the model's location, the
+    segments file. Returns ``(InferenceConfig, segment truth)``."""
+    from posttrain.commands.inference_options import config_from_args
+    from posttrain.data.protocol import read_protocol
+    from posttrain.data.shards import load_index
+    from posttrain.hubcache import locate_model
+
+    cfg = config_from_args(args)
+    if args.protocol is not None:
+        read_protocol(args.protocol)
+    else:
+        load_index(args.shards)
+    locate_model(args.model)
+    return cfg, _segment_truth(args.segments, cfg)
+
+
 def run(args: argparse.Namespace) -> int:
-    from posttrain.eval.calibration import CalibrationError
-    from posttrain.commands.inference_options import config_from_args, device_from_args
+    cfg, truth = _check_inputs(args)  # a bad input is one line and exit 2 before torch loads
+    from posttrain.commands.inference_options import device_from_args
     from posttrain.dist import process_group
+    from posttrain.eval.calibration import CalibrationError
     from posttrain.eval.inference import ProtocolSource, ShardSource, run_inference
     from posttrain.eval.report import SCORE_TYPES, write_report
     from posttrain.eval.scoring import SCORE_TYPE, Decision, resolve_calibration, score_record
@@ -67,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
     definition = SCORE_TYPES[SCORE_TYPE]
     with process_group() as info:
         try:
-            cfg = config_from_args(args)
             source = ShardSource(args.shards) if args.shards else ProtocolSource(
                 args.protocol, args.root, max_file_seconds=args.max_file_seconds)
             device = device_from_args(args, info)
@@ -76,7 +102,6 @@ def run(args: argparse.Namespace) -> int:
             if calibration is not None and calibration.score_definition not in ("", definition, SCORE_TYPE):
                 raise CalibrationError(f"the calibration maps {calibration.score_definition!r}, eval scores "
                                        f"are {definition!r}")
-            truth = _segment_truth(args.segments, cfg)
         except (ValueError, FileNotFoundError) as error:  # config, protocol, shard, model, calibration errors
             print(f"posttrain eval: error: {error}", file=sys.stderr)
             return 2
@@ -101,4 +126,19 @@ def run(args: argparse.Namespace) -> int:
     for item in result.skipped:
         print(f"skipped {item.id}: {item.reason}: {item.detail}")
     print(f"scored {len(result.outputs)}, skipped {len(result.skipped)}; report: {args.out}")
+    if not args.no_mlflow:
+        print(attach_to_training_run(identity, args.out.name, report["metrics"], report["files"]))
     return 0
+
+
+def attach_to_training_run(identity: dict, name: str, document: dict, files: dict) -> str:
+    """Attach a report to the MLflow run that trained the model, when there is one; the line saying so."""
+    from posttrain.train.tracking import NotAttached, log_report, training_run
+
+    try:
+        cfg, run_id = training_run(identity)
+        log_report(cfg, run_id, name, document, files)
+    except NotAttached as why:
+        return f"MLflow: not attached to a training run ({why})"
+    return (f"MLflow: test metrics (test/{name}/...) and the report files (eval/{name}/) attached to the training "
+            f"run {run_id} ({cfg.tracking_uri})")

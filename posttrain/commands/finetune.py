@@ -10,7 +10,6 @@ code (accelerate launches a script, not a console command)::
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 
@@ -23,7 +22,6 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.config import FinetuneConfig, load_config
 
     cfg = load_config(args.config, args.overrides, cls=FinetuneConfig)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # imported after the config is valid: DeepSpeed picks its accelerator on import
     from posttrain.loading import load_model
     from posttrain.train.finetune import finetune, format_summary

@@ -54,10 +54,12 @@ def report(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.hub.export import check_out_dir
+    from posttrain.hub.folders import check_out_dir
 
     try:
         check_out_dir(args.out, EXPORT_KIND, overwrite=args.overwrite)  # before the work, not after it
+        if not Path(args.path).exists():
+            raise FileNotFoundError(f"{args.path}: no such file or folder")
         out = convert_to_export(args.path, args.out, preset=args.preset, overwrite=args.overwrite)
     except ERRORS as error:
         print(f"posttrain hub convert: error: {error}", file=sys.stderr)

@@ -18,8 +18,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.hub.export import check_out_dir
-    from posttrain.loading import hub_snapshot
+    from posttrain.hub.folders import check_out_dir
+    from posttrain.hubcache import hub_snapshot
 
     try:
         check_out_dir(args.out, EXPORT_KIND, overwrite=args.overwrite)  # before the download, not after it

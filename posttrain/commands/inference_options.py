@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from posttrain.dist import DistInfo, choose_device
 from posttrain.data.audio import DEFAULT_MAX_FILE_SECONDS
-from posttrain.eval.inference import PRECISIONS, SCORING_MODES, InferenceConfig
-from posttrain.eval.scoring import AGGREGATIONS, WindowConfig
+from posttrain.eval.scoring import AGGREGATIONS, PRECISIONS, SCORING_MODES, InferenceConfig, WindowConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, batch_seconds: float = 200.0) -> None:
@@ -60,5 +56,10 @@ def config_from_args(args: argparse.Namespace) -> InferenceConfig:
     return cfg
 
 
-def device_from_args(args: argparse.Namespace, info: DistInfo) -> torch.device:
+def device_from_args(args: argparse.Namespace, info):
+    """The torch device of ``args.device``, else ``cuda:LOCAL_RANK`` when CUDA is visible, else the CPU."""
+    import torch
+
+    from posttrain.dist import choose_device
+
     return torch.device(args.device) if args.device else choose_device("auto", info.local_rank)

@@ -20,8 +20,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              help="fit the calibration on this dev score file; saved as OUT/calibration.json")
     parser.add_argument("--prior-bona-fide", type=float, default=0.5,
                         help="prior of the calibration objective (0.5: minimise Cllr)")
-    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
-                        help="bootstrap resamples for the EER confidence interval (0: none)")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples for the EER's 95 %% confidence interval (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--threshold", type=float, default=None,
                         help="decision threshold for accuracy/precision/recall/F1 (default: the EER threshold)")

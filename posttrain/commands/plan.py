@@ -1,10 +1,12 @@
 """``posttrain plan``: memory per GPU, the largest batch that fits, step and run time, before a run.
 
-    posttrain plan --preset xlsr_1b --zero-stage 2 --gpus 8 --gpu-memory-gib 80 --batch-seconds 100 --steps 800000
-    posttrain plan --config configs/posttrain/xlsr_2b.yaml --gpus 16 --gpu-memory-gib 80 --sam
+    posttrain plan --preset xlsr_1b --zero-stage 2 --gpu a100-80gb --gpus 8 --batch-seconds 100 --steps 800000
+    posttrain plan --config configs/posttrain/xlsr_2b.yaml --gpu h200 --nodes 8 --gpus-per-node 8 --sam
 
 With ``--config`` the preset, ZeRO stage, precision, batch seconds, SAM, activation checkpointing,
-accumulation, bucket sizes and steps come from that training config; flags override them.
+accumulation, bucket sizes and steps come from that training config; flags override them. ``--gpu``
+takes the peak bf16 FLOP/s and the memory of a common accelerator (``posttrain.train.plan.GPUS``);
+``--peak-tflops`` and ``--gpu-memory-gib`` override either.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import dataclasses
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from posttrain.train.plan import PlanRequest
+    from posttrain.train.plan import DEFAULT_GPU, GPUS, PlanRequest
 
     defaults = PlanRequest()
     parser.add_argument("--config", default=None, help="a post-training YAML to take the run's settings from")
@@ -23,8 +25,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"DeepSpeed ZeRO stage (default: the config's, else {defaults.zero_stage})")
     parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
                         help=f"training precision (default: the config's, else {defaults.precision})")
-    parser.add_argument("--gpus", type=int, default=defaults.gpus, help="data-parallel GPUs in all")
-    parser.add_argument("--gpu-memory-gib", type=float, default=defaults.gpu_memory_gib, help="memory of one GPU")
+    parser.add_argument("--gpu", choices=sorted(GPUS), default=DEFAULT_GPU,
+                        help="the accelerator: its dense bf16 peak and memory")
+    parser.add_argument("--nodes", type=int, default=None, help="nodes (with --gpus-per-node: --gpus is their product)")
+    parser.add_argument("--gpus-per-node", type=int, default=None, help="GPUs on each node (default 8 with --nodes)")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help=f"data-parallel GPUs in all (default: --nodes x --gpus-per-node, else {defaults.gpus})")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None, help="memory of one GPU (default: --gpu's)")
     parser.add_argument("--batch-seconds", type=float, default=None,
                         help="padded audio seconds per micro-batch per GPU (data.train.max_batch_seconds)")
     parser.add_argument("--clip-seconds", type=float, default=defaults.clip_seconds, help="typical clip length")
@@ -39,9 +46,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-accum-steps", type=int, default=None,
                         help=f"micro-batches per optimiser step (default: the config's, else "
                              f"{defaults.grad_accum_steps})")
-    parser.add_argument("--mfu", type=float, default=defaults.mfu, help="model-FLOPs utilisation to assume")
-    parser.add_argument("--peak-tflops", type=float, default=defaults.peak_tflops,
-                        help="GPU peak TFLOP/s (default: %(default)s, dense bf16 H100/H200 SXM)")
+    parser.add_argument("--hfu", type=float, default=defaults.hfu,
+                        help="share of the peak the executed FLOPs reach (recomputed forwards included); the MFU "
+                             "printed keeps the model-FLOPs convention")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="GPU peak TFLOP/s (default: --gpu's dense bf16)")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps of the run")
     parser.add_argument("--audio-hours", type=float, default=0.0, help="with --epochs instead of --steps")
     parser.add_argument("--epochs", type=float, default=1.0, help="epochs over --audio-hours")
@@ -49,14 +57,39 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="CUDA context, NCCL and allocator fragmentation")
 
 
-def request_from(args: argparse.Namespace):
-    """The ``PlanRequest``: defaults <- ``--config`` <- flags."""
-    from posttrain.config import load_config
+def gpu_count(args: argparse.Namespace) -> int:
+    """``--gpus``, or ``--nodes`` x ``--gpus-per-node``; both given and different is a usage error."""
+    from posttrain.errors import UserError
     from posttrain.train.plan import PlanRequest
 
-    fields: dict = {"gpus": args.gpus, "gpu_memory_gib": args.gpu_memory_gib, "clip_seconds": args.clip_seconds,
-                    "mfu": args.mfu, "peak_tflops": args.peak_tflops, "audio_hours": args.audio_hours,
+    if args.nodes is None and args.gpus_per_node is None:
+        return args.gpus if args.gpus is not None else PlanRequest.gpus
+    nodes, per_node = args.nodes or 1, args.gpus_per_node or 8
+    if nodes < 1 or per_node < 1:
+        raise UserError("--nodes and --gpus-per-node: must be >= 1")
+    if args.gpus is not None and args.gpus != nodes * per_node:
+        raise UserError(f"--gpus {args.gpus} is not --nodes {nodes} x --gpus-per-node {per_node} = {nodes * per_node}; "
+                        f"give one or the other, or make them agree")
+    return nodes * per_node
+
+
+def request_from(args: argparse.Namespace):
+    """The ``PlanRequest``: defaults <- ``--gpu`` <- ``--config`` <- flags."""
+    from posttrain.config import load_config
+    from posttrain.errors import UserError
+    from posttrain.train.plan import GPUS, PlanRequest
+
+    gpu = GPUS[args.gpu]
+    fields: dict = {"gpus": gpu_count(args), "gpu": args.gpu,
+                    "gpu_memory_gib": gpu.memory_gib if args.gpu_memory_gib is None else args.gpu_memory_gib,
+                    "peak_tflops": gpu.peak_bf16_tflops if args.peak_tflops is None else args.peak_tflops,
+                    "clip_seconds": args.clip_seconds, "hfu": args.hfu, "audio_hours": args.audio_hours,
                     "epochs": args.epochs, "reserve_gib": args.reserve_gib}
+    if args.preset is not None:
+        from posttrain.models.presets import PRESETS
+
+        if args.preset not in PRESETS:
+            raise UserError(f"--preset: unknown preset {args.preset!r} (known: {', '.join(sorted(PRESETS))})")
     if args.config:
         cfg = load_config(args.config)
         fields.update(preset=cfg.model.preset, zero_stage=cfg.train.zero_stage, precision=cfg.train.precision,

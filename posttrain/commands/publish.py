@@ -28,24 +28,43 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="training shard folders for the card's data table (default: the training config's)")
     parser.add_argument("--repo-id", default=None, help="hub repository ORG/NAME (named on the card; needed by --push)")
     parser.add_argument("--push", action="store_true", help="upload the folder to --repo-id")
+    parser.add_argument("--no-mlflow", action="store_true",
+                        help="do not log the exported folder (with its card) to the MLflow run that trained it")
     parser.add_argument("--private", action="store_true", help="create the hub repository as private")
 
 
+def attach_model(identity: dict, folder: Path) -> str:
+    """Log the exported folder to the MLflow run that trained the model, when there is one."""
+    from posttrain.train.tracking import NotAttached, log_model, training_run
+
+    try:
+        cfg, run_id = training_run(identity)
+        log_model(cfg, run_id, folder)
+    except NotAttached as why:
+        return f"MLflow: model not logged to a training run ({why})"
+    return f"MLflow: the exported model (model/, with its card) logged to the training run {run_id} ({cfg.tracking_uri})"
+
+
 def run(args: argparse.Namespace) -> int:
-    from posttrain.hub.card import CardInputs, read_result, render_card, training_data
-    from posttrain.hub.export import check_out_dir, export_detector, with_stock_pipeline_gap
-    from posttrain.hub.publish import calibration_entry, push_to_hub, training_shards
-    from posttrain.models.detector import count_parameters
-    from posttrain.loading import load_model
+    from posttrain.hub.folders import check_out_dir
+    from posttrain.hubcache import locate_model
 
     if args.push and not args.repo_id:
         print("posttrain publish: error: --push needs --repo-id ORG/NAME", file=sys.stderr)
         return 2
+    check_out_dir(args.out, EXPORT_KIND, overwrite=args.overwrite)  # before the work (and torch), not after it
+    locate_model(args.checkpoint)
+    from posttrain.hub.card import CardInputs, read_result, render_card, training_data
+    from posttrain.hub.export import export_detector, with_stock_pipeline_gap
+    from posttrain.hub.publish import calibration_entry, push_to_hub, training_shards
+    from posttrain.loading import load_model
+    from posttrain.models.detector import count_parameters
+
     try:
-        check_out_dir(args.out, EXPORT_KIND, overwrite=args.overwrite)  # before the work, not after it
         results = [read_result(path) for path in args.results]
         detector, identity = load_model(args.checkpoint)
         identity.pop("loaded_from")  # where it was read this time: not part of the published identity
+        training_identity = dict(identity)
         if args.calibration is not None:
             identity["calibration"] = calibration_entry(args.calibration)
         identity = with_stock_pipeline_gap(detector, identity)
@@ -59,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"posttrain publish: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
+    if not args.no_mlflow:
+        print(attach_model(training_identity, out))
     if args.push:
         print(f"pushed to {push_to_hub(out, args.repo_id, private=args.private)}")
     return 0

@@ -67,33 +67,45 @@ def _write_timelines(directory: Path, outputs: list, rows: list[dict], decision,
     print(f"timelines: {len(outputs)} file(s) in {directory} (NAME.timeline.csv/.json/.png)")
 
 
-def checked_inputs(inputs: list[Path]) -> list[Path]:
-    """The audio files to score, each probed from its header before any model is loaded: a missing file
-    or a sample rate out of range is the user's to fix (``UserError``, exit 2, naming the file); other
-    problems (a corrupt body) are per-file errors while scoring, and the rest are still scored."""
+def checked_inputs(args: argparse.Namespace) -> tuple[list[Path], list | None]:
+    """``(the audio files to score, the --labels rows)``, checked before torch or a model loads: every
+    file is probed from its header (a missing file or a sample rate out of range is the user's to fix:
+    one line naming the file, exit 2; a corrupt body stays a per-file error while scoring, and the rest
+    are still scored), the model's location is found, and with ``--labels`` every file must have a row."""
+    from posttrain.commands.inference_options import config_from_args
     from posttrain.data.audio import AudioError, audio_inputs, probe
     from posttrain.errors import UserError
+    from posttrain.hubcache import locate_model
 
-    paths = audio_inputs(inputs)
+    config_from_args(args)
+    paths = audio_inputs(args.inputs)
     for path in paths:
         try:
             probe(path)
         except AudioError as error:
             if error.reason in ("missing", "rate_out_of_range"):
                 raise UserError(f"{error.detail} (nothing was scored: fix or drop this input)") from None
-    return paths
+    labels = _read_labels(args)
+    if labels is not None:
+        by_path = {row.resolved_path(args.root).resolve() for row in labels}
+        unlabelled = [str(path) for path in paths if path.resolve() not in by_path]
+        if unlabelled:
+            raise UserError(f"--labels {args.labels}: no row for {len(unlabelled)} of the {len(paths)} files, e.g. "
+                            f"{unlabelled[0]} (a score file needs every trial's label; nothing was scored)")
+    locate_model(args.model)
+    return paths, labels
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.data.files import write_bytes_atomic
+    paths, labels = checked_inputs(args)  # a bad input is one line and exit 2 before torch loads
     from posttrain.commands.inference_options import config_from_args, device_from_args
+    from posttrain.data.files import write_bytes_atomic
     from posttrain.dist import process_group
     from posttrain.eval.inference import FileSource, run_inference
     from posttrain.eval.scoring import (NEAR_SILENT_DBFS, Decision, labelled_file_records, logit_columns, logit_diff,
                                         near_silent, p_real, resolve_calibration)
     from posttrain.loading import load_model
 
-    paths = checked_inputs(args.inputs)
     with process_group() as info:
         try:
             cfg = config_from_args(args)
@@ -102,7 +114,6 @@ def run(args: argparse.Namespace) -> int:
             model, identity = load_model(args.model, device)
             calibration, calibration_source = resolve_calibration(args.calibration, identity)
             decision = Decision.of(calibration)
-            labels = _read_labels(args)
         except (ValueError, FileNotFoundError) as error:
             print(f"posttrain score: error: {error}", file=sys.stderr)
             return 2

@@ -45,7 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from posttrain.data.protocol import ProtocolError
-    from posttrain.select.embed import EmbeddingsError
+    from posttrain.select.embeddings import EmbeddingsError
     from posttrain.select.nc import SelectionOptions
     from posttrain.select.report import format_totals, select_to_files
 

@@ -53,6 +53,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from posttrain.hubcache import locate_model
+
+    cfg = config_from_args(args)
+    locate_model(cfg.model)  # a missing model is one line and exit 2 before torch loads
     from posttrain.serve.app import serve
 
-    return serve(config_from_args(args))
+    return serve(cfg)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from posttrain.eval.sharpness import GROUP_FIELDS
+from posttrain.data.labels import GROUP_FIELDS
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,11 +39,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--by", choices=GROUP_FIELDS, default=None, help="also measure per group")
 
 
-def measure_config(args: argparse.Namespace):
-    from posttrain.eval.sharpness import SharpnessConfig
+def check_inputs(args: argparse.Namespace) -> None:
+    """The options, the shard set and the model's location, checked without torch."""
+    from posttrain.data.shards import load_index
+    from posttrain.hubcache import locate_model
 
     if args.rho <= 0 or args.batch_size < 1 or args.max_seconds <= 0:
         raise ValueError("--rho and --max-seconds must be > 0 and --batch-size >= 1")
+    load_index(args.shards)
+    if args.model is not None:
+        locate_model(args.model)
+
+
+def measure_config(args: argparse.Namespace):
+    from posttrain.eval.sharpness import SharpnessConfig
+
     return SharpnessConfig(rho=args.rho, adaptive=args.adaptive, adaptive_eta=args.eta, batch_size=args.batch_size,
                            max_seconds=args.max_seconds, seed=args.seed)
 
@@ -69,6 +79,7 @@ def model_description(identity: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_inputs(args)  # a bad input is one line and exit 2 before torch loads
     import torch
 
     from posttrain.dist import choose_device

@@ -10,8 +10,9 @@ import argparse
 import json
 import sys
 
-from posttrain.commands.sharpness import add_common_arguments, load_for_args, measure_config, model_description
-from posttrain.eval.sharpness import GROUP_FIELDS
+from posttrain.commands.sharpness import (add_common_arguments, check_inputs, load_for_args, measure_config,
+                                          model_description)
+from posttrain.data.labels import GROUP_FIELDS
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +34,9 @@ def format_table(rows: list[dict], correlation: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.steps is not None and args.steps < 3:
+        raise ValueError("--steps must be >= 3 (a rank correlation needs at least 3 subsets)")
+    check_inputs(args)  # a bad input is one line and exit 2 before torch loads
     import torch
 
     from posttrain.dist import choose_device
@@ -43,8 +47,6 @@ def run(args: argparse.Namespace) -> int:
 
     with process_group() as info:
         try:
-            if args.steps is not None and args.steps < 3:
-                raise ValueError("--steps must be >= 3 (a rank correlation needs at least 3 subsets)")
             cfg = measure_config(args)
             device = choose_device("auto", info.local_rank) if args.device is None else torch.device(args.device)
             model, identity = load_for_args(args, device)

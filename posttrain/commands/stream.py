@@ -41,6 +41,10 @@ def _print_table(rows: list[list[str]]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from posttrain.data.shards import load_index
+
+    for directory in args.shards:  # a missing or unindexed set is one line before the loader (and torch) loads
+        load_index(directory)
     from posttrain.data.stream import ShardStream
 
     cfg = StreamConfig(shards=list(args.shards), weights=list(args.weights),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 
@@ -18,7 +17,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from posttrain.config import load_config
-    from posttrain.models.detector import hub_offline
+    from posttrain.hubcache import hub_offline
     from posttrain.train.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
@@ -27,7 +26,6 @@ def run(args: argparse.Namespace) -> int:
     if args.preflight:
         print("\n".join(["preflight ok:", *(f"  {line}" for line in checked)]))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # imported after the config is valid: DeepSpeed picks its accelerator on import (see engine)
     from posttrain.train.trainer import train
 

@@ -14,6 +14,7 @@ REAL_LABEL = 1  # label ids: 1 = real (bona fide), 0 = fake; logit order is [fak
 FAKE_LABEL = 0
 LABEL_IDS = {REAL: REAL_LABEL, FAKE: FAKE_LABEL}
 # every spelling accepted from other toolkits' score files, mapped explicitly
+GROUP_FIELDS = ("corpus", "attack", "language", "speaker")  # sample metadata that results are grouped by
 LABEL_SPELLINGS: dict[str, int] = {**LABEL_IDS, str(REAL_LABEL): REAL_LABEL, str(FAKE_LABEL): FAKE_LABEL,
                                    "bonafide": REAL_LABEL, "bona-fide": REAL_LABEL, "bona fide": REAL_LABEL,
                                    "spoof": FAKE_LABEL}

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
 from posttrain.config import SAMPLE_RATE_HZ
@@ -242,6 +241,8 @@ def _load_sample(row: ProtocolRow, root: Path | None, options: BuildOptions) -> 
 def build_shard(spec: ShardSpec, root: Path | None, out: Path, options: BuildOptions,
                 fingerprint: str) -> dict[str, Any]:
     """Write one shard to staging, move it into place, record it; returns its record."""
+    import webdataset as wds  # here, not at the top: it imports torch, which planning and --help never need
+
     staging = out / STAGING_DIR / f"{spec.name}.partial"
     keys, num_samples, rejects = [], [], []
     groups: dict[str, Counter] = {group: Counter() for group in TOTAL_GROUPS}

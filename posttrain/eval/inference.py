@@ -52,66 +52,11 @@ from posttrain.data.protocol import read_protocol, row_to_dict
 from posttrain.data.shards import SampleError, decode_sample, file_sha256, iter_shard, load_index, shard_paths
 from posttrain.data.stream import balance
 from posttrain.dist import DistInfo, dist_info
-from posttrain.eval.scoring import AGGREGATIONS, PRECISIONS, WindowConfig, aggregate
+from posttrain.eval.scoring import InferenceConfig, WindowConfig, aggregate
 from posttrain.models.detector import Detector
 
-SCORING_MODES = ("windowed", "antideepfake")
 ROWS_PER_TASK = 64  # protocol rows decoded by one task: enough to amortise a worker hand-off
 WHOLE_FILE_BUCKET_SECONDS = 30.0  # bucket range when files are scored whole (no window bound)
-
-
-@dataclass(frozen=True)
-class InferenceConfig:
-    mode: str = "windowed"  # one of SCORING_MODES (module docstring)
-    window: WindowConfig = field(default_factory=WindowConfig)
-    aggregation: str = "mean_logits"
-    batch_seconds: float = 200.0  # padded audio seconds per forward pass
-    max_batch_size: int = 64
-    num_buckets: int = 8  # duration buckets of the batcher (also bounds the windows held at once)
-    precision: str = "fp32"  # bf16 autocast on CUDA only
-    num_workers: int = 0  # decoding processes per rank
-    progress: bool = True
-
-    @classmethod
-    def antideepfake(cls, **settings: Any) -> "InferenceConfig":
-        """AntiDeepfake's test protocol: every file whole and alone (``settings``: precision, workers...)."""
-        return cls(mode="antideepfake", window=WindowConfig(0.0, 0.0, 0.0), max_batch_size=1, **settings)
-
-    def validate(self) -> None:
-        if self.mode not in SCORING_MODES:
-            raise ValueError(f"mode: {self.mode!r} is not one of {SCORING_MODES}")
-        if self.mode == "antideepfake" and (self.window.window_seconds != 0 or self.max_batch_size != 1):
-            raise ValueError("mode: antideepfake scores every file whole (window_seconds 0) and alone "
-                             f"(max_batch_size 1), got window_seconds {self.window.window_seconds} and "
-                             f"max_batch_size {self.max_batch_size}")
-        self.window.validate()
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation: {self.aggregation!r} is not one of {AGGREGATIONS}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision: {self.precision!r} is not one of {PRECISIONS}")
-        if self.batch_seconds <= 0 or self.max_batch_size < 1 or self.num_buckets < 1 or self.num_workers < 0:
-            raise ValueError("batch_seconds must be > 0, max_batch_size and num_buckets >= 1, num_workers >= 0")
-
-    @property
-    def max_windows_held(self) -> int:
-        """Windows waiting in the batcher at most (``num_buckets`` partial batches), plus the batch running."""
-        return (self.num_buckets + 1) * self.max_batch_size
-
-    def describe(self) -> dict[str, Any]:
-        return {"mode": self.mode, "summary": self.summary(), **asdict(self.window), "aggregation": self.aggregation,
-                "batch_seconds": self.batch_seconds, "max_batch_size": self.max_batch_size,
-                "precision": self.precision, "sample_rate_hz": SAMPLE_RATE_HZ,
-                "normalisation": "per window, zero mean unit variance, the model's eps (model.input_normalisation)"}
-
-    def summary(self) -> str:
-        """One line for reports: how the scores were produced."""
-        if self.mode == "antideepfake":
-            return "antideepfake: AntiDeepfake's test protocol, every file whole, batch 1"
-        window = self.window
-        if window.window_seconds == 0:
-            return f"windowed: every file whole, batched (padding masked), {self.precision}"
-        return (f"windowed: {window.window_seconds:g} s windows, hop {window.hop_seconds:g} s, "
-                f"{self.aggregation} over windows, batched (padding masked), {self.precision}")
 
 
 # ---------------------------------------------------------------------------------------- records

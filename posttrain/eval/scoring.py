@@ -29,7 +29,7 @@ Scores (higher = bona fide)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -88,6 +88,63 @@ class WindowConfig:
             if stop == num_samples:
                 break
         return spans
+
+
+SCORING_MODES = ("windowed", "antideepfake")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    mode: str = "windowed"  # one of SCORING_MODES (posttrain.eval.inference's docstring)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    aggregation: str = "mean_logits"
+    batch_seconds: float = 200.0  # padded audio seconds per forward pass
+    max_batch_size: int = 64
+    num_buckets: int = 8  # duration buckets of the batcher (also bounds the windows held at once)
+    precision: str = "fp32"  # bf16 autocast on CUDA only
+    num_workers: int = 0  # decoding processes per rank
+    progress: bool = True
+
+    @classmethod
+    def antideepfake(cls, **settings: Any) -> "InferenceConfig":
+        """AntiDeepfake's test protocol: every file whole and alone (``settings``: precision, workers...)."""
+        return cls(mode="antideepfake", window=WindowConfig(0.0, 0.0, 0.0), max_batch_size=1, **settings)
+
+    def validate(self) -> None:
+        if self.mode not in SCORING_MODES:
+            raise ValueError(f"mode: {self.mode!r} is not one of {SCORING_MODES}")
+        if self.mode == "antideepfake" and (self.window.window_seconds != 0 or self.max_batch_size != 1):
+            raise ValueError("mode: antideepfake scores every file whole (window_seconds 0) and alone "
+                             f"(max_batch_size 1), got window_seconds {self.window.window_seconds} and "
+                             f"max_batch_size {self.max_batch_size}")
+        self.window.validate()
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation: {self.aggregation!r} is not one of {AGGREGATIONS}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: {self.precision!r} is not one of {PRECISIONS}")
+        if self.batch_seconds <= 0 or self.max_batch_size < 1 or self.num_buckets < 1 or self.num_workers < 0:
+            raise ValueError("batch_seconds must be > 0, max_batch_size and num_buckets >= 1, num_workers >= 0")
+
+    @property
+    def max_windows_held(self) -> int:
+        """Windows waiting in the batcher at most (``num_buckets`` partial batches), plus the batch running."""
+        return (self.num_buckets + 1) * self.max_batch_size
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode, "summary": self.summary(), **asdict(self.window), "aggregation": self.aggregation,
+                "batch_seconds": self.batch_seconds, "max_batch_size": self.max_batch_size,
+                "precision": self.precision, "sample_rate_hz": SAMPLE_RATE_HZ,
+                "normalisation": "per window, zero mean unit variance, the model's eps (model.input_normalisation)"}
+
+    def summary(self) -> str:
+        """One line for reports: how the scores were produced."""
+        if self.mode == "antideepfake":
+            return "antideepfake: AntiDeepfake's test protocol, every file whole, batch 1"
+        window = self.window
+        if window.window_seconds == 0:
+            return f"windowed: every file whole, batched (padding masked), {self.precision}"
+        return (f"windowed: {window.window_seconds:g} s windows, hop {window.hop_seconds:g} s, "
+                f"{self.aggregation} over windows, batched (padding masked), {self.precision}")
 
 
 def aggregate(lengths: np.ndarray, logits: np.ndarray, embeddings: np.ndarray | None,

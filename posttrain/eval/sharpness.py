@@ -26,11 +26,11 @@ from torch import nn
 
 from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.data.batch import Batch, normalize_waveforms
+from posttrain.data.labels import GROUP_FIELDS
 from posttrain.data.shards import SampleError, SampleMeta, decode_audio, decode_meta, load_index, shard_paths
 from posttrain.dist import DistInfo, all_gather_objects, global_sums, is_initialized, world_group
 from posttrain.train.ascent import ascent_direction_, module_parameters, perturb_, restore_, takes_ascent
 
-GROUP_FIELDS = ("corpus", "attack", "language", "speaker")
 
 
 # ----------------------------------------------------------------------------- one batch

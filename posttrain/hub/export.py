@@ -16,9 +16,6 @@ so a half-written export never replaces a good one.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,13 +29,10 @@ from posttrain.data.labels import FAKE_LABEL, LABEL_IDS, REAL_LABEL
 from posttrain.models.detector import NUM_CLASSES, Detector
 from posttrain.models.backbones import BACKBONES, backbone_of, get_backbone
 from posttrain.models.presets import PRESETS
+from posttrain.hub.folders import ExportError, check_out_dir, write_export_folder
 
 ID2LABEL = {FAKE_LABEL: "fake", REAL_LABEL: "real"}
 IDENTITY_NAME = "posttrain.json"
-# written last into every export: its kind and the files it holds, so a later export may replace the
-# folder (and nothing a user added to it) without --overwrite
-EXPORT_MARKER = ".posttrain-export.json"
-EXPORT_MARKER_FORMAT = "posttrain-export"
 IDENTITY_FORMAT, IDENTITY_VERSION = "posttrain-model", 1
 SCORE_DEFINITION = "logit_diff"  # real logit minus fake logit: higher = bona fide
 # Inference-time encoder settings: no LayerDrop, no SpecAugment (so no mask embedding either).
@@ -56,8 +50,6 @@ GAP_LEVELS_DBFS = (-60.0, -50.0, -40.0, -30.0, -20.0, -10.0, 0.0)  # probe peak 
 PROBE_SECONDS = 1.0
 
 
-class ExportError(ValueError):
-    """A model folder that cannot be turned into a posttrain detector, naming the file and field."""
 
 
 def architecture_of(config: PretrainedConfig) -> str:
@@ -215,74 +207,16 @@ def identity_document(detector: Detector, *, preset: str | None, calibration: Ma
 
 def export_detector(detector: Detector, out_dir: str | Path, identity: Mapping[str, Any],
                     card_text: str, *, kind: str = "export", overwrite: bool = False) -> Path:
-    """Write the transformers export of ``detector`` into ``out_dir`` (replaced whole, atomically).
+    """Write the transformers export of ``detector`` into ``out_dir`` (replaced whole, atomically; the
+    folder rules of ``posttrain.hub.folders``)."""
 
-    ``out_dir`` must be absent, empty, or a previous ``kind`` export holding only the files that export
-    wrote (``check_out_dir``); ``overwrite`` replaces any folder."""
-    out_dir = Path(out_dir)
-    check_out_dir(out_dir, kind, overwrite=overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+    def write(staging: Path) -> None:
         to_transformers(detector).save_pretrained(staging, safe_serialization=True)
         feature_extractor().save_pretrained(staging)
         (staging / IDENTITY_NAME).write_text(json.dumps(identity, indent=2, default=str) + "\n", encoding="utf-8")
         (staging / "README.md").write_text(card_text, encoding="utf-8")
-        marker = {"format": EXPORT_MARKER_FORMAT, "kind": kind, "files": _files_under(staging)}
-        (staging / EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
-        os.chmod(staging, 0o755)  # mkdtemp makes 0700 folders
-        _replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
 
-
-def _files_under(folder: Path) -> list[str]:
-    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if not path.is_dir())
-
-
-def check_out_dir(out_dir: str | Path, kind: str, *, overwrite: bool = False) -> None:
-    """Refuse to replace a folder posttrain did not make: ``out_dir`` may be absent, hold no files, or
-    be a previous ``kind`` export (its ``EXPORT_MARKER``) with no file that export did not write."""
-    out_dir = Path(out_dir)
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise ExportError(f"{out_dir}: exists and is not a folder; choose another --out")
-    present = _files_under(out_dir)
-    if not present or overwrite:
-        return
-    fix = "choose another --out, or pass --overwrite to replace the folder whole"
-    try:
-        marker = json.loads((out_dir / EXPORT_MARKER).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        marker = None
-    if not isinstance(marker, dict) or marker.get("format") != EXPORT_MARKER_FORMAT:
-        raise ExportError(f"{out_dir}: not empty and not a posttrain export (holds {_some(present)}); {fix}")
-    if marker.get("kind") != kind:
-        raise ExportError(f"{out_dir}: holds a posttrain {marker.get('kind')!r} export, not a {kind!r} one; {fix}")
-    foreign = sorted(set(present) - set(marker.get("files", [])) - {EXPORT_MARKER})
-    if foreign:
-        raise ExportError(f"{out_dir}: holds files the previous export did not write ({_some(foreign)}); move them "
-                          f"away, {fix}")
-
-
-def _some(names: list[str], limit: int = 3) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _replace_dir(staging: Path, out_dir: Path) -> None:
-    """Move ``staging`` to ``out_dir``; an existing ``out_dir`` is moved aside first, deleted after."""
-    if not out_dir.exists():
-        os.replace(staging, out_dir)
-        return
-    if not out_dir.is_dir():
-        raise ExportError(f"{out_dir}: exists and is not a folder")
-    retired = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
-    os.replace(out_dir, retired / out_dir.name)
-    os.replace(staging, out_dir)
-    shutil.rmtree(retired, ignore_errors=True)
+    return write_export_folder(out_dir, kind, write, overwrite=overwrite)
 
 
 def is_export_dir(path: str | Path) -> bool:

@@ -15,7 +15,6 @@ was batched with.
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from posttrain.config import ModelConfig
 from posttrain.data.batch import TRANSFORMERS_INPUT_EPS, normalize_waveforms
 from posttrain.errors import hf_download_hint
+from posttrain.hubcache import hub_offline
 from posttrain.models.backbones import get_backbone
 from posttrain.models.masked_norm import first_conv_frames, install_masked_group_norm
 from posttrain.models.presets import get_preset
@@ -189,34 +189,6 @@ def _load_pretrained(encoder_cls: type[PreTrainedModel], source: str, overrides:
         hint = (f"it is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {hf_download_hint(source)} "
                 f"as model.pretrained") if offline else str(error)
         raise FileNotFoundError(f"model.pretrained: cannot load {source!r}: {hint}") from error
-
-
-def hub_offline() -> bool:
-    """Whether HF_HUB_OFFLINE asks for the cache only (as huggingface_hub reads it)."""
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no", "off")
-
-
-# a hub SSL checkpoint's weights: one file, or the index of a sharded one
-PRETRAINED_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                           "pytorch_model.bin.index.json")
-
-
-def locate_pretrained(source: str) -> Path:
-    """Where ``model.pretrained`` will be read from without the internet: a local folder, or its
-    snapshot in the Hugging Face cache (``HF_HOME``). Raises ``FileNotFoundError`` with the fix."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    local = Path(source).expanduser()
-    if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise FileNotFoundError(f"model.pretrained: {local}: no config.json (expected a transformers model folder)")
-        return local
-    found = {name: try_to_load_from_cache(source, name) for name in ("config.json", *PRETRAINED_WEIGHT_FILES)}
-    cached = {name for name, path in found.items() if isinstance(path, str)}
-    if "config.json" not in cached or not cached & set(PRETRAINED_WEIGHT_FILES):
-        raise FileNotFoundError(f"model.pretrained: {source!r} is not in the Hugging Face cache "
-                                f"({constants.HF_HUB_CACHE}) that an offline job reads; {hf_download_hint(source)}")
-    return Path(found["config.json"]).parent
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,15 +1,7 @@
-"""Pooled (penultimate) embeddings of every sample of a shard set, for data selection.
-
-An embeddings folder holds
-    ``embeddings.npy``   ``[count, dim]`` (float32 or float16): open with ``np.load(..., mmap_mode="r")``;
-    ``meta.jsonl``       line ``i`` describes row ``i``: row, id, label, corpus, attack, language,
-                         speaker, shard, seconds, num_windows, logit_fake, logit_real;
-    ``embeddings.json``  the manifest: model identity, dim, count, dtype, the data identity (shard
-                         index sha256), the inference settings and the skipped samples with reasons.
-Rows follow the shard index (shards in index order, keys in tar order), skipped samples left out, so
-the layout does not depend on the world size. A sample longer than the scoring window is embedded as
-the length-weighted mean of its window embeddings (``posttrain.eval.scoring``; the head is linear,
-so the head of that mean is the sample's mean logits).
+"""Pooled (penultimate) embeddings of every sample of a shard set, for data selection and drift, into the
+folder ``posttrain.select.embeddings`` describes. A sample longer than the scoring window is embedded as
+the length-weighted mean of its window embeddings (``posttrain.eval.scoring``; the head is linear, so
+the head of that mean is the sample's mean logits).
 
 Ranks write their rows into their own part file (``np.lib.format.open_memmap``, row count known from
 the index), streaming as samples complete; rank 0 then copies the parts into ``embeddings.npy`` in
@@ -31,21 +23,13 @@ import torch
 
 from posttrain.data.files import write_bytes_atomic
 from posttrain.dist import DistInfo, dist_info
-from posttrain.eval.inference import (InferenceConfig, ShardSource, Skipped, gather, iter_outputs, rank_inputs,
-                                      rank_tasks)
-from posttrain.eval.scoring import logit_columns
+from posttrain.eval.inference import ShardSource, Skipped, gather, iter_outputs, rank_inputs, rank_tasks
+from posttrain.eval.scoring import InferenceConfig, logit_columns
 from posttrain.models.detector import Detector
+from posttrain.select.embeddings import (DTYPES, EMBEDDINGS_NAME, MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION,
+                                         META_FIELDS, META_NAME, PARTS_NAME)
 
-EMBEDDINGS_NAME, META_NAME, MANIFEST_NAME = "embeddings.npy", "meta.jsonl", "embeddings.json"
-PARTS_NAME = ".parts"
-MANIFEST_FORMAT, MANIFEST_VERSION = "posttrain-embeddings", 1
-DTYPES = ("float32", "float16")
-META_FIELDS = ("label", "corpus", "attack", "language", "speaker")
 COPY_ROWS = 65_536  # rows moved per step of the merge (bounds its memory)
-
-
-class EmbeddingsError(ValueError):
-    """An embeddings folder that is incomplete or inconsistent, naming the file."""
 
 
 def _row_meta(output, local_row: int) -> dict[str, Any]:
@@ -122,23 +106,3 @@ def _merge_parts(out_dir: Path, rows: list[tuple[int, int, dict]], dim: int, dty
     final.flush()
     del final
     os.replace(staging, out_dir / EMBEDDINGS_NAME)
-
-
-def load_embeddings(directory: str | Path) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """``(embeddings [count, dim] read-only memmap, per-row metadata)`` of an embeddings folder."""
-    directory = Path(directory)
-    manifest_path = directory / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise EmbeddingsError(f"{manifest_path}: missing (no finished `posttrain embed` run in this folder)")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
-        raise EmbeddingsError(f"{manifest_path}: format/version: expected {MANIFEST_FORMAT!r} {MANIFEST_VERSION}")
-    array = np.load(directory / EMBEDDINGS_NAME, mmap_mode="r")
-    if array.shape != (manifest["count"], manifest["dim"]) or str(array.dtype) != manifest["dtype"]:
-        raise EmbeddingsError(f"{directory / EMBEDDINGS_NAME}: {array.shape} {array.dtype}, manifest says "
-                              f"({manifest['count']}, {manifest['dim']}) {manifest['dtype']}")
-    with (directory / META_NAME).open(encoding="utf-8") as handle:
-        meta = [json.loads(line) for line in handle if line.strip()]
-    if len(meta) != manifest["count"]:
-        raise EmbeddingsError(f"{directory / META_NAME}: {len(meta)} rows, manifest says {manifest['count']}")
-    return array, meta

@@ -15,7 +15,7 @@ import numpy as np
 
 from posttrain.data.files import write_bytes_atomic
 from posttrain.data.protocol import read_protocols, write_protocol
-from posttrain.select.embed import MANIFEST_NAME, load_embeddings
+from posttrain.select.embeddings import MANIFEST_NAME, load_embeddings
 from posttrain.select.nc import SelectionOptions, SourceSelection, merge_selections, select_source, totals_by
 
 

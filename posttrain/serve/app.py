@@ -226,7 +226,7 @@ def serve(cfg: ServeConfig) -> int:
 
     from posttrain.loading import load_model
 
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("posttrain").setLevel(cfg.log_level.upper())  # the console set-up is posttrain.console's
     device = torch.device(cfg.device)
     model, identity = load_model(cfg.model, device)
     auth = f"{len(cfg.tokens)} bearer token(s)" if cfg.tokens else "no authentication"

@@ -23,6 +23,7 @@ only then moves ``latest``; a crash at any point leaves ``latest`` on the previo
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from posttrain import console
 from posttrain.config import ModelConfig
 from posttrain.data.files import write_text_atomic
 from posttrain.dist import barrier, process_rank
@@ -248,14 +250,19 @@ def consolidate_fp32(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     ``posttrain.json`` metadata, from a tag folder or a checkpoints root (its ``latest``).
 
     DeepSpeed's files are pickles: use this on checkpoints you trust (your own training runs)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from unittest import mock
+
+    from deepspeed.utils import zero_to_fp32
+    from tqdm import tqdm
 
     tag_dir = resolve_checkpoint(path)
     metadata = read_metadata(tag_dir)
-    # zero_to_fp32 prints a progress report on every load ("Processing zero checkpoint ..."): kept off
-    # stdout, where it would mix with the results of eval/score/publish.
-    with contextlib.redirect_stdout(io.StringIO()):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    # zero_to_fp32 prints a progress report on every load ("Processing zero checkpoint ...") and a
+    # "Loading checkpoint shards" bar: kept off stdout, where they would mix with the results of
+    # eval/score/publish, and off the console unless --verbose
+    bar = functools.partial(tqdm, disable=console.current() != console.VERBOSE)
+    with contextlib.redirect_stdout(io.StringIO()), mock.patch.object(zero_to_fp32, "tqdm", bar):
+        state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     return {key: value.float().contiguous() for key, value in state.items()}, metadata
 
 

@@ -271,7 +271,8 @@ def evaluate_test_sets(cfg: FinetuneConfig, checkpoint: Path, device: torch.devi
                        load_model: "ModelLoader") -> list[EvalOutcome]:
     """Score every test set with ``checkpoint`` on all ranks; rank 0 writes the reports and returns
     the outcomes (other ranks: an empty list). Collective."""
-    from posttrain.eval.inference import InferenceConfig, ShardSource, run_inference
+    from posttrain.eval.inference import ShardSource, run_inference
+    from posttrain.eval.scoring import InferenceConfig
     from posttrain.eval.report import SCORE_TYPES, write_report
     from posttrain.eval.scoring import SCORE_TYPE, WindowConfig
 

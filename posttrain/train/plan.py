@@ -40,8 +40,11 @@ Checked against CPU measurements (``python -m posttrain.bench fullsize``, docs/s
 rank: xlsr_300m at world size 2 ZeRO-2 +3 % (SAM step; plain +10 %), ZeRO-3 -11 % (0.5 GiB of gather
 buffers and bookkeeping not modelled); xlsr_1b ZeRO-3 forward + backward +9 %. The reserve covers that.
 
-Time: training FLOPs from ``posttrain.train.flops`` (model FLOPs, 3 x forward; SAM runs two passes)
-at a given model-FLOPs utilisation of the GPU's peak.
+Time: training FLOPs from ``posttrain.train.flops`` (model FLOPs, 3 x forward; SAM runs two passes;
+activation checkpointing executes a fourth forward-unit, ``RECOMPUTE_FACTOR``) at a given utilisation
+of the GPU's peak by the executed FLOPs (``hfu``); the MFU printed keeps the model-FLOPs convention
+(recompute not counted), so it is ``hfu`` x 3/4 with checkpointing. Peaks and memory of common GPUs:
+``GPUS`` (dense bf16 datasheet figures, each cited).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ import math
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
-from posttrain.train.flops import SAMPLE_RATE_HZ, frame_count, training_flops_per_audio_second
+from posttrain.config import SAMPLE_RATE_HZ
 
 GIB = 2**30
 SAMPLES_PER_FRAME = 320  # total stride of every released feature extractor (20 ms frames)
@@ -60,6 +63,35 @@ SAMPLES_PER_FRAME = 320  # total stride of every released feature extractor (20 
 # 4 audio-seconds, divided by ``activation_elements_per_second`` x 2 bytes.
 ACTIVATION_FIT = {True: 1.27, False: 1.02}  # measured 22.7 and 57.3 MiB per audio-second (xlsr_300m)
 DEFAULT_RESERVE_GIB = 3.0  # CUDA context (~0.5 GiB), NCCL buffers, allocator fragmentation
+# A recomputed (activation-checkpointed) layer runs its forward again during the backward: a training pass
+# executes 4 forward-units of FLOPs instead of 3. The model-FLOPs convention (MFU) still counts 3.
+RECOMPUTE_FACTOR = 4.0 / 3.0
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    peak_bf16_tflops: float  # dense (not 2:4 sparse) bf16 tensor throughput
+    memory_gib: float
+
+
+# Vendor datasheet figures, dense bf16 (the sparse figure is twice these). Memory in GB as sold, used as GiB:
+# what CUDA reports as usable is a little less, which --reserve-gib covers.
+GPUS: dict[str, GpuSpec] = {
+    # NVIDIA H100 Tensor Core GPU datasheet: SXM5 bf16 1,979 TFLOPS with sparsity; 80 GB HBM3
+    "h100-sxm": GpuSpec(989.4, 80.0),
+    # same datasheet, PCIe: bf16 1,513 TFLOPS with sparsity; 80 GB HBM2e
+    "h100-pcie": GpuSpec(756.5, 80.0),
+    # NVIDIA H200 Tensor Core GPU datasheet: SXM bf16 1,979 TFLOPS with sparsity (the H100 SXM's die); 141 GB HBM3e
+    "h200": GpuSpec(989.4, 141.0),
+    # NVIDIA A100 Tensor Core GPU datasheet: bf16 312 TFLOPS (624 with sparsity); 40 GB HBM2 / 80 GB HBM2e
+    "a100-40gb": GpuSpec(312.0, 40.0),
+    "a100-80gb": GpuSpec(312.0, 80.0),
+    # NVIDIA L40S datasheet: bf16 362.05 TFLOPS (733 with sparsity); 48 GB GDDR6
+    "l40s": GpuSpec(362.05, 48.0),
+    # AMD Instinct MI300X datasheet: bf16 1,307.4 TFLOPS (2,614.9 with sparsity); 192 GB HBM3
+    "mi300x": GpuSpec(1307.4, 192.0),
+}
+DEFAULT_GPU = "h100-sxm"
 
 
 @dataclass(frozen=True)
@@ -68,7 +100,8 @@ class PlanRequest:
     zero_stage: int = 2
     precision: str = "bf16"  # bf16 or fp16 (mixed, fp32 master) | fp32
     gpus: int = 8
-    gpu_memory_gib: float = 80.0
+    gpu: str = DEFAULT_GPU  # a GPUS name, for the report; gpu_memory_gib and peak_tflops carry its figures
+    gpu_memory_gib: float = GPUS[DEFAULT_GPU].memory_gib
     batch_seconds: float = 100.0  # padded audio seconds per micro-batch per GPU (data.train.max_batch_seconds)
     clip_seconds: float = 4.0  # typical clip length (frames per clip, attention cost)
     sam: bool = False
@@ -80,8 +113,8 @@ class PlanRequest:
     reduce_bucket_elements: int = 200_000_000
     allgather_bucket_elements: int = 200_000_000
     overlap_comm: bool = True
-    mfu: float = 0.40
-    peak_tflops: float = 989.0  # dense bf16 H100/H200 SXM
+    hfu: float = 0.40  # utilisation of the peak by the FLOPs executed (recomputed forwards included)
+    peak_tflops: float = GPUS[DEFAULT_GPU].peak_bf16_tflops
     steps: int = 0  # 0: derived from audio_hours x epochs
     audio_hours: float = 0.0  # real audio seconds per epoch / 3600 (with steps = 0)
     epochs: float = 1.0
@@ -98,7 +131,7 @@ class PlanRequest:
                   (self.sam_variant in ("sam", "looksam", "esam"), "sam_variant", "must be sam, looksam or esam"),
                   (0 < self.esam_data_fraction <= 1, "esam_data_fraction", "must be in (0, 1]"),
                   (self.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1"),
-                  (0 < self.mfu <= 1, "mfu", "must be in (0, 1]"),
+                  (0 < self.hfu <= 1, "hfu", "must be in (0, 1]"),
                   (self.peak_tflops > 0, "peak_tflops", "must be > 0"),
                   (self.steps >= 0 and self.audio_hours >= 0 and self.epochs > 0, "steps",
                    "steps and audio_hours must be >= 0, epochs > 0")]
@@ -142,6 +175,11 @@ class Plan:
     steps: int
     run_seconds: float
 
+    @property
+    def mfu(self) -> float:
+        """Model-FLOPs utilisation (the usual convention: 3 forward-units a pass, no recompute counted)."""
+        return self.request.hfu / recompute_factor(self.request)
+
 
 # ------------------------------------------------------------------------------------------ counts
 
@@ -163,7 +201,7 @@ def parameter_counts(preset: str) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=None)
-def _ssl_config(preset: str):
+def _ssl_config(preset: str):  # transformers (and torch) load here, not at import: `plan --help` stays fast
     from posttrain.models.presets import get_preset
 
     return get_preset(preset).ssl_config()
@@ -171,13 +209,13 @@ def _ssl_config(preset: str):
 
 def activation_elements_per_second(preset: str, gradient_checkpointing: bool, clip_seconds: float = 4.0) -> float:
     """Elements autograd keeps per audio-second in a training forward (see the module doc)."""
+    from posttrain.train.flops import conv_output_lengths, frame_count
+
     config = _ssl_config(preset)
     num_samples = round(clip_seconds * SAMPLE_RATE_HZ)
     frames = frame_count(config, num_samples) / clip_seconds
     hidden, ffn, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     # conv outputs per second of audio: conv, norm and GELU outputs of each layer are kept
-    from posttrain.train.flops import conv_output_lengths
-
     conv = [length / clip_seconds * channels for length, channels
             in zip(conv_output_lengths(config, num_samples), config.conv_dim)]
     per_layer = 8 * hidden + 2 * ffn  # LN in/out, q k v, attention out, LN in/out, fc1 out, GELU out
@@ -251,12 +289,20 @@ def memory_breakdown(request: PlanRequest, batch_seconds: float | None = None) -
 # -------------------------------------------------------------------------------------------- time
 
 
+def recompute_factor(request: PlanRequest) -> float:
+    """Executed FLOPs per model FLOP: activation checkpointing runs each forward again in the backward."""
+    return RECOMPUTE_FACTOR if request.gradient_checkpointing else 1.0
+
+
 def step_seconds(request: PlanRequest, batch_seconds: float | None = None) -> float:
-    """Expected optimiser-step time at ``request.mfu``: every GPU trains its micro-batches in parallel."""
+    """Expected optimiser-step time at ``request.hfu`` of the peak, the recomputed forward counted:
+    every GPU trains its micro-batches in parallel."""
+    from posttrain.train.flops import training_flops_per_audio_second
+
     seconds = (request.batch_seconds if batch_seconds is None else batch_seconds) * request.grad_accum_steps
     flops = training_flops_per_audio_second(_ssl_config(request.preset), request.clip_seconds) * seconds
-    flops *= sam_pass_factor(request)
-    return flops / (request.mfu * request.peak_tflops * 1e12)
+    flops *= sam_pass_factor(request) * recompute_factor(request)
+    return flops / (request.hfu * request.peak_tflops * 1e12)
 
 
 def sam_pass_factor(request: PlanRequest) -> float:
@@ -298,7 +344,7 @@ def format_plan(result: Plan) -> str:
     sam = f"{r.sam_variant}" if r.sam else "off"
     lines = [
         f"preset {r.preset}: {result.parameters:,} parameters (largest module {result.largest_layer_parameters:,})",
-        f"{r.gpus} GPU(s) x {r.gpu_memory_gib:g} GiB, ZeRO-{r.zero_stage}, {r.precision}, SAM {sam}, "
+        f"{r.gpus} GPU(s) ({r.gpu}) x {r.gpu_memory_gib:g} GiB, ZeRO-{r.zero_stage}, {r.precision}, SAM {sam}, "
         f"activation checkpointing {'on' if r.gradient_checkpointing else 'off'}, "
         f"{r.batch_seconds:g} padded audio-s per micro-batch x {r.grad_accum_steps} accumulation",
         "memory per GPU:",
@@ -314,7 +360,9 @@ def format_plan(result: Plan) -> str:
         f"  total                  {gib(m.total)}  of {r.gpu_memory_gib:g} GiB: "
         + ("fits" if result.fits else "DOES NOT FIT"),
         f"largest batch that fits: {result.max_batch_seconds:g} padded audio-seconds per micro-batch per GPU",
-        f"step time at {100 * r.mfu:.0f} % MFU of {r.peak_tflops:g} TFLOP/s: {result.step_seconds:.3f} s "
+        f"step time at {100 * r.hfu:.0f} % of {r.peak_tflops:g} TFLOP/s (dense bf16) for the FLOPs executed"
+        + (" (the recomputed forward included)" if r.gradient_checkpointing else "")
+        + f": {result.step_seconds:.3f} s, MFU {100 * result.mfu:.0f} % "
         f"({r.batch_seconds * r.grad_accum_steps * r.gpus / result.step_seconds:,.0f} audio-s/s over all GPUs)",
     ]
     if result.steps:

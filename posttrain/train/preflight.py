@@ -11,7 +11,7 @@ from pathlib import Path
 from posttrain.config import PosttrainConfig
 from posttrain.data.shards import check_shard_set
 from posttrain.errors import UserError
-from posttrain.models.detector import locate_pretrained
+from posttrain.hubcache import locate_pretrained
 
 
 def check_shards(cfg: PosttrainConfig) -> list[str]:

@@ -501,9 +501,15 @@ class Trainer:
         status = "FAILED"
         try:
             while progress.step < cfg.train.max_steps and progress.epoch < cfg.train.max_epochs:
+                epoch_start = progress.step
                 if not self._run_epoch(step_fn, meter, bar):
                     break
                 progress.epoch += 1
+                # the run ends at whichever limit comes first: the bar's total follows max_epochs once an
+                # epoch's length is known, so a run ended by it does not read as stopped at 46 %
+                epochs_left = cfg.train.max_epochs - progress.epoch
+                bar.total = min(cfg.train.max_steps, progress.step + (progress.step - epoch_start) * epochs_left)
+                bar.refresh()
                 self.stream.set_epoch(progress.epoch)  # the checkpoint then resumes at the next epoch
                 improved = self.run_validation()
                 self.save(best=improved)

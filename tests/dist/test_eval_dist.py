@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from posttrain.cli import main
 from posttrain.dist import free_port
-from posttrain.select.embed import load_embeddings
+from posttrain.select.embeddings import load_embeddings
 
 WORLD_SIZE = 2
 CORRUPT = "DIST-2_1"

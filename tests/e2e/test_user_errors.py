@@ -168,6 +168,14 @@ CASES = [
     Case("eval", "missing protocol", lambda i, m: [
         "--model", str(i.file("model.safetensors", CORRUPT_SAFETENSORS)), "--protocol", str(i.path("p.csv")),
         "--out", str(i.occupied("eval_out"))], EXIT_USAGE, lambda i: str(i.path("p.csv")), out="eval_out"),
+    Case("eval", "segments with whole-file scoring", lambda i, m: [
+        "--model", str(i.export), "--protocol", str(m("ps", num_files=2).protocol), "--segments",
+        str(i.path("ps.segments.csv")), "--window-seconds", "0", "--out", str(i.path("ps_out"))], EXIT_USAGE,
+         lambda i: "--segments needs windowed scoring"),
+    Case("eval", "segments with AntiDeepfake's protocol", lambda i, m: [
+        "--model", str(i.export), "--protocol", str(m("ps2", num_files=2).protocol), "--segments",
+        str(i.path("ps.segments.csv")), "--mode", "antideepfake", "--out", str(i.path("ps_out2"))], EXIT_USAGE,
+         lambda i: "--segments needs windowed scoring"),
     Case("metrics", "missing score file", lambda i, m: [str(i.path("scores.csv")), "--out",
                                                         str(i.occupied("metrics_out"))], EXIT_USAGE,
          lambda i: str(i.path("scores.csv")), out="metrics_out"),
@@ -258,7 +266,8 @@ def test_finetune_script_reports_a_bad_config_in_one_line(tmp_path):
 
 
 def test_exports_replace_only_their_own_kind_and_never_a_users_file(tmp_path):
-    from posttrain.hub.export import EXPORT_MARKER, ExportError, check_out_dir, export_detector, identity_document
+    from posttrain.hub.export import export_detector, identity_document
+    from posttrain.hub.folders import EXPORT_MARKER, ExportError, check_out_dir
     from conftest import random_detector
 
     detector = random_detector()

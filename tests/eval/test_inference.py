@@ -12,7 +12,8 @@ import torch
 from posttrain.data.shard_build import build_shards
 from posttrain.data.shards import iter_shard, load_index, sample_key, shard_paths
 from posttrain.dist import DistInfo
-from posttrain.eval.inference import InferenceConfig, ProtocolSource, ShardSource, Task, rank_tasks, run_inference
+from posttrain.eval.inference import ProtocolSource, ShardSource, Task, rank_tasks, run_inference
+from posttrain.eval.scoring import InferenceConfig
 from posttrain.eval.scoring import WindowConfig
 from posttrain.loading import load_model
 

@@ -8,7 +8,8 @@ import torch
 
 from posttrain.config import ModelConfig
 from posttrain.eval.calibration import Calibration
-from posttrain.eval.inference import FileSource, InferenceConfig, Sample, WindowMeter, decoded_inputs, iter_outputs
+from posttrain.eval.inference import FileSource, Sample, WindowMeter, decoded_inputs, iter_outputs
+from posttrain.eval.scoring import InferenceConfig
 from posttrain.eval.metrics import bayes_threshold
 from posttrain.eval.scoring import Decision, WindowConfig, calibration_from_identity, logit_diff, p_real
 from posttrain.models.detector import build_detector

@@ -11,7 +11,8 @@ import yaml
 
 from posttrain.config import ModelConfig
 from posttrain.commands.inference_options import add_arguments, config_from_args
-from posttrain.eval.inference import InferenceConfig, Sample, iter_outputs
+from posttrain.eval.inference import Sample, iter_outputs
+from posttrain.eval.scoring import InferenceConfig
 from posttrain.eval.report import UNKNOWN_SCORING, write_report
 from posttrain.models.detector import build_detector
 

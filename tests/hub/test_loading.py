@@ -12,7 +12,8 @@ from posttrain.config import ModelConfig
 from posttrain.data.batch import normalize_waveforms
 from posttrain.hub.export import export_detector, identity_document
 from posttrain.models.detector import build_detector
-from posttrain.loading import ModelNotAvailableError, hub_snapshot, load_model, model_format
+from posttrain.hubcache import ModelNotAvailableError, hub_snapshot
+from posttrain.loading import load_model, model_format
 
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as the cache names snapshots
 

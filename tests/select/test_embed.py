@@ -10,10 +10,11 @@ import soundfile as sf
 import torch
 
 from posttrain.data.shards import iter_shard, load_index, shard_paths
-from posttrain.eval.inference import InferenceConfig
+from posttrain.eval.scoring import InferenceConfig
 from posttrain.eval.scoring import WindowConfig
 from posttrain.loading import load_model
-from posttrain.select.embed import EmbeddingsError, embed_shards, load_embeddings
+from posttrain.select.embed import embed_shards
+from posttrain.select.embeddings import EmbeddingsError, load_embeddings
 
 
 def _reference(model, shards):

@@ -224,7 +224,7 @@ def test_selection_lowers_nc1_and_reports_it():
 
 
 def test_per_corpus_budget_and_merge_across_two_embedding_folders(tmp_path):
-    from posttrain.select.embed import load_embeddings
+    from posttrain.select.embeddings import load_embeddings
 
     first_points, first_meta, _ = blobs(seed=0, fake_sizes=(60, 30), real_size=50, corpus="AAA")
     other_points, other_meta, _ = blobs(seed=1, fake_sizes=(40,), real_size=20, corpus="BBB")

@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
+from conftest import chromium_driver
 import requests
 import soundfile as sf
 import torch
@@ -247,43 +248,22 @@ def test_config_refuses_a_public_address_without_tokens():
     assert "t0ken" not in repr(ServeConfig(model="m", tokens=("t0ken",)))
 
 
-def _chromium():
-    """Debian's chromium and its driver (the Makefile's APT_PACKAGES). Missing ones fail the test rather
-    than skip it: `make test` installs them, so a skip would only hide a broken set-up."""
-    import shutil
-
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if browser is None or driver is None:
-        pytest.fail("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
-    return browser, driver
-
-
 def test_page_in_a_headless_browser_shows_verdict_probability_and_timeline(server, tmp_path):
     """Upload a demo recording through the page in real headless chromium; the page must show the
     verdict and P(real) the API gives for the same file, and draw the timeline. The screenshot is kept
     as a test artefact (``page.png`` in this test's pytest tmp dir)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     from posttrain.data.demo import KLETTRES_DIR
 
-    browser, driver_path = _chromium()
     demo = sorted(KLETTRES_DIR.glob("*/alpha/*.ogg"))
     if not demo:
         pytest.fail(f"no klettres recordings under {KLETTRES_DIR} (apt-get install klettres-data)")
     demo_file = demo[0]
     expected = requests.post(f"{server.url}/v1/score", data=demo_file.read_bytes(), timeout=60,
                              headers=server.headers(**{"Content-Type": "audio/ogg"})).json()
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,900"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    driver = chromium_driver(tmp_path / "profile")
     try:
         driver.get(server.url)
         driver.find_element(By.ID, "token").send_keys(server.headers()["Authorization"].split()[1])

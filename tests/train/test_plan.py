@@ -92,8 +92,8 @@ def test_largest_batch_is_the_edge_of_fitting():
 
 
 def test_step_and_run_time_follow_the_analytic_flops():
-    request = _request(preset="xlsr_1b", batch_seconds=100.0, grad_accum_steps=2, gpus=8, mfu=0.4,
-                       peak_tflops=1000.0, steps=0, audio_hours=1000.0, epochs=2.0)
+    request = _request(preset="xlsr_1b", batch_seconds=100.0, grad_accum_steps=2, gpus=8, hfu=0.4,
+                       peak_tflops=1000.0, steps=0, audio_hours=1000.0, epochs=2.0, gradient_checkpointing=False)
     config = get_preset("xlsr_1b").ssl_config()
     flops = 3 * forward_flops_per_audio_second(config, 4.0) * 200.0
     result = planner.plan(request)
@@ -107,6 +107,11 @@ def test_step_and_run_time_follow_the_analytic_flops():
     # pass on 30 % of the samples
     esam = planner.plan(dataclasses.replace(request, sam=True, sam_variant="esam", esam_data_fraction=0.3))
     assert esam.step_seconds == pytest.approx((1 + 1 / 3 + 0.3) * result.step_seconds)
+    # activation checkpointing runs each forward again in the backward: 4 forward-units executed, not 3;
+    # the MFU keeps the model-FLOPs convention (3), so it reads hfu x 3/4
+    recomputed = planner.plan(dataclasses.replace(request, gradient_checkpointing=True))
+    assert recomputed.step_seconds == pytest.approx(4 / 3 * result.step_seconds)
+    assert result.mfu == pytest.approx(0.4) and recomputed.mfu == pytest.approx(0.3)
 
 
 def test_bad_requests_name_the_key():
@@ -125,3 +130,21 @@ def test_plan_command_reads_a_training_config_and_reports_fit(capsys):
     assert "preset xlsr_2b" in out and "ZeRO-3" in out and "fits" in out and "1,000 steps" in out
     assert main(["plan", "--preset", "xlsr_2b", "--zero-stage", "2", "--gpus", "1", "--gpu-memory-gib", "16"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_plan_takes_a_gpu_by_name_nodes_by_gpus_per_node_and_names_a_bad_preset_flag(capsys):
+    from posttrain.cli import main
+
+    assert main(["plan", "--preset", "xlsr_1b", "--gpu", "a100-40gb", "--nodes", "2", "--gpus-per-node", "4",
+                 "--steps", "100"]) in (0, 1)
+    out = capsys.readouterr().out
+    assert "8 GPU(s) (a100-40gb) x 40 GiB" in out and "of 312 TFLOP/s" in out
+    assert main(["plan", "--preset", "xlsr_1b", "--gpu", "h200", "--gpus", "16"]) == 0
+    assert "(h200) x 141 GiB" in capsys.readouterr().out
+    assert main(["plan", "--preset", "xlsr_1b", "--nodes", "2", "--gpus-per-node", "8", "--gpus", "12"]) == 2
+    assert "--gpus 12 is not --nodes 2 x --gpus-per-node 8 = 16" in capsys.readouterr().err
+    assert main(["plan", "--preset", "xlsr_3b"]) == 2
+    err = capsys.readouterr().err
+    assert "--preset: unknown preset 'xlsr_3b'" in err and "model.preset" not in err
+    for name, spec in planner.GPUS.items():  # every entry is a dense (not sparse) figure of a real part
+        assert 100 < spec.peak_bf16_tflops < 2000 and 16 <= spec.memory_gib <= 256, name
