@@ -19,10 +19,26 @@ QUIET_FLAGS, VERBOSE_FLAGS = ("-q", "--quiet"), ("-v", "--verbose")
 # loggers of the libraries we run, silenced below ERROR unless --verbose
 THIRD_PARTY_LOGGERS = ("DeepSpeed", "deepspeed", "transformers", "accelerate", "mlflow", "alembic", "urllib3",
                        "httpx", "filelock", "huggingface_hub", "torch.distributed", "matplotlib", "PIL",
-                       "numexpr", "uvicorn.error")
+                       "numexpr")
 _QUIET_ENVIRONMENT = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
                       "MLFLOW_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (a test harness or a redirect may have
+    replaced it since the set-up), never to a stream closed since."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 class _BelowError(logging.Filter):
@@ -62,10 +78,9 @@ def configure(verbosity: int | None = None) -> None:
     _current = verbosity
     level = {QUIET: logging.WARNING, NORMAL: logging.INFO, VERBOSE: logging.DEBUG}[verbosity]
     root = logging.getLogger()
-    if not any(getattr(handler, "_posttrain", False) for handler in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(handler, _CurrentStderr) for handler in root.handlers):
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter(FORMAT))
-        handler._posttrain = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.INFO if verbosity == VERBOSE else logging.WARNING)
     logging.getLogger("posttrain").setLevel(level)

@@ -134,6 +134,28 @@ def write_corpus(directory: Path, name: str = "corpus", *, num_files: int = 12, 
     return TinyCorpus(root=root, protocol=protocol, rows=rows, rejects=rejects)
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """A command run in-process (``posttrain.cli.main``) sets up the console's logging as a user's run
+    would; undo it after each test so the next one starts as a fresh interpreter does."""
+    import logging
+
+    from posttrain import console
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    names = ("posttrain", *console.THIRD_PARTY_LOGGERS)
+    saved = {name: (logging.getLogger(name).level, list(logging.getLogger(name).filters)) for name in names}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, (logger_level, filters) in saved.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(logger_level)
+        logger.filters[:] = filters
+    console._current = None
+
+
 @pytest.fixture
 def make_corpus(tmp_path):
     """Factory: ``make_corpus(name="corpus", num_files=12, bad=(), seed=0, formats=..., seconds=...)``

@@ -63,8 +63,18 @@ def read_result(path: str | Path) -> TestResult:
     if not isinstance(document, dict) or document.get("format") != RESULT_FORMAT:
         raise ValueError(f"{path}: format: expected {RESULT_FORMAT!r}")
     data = document.get("data") or {}
-    name = data.get("name") or data.get("test_set") or path.parent.name
+    name = data.get("name") or data.get("test_set") or _data_name(data) or path.parent.name
     return TestResult(name=str(name), path=str(path), document=document)
+
+
+def _data_name(data: Mapping[str, Any]) -> str | None:
+    """What a reader of the card recognises a test set by: its shard folder's last three parts
+    (``demo_data/shards/test``) or its protocol file's name, not the report folder ("test")."""
+    if data.get("directory"):
+        return "/".join(Path(str(data["directory"])).parts[-3:])
+    if data.get("protocol"):
+        return Path(str(data["protocol"])).name
+    return None
 
 
 def training_data(shard_dirs: Sequence[str | Path]) -> TrainingData:

@@ -10,7 +10,7 @@ PAGE_HTML = """<!doctype html>
  #drop.over{background:#eef}
  #verdict{font-size:2em;font-weight:bold;margin:.5em 0}
  .fake{color:#b00}.real{color:#070}.error{color:#b60}
- canvas{width:100%;height:160px;border:1px solid #ccc}
+ canvas{width:100%;height:182px;border:1px solid #ccc}
 </style></head><body>
 <h1>Is this voice real?</h1>
 <p>Drop an audio file here (wav, flac, mp3, m4a, ogg, webm...), pick one, or record from the microphone.
@@ -21,9 +21,9 @@ The file is scored by the model this service runs and is deleted right after.</p
 <div id="status" role="status"></div>
 <div id="verdict" data-state="idle"></div>
 <div>P(real): <span id="probability">-</span> <span id="calibrated"></span></div>
-<canvas id="timeline" width="800" height="160"></canvas>
-<p id="legend">Timeline: each window's score (higher = more real); dashed line = decision threshold;
- red = windows called fake.</p>
+<canvas id="timeline" width="800" height="182"></canvas>
+<p id="legend">Timeline: each window's score (higher = more real) over time; dashed line = decision
+ threshold; red = windows called fake.</p>
 <script>
 const $ = (id) => document.getElementById(id);
 async function score(blob, name) {
@@ -52,9 +52,17 @@ function show(result) {
     : "(calibrated: " + result.probability_real_calibrated.toFixed(4) + ")";
   draw(result.timeline);
 }
+function timeTicks(seconds) {
+  // a round step giving at most 10 ticks: 0.5, 1, 2, 5, 10, 15, 30 s, 1, 2, 5, 10 min
+  const steps = [0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800];
+  const step = steps.find((s) => seconds / s <= 10) || 3600;
+  const ticks = [];
+  for (let t = 0; t <= seconds + 1e-9; t += step) ticks.push(Math.round(t * 1000) / 1000);
+  return ticks;
+}
 function draw(timeline) {
-  const canvas = $("timeline"), g = canvas.getContext("2d"), w = canvas.width, h = canvas.height;
-  g.clearRect(0, 0, w, h);
+  const canvas = $("timeline"), g = canvas.getContext("2d"), w = canvas.width, axis = 22, h = canvas.height - axis;
+  g.clearRect(0, 0, w, canvas.height);
   const scores = timeline.windows.map((x) => x.logit_diff).concat([timeline.threshold_logit_diff]);
   const lo = Math.min(...scores) - 0.5, hi = Math.max(...scores) + 0.5;
   const x = (t) => t / Math.max(timeline.seconds, 1e-3) * w, y = (v) => h - (v - lo) / (hi - lo) * h;
@@ -68,6 +76,18 @@ function draw(timeline) {
   g.setLineDash([6, 4]); g.lineWidth = 1; g.strokeStyle = "#000";
   g.beginPath(); g.moveTo(0, y(timeline.threshold_logit_diff)); g.lineTo(w, y(timeline.threshold_logit_diff)); g.stroke();
   g.setLineDash([]);
+  // the time axis: a tick and its label (seconds, or m:ss past a minute) at round steps
+  const ticks = timeTicks(timeline.seconds), label = (t) => t < 60 ? t + " s"
+    : Math.floor(t / 60) + ":" + String(Math.round(t % 60)).padStart(2, "0");
+  g.strokeStyle = "#444"; g.fillStyle = "#444"; g.font = "11px sans-serif";
+  g.beginPath(); g.moveTo(0, h + 0.5); g.lineTo(w, h + 0.5); g.stroke();
+  ticks.forEach((t, i) => {
+    const at = Math.min(x(t), w - 1);
+    g.beginPath(); g.moveTo(at, h); g.lineTo(at, h + 5); g.stroke();
+    g.textAlign = i === 0 ? "left" : (at > w - 20 ? "right" : "center");
+    g.fillText(label(t), at, h + 17);
+  });
+  canvas.dataset.ticks = JSON.stringify(ticks.map(label));
 }
 const drop = $("drop");
 drop.onclick = () => $("file").click();

@@ -124,10 +124,12 @@ def deepspeed_config(cfg: PosttrainConfig, *, load_universal: bool = False,
     return checked_deepspeed_config(merge_dicts(config, train.deepspeed_overrides), cfg, "train.deepspeed_overrides")
 
 
-def check_precision_supported(precision: str) -> None:
+def check_precision_supported(precision: str, device: torch.device) -> None:
     """A precision the DeepSpeed accelerator of this machine refuses is one line naming the key, not
     DeepSpeed's traceback from inside ``initialize`` (its CPU accelerator reports fp16 only where oneDNN
     has fp16 kernels: AVX512-FP16 or AMX-FP16)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator when first imported
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
@@ -308,7 +310,10 @@ class Trainer:
         check_data_sets(cfg)  # a one-line error now, not a traceback after the first epoch
         if device is None:
             device = choose_device(cfg.train.device)
+            check_precision_supported(cfg.train.precision, device)  # before any process group exists
             start_process_group(device, deepspeed=True)
+        else:
+            check_precision_supported(cfg.train.precision, device)
         self.device = device
         self.rank, self.world_size = torch_dist.get_rank(), torch_dist.get_world_size()
         self.output_dir = Path(cfg.output_dir)
@@ -341,7 +346,6 @@ class Trainer:
         if universal:
             ckpt.convert_to_universal(resume)
         silence_deepspeed_noise()
-        check_precision_supported(cfg.train.precision)
         self.engine = self._build_engine(universal)
         self.config_yaml = dump_config(cfg)
         self.stream = ShardStream(cfg.data.train)

@@ -42,3 +42,18 @@ def test_report_and_card_show_the_table_columns_with_its_formats():
     card = _evaluation([CardResult("set", "x", {"metrics": document["pooled"], "counts": {"trials": 100}})])
     assert "| test set | trials | " + " | ".join(metric.column for metric in m.METRICS) + " |" in card
     assert f"| {100 * document['pooled']['eer']:.2f} |" in card
+
+
+def test_the_card_names_a_test_set_by_its_data_not_its_report_folder(tmp_path):
+    import yaml
+
+    from posttrain.eval.report import RESULT_FORMAT
+    from posttrain.hub.card import read_result
+
+    for data, expected in (({"kind": "shards", "directory": "/x/demo_data/shards/test"}, "demo_data/shards/test"),
+                           ({"kind": "protocol", "protocol": "/data/itw/itw.csv"}, "itw.csv"),
+                           ({"name": "In-the-Wild"}, "In-the-Wild"), ({}, "test")):
+        path = tmp_path / "test" / "result.yaml"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(yaml.safe_dump({"format": RESULT_FORMAT, "data": data}))
+        assert read_result(path).name == expected

@@ -281,6 +281,9 @@ def test_page_in_a_headless_browser_shows_verdict_probability_and_timeline(serve
             ".getImageData(0, 0, c.width, c.height).data; let n = 0;"
             "for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n;")
         assert painted > 500  # the window segments and the threshold line were drawn
+        ticks = json.loads(driver.find_element(By.ID, "timeline").get_attribute("data-ticks"))
+        assert ticks[0] == "0 s" and len(ticks) >= 2  # a time axis, labelled in seconds, up to the file's length
+        assert float(ticks[-1].split()[0]) <= expected["seconds"] < float(ticks[-1].split()[0]) + 10
     finally:
         driver.quit()
     assert (tmp_path / "page.png").read_bytes()[:4] == b"\x89PNG"
