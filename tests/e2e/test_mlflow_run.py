@@ -36,9 +36,12 @@ def _train(shard_dir, tmp_path) -> None:
 
 def _start_ui(tmp_path):
     port = free_port()
+    # one worker and no job runner: the UI of one run on two cores
     process = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
-                                f"sqlite:///{tmp_path / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port)],
-                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "ui.log", "wb"))
+                                f"sqlite:///{tmp_path / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
+                                "--workers", "1"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=open(tmp_path / "ui.log", "wb"),
+                               env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
