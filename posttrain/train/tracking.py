@@ -14,6 +14,7 @@ opens it on its training-runs view.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +122,14 @@ def training_run(identity: dict[str, Any]) -> tuple[TrackingConfig, str]:
     return cfg, run_id
 
 
+def metric_name(name: str) -> str:
+    """``name`` with what MLflow refuses in a metric name (anything but letters, digits, ``_-. :/``) as ``_``."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)
+
+
 def report_metrics(document: dict[str, Any], prefix: str) -> dict[str, float]:
     """The numbers of a report's ``metrics.json`` as MLflow metrics: pooled ``<prefix>/<metric>``, the EER CI
-    bounds, and per group ``<prefix>/eer/<grouping>=<value>``."""
+    bounds, and per group ``<prefix>/eer/<grouping>/<value>``."""
     metrics = {f"{prefix}/{name}": float(value) for name, value in document["pooled"].items()
                if isinstance(value, (int, float)) and not isinstance(value, bool)}
     ci = document["pooled"].get("eer_ci") or {}
@@ -131,8 +137,8 @@ def report_metrics(document: dict[str, Any], prefix: str) -> dict[str, float]:
     for by, groups in document.get("groups", {}).items():
         for name, values in groups.items():
             if isinstance(values.get("eer"), (int, float)):
-                metrics[f"{prefix}/eer/{by}={name}"] = float(values["eer"])
-    return {key.replace(" ", "_"): value for key, value in metrics.items()}
+                metrics[f"{prefix}/eer/{by}/{name}"] = float(values["eer"])
+    return {metric_name(key): value for key, value in metrics.items()}
 
 
 def _client(cfg: TrackingConfig):

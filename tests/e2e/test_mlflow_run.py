@@ -61,7 +61,7 @@ def test_eval_and_export_of_a_tracked_run_land_in_that_run_and_show_in_the_ui(sh
     _train(shard_dir, tmp_path)
     monkeypatch.chdir(tmp_path)  # the run's store is sqlite:///mlflow.db relative to where it trained
     assert main(["eval", "--model", "run/checkpoints", "--shards", str(shard_dir), "--out", "run/eval/test",
-                 "--window-seconds", "0", "--bootstrap", "100", "--no-progress"]) == 0
+                 "--window-seconds", "0", "--bootstrap", "100", "--no-progress", "--by", "attack", "language"]) == 0
     assert main(["publish", "--checkpoint", "run/checkpoints", "--out", "run/published"]) == 0
     out = capsys.readouterr().out
     assert "MLflow: test metrics (test/test/...) and the report files (eval/test/) attached" in out
@@ -73,7 +73,8 @@ def test_eval_and_export_of_a_tracked_run_land_in_that_run_and_show_in_the_ui(sh
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"  # attaching results does not touch the run's status
     metrics = run.data.metrics
-    for name in ("test/test/eer", "test/test/min_dcf", "test/test/auc", "test/test/eer_ci_low", "train/loss"):
+    for name in ("test/test/eer", "test/test/min_dcf", "test/test/auc", "test/test/eer_ci_low", "train/loss",
+                 "test/test/eer/attack/A01", "test/test/eer/language/en"):
         assert name in metrics, sorted(metrics)
     import json
 
