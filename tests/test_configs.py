@@ -58,7 +58,7 @@ def test_sam_presets_are_the_recipe_with_sam_as_the_sam_for_sdd_paper_uses_it(na
     """Huang et al. (Interspeech 2025): rho 0.005 for an SSL encoder + linear head; everything else is
     the AntiDeepfake recipe of the base preset; bf16 and a ZeRO layout the SAM step accepts."""
     from posttrain.config import to_dict
-    from posttrain.train.trainer import deepspeed_config
+    from posttrain.train.engine_config import deepspeed_config
 
     cfg = load_config(CONFIGS / "posttrain" / f"{name}_sam.yaml")
     assert cfg.sam.enabled and cfg.sam.rho == 0.005 and not cfg.sam.adaptive and cfg.sam.variant == "sam"

@@ -1,6 +1,6 @@
 """posttrain's imports point down the floors and never run in a circle (lazy imports inside functions count).
 
-Floors, lowest first: config/dist/errors -> data -> models -> augment -> train|eval -> select|hub -> the loading facade
+Floors, lowest first: config/dist/errors -> data, optim -> models -> augment -> train|eval -> select|hub|finetuning -> the loading facade
 -> commands/cli/bench. A module may import its own floor or any lower one; circles are refused on every floor.
 """
 
@@ -14,11 +14,11 @@ import posttrain
 PACKAGE_DIR = Path(posttrain.__file__).resolve().parent
 FLOORS = {
     "posttrain": 0, "posttrain.config": 0, "posttrain.dist": 0, "posttrain.errors": 0, "posttrain.hubcache": 0,
-    "posttrain.data": 1,
+    "posttrain.data": 1, "posttrain.optim": 1,
     "posttrain.models": 2,
     "posttrain.augment": 3,
     "posttrain.train": 4, "posttrain.eval": 4,
-    "posttrain.select": 5, "posttrain.hub": 5,
+    "posttrain.select": 5, "posttrain.hub": 5, "posttrain.finetuning": 5,
     "posttrain.loading": 6,
     "posttrain.serve": 7, "posttrain.commands": 7, "posttrain.cli": 7, "posttrain.bench": 7, "posttrain.__main__": 7,
 }
@@ -135,3 +135,24 @@ def test_lazy_and_relative_imports_inside_functions_are_seen():
     modules = {"posttrain.data.x", "posttrain.train.sam", "posttrain.hub.card", "posttrain.hub", "posttrain.train"}
     assert imported_modules(source, "posttrain.data.x", "posttrain.data", modules) == {
         "posttrain.train", "posttrain.train.sam", "posttrain.hub", "posttrain.hub.card"}
+
+
+def package_of(module: str) -> str:
+    """The floor entry a module belongs to (``posttrain.train.sam`` -> ``posttrain.train``)."""
+    key = module
+    while key not in FLOORS:
+        key = key.rsplit(".", 1)[0]
+    return key
+
+
+def test_packages_on_one_floor_do_not_import_each_other_both_ways():
+    """train and eval share a floor: one may use the other (the trainer's validation EER), never both ways."""
+    arrows = {(package_of(source), package_of(target)) for source, targets in import_edges(module_files()).items()
+              for target in targets if package_of(source) != package_of(target)
+              and floor_of(source) == floor_of(target) and package_of(source) != "posttrain"}
+    assert sorted(pair for pair in arrows if pair[::-1] in arrows) == []
+
+
+def test_no_module_is_longer_than_500_lines():
+    long = {name: len(path.read_text().splitlines()) for name, path in module_files().items()}
+    assert {name: lines for name, lines in long.items() if lines > 500} == {}

@@ -91,7 +91,8 @@ def build_engine(cfg, *, bf16_build: bool = False):
     import deepspeed
 
     from posttrain.models.detector import build_detector
-    from posttrain.train.trainer import build_optimizer, deepspeed_config, seed_everything
+    from posttrain.train.trainer import build_optimizer, seed_everything
+    from posttrain.train.engine_config import deepspeed_config
     from posttrain.train.schedule import build_scheduler
 
     seed_everything(cfg.train.seed)

@@ -62,7 +62,8 @@ def measure_preset(preset: str, device_name: str, steps: int, warmup: int, clip_
     from posttrain.data.batch import Batch
     from posttrain.models.detector import build_detector
     from posttrain.dist import choose_device, start_process_group
-    from posttrain.train.trainer import build_optimizer, deepspeed_config
+    from posttrain.train.trainer import build_optimizer
+    from posttrain.train.engine_config import deepspeed_config
     from posttrain.train.flops import training_flops_per_audio_second
     from posttrain.train.plan import PlanRequest, memory_breakdown
     from posttrain.train.schedule import build_scheduler

@@ -46,8 +46,9 @@ def _measure(args: argparse.Namespace, stage: int, mode: str) -> dict:
     from posttrain.data.batch import Batch
     from posttrain.models.detector import build_detector
     from posttrain.dist import choose_device, start_process_group
-    from posttrain.train.trainer import build_optimizer, deepspeed_config
-    from posttrain.train.partitions import owned_parameters
+    from posttrain.train.trainer import build_optimizer
+    from posttrain.train.engine_config import deepspeed_config
+    from posttrain.optim.partitions import owned_parameters
     from posttrain.train.sam import LOOKSAM_DIRECTION
     from posttrain.train.step import StepContext, get_step_mode, step_mode_name
 

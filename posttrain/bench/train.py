@@ -100,7 +100,8 @@ def main(argv: list[str]) -> int:
     # imported after the config so DS_ACCELERATOR is set (by start_process_group) before DeepSpeed loads
     from posttrain.models.detector import build_detector, count_parameters
     from posttrain.dist import choose_device, start_process_group
-    from posttrain.train.trainer import build_optimizer, deepspeed_config, seed_everything
+    from posttrain.train.trainer import build_optimizer, seed_everything
+    from posttrain.train.engine_config import deepspeed_config
     from posttrain.train.flops import training_flops_per_audio_second
     from posttrain.train.schedule import build_scheduler
     from posttrain.train.step import StepContext, get_step_mode

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, cls=FinetuneConfig)
     # imported after the config is valid: DeepSpeed picks its accelerator on import
     from posttrain.loading import load_model
-    from posttrain.train.finetune import finetune, format_summary
+    from posttrain.finetuning import finetune, format_summary
 
     from posttrain.dist import dist_info
 

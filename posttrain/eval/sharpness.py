@@ -1,7 +1,7 @@
 """m-sharpness of a detector on a test set, overall and per group, and its rank correlation with EER.
 
 Per batch ``B`` (model in eval mode): ``S_B = L_B(w + e_B) - L_B(w)`` with ``e_B = rho g_B / ||g_B||``
-(adaptive: ASAM's ``rho T^2 g_B / ||T g_B||``, the same ascent as training, ``posttrain.train.ascent``);
+(adaptive: ASAM's ``rho T^2 g_B / ||T g_B||``, the same ascent as training, ``posttrain.optim.ascent``);
 the set's sharpness is the batch-size-weighted mean of ``S_B``. Batches are fixed-size draws (seeded
 order) *within* the set or group measured. Under several ranks each rank takes every
 ``world_size``-th batch and the weighted sums are all-reduced once.
@@ -29,7 +29,7 @@ from posttrain.data.batch import Batch, normalize_waveforms
 from posttrain.data.labels import GROUP_FIELDS
 from posttrain.data.shards import SampleError, SampleMeta, decode_audio, decode_meta, load_index, shard_paths
 from posttrain.dist import DistInfo, all_gather_objects, global_sums, is_initialized, world_group
-from posttrain.train.ascent import ascent_direction_, module_parameters, perturb_, restore_, takes_ascent
+from posttrain.optim.ascent import ascent_direction_, module_parameters, perturb_, restore_, takes_ascent
 
 
 

@@ -43,7 +43,7 @@ mean over them. A micro-batch left without a selected sample runs as a join batc
 The weights are perturbed only inside this one call, and a checkpoint written by the loop between
 two calls never sees them: the step marks the engine in ``posttrain.train.perturbation``, which
 checkpoint code checks (the mark also stays up if a pass raised, since the replicas may then be
-inconsistent). The ascent itself (direction, perturb, restore) is ``posttrain.train.ascent``.
+inconsistent). The ascent itself (direction, perturb, restore) is ``posttrain.optim.ascent``.
 
 Fine-tune path (accelerate + DeepSpeed): ``accelerator.backward`` also calls ``engine.step()``, so
 ``run_pass`` must call the engine's own backward: ``engine = accelerator.deepspeed_engine_wrapped.engine``
@@ -63,9 +63,9 @@ import torch
 
 from posttrain.config import SamConfig
 from posttrain.data.batch import Batch
-from posttrain.train.ascent import ascent_direction_, perturb_, restore_, takes_ascent
+from posttrain.optim.ascent import ascent_direction_, perturb_, restore_, takes_ascent
 from posttrain.dist import dist_info, gather_vectors, global_sums
-from posttrain.train.partitions import (OwnedParameters, check_partitions_released, discard_gradients, flat_copy,
+from posttrain.optim.partitions import (OwnedParameters, check_partitions_released, discard_gradients, flat_copy,
                                         local_dot, local_sum_of_squares, owned_gradients, owned_parameters,
                                         sync_model_copies, zero_stage)
 from posttrain.train.perturbation import clear_perturbed, mark_perturbed

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
-from posttrain.config import PosttrainConfig
+from posttrain.config import (FinetuneConfig, PosttrainConfig, StepModeDecl, enabled_step_modes,
+                              step_mode_declarations)
 from posttrain.data.batch import TRANSFORMERS_INPUT_EPS, Batch, normalize_waveforms
 from posttrain.dist import all_reduce_sum, global_sums, world_group
 
@@ -100,57 +101,63 @@ class StepContext:
 StepFn = Callable[["DeepSpeedEngine", list[Batch], StepContext], StepStats]
 
 _STEP_MODES: dict[str, StepFn] = {}
-# Modes implemented elsewhere register on import; their module is imported when the mode is asked for.
-STEP_MODE_MODULES: dict[str, str] = {"sam": "posttrain.train.sam", "dual_path": "posttrain.train.dual_path"}
-# Modes that edit this rank's parameter or gradient partitions in place (``posttrain.train.partitions``):
-# the DeepSpeed config must keep parameters where those edits reach (``partitions.check_zero_section``).
-EDITS_PARTITIONS = frozenset({"sam", "dual_path"})
 
 
-_OVERLAP_COMM_UNSAFE: set[str] = set()
-
-
-def register_step_mode(name: str, *, overlap_comm_safe: bool = True) -> Callable[[StepFn], StepFn]:
+def register_step_mode(name: str) -> Callable[[StepFn], StepFn]:
     """Decorator: ``@register_step_mode("sam") def sam_step(engine, micro_batches, ctx): ...``.
 
-    ``overlap_comm_safe=False`` marks a mode that reads or edits gradients while a backward is still
-    running (e.g. from autograd hooks): with DeepSpeed's ``overlap_comm`` the reduction may then still be
-    in flight on its side stream. Reading the reduced partitions once ``engine.backward`` has returned
-    at the accumulation boundary is safe, because ZeRO-1/2/3 synchronise the reduction there
-    (``independent_gradient_partition_epilogue``); SAM, LookSAM and the dual path read them only then."""
+    A mode other than ``plain`` is turned on by a config section that declares it (``STEP_MODE``, a
+    ``posttrain.config.StepModeDecl``: its module, whether it edits ZeRO partitions, reads gradients
+    during a backward or breaks LayerDrop, and what it conflicts with): the config's guards, the
+    trainer's ZeRO checks and the module import on first use all come from that declaration. A mode
+    chosen only by ``train.step_mode`` (no section) declares nothing: it edits no partition."""
 
     def register(fn: StepFn) -> StepFn:
         if name in _STEP_MODES and _STEP_MODES[name] is not fn:
             raise ValueError(f"step mode {name!r} is already registered ({_STEP_MODES[name].__qualname__})")
         _STEP_MODES[name] = fn
-        if not overlap_comm_safe:
-            _OVERLAP_COMM_UNSAFE.add(name)
         return fn
 
     return register
 
 
-def overlap_comm_safe(name: str) -> bool:
-    """Whether step mode ``name`` may run with ``zero_optimization.overlap_comm`` (see ``register_step_mode``)."""
-    if name not in _STEP_MODES and name in STEP_MODE_MODULES:
-        importlib.import_module(STEP_MODE_MODULES[name])
-    return name not in _OVERLAP_COMM_UNSAFE
+def declaration(cfg: PosttrainConfig | None, name: str) -> StepModeDecl | None:
+    """What a schema declares about step mode ``name`` (None: nothing, e.g. ``plain``): ``cfg``'s own, or
+    without one any schema's (post-training's, fine-tuning's)."""
+    for schema in ([cfg] if cfg is not None else [PosttrainConfig, FinetuneConfig]):
+        found = step_mode_declarations(schema).get(name)
+        if found is not None:
+            return found
+    return None
+
+
+def edits_partitions(cfg: PosttrainConfig, name: str) -> bool:
+    decl = declaration(cfg, name)
+    return decl is not None and decl.edits_partitions
+
+
+def overlap_comm_safe(cfg: PosttrainConfig, name: str) -> bool:
+    """Whether step mode ``name`` may run with ``zero_optimization.overlap_comm``: a mode that reads or edits
+    gradients while a backward is still running (from autograd hooks) may not, as the reduction may then
+    still be in flight on DeepSpeed's side stream. Reading the reduced partitions once ``engine.backward``
+    has returned at the accumulation boundary is safe (ZeRO-1/2/3 synchronise the reduction there)."""
+    decl = declaration(cfg, name)
+    return decl is None or decl.overlap_comm_safe
 
 
 def step_mode_name(cfg: PosttrainConfig) -> str:
-    """``train.step_mode`` when set explicitly, else from the sam / dual_path sections."""
+    """``train.step_mode`` when set explicitly, else the mode the enabled section declares, else plain."""
     if cfg.train.step_mode != "auto":
         return cfg.train.step_mode
-    if cfg.sam.enabled:
-        return "sam"
-    if cfg.dual_path.enabled:
-        return "dual_path"
-    return "plain"
+    enabled = enabled_step_modes(cfg)
+    return enabled[0][1].name if enabled else "plain"
 
 
-def get_step_mode(name: str) -> StepFn:
-    if name not in _STEP_MODES and name in STEP_MODE_MODULES:
-        importlib.import_module(STEP_MODE_MODULES[name])
+def get_step_mode(name: str, cfg: PosttrainConfig | None = None) -> StepFn:
+    """The registered function of mode ``name``, importing the module ``cfg``'s schema declares for it."""
+    decl = declaration(cfg, name)
+    if name not in _STEP_MODES and decl is not None:
+        importlib.import_module(decl.module)
     if name not in _STEP_MODES:
         raise ValueError(f"unknown step mode {name!r} (registered: {sorted(_STEP_MODES)})")
     return _STEP_MODES[name]

@@ -346,7 +346,8 @@ def _run_case(case: Case, rank: int) -> dict:
     from torch.optim.lr_scheduler import LambdaLR
 
     from posttrain.train.dual_path import dual_path_step
-    from posttrain.train.trainer import build_optimizer, deepspeed_config
+    from posttrain.train.trainer import build_optimizer
+    from posttrain.train.engine_config import deepspeed_config
     from posttrain.train.step import StepContext, get_step_mode, step_mode_name
 
     cfg = _config(case)

@@ -319,8 +319,9 @@ def _run_case(case: Case, rank: int) -> dict:
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
-    from posttrain.train.trainer import build_optimizer, deepspeed_config
-    from posttrain.train.partitions import owned_parameters
+    from posttrain.train.trainer import build_optimizer
+    from posttrain.train.engine_config import deepspeed_config
+    from posttrain.optim.partitions import owned_parameters
     from posttrain.train.sam import sharpness_aware_step
     from posttrain.train.step import StepContext, get_step_mode, step_mode_name
 
@@ -377,7 +378,8 @@ def _dropout_masks_and_flags(rank: int) -> dict:
 
     import deepspeed
 
-    from posttrain.train.trainer import build_optimizer, deepspeed_config
+    from posttrain.train.trainer import build_optimizer
+    from posttrain.train.engine_config import deepspeed_config
     from posttrain.train.perturbation import PerturbedWeightsError, assert_not_perturbed
     from posttrain.train.sam import sharpness_aware_step
 
@@ -425,7 +427,8 @@ def _refused_zero_layout(rank: int) -> str:
     import deepspeed
 
     from posttrain.config import ConfigError
-    from posttrain.train.trainer import build_optimizer, deepspeed_config
+    from posttrain.train.trainer import build_optimizer
+    from posttrain.train.engine_config import deepspeed_config
     from posttrain.train.sam import sharpness_aware_step
 
     case = Case("persistent", 3)

@@ -61,7 +61,8 @@ def _run(mode: str, loader_counts: bool, overlap: bool, rank: int) -> dict:
     from posttrain.config import load_config
     from posttrain.data.stream import _agree
     from posttrain.models.detector import build_detector
-    from posttrain.train.trainer import build_optimizer, deepspeed_config, seed_everything
+    from posttrain.train.trainer import build_optimizer, seed_everything
+    from posttrain.train.engine_config import deepspeed_config
     from posttrain.train.schedule import build_scheduler
     from posttrain.train.step import StepContext, get_step_mode, make_augment
 

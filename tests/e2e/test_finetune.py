@@ -20,7 +20,7 @@ from posttrain.cli import main as cli_main
 from posttrain.config import ConfigError, FinetuneConfig, load_config
 from posttrain.eval.inference import SampleOutput
 from posttrain.train.checkpoint import read_metadata, resolve_checkpoint
-from posttrain.train.finetune import file_records, plugin_deepspeed_config, resolve_data, with_plugin_stage
+from posttrain.finetuning import file_records, plugin_deepspeed_config, resolve_data, with_plugin_stage
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -50,7 +50,7 @@ def test_config_errors_name_the_key(capsys):
 def test_antideepfake_parity_config_ramps_to_6_25e_7_and_tests_the_best_checkpoint(tmp_path):
     from posttrain.train.checkpoint import CheckpointError, write_pointer
     from posttrain.train.trainer import TrainResult
-    from posttrain.train.finetune import checkpoint_to_test
+    from posttrain.finetuning import checkpoint_to_test
     from posttrain.train.schedule import lr_factor
 
     cfg = load_config(REPO / "configs/finetune/df2024_antideepfake.yaml", cls=FinetuneConfig)

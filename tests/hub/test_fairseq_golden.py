@@ -135,7 +135,7 @@ def test_eval_command_equals_fairseq(family, mode, golden_audio, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_finetuning_starts_from_the_release_as_fairseq_scores_it(family):
-    from posttrain.train.finetune import initial_detector
+    from posttrain.finetuning import initial_detector
 
     cfg = load_config(None, [f"finetune.init_from={FIXTURES / family}"], cls=FinetuneConfig)
     detector, cfg = initial_detector(cfg, None, load_model)  # cfg: resolved to the release's preset

@@ -16,8 +16,8 @@ from posttrain.augment.rawboost import RawBoost
 from posttrain.config import ConfigError, load_config
 from posttrain.data.batch import Batch, normalize_waveforms
 from posttrain.train import dual_path
-from posttrain.train.partitions import flat_copy
-from posttrain.train.step import STEP_MODE_MODULES, StepContext, get_step_mode
+from posttrain.optim.partitions import flat_copy
+from posttrain.train.step import StepContext, get_step_mode
 
 
 def _ctx(*overrides: str, state: dict | None = None, epoch: int = 0) -> StepContext:
@@ -34,7 +34,9 @@ def _raw_batch(lengths=(4000, 3200, 4000)) -> Batch:
 
 
 def test_dual_path_registers_from_its_own_module():
-    assert STEP_MODE_MODULES["dual_path"] == "posttrain.train.dual_path"
+    from posttrain.config import DualPathConfig
+
+    assert DualPathConfig.STEP_MODE.module == "posttrain.train.dual_path" and DualPathConfig.STEP_MODE.edits_partitions
     assert get_step_mode("dual_path") is dual_path.dual_path_step
 
 

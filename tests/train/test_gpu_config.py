@@ -3,16 +3,19 @@ the explicit attention kernel, and the optional compiled encoder."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+from typing import ClassVar
 
 import pytest
 import torch
 
-from posttrain.config import ModelConfig, load_config
+from posttrain.config import ConfigError, ModelConfig, PosttrainConfig, Section, StepModeDecl, load_config
 from posttrain.data.batch import Batch
 from posttrain.models.detector import build_detector
-from posttrain.train.trainer import build_optimizer, deepspeed_config
-from posttrain.train.step import _OVERLAP_COMM_UNSAFE, _STEP_MODES, plain_step, register_step_mode
+from posttrain.train.trainer import build_optimizer
+from posttrain.train.engine_config import deepspeed_config
+from posttrain.train.step import _STEP_MODES, plain_step, register_step_mode
 
 MODES = {"plain": [], "sam": ["sam.enabled=true"], "dual_path": ["dual_path.enabled=true"],
          "looksam": ["sam.enabled=true", "sam.variant=looksam"]}
@@ -40,18 +43,32 @@ def test_resolved_deepspeed_config_per_mode_and_device(mode, stage):
     assert deepspeed_config(forced, device_type="cpu")["zero_optimization"]["overlap_comm"] is True
 
 
-def test_a_mode_registered_unsafe_never_gets_overlap_comm():
+@dataclasses.dataclass
+class _HookedSection(Section):
+    """A step mode that reads gradients from autograd hooks: a section declaring it is all it takes."""
+
+    STEP_MODE: ClassVar[StepModeDecl] = StepModeDecl("test_reads_grads_in_hooks", __name__, overlap_comm_safe=False)
+    enabled: bool = False
+
+
+@dataclasses.dataclass
+class _HookedSchema(PosttrainConfig):
+    hooked: _HookedSection = dataclasses.field(default_factory=_HookedSection)
+
+
+def test_a_mode_declared_unsafe_never_gets_overlap_comm():
     name = "test_reads_grads_in_hooks"
-    register_step_mode(name, overlap_comm_safe=False)(plain_step)
+    register_step_mode(name)(plain_step)
     try:
-        cfg = load_config(None, [f"train.step_mode={name}"])
+        cfg = load_config(None, ["hooked.enabled=true"], cls=_HookedSchema)
         assert deepspeed_config(cfg, device_type="cuda")["zero_optimization"]["overlap_comm"] is False
-        forced = load_config(None, [f"train.step_mode={name}", "train.overlap_comm=true"])
+        forced = load_config(None, ["hooked.enabled=true", "train.overlap_comm=true"], cls=_HookedSchema)
         with pytest.raises(ValueError, match=r"train\.overlap_comm: step mode 'test_reads_grads_in_hooks'"):
             deepspeed_config(forced, device_type="cuda")
+        with pytest.raises(ConfigError, match=r"hooked.enabled: cannot be combined with sam.enabled"):
+            load_config(None, ["hooked.enabled=true", "sam.enabled=true"], cls=_HookedSchema)
     finally:
         _STEP_MODES.pop(name)
-        _OVERLAP_COMM_UNSAFE.discard(name)
 
 
 def test_overrides_still_win_over_the_generated_zero_section():

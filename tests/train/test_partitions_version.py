@@ -1,11 +1,11 @@
-"""train/partitions.py reads private ZeRO internals: an untested DeepSpeed is refused with a message naming it."""
+"""optim/partitions.py reads private ZeRO internals: an untested DeepSpeed is refused with a message naming it."""
 
 import re
 
 import pytest
 
 from posttrain.errors import UserError
-from posttrain.train.partitions import check_deepspeed_version
+from posttrain.optim.partitions import check_deepspeed_version
 
 
 def test_the_installed_deepspeed_is_a_tested_one():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from posttrain.config import ConfigError, load_config
-from posttrain.train.trainer import deepspeed_config
+from posttrain.train.engine_config import deepspeed_config
 
 
 def test_fp16_gets_loss_scaling_like_torch_gradscaler_and_refuses_sam_and_dual_path():
@@ -70,7 +70,7 @@ def test_fp16_where_the_device_has_none_is_one_line_naming_the_key(shard_dir, tm
 
 def test_fp16_fine_tune_keeps_posttrains_loss_scaling_whatever_accelerate_says():
     from posttrain.config import FinetuneConfig
-    from posttrain.train.finetune import plugin_deepspeed_config
+    from posttrain.finetuning import plugin_deepspeed_config
 
     cfg = load_config(None, ["finetune.init_from=x", "train.precision=fp16"], cls=FinetuneConfig)
     merged = plugin_deepspeed_config({"bf16": {"enabled": True}, "fp16": {"enabled": "auto", "loss_scale": 128},

@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from posttrain.train import ascent, perturbation, sam
-from posttrain.train.ascent import module_parameters
+from posttrain.optim import ascent
+from posttrain.train import perturbation, sam
+from posttrain.optim.ascent import module_parameters
 from posttrain.dist import global_sums
-from posttrain.train.partitions import local_dot, local_sum_of_squares
+from posttrain.optim.partitions import local_dot, local_sum_of_squares
 
 
 def _model_with_grads():

@@ -8,7 +8,8 @@ from posttrain.config import load_config
 from posttrain.data.batch import TRANSFORMERS_INPUT_EPS as EPS
 from posttrain.data.batch import Batch
 from posttrain.train import step as step_module
-from posttrain.train.trainer import deepspeed_config, micro_batch_groups
+from posttrain.train.trainer import micro_batch_groups
+from posttrain.train.engine_config import deepspeed_config
 from posttrain.train.step import (SkippableAdamW, get_step_mode, loss_scale, make_augment, model_inputs,
                                   register_step_mode, step_mode_name)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from posttrain.config import ConfigError, FinetuneConfig, load_config
-from posttrain.train.trainer import deepspeed_config
-from posttrain.train.finetune import plugin_deepspeed_config
+from posttrain.train.engine_config import deepspeed_config
+from posttrain.finetuning import plugin_deepspeed_config
 
 # zero_optimization entry -> the key the error must name
 REFUSED = {
@@ -74,7 +74,7 @@ def test_mics_of_older_deepspeed_is_refused():
 
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    from posttrain.train.partitions import unsupported_zero_settings
+    from posttrain.optim.partitions import unsupported_zero_settings
 
     zero = DeepSpeedZeroConfig(stage=3, stage3_param_persistence_threshold=0)
     assert unsupported_zero_settings(zero, 3) == []

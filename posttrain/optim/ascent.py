@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from posttrain.dist import global_sums
-from posttrain.train.partitions import OwnedParameters, local_sum_of_squares
+from posttrain.optim.partitions import OwnedParameters, local_sum_of_squares
 
 NORM_EPS = 1e-12  # added to the norm as in the reference SAM/ASAM code
 CHUNK_NUMEL = 1 << 24  # ASAM's |w| + eta is built per chunk of this many elements, not for the whole model

@@ -41,7 +41,8 @@ from posttrain.config import ConfigError, FinetuneConfig, layerdrop_conflicts, r
 from posttrain.errors import UserError
 from posttrain.train.checkpoint import BEST, CheckpointError, checkpoint_root, read_pointer
 from posttrain.dist import choose_device, start_process_group
-from posttrain.train.trainer import (Trainer, TrainResult, checked_deepspeed_config, deepspeed_config, merge_dicts)
+from posttrain.train.trainer import Trainer, TrainResult
+from posttrain.train.engine_config import checked_deepspeed_config, deepspeed_config, merge_dicts
 from posttrain.train.tracking import Tracker
 
 if TYPE_CHECKING:
