@@ -404,22 +404,36 @@ def fairseq_release_state(detector, seed: int = 0) -> dict:
     return state
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(shard_dir, tmp_path_factory) -> Path:
-    """A real 2-step post-training run of the tiny preset (DeepSpeed ZeRO-1, fp32, CPU, own process) on
-    ``shard_dir``; returns its output folder (``checkpoints/latest`` inside). Read-only."""
+TINY_RUN_OVERRIDES = ("model.preset=tiny", "train.max_steps=2", "train.zero_stage=1", "train.precision=fp32",
+                      "train.device=cpu", "tracking.enabled=false", "data.train.num_workers=0",
+                      "data.train.max_batch_seconds=4", "data.valid.shards=[]", "optim.lr=0.001",
+                      "schedule.warmup_steps=0", "schedule.decay_end_steps=2")
+
+
+def train_tiny(out: Path, shard_dir: Path, *overrides: str, prelude: str = "", cwd: Path | None = None,
+               timeout_s: int = 600) -> "subprocess.CompletedProcess":
+    """A real post-training run of the tiny preset in its own process (DeepSpeed on the CPU, a world of
+    one), as a user's ``posttrain train`` would start it: ``TINY_RUN_OVERRIDES``, then ``overrides``.
+    ``prelude``: Python run first in that process (e.g. a patch). Returns the finished process (stdout
+    ends with ``STEPS <n>``); the caller asserts on its return code."""
     import subprocess
     import sys
 
+    script = (f"import sys\n{prelude}\nfrom posttrain.config import load_config\n"
+              "from posttrain.train.trainer import train\n"
+              "result = train(load_config(None, sys.argv[1:]))\nprint('STEPS', result.progress.step)\n")
+    return subprocess.run([sys.executable, "-c", script, f"output_dir={out}", *TINY_RUN_OVERRIDES,
+                           f"data.train.shards=[{shard_dir}]", *overrides], capture_output=True, text=True,
+                          timeout=timeout_s, cwd=cwd or Path(out).parent,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(shard_dir, tmp_path_factory) -> Path:
+    """A real 2-step post-training run of the tiny preset (``train_tiny``) on ``shard_dir``; returns its
+    output folder (``checkpoints/latest`` inside). Read-only."""
     out = tmp_path_factory.mktemp("tiny_run") / "run"
-    overrides = [f"output_dir={out}", "model.preset=tiny", "train.max_steps=2", "train.zero_stage=1",
-                 "train.precision=fp32", "train.device=cpu", "tracking.enabled=false",
-                 f"data.train.shards=[{shard_dir}]", "data.train.num_workers=0", "data.train.max_batch_seconds=4",
-                 "optim.lr=0.001", "schedule.warmup_steps=0", "schedule.decay_end_steps=2"]
-    script = ("import sys\nfrom posttrain.config import load_config\nfrom posttrain.train.trainer import train\n"
-              "train(load_config(None, sys.argv[1:]))\n")
-    done = subprocess.run([sys.executable, "-c", script, *overrides], capture_output=True, text=True, timeout=600,
-                          cwd=out.parent, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    done = train_tiny(out, shard_dir)
     assert done.returncode == 0, done.stderr[-4000:]
     return out
 

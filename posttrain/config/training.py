@@ -35,13 +35,14 @@ class ModelConfig(Section):
     # 1e-7 (transformers' feature extractor) for a new model, AntiDeepfake's 1e-5 for a converted release
     # and models fine-tuned from one. 1e-5 trains a new model with AntiDeepfake's normalisation.
     input_norm_eps: float | None = None
-    # self-attention kernel, chosen explicitly: sdpa (torch's fused kernels, memory linear in frames),
-    # flash_attention_2 (needs the flash-attn package, CUDA and bf16), eager (the reference maths)
-    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    # self-attention kernel: auto (the backbone family's first: sdpa, torch's fused kernels with memory
+    # linear in frames, for wav2vec 2.0 and HuBERT; eager for WavLM), or one the family supports:
+    # sdpa, flash_attention_2 (needs the flash-attn package, CUDA and bf16), eager (the reference maths)
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
     compile: bool = False  # torch.compile the encoder's transformer layers (posttrain.models.detector)
 
     def validate(self) -> None:
-        require_choice(self.attn_implementation, "attn_implementation", ["sdpa", "flash_attention_2", "eager"])
+        require_choice(self.attn_implementation, "attn_implementation", ["auto", "sdpa", "flash_attention_2", "eager"])
         require(0.0 <= self.mask_time_prob < 1.0, "mask_time_prob", "must be in [0, 1)")
         require(self.mask_time_length >= 1, "mask_time_length", "must be >= 1")
         for key in ("hidden_dropout", "attention_dropout", "activation_dropout", "input_dropout", "layerdrop"):

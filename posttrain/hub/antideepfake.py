@@ -23,7 +23,7 @@ from posttrain.config import ModelConfig
 from posttrain.eval.report import file_sha256
 from posttrain.hub.export import matching_presets
 from posttrain.data.batch import ANTIDEEPFAKE_INPUT_EPS
-from posttrain.models.backbones import fairseq_family
+from posttrain.models.backbones import BACKBONES, fairseq_family
 from posttrain.models.detector import INPUT_EPS_FIELD, Detector, build_detector
 from posttrain.models.presets import PRESETS
 
@@ -170,10 +170,17 @@ def infer_shape(encoder_state: dict[str, torch.Tensor], where: str = "checkpoint
         conv_norm = f"{ENCODER_PREFIX}feature_extractor.conv_layers.0.2"
         raise ConversionError(f"{where}: missing required key {conv_norm}.1.weight (layer-norm extractor) "
                               f"or {conv_norm}.weight (group-norm extractor)")
+    family = fairseq_family(keys)
+    if not family.fairseq_convertible:
+        raise ConversionError(f"{where}: a {family.name} checkpoint in the fairseq layout (it holds "
+                              f"{family.fairseq_markers[0]}...); posttrain converts only "
+                              f"{', '.join(b.name for b in BACKBONES.values() if b.fairseq_convertible)} fairseq "
+                              f"checkpoints: load {family.name} from a transformers checkpoint (a hub id or a local "
+                              f"folder with config.json) instead")
     hidden_size = _require(encoder_state, "encoder.layers.0.fc1.weight", where).shape[1]
     pos_conv = _require(encoder_state, "encoder.pos_conv.0.weight_v", where)
     return FairseqShape(
-        architecture=fairseq_family(keys).name,
+        architecture=family.name,
         conv_dim=tuple(int(w.shape[0]) for w in convs), conv_kernel=tuple(int(w.shape[2]) for w in convs),
         conv_bias="feature_extractor.conv_layers.0.0.bias" in keys, feat_extract_norm=norm,
         hidden_size=int(hidden_size), num_hidden_layers=len(layers),

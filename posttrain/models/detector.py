@@ -126,11 +126,13 @@ def ssl_overrides(cfg: ModelConfig, values: dict[str, float]) -> dict[str, objec
 
 
 def attention_implementation(cfg: ModelConfig) -> str:
-    """``model.attn_implementation``, checked: flash attention needs its package (and then CUDA + bf16)."""
-    if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+    """``model.attn_implementation`` resolved for the preset's family (``auto``: its first kernel) and
+    checked: the family must implement it, and flash attention needs its package (then CUDA + bf16)."""
+    kernel = get_backbone(get_preset(cfg.preset).architecture).attention(cfg.attn_implementation)
+    if kernel == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ValueError("model.attn_implementation: flash_attention_2 needs the flash-attn package "
-                         "(pip install flash-attn, on a CUDA machine); or use sdpa")
-    return cfg.attn_implementation
+                         "(pip install flash-attn, on a CUDA machine); or use auto")
+    return kernel
 
 
 def compile_encoder(encoder: PreTrainedModel) -> None:

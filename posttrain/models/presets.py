@@ -3,7 +3,8 @@
 Each preset names the transformers architecture, the encoder shape, the feature-extractor kind
 (group norm without conv bias for wav2vec 2.0 small; layer norm, conv bias and pre-LN transformer for
 the large/MMS/XLS-R family; HuBERT XL has no conv bias), the parameter count of the released model
-(for checks) and the hub id of its pre-trained SSL weights. ``tiny*`` presets are for tests.
+(for checks) and the hub id of its pre-trained SSL weights. ``tiny*`` presets are for tests (``tiny_presets``).
+WavLM (not an AntiDeepfake backbone) is here for its own sake: base-plus and large shapes.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ _AD_INPUT_DROPOUT = {**NO_REGULARISATION, "input_dropout": 0.1}
 _TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
          "conv_dim": [32, 32, 32], "conv_kernel": [10, 3, 3], "conv_stride": [5, 2, 2],
          "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2}
+
+
+_TINY_WAVLM = {"num_buckets": 32, "max_bucket_distance": 64}  # relative position buckets sized for tiny clips
 
 
 def _shape(layers: int, dim: int, ffn: int, heads: int) -> dict[str, int]:
@@ -82,11 +86,22 @@ PRESETS: dict[str, Preset] = {
         Preset("xlsr_2b", "wav2vec2", {**_FULL_CONV, **_LAYER_NORM, **_shape(48, 1920, 7680, 16)},
                2200, "facebook/wav2vec2-xls-r-2b", "nii-yamagishilab/xls-r-2b-anti-deepfake",
                regularisation=_AD_INPUT_DROPOUT),
+        Preset("tiny_wavlm", "wavlm", {**_TINY, **_GROUP_NORM, **_TINY_WAVLM}),
+        Preset("tiny_wavlm_layer_norm", "wavlm", {**_TINY, **_LAYER_NORM, "conv_bias": False, **_TINY_WAVLM}),
+        Preset("wavlm_base_plus", "wavlm", {**_FULL_CONV, **_GROUP_NORM, **_shape(12, 768, 3072, 12)},
+               95, "microsoft/wavlm-base-plus", None),
+        Preset("wavlm_large", "wavlm", {**_FULL_CONV, **_LAYER_NORM, "conv_bias": False, **_shape(24, 1024, 4096, 16)},
+               317, "microsoft/wavlm-large", None),
         Preset("hubert_xl", "hubert", {**_FULL_CONV, **_LAYER_NORM, **_FAIRSEQ_HUBERT, **_shape(48, 1280, 5120, 16)},
                964, "facebook/hubert-xlarge-ll60k", "nii-yamagishilab/hubert-xlarge-anti-deepfake",
                pretrained_overrides=_FAIRSEQ_HUBERT),
     ]
 }
+
+
+def tiny_presets() -> list[str]:
+    """The small random presets tests build (no released size): at least one per backbone family."""
+    return [name for name, preset in PRESETS.items() if preset.params_millions is None]
 
 
 def get_preset(name: str) -> Preset:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import requests
-from conftest import chromium_driver
+from conftest import chromium_driver, train_tiny
 
 from posttrain.cli import main
 from posttrain.dist import free_port
@@ -23,14 +23,9 @@ pytestmark = pytest.mark.slow
 
 
 def _train(shard_dir, tmp_path) -> None:
-    overrides = [f"output_dir={tmp_path / 'run'}", "model.preset=tiny", "train.max_steps=3", "train.zero_stage=1",
-                 "train.precision=fp32", "train.device=cpu", f"data.train.shards=[{shard_dir}]", "data.valid.shards=[]",
-                 "data.train.num_workers=0", "data.train.max_batch_seconds=4", "tracking.system_metrics=false",
-                 "tracking.experiment=mlflow-e2e", "tracking.run_name=tiny-run", "train.log_every_steps=1"]
-    script = ("import sys\nfrom posttrain.config import load_config\nfrom posttrain.train.trainer import train\n"
-              "train(load_config(None, sys.argv[1:]))\n")
-    done = subprocess.run([sys.executable, "-c", script, *overrides], capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    done = train_tiny(tmp_path / "run", shard_dir, "train.max_steps=3", "tracking.enabled=true",
+                      "tracking.system_metrics=false", "tracking.experiment=mlflow-e2e", "tracking.run_name=tiny-run",
+                      "train.log_every_steps=1", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
 
 

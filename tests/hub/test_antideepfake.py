@@ -18,9 +18,12 @@ from safetensors.torch import save_file
 from posttrain.config import ModelConfig
 from posttrain.hub.antideepfake import (LICENSE, ConversionError, choose_preset, convert_checkpoint,
                                         read_state_dict, released_checkpoints, to_detector_state)
+from posttrain.models.backbones import BACKBONES, get_backbone
 from posttrain.models.detector import build_detector
+from posttrain.models.presets import PRESETS, tiny_presets
 
-TINY_PRESETS = ["tiny", "tiny_group_norm", "tiny_hubert"]
+# the test presets of the families whose fairseq checkpoints posttrain converts
+CONVERTIBLE = [name for name in tiny_presets() if get_backbone(PRESETS[name].architecture).fairseq_convertible]
 PRETRAINING_MODULES = {"mask_emb", "final_proj", "quantizer", "project_q", "label_embs_concat"}
 
 
@@ -38,7 +41,7 @@ def write_release(detector, folder, state=None):
     return folder / "model.safetensors"
 
 
-@pytest.mark.parametrize("preset", TINY_PRESETS)
+@pytest.mark.parametrize("preset", CONVERTIBLE)
 def test_release_converts_exactly_with_every_key_accounted_for(preset, tmp_path):
     reference = random_detector(preset)
     state = fairseq_release_state(reference)
@@ -171,3 +174,34 @@ def test_a_file_that_is_not_a_state_dict_is_rejected(tmp_path):
     (tmp_path / "weights.npz").write_bytes(b"")
     with pytest.raises(ConversionError, match=r"weights\.npz: unknown checkpoint type"):
         read_state_dict(tmp_path / "weights.npz")
+
+
+def test_a_family_posttrain_does_not_convert_is_refused_naming_it(tmp_path):
+    """A fairseq checkpoint holding WavLM's gated relative position keys is WavLM's: refused in one line
+    saying where WavLM is read from instead, not converted as a wav2vec 2.0."""
+    unconverted = [backbone for backbone in BACKBONES.values() if not backbone.fairseq_convertible]
+    assert unconverted  # WavLM
+    state = fairseq_release_state(random_detector("tiny"))
+    for backbone in unconverted:
+        marked = {**state, f"m_ssl.model.{backbone.fairseq_markers[0]}.weight": torch.zeros(8, 16)}
+        with pytest.raises(ConversionError, match=rf"a {backbone.name} checkpoint in the fairseq layout .* load "
+                                                  rf"{backbone.name} from a transformers checkpoint"):
+            convert_checkpoint(write_release(None, tmp_path / backbone.name, marked))
+
+
+def test_a_converted_release_normalises_its_input_as_antideepfakes_layer_norm(tmp_path):
+    """AntiDeepfake normalises with ``F.layer_norm(wav, wav.shape)`` (eps 1e-5, torch's default): the
+    converted model, its export and the model reloaded from it must all use that, not transformers' 1e-7;
+    at -60 dBFS the two eps give different inputs, so a wrong eps shows here without the fairseq fixtures."""
+    import torch.nn.functional as F
+
+    from posttrain.hub.export import export_detector, identity_document, load_export
+
+    detector, _ = convert_checkpoint(write_release(random_detector("tiny"), tmp_path / "release"))
+    quiet = 1e-3 * torch.randn(1, 4000, generator=torch.Generator().manual_seed(0))  # about -60 dBFS
+    reference = F.layer_norm(quiet, quiet.shape)  # AntiDeepfake's own line, with torch's own default eps
+    exported = export_detector(detector, tmp_path / "export", identity_document(detector, preset="tiny"), "# card\n")
+    for model in (detector, load_export(exported)[0]):
+        ours = model.normalise(quiet, torch.tensor([4000]))
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    assert (F.layer_norm(quiet, quiet.shape, eps=1e-7) - reference).abs().max() > 1e-3  # the eps matters here

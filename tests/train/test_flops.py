@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from posttrain.config import ModelConfig
 from posttrain.models.detector import build_detector
-from posttrain.models.presets import get_preset
+from posttrain.models.presets import get_preset, tiny_presets
 from posttrain.train.flops import (
     forward_flops,
     forward_flops_per_audio_second,
@@ -35,7 +35,7 @@ def _counted_flops(preset: str, *, backward: bool, gradient_checkpointing: bool 
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny_group_norm", "tiny_hubert"])
+@pytest.mark.parametrize("preset", tiny_presets())
 def test_forward_matches_flop_counter_exactly(preset):
     config = get_preset(preset).ssl_config()
     analytic = forward_flops(config, NUM_SAMPLES)

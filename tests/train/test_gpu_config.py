@@ -12,7 +12,9 @@ import torch
 
 from posttrain.config import ConfigError, ModelConfig, PosttrainConfig, Section, StepModeDecl, load_config
 from posttrain.data.batch import Batch
+from posttrain.models.backbones import get_backbone
 from posttrain.models.detector import build_detector
+from posttrain.models.presets import PRESETS, tiny_presets
 from posttrain.train.trainer import build_optimizer
 from posttrain.train.engine_config import deepspeed_config
 from posttrain.train.step import _STEP_MODES, plain_step, register_step_mode
@@ -104,11 +106,22 @@ def _logits(cfg: ModelConfig, batch: Batch) -> torch.Tensor:
         return model(batch.waveforms, batch.lengths)
 
 
-def test_attention_kernel_is_explicit_and_sdpa_equals_the_reference_maths():
+@pytest.mark.parametrize("preset", tiny_presets())
+def test_auto_attention_is_the_familys_first_kernel_and_an_unsupported_one_names_the_key(preset):
+    backbone = get_backbone(PRESETS[preset].architecture)
+    assert build_detector(ModelConfig(preset=preset)).encoder.config._attn_implementation == backbone.attention_kernels[0]
+    for kernel in ("sdpa", "eager"):
+        if kernel in backbone.attention_kernels:
+            assert build_detector(ModelConfig(preset=preset, attn_implementation=kernel)).encoder.config._attn_implementation == kernel
+        else:
+            with pytest.raises(ValueError, match=rf"model\.attn_implementation: '{kernel}' is not supported by the "
+                                                 rf"{backbone.name} family"):
+                build_detector(ModelConfig(preset=preset, attn_implementation=kernel))
+
+
+def test_sdpa_equals_the_reference_maths():
     batch = _batch()
     torch.manual_seed(0)
-    assert build_detector(ModelConfig(attn_implementation="eager")).encoder.config._attn_implementation == "eager"
-    assert build_detector(ModelConfig()).encoder.config._attn_implementation == "sdpa"
     sdpa = _logits(ModelConfig(attn_implementation="sdpa"), batch)
     eager = _logits(ModelConfig(attn_implementation="eager"), batch)
     torch.testing.assert_close(sdpa, eager, rtol=1e-5, atol=1e-5)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_tiny
 
 from posttrain.config import ConfigError, load_config
 from posttrain.train.engine_config import deepspeed_config
@@ -29,21 +27,14 @@ def test_fp16_gets_loss_scaling_like_torch_gradscaler_and_refuses_sam_and_dual_p
 @pytest.mark.slow
 def test_fp16_post_training_runs_with_half_weights(shard_dir, tmp_path):
     out = tmp_path / "run"
-    overrides = [f"output_dir={out}", "model.preset=tiny", "train.max_steps=3", "train.zero_stage=2",
-                 "train.precision=fp16", "train.device=cpu", "tracking.enabled=false", f"data.train.shards=[{shard_dir}]",
-                 "data.train.num_workers=0", "data.train.max_batch_seconds=4", "optim.lr=0.001",
-                 "schedule.warmup_steps=0", "schedule.decay_end_steps=2"]
     # DeepSpeed's CPU accelerator reports fp16 only where oneDNN has fp16 kernels (AVX512-FP16, AMX-FP16);
     # torch's CPU half kernels run everywhere, so where it says no, the check is patched and posttrain's
     # fp16 path (loss scaling, overflow handling) still runs for real on every CI machine
-    script = ("import sys\nfrom deepspeed.accelerator import get_accelerator\n"
-              "accelerator = get_accelerator()\n"
-              "if not accelerator.is_fp16_supported():\n"
-              "    type(accelerator).is_fp16_supported = lambda self: True\n"
-              "from posttrain.config import load_config\nfrom posttrain.train.trainer import train\n"
-              "result = train(load_config(None, sys.argv[1:]))\nprint('STEPS', result.progress.step)\n")
-    done = subprocess.run([sys.executable, "-c", script, *overrides], capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    prelude = ("from deepspeed.accelerator import get_accelerator\naccelerator = get_accelerator()\n"
+               "if not accelerator.is_fp16_supported():\n"
+               "    type(accelerator).is_fp16_supported = lambda self: True\n")
+    done = train_tiny(out, shard_dir, "train.max_steps=3", "train.zero_stage=2", "train.precision=fp16",
+                      "schedule.decay_end_steps=2", prelude=prelude)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "STEPS 3" in done.stdout
     (states,) = (out / "checkpoints").glob("step-*/mp_rank_00_model_states.pt")

@@ -78,6 +78,24 @@ def test_esam_weight_mask_is_bernoulli_and_the_same_however_a_parameter_is_slice
     assert float((whole[1:] & whole[:-1]).double().mean()) == pytest.approx(0.09, abs=0.005)
 
 
+def test_esam_mask_of_ranks_partitions_tiles_the_whole_parameters_mask():
+    """``stochastic_weight_mask_`` on two ranks' ZeRO partitions of one parameter (each with its offset)
+    equals the mask of the whole parameter on one rank: a partition masked as if it started at 0 (the
+    offset ignored) would draw the other rank's elements again."""
+    from posttrain.optim.partitions import OwnedParameters
+    from posttrain.train.sam import stochastic_weight_mask_
+
+    numel, cut = 50_000, 20_011
+    whole = [torch.ones(numel)]
+    stochastic_weight_mask_(OwnedParameters(2, ["w"], whole, whole, None), whole, 0.4, seed=3, step_index=5)
+    parts = [torch.ones(cut), torch.ones(numel - cut)]
+    for part, offset in zip(parts, (0, cut)):
+        owned = OwnedParameters(2, ["w"], [part], [part], None, offsets=[offset])
+        stochastic_weight_mask_(owned, [part], 0.4, seed=3, step_index=5)
+    torch.testing.assert_close(torch.cat(parts), whole[0], rtol=0, atol=0)
+    assert 0.35 < float((whole[0] > 0).double().mean()) < 0.45 and float(whole[0].max()) == pytest.approx(2.5)
+
+
 def test_esam_keeps_the_sharpest_samples_of_the_global_step_in_order():
     from posttrain.data.batch import Batch
     from posttrain.train.sam import rows_of, select_sharpest

@@ -1,24 +1,33 @@
 """Corpus recipes: one module per corpus layout, each turning an official layout into protocol rows.
 
 ``RECIPES`` maps a recipe name (as typed after ``posttrain data prepare``) to its ``Recipe``;
-``prepare(name, root, out)`` runs one and writes the protocol CSV.
+``prepare(name, root, out)`` runs one and writes the protocol CSV. Every module of this package that
+defines ``RECIPES`` is found here by itself (``base`` and ``folders`` are shared plumbing): adding a
+corpus is adding its module.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
 
 from posttrain.data.protocol import write_protocol
-from posttrain.data.recipes import (add2023, asvspoof, codecfake, deep_voice, fakeorreal, fleurs, in_the_wild,
-                                    libritts, mlaad, mls, spoofceleb, voxceleb2, wavefake)
-from posttrain.data.recipes import (aishell3, cfad, cnceleb2, codecfake_vctk, cvoicefake, decro, dfadd, diffusion, dsd,
-                                    habla, ljspeech, vocoded, voicemos)
 from posttrain.data.recipes.base import Entry, PrepareResult, Recipe, RecipeError, build_rows
 
-_MODULES = (asvspoof, mls, libritts, fleurs, voxceleb2, wavefake, mlaad, spoofceleb, codecfake, in_the_wild,
-            fakeorreal, add2023, deep_voice, aishell3, cnceleb2, ljspeech, vocoded, cvoicefake, codecfake_vctk,
-            diffusion, cfad, dfadd, dsd, decro, habla, voicemos)
-RECIPES: dict[str, Recipe] = {recipe.name: recipe for module in _MODULES for recipe in module.RECIPES}
+
+def _discover() -> dict[str, Recipe]:
+    recipes: dict[str, Recipe] = {}
+    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        for recipe in getattr(module, "RECIPES", ()):
+            if recipe.name in recipes:
+                raise ValueError(f"recipe {recipe.name!r} is defined twice ({module.__name__})")
+            recipes[recipe.name] = recipe
+    return recipes
+
+
+RECIPES: dict[str, Recipe] = _discover()
 
 
 def get_recipe(name: str) -> Recipe:

@@ -47,5 +47,6 @@ def transformer_flops(config: PretrainedConfig, num_samples: int, num_classes: i
     )
 
 
+# its fairseq checkpoints hold no key of their own: the family of those that hold no other family's
 WAV2VEC2 = register_backbone(Backbone("wav2vec2", Wav2Vec2Config, Wav2Vec2Model, Wav2Vec2ForSequenceClassification,
-                                      transformer_flops))
+                                      transformer_flops, fairseq_default=True))
