@@ -63,6 +63,14 @@ def test_integers_are_accepted_for_floats_but_not_booleans():
         from_dict(SamConfig, {"rho": True})
 
 
+def test_paths_from_python_are_stored_as_text_and_other_objects_refused(tmp_path):
+    cfg = load_config(None, [])
+    rebuilt = from_dict(type(cfg.data), {"train": {"shards": [tmp_path / "a", str(tmp_path / "b")]}})
+    assert rebuilt.train.shards == [str(tmp_path / "a"), str(tmp_path / "b")]
+    with pytest.raises(ConfigError, match=r"data\.train\.shards\[0\]|shards"):
+        from_dict(type(cfg.data), {"train": {"shards": [3]}}, "data")
+
+
 def test_sam_and_dual_path_together_are_refused():
     with pytest.raises(ConfigError, match="dual_path.enabled"):
         load_config(None, ["sam.enabled=true", "dual_path.enabled=true"])

@@ -7,13 +7,17 @@ on two corpora: the demo corpus (``posttrain data demo``: letters and syllables,
 padding fraction is the share of padded samples ``B x longest`` that are zeros.
 
 Throughput (``--only throughput``): audio-seconds per core-second of the full loader (tar reading,
-JSON, crop, bucketing, collation, IPC from workers, state accounting) vs plain decoding (``tarfile`` +
-``soundfile``: the floor any loader pays), over at least an hour of audio by default. Both count the
-source seconds per CPU second of the process and its workers; the loader's CPU includes starting its
+JSON, crop, bucketing, batch fill, hand-over from workers, state accounting) vs plain decoding
+(``tarfile`` + ``soundfile``: the floor any loader pays), on two synthetic corpora (``--corpora``):
+``clips``, ``--files`` clips of ``--seconds`` (300 x 12 s, an hour), and ``short``, ``--short-files``
+short clips with the demo corpus's durations (log-normal, p50 0.6 s, clipped to 0.2-3.5 s; 5000 clips,
+about an hour). Where decoding a clip is cheap, the loader's costs per sample (tar members, JSON,
+row fill, hand-over) weigh most: the short corpus is where they show. Both paths count the source
+seconds per CPU second of the process and its workers; the loader's CPU includes starting its
 workers. The loader decodes only the window of a cropped file, so on a corpus of files longer than
-the crop the ``crop=antideepfake`` rows count seconds it did not decode (the default corpus, 12 s
-clips, is not cropped: both rows decode everything). ``--epochs 2`` also times a second epoch
-(a new epoch restarts no worker when they persist).
+the crop the ``crop=antideepfake`` rows count seconds it did not decode (neither corpus is cropped:
+12 s and 3.5 s are under the 13 s the crop cuts above; the short corpus has only ``crop=none`` rows).
+``--epochs 2`` also times a second epoch (a new epoch restarts no worker when they persist).
 
 Two baselines: plain decoding in one process (``vs 1 plain``), and in as many processes as the loader
 keeps busy (``vs N plain``: its workers, or one without). On a small VM two busy cores decode up to
@@ -23,7 +27,8 @@ also drifts by tens of per cent from minute to minute, so every round times all 
 (in a rotating order) and the table gives each ratio's median and range over the rounds.
 
 ``python -m posttrain.bench data [--only padding|throughput] [--demo DIR] [--shards DIR ...]
-[--files 300] [--seconds 12] [--long-tailed-files 1000] [--workers 0 1 2] [--repeats 3]``
+[--corpora clips short] [--files 300] [--seconds 12] [--short-files 5000] [--long-tailed-files 1000]
+[--workers 0 1 2] [--repeats 5]``
 """
 
 from __future__ import annotations
@@ -118,6 +123,13 @@ def long_tailed_durations(num_files: int, seed: int = 0) -> list[float]:
     return np.clip(rng.lognormal(np.log(3.0), 1.0, num_files), 0.3, 120.0).round(3).tolist()
 
 
+def short_clip_durations(num_files: int, seed: int = 0) -> list[float]:
+    """Durations like the demo corpus's letters and syllables: log-normal, p50 0.6 s, clipped to
+    [0.2, 3.5] s."""
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.lognormal(np.log(0.6), 0.6, num_files), 0.2, 3.5).round(3).tolist()
+
+
 def demo_shards(scratch: Path, demo: str | None) -> str | None:
     """Shards of the demo corpus's train split (``demo``: a ``posttrain data demo`` folder, or built
     here); None when it cannot be built (klettres-data or espeak-ng missing)."""
@@ -136,7 +148,7 @@ def demo_shards(scratch: Path, demo: str | None) -> str | None:
 
 
 def describe(directory: str) -> str:
-    from posttrain.data.stream import ShardSet
+    from posttrain.data.shard_set import ShardSet
 
     seconds = ShardSet.load(directory).durations_seconds(16000)
     p50, p99 = np.percentile(seconds, [50, 99])
@@ -160,8 +172,9 @@ def _spread(values: list[float], unit: str = "%") -> str:
     return f"{middle:>5.0f} [{low:.0f}-{high:.0f}]"
 
 
-def throughput_table(directories: list[str], workers: list[int], repeats: int, epochs: int) -> None:
-    loaders = [(crop, num_workers) for crop in ("none", "antideepfake") for num_workers in workers]
+def throughput_table(directories: list[str], workers: list[int], repeats: int, epochs: int,
+                     crops: tuple[str, ...] = ("none", "antideepfake")) -> None:
+    loaders = [(crop, num_workers) for crop in crops for num_workers in workers]
     parallel = sorted({1} | {max(1, num_workers) for num_workers in workers})
     plain_decode(directories)  # warm the page cache so every path reads from memory
     plain: dict[int, list[tuple[float, float, float]]] = {n: [] for n in parallel}
@@ -199,9 +212,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--only", choices=["padding", "throughput"], help="one table (default: both)")
     parser.add_argument("--demo", metavar="DIR", help="padding: a `posttrain data demo` folder (default: build one)")
     parser.add_argument("--long-tailed-files", type=int, default=1000, help="padding: files of the long-tailed corpus")
-    parser.add_argument("--shards", nargs="+", metavar="DIR", help="throughput: shard sets (default: synthetic)")
-    parser.add_argument("--files", type=int, default=300, help="throughput: synthetic files")
-    parser.add_argument("--seconds", type=float, default=12.0, help="throughput: seconds per synthetic file")
+    parser.add_argument("--shards", nargs="+", metavar="DIR", help="throughput: shard sets (default: --corpora)")
+    parser.add_argument("--corpora", nargs="+", choices=["clips", "short"], default=["clips", "short"],
+                        help="throughput: synthetic corpora (clips: --files x --seconds; short: --short-files)")
+    parser.add_argument("--files", type=int, default=300, help="throughput: files of the clips corpus")
+    parser.add_argument("--seconds", type=float, default=12.0, help="throughput: seconds per file of the clips corpus")
+    parser.add_argument("--short-files", type=int, default=5000, help="throughput: files of the short-clip corpus")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker counts to time")
     parser.add_argument("--repeats", type=int, default=5, help="rounds of every path, back to back")
     parser.add_argument("--epochs", type=int, default=1, help="throughput: loader epochs per run")
@@ -217,7 +233,17 @@ def main(argv: list[str]) -> int:
             for name, directory in corpora.items():
                 print(f"{name}: {describe(directory)}")
             padding_table(corpora)
-        if args.only != "padding":
-            directories = args.shards or [build_set(scratch, "throughput", [args.seconds] * args.files)]
-            throughput_table(directories, args.workers, args.repeats, args.epochs)
+        if args.only != "padding" and args.shards:
+            throughput_table(args.shards, args.workers, args.repeats, args.epochs)
+        elif args.only != "padding":
+            for corpus in args.corpora:
+                if corpus == "clips":
+                    directory = build_set(scratch, "clips", [args.seconds] * args.files)
+                    crops = ("none", "antideepfake")
+                else:  # at 16 kHz mono: the build resamples nothing, the bench starts sooner
+                    directory = build_set(scratch, "short", short_clip_durations(args.short_files), rate_hz=16000,
+                                          channels=1)
+                    crops = ("none",)  # no clip reaches the 13 s the crop cuts above
+                print(f"\n{corpus}: {describe(directory)}")
+                throughput_table([directory], args.workers, args.repeats, args.epochs, crops)
     return 0

@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"selection: {args.out / 'selection.csv'} ({result.kept_rows} rows)")
     if args.shards:
         from posttrain.commands.shards_build import split_options
-        from posttrain.data.shard_build import ShardBuildError, build_shards
+        from posttrain.data.shard_build import build_shards
+        from posttrain.data.shard_plan import ShardBuildError
         from posttrain.data.shards import format_index
 
         try:

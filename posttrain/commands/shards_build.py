@@ -48,7 +48,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes, each building whole shards")
     parser.add_argument("--strict", action="store_true", help="fail on any rejected audio instead of skipping it")
     parser.add_argument("--min-seconds", type=float, default=0.1, help="shorter audio is rejected")
-    from posttrain.data.shard_build import DEFAULT_DURATION_TOLERANCE_S
+    from posttrain.data.shard_plan import DEFAULT_DURATION_TOLERANCE_S
 
     parser.add_argument("--duration-tolerance-s", type=float, default=DEFAULT_DURATION_TOLERANCE_S,
                         help="decoded audio differing from the protocol's Duration by more than this (+0.1 %%) is "
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     task_index = slurm[0] if args.task_index is None else args.task_index
     num_tasks = slurm[1] if args.num_tasks is None else args.num_tasks
     from posttrain.data import build_submit
-    from posttrain.data.shard_build import BuildOptions
+    from posttrain.data.shard_plan import BuildOptions
 
     options = dict(name=args.name, max_samples_per_shard=args.max_samples_per_shard, max_shard_mb=args.max_shard_mb,
                    seed=args.seed, num_workers=args.workers, strict=args.strict, min_seconds=args.min_seconds,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from posttrain.data.mix import DEFAULT_THROUGHPUT, DEFAULT_TOLERANCE_PCT, SPLITS
+    from posttrain.data.mix import SPLITS
+    from posttrain.data.mix_plan import DEFAULT_THROUGHPUT, DEFAULT_TOLERANCE_PCT
 
     parser.add_argument("mix", help="mix definition (shards/*.yaml)")
     parser.add_argument("--root", required=True, help="data root the mix's protocol and audio paths are relative to")
@@ -28,8 +29,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from posttrain.data.files import write_bytes_atomic
-    from posttrain.data.mix import format_plan, load_mix, plan_mix
-    from posttrain.data.shard_build import BuildOptions
+    from posttrain.data.mix import load_mix
+    from posttrain.data.mix_plan import format_plan, plan_mix
+    from posttrain.data.shard_plan import BuildOptions
 
     mix = load_mix(args.mix)
     options = BuildOptions(name=args.name, max_samples_per_shard=args.max_samples_per_shard,

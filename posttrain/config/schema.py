@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 import types
 import typing
@@ -146,6 +147,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         require(isinstance(value, bool), key, f"must be true or false, got {value!r}")
         return value
     if tp is str:
+        if isinstance(value, os.PathLike):  # a path given from Python (the config stores paths as text)
+            return os.fspath(value)
         require(isinstance(value, str), key, f"must be a string, got {value!r}")
         return value
     if tp is Any:

@@ -18,7 +18,9 @@ class Batch:
     ``ids``: sample ids, ``meta``: the per-sample JSON metadata from the shard, ``repeats``: which
     read of its shard within the epoch delivered each sample (0 = the first; a set weight >= 2
     reads a shard more than once; empty = all 0), so per-read randomness (RawBoost) differs between
-    the repeats of one file as the crop does.
+    the repeats of one file as the crop does. ``offsets_samples``: the sample of its source file at
+    which each row's window starts (0 when the file was not cropped; empty = all 0), so a row can be
+    traced back to the stretch of the file it holds.
     A batch with ``B == 0`` is a *join* batch: the rank has run out of data this epoch but must still
     take part in collectives (see ``posttrain.data.stream``).
     """
@@ -29,6 +31,7 @@ class Batch:
     ids: list[str] = field(default_factory=list)
     meta: list[dict[str, Any]] = field(default_factory=list)
     repeats: list[int] = field(default_factory=list)
+    offsets_samples: list[int] = field(default_factory=list)
     # (samples, audio samples) of this batch's slot summed over all ranks, when the loader already
     # agreed on them (``posttrain.data.stream``: one collective per slot carries the join flag and
     # these counts), so the train step needs no collective of its own before the forward
@@ -49,6 +52,7 @@ class Batch:
             ids=self.ids,
             meta=self.meta,
             repeats=self.repeats,
+            offsets_samples=self.offsets_samples,
             global_counts=self.global_counts,
         )
 

@@ -22,17 +22,25 @@ bucket edges lie is the *bucket policy* (``StreamConfig.bucket_policy``):
     bucket is chosen by its duration *before* cropping. AD shuffles the whole dataset and then permutes
     the batches; a stream buckets in read order instead, so the batches' membership follows the same
     rule but not the same draw.
+
+The loader derives its plan once per stream from the indexes (``bucket_plan``, on the lengths the
+crop policy delivers, ``delivered_lengths``) and saves it in its state, so a resumed epoch batches
+with the buckets it started with even where the config would now fit others.
 """
 
 from __future__ import annotations
 
 import bisect
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any, Generic, TypeVar
 
 import numpy as np
+
+from posttrain.config import CropConfig, StreamConfig
+from posttrain.data.shard_set import ShardSet
 
 Item = TypeVar("Item")
 
@@ -132,6 +140,53 @@ def antideepfake_plan(num_buckets: int, max_batch_seconds: float, max_batch_size
     edges = lognormal_edges(num_buckets, max_batch_seconds)
     sizes = [min(max_batch_size, max(1, int(max_batch_seconds / edge))) for edge in edges] + [1]
     return BucketPlan(tuple(edges), tuple(sizes), on_source_length=True)
+
+
+def delivered_lengths(seconds: np.ndarray, crop: CropConfig, spread: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """``(lengths, weights)``: the distribution of what the loader's crop (``read_order.crop_window``)
+    makes of files of these durations. A file kept whole is itself (weight 1); the ``antideepfake``
+    crop's uniform random length is ``spread`` evenly spaced lengths over [min_seconds, max_seconds]
+    sharing the cropped files' weight; the ``fixed`` crop is ``fixed_seconds``."""
+    if crop.policy == "antideepfake":
+        cut = seconds > crop.crop_above_seconds
+        spread_lengths = crop.min_seconds + (crop.max_seconds - crop.min_seconds) * (np.arange(spread) + 0.5) / spread
+        return (np.concatenate([seconds[~cut], spread_lengths]),
+                np.concatenate([np.ones(int((~cut).sum())), np.full(spread, cut.sum() / spread)]))
+    if crop.policy == "fixed":
+        seconds = np.minimum(seconds, crop.fixed_seconds)
+    return seconds, np.ones(seconds.size)
+
+
+def longest_delivered_seconds(cfg: StreamConfig) -> float:
+    """The longest sample the crop policy delivers (``none``: the batch budget, beyond which a sample
+    is a batch of its own)."""
+    crop = cfg.crop
+    return {"antideepfake": max(crop.crop_above_seconds, crop.max_seconds), "fixed": crop.fixed_seconds,
+            "none": cfg.max_batch_seconds}[crop.policy]
+
+
+def uniform_plan(cfg: StreamConfig) -> BucketPlan:
+    """``num_buckets`` equal-width buckets up to the longest delivered sample."""
+    return BucketPlan(tuple(bucket_edges(cfg.num_buckets, longest_delivered_seconds(cfg))))
+
+
+def bucket_plan(cfg: StreamConfig, sets: list[ShardSet], weights: list[float]) -> BucketPlan:
+    """The bucket plan of ``cfg.bucket_policy``. ``fitted`` needs the per-sample durations of every
+    index; an index without them gets uniform edges and a warning."""
+    if cfg.bucket_policy == "antideepfake":
+        return antideepfake_plan(cfg.num_buckets, cfg.max_batch_seconds, cfg.max_batch_size)
+    if cfg.bucket_policy == "fitted":
+        durations = [shard_set.durations_seconds(cfg.sample_rate_hz) for shard_set in sets]
+        if all(d is not None for d in durations) and sum(d.size for d in durations):
+            parts = [delivered_lengths(d, cfg.crop) for d in durations]
+            lengths = np.concatenate([part[0] for part in parts])
+            mix = np.concatenate([part[1] * weight for part, weight in zip(parts, weights)])
+            return BucketPlan(tuple(fitted_edges(lengths, mix, cfg.num_buckets)))
+        old = [shard_set.directory for shard_set, d in zip(sets, durations) if d is None]
+        warnings.warn(f"{', '.join(old)}: index.json lists no per-sample durations (built by an older "
+                      f"posttrain); bucket edges fall back to uniform. Rebuild the shard set for fitted edges "
+                      f"(lower padding) or set bucket_policy: uniform to silence this.", stacklevel=2)
+    return uniform_plan(cfg)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import submitit
 
 if TYPE_CHECKING:
-    from posttrain.data.shard_build import BuildOptions
+    from posttrain.data.shard_plan import BuildOptions
 
 SUBMITIT_DIR = ".submitit"
 DEFAULT_TIMEOUT_MIN = 240
@@ -66,7 +66,8 @@ def _rerun_hint(out: str | Path, num_tasks: int) -> str:
 def build_local(protocols: list[str], root: str | None, out: str | Path, options: BuildOptions, num_tasks: int,
                 *, timeout_min: float = DEFAULT_TIMEOUT_MIN) -> dict[str, Any]:
     """Run the N tasks as local processes (submitit ``LocalExecutor``), wait, merge; returns the index."""
-    from posttrain.data.shard_build import ShardBuildError, merge
+    from posttrain.data.shard_build import merge
+    from posttrain.data.shard_plan import ShardBuildError
 
     out = Path(out)
     executor = submitit.LocalExecutor(folder=out / SUBMITIT_DIR / "%j")

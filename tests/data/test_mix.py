@@ -12,9 +12,10 @@ import yaml
 
 from posttrain.cli import main as cli
 from posttrain.config import ConfigError
-from posttrain.data.mix import MixError, load_mix, mix_rows, plan_mix, write_mix_protocol
+from posttrain.data.mix import MixError, load_mix, mix_rows, write_mix_protocol
+from posttrain.data.mix_plan import plan_mix
 from posttrain.data.protocol import ProtocolRow, read_protocol, write_protocol
-from posttrain.data.shard_build import BuildOptions
+from posttrain.data.shard_plan import BuildOptions
 
 REPO = Path(__file__).resolve().parents[2]
 ANTIDEEPFAKE = REPO / "shards" / "antideepfake.yaml"

@@ -20,7 +20,8 @@ import webdataset as wds
 from conftest import BAD_AUDIO_REASONS
 
 from posttrain.data.protocol import ProtocolRow, read_protocol, write_protocol
-from posttrain.data.shard_build import ShardBuildError, build_shards, merge
+from posttrain.data.shard_build import build_shards, merge
+from posttrain.data.shard_plan import ShardBuildError
 from posttrain.data.shards import iter_shard, load_index, sample_key, verify_shards
 
 

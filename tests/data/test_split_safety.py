@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from posttrain.data.protocol import read_protocol, write_protocol
-from posttrain.data.shard_build import BuildOptions, ShardBuildError, build_shards, build_task, merge
+from posttrain.data.shard_build import build_shards, build_task, merge
+from posttrain.data.shard_plan import BuildOptions, ShardBuildError
 from posttrain.data.shards import ShardFormatError, check_shard_set, load_index, sample_key
 
 PROPORTION_CYCLE = ("train", "valid", "test")

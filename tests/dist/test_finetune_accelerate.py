@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from posttrain.data.shards import load_index
-from posttrain.data.stream import decode_positions
+from posttrain.data.read_order import decode_positions
 from posttrain.dist import free_port
 from posttrain.loading import load_model
 from posttrain.train.checkpoint import read_metadata, read_pointer

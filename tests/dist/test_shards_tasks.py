@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from posttrain.data.protocol import read_protocols
-from posttrain.data.shard_build import BuildOptions, ShardBuildError, build_shards, merge, plan_shards, task_shards
+from posttrain.data.shard_build import build_shards, merge
+from posttrain.data.shard_plan import BuildOptions, ShardBuildError, plan_shards, task_shards
 from posttrain.data.shards import file_sha256, load_index
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
