@@ -18,8 +18,12 @@
 #
 # Output: OUTPUT_DIR, default runs/PRESET/JOB_NAME: the same for every requeue of the job (and for a
 # later job of the same name), so training resumes from its checkpoints/latest (checkpoint.resume=auto).
-# Requeue: SLURM signals the batch shell USR1 some minutes before the time limit; the trap requeues
-# the job, which restarts from the last periodic checkpoint. Preemption with requeue behaves alike.
+# Requeue: SLURM signals the batch shell USR1 some minutes before the time limit (--signal=B:USR1@N:
+# `posttrain plan --preset PRESET` prints the checkpoint size and the N it needs). The trap forwards it
+# to every rank; the ranks agree on it at the end of the step, write one collective checkpoint, record
+# it in OUTPUT_DIR/stopped.json and exit; only then is the job requeued, and it resumes from that step.
+# A preemption announced with USR1 behaves alike (one without warning resumes from the last periodic
+# checkpoint). checkpoint.stop_signal=null turns the checkpoint off (the job is then not requeued).
 # Logs: logs/JOB_NAME-JOBID.out, appended across requeues.
 # Containers (docker/README.md): SRUN_ARGS adds srun flags (pyxis: --container-image=... ), and
 # CONTAINER_EXEC prefixes the per-node command (apptainer: "apptainer exec --nv posttrain.sif").
@@ -159,15 +163,46 @@ submit() {
     exec sbatch "${flags[@]}" "$(realpath "${BASH_SOURCE[0]}")" "$config" "$@"
 }
 
-requeue() {
-    echo "[$(date -Is)] USR1: time limit or preemption ahead, requeueing job $SLURM_JOB_ID" >&2
-    scontrol requeue "$SLURM_JOB_ID"
+stop_signalled=0
+forward_stop() {  # SLURM's warning reaches this shell only: pass it on to every rank of the job step
+    if ((!stop_signalled)); then
+        stop_signalled=1
+        echo "[$(date -Is)] USR1: time limit or preemption ahead; asking the ranks of job $SLURM_JOB_ID" \
+             "for a checkpoint" >&2
+        # again every 30 s until the step ends: a rank still starting up has not installed its handler yet
+        (while true; do scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null; sleep 30; done) &
+        forwarder=$!
+    fi
+}
+
+requeue_if_stopped() {  # OUTPUT_DIR: requeue only once the ranks announced a complete checkpoint
+    local stopped=$1/stopped.json
+    if [[ -f $stopped ]]; then
+        echo "[$(date -Is)] the ranks stopped with a checkpoint ($(tr -d '\n ' < "$stopped")); requeueing job" \
+             "$SLURM_JOB_ID" >&2
+        # a controller too busy to answer once must not lose the requeue (and with it the time limit's work)
+        local try
+        for try in 1 2 3 4 5; do
+            scontrol requeue "$SLURM_JOB_ID" && return 0
+            echo "[$(date -Is)] scontrol requeue failed (try $try of 5); again in 10 s" >&2
+            sleep 10
+        done
+        return 1
+    else
+        echo "[$(date -Is)] USR1 came but the run ended without stopping for it: not requeued" >&2
+    fi
 }
 
 run_job() {
     local hosts
     mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-    export MASTER_ADDR=${hosts[0]}
+    # the first node's address as SLURM reaches it (NodeAddr): its name need not resolve anywhere else
+    # (|| true: under set -e -o pipefail a slurmctld too busy to answer would end the job here, silently)
+    MASTER_ADDR=$(scontrol show node "${hosts[0]}" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' || true)
+    if [[ -z $MASTER_ADDR ]]; then
+        echo "[$(date -Is)] scontrol show node ${hosts[0]} gave no NodeAddr: the rendezvous uses the name" >&2
+    fi
+    export MASTER_ADDR=${MASTER_ADDR:-${hosts[0]}}
     # a port derived from the job id: stable across requeues, distinct between jobs sharing a node
     export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
     export NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
@@ -195,19 +230,30 @@ run_job() {
     local srun_extra=() container=()
     read -r -a srun_extra <<< "${SRUN_ARGS:-}"
     read -r -a container <<< "${CONTAINER_EXEC:-}"
-    trap requeue USR1
+    mkdir -p "$output_dir"
+    rm -f "$output_dir/stopped.json"  # a previous stop was this run's resume point
+    local pid status=0 forwarder=
+    trap forward_stop USR1
     # srun in the background: bash runs a trap only between commands, and `wait` is interruptible.
     # The step gets the job's CPUs explicitly (srun no longer inherits --cpus-per-task from sbatch).
-    # POSTTRAIN_TRAIN_CMD is split on spaces; user overrides come after output_dir, so they win.
+    # torchrun ignores USR1 (the ranks inherit that until they install their handler): its default
+    # would kill the node's ranks. POSTTRAIN_TRAIN_CMD is split on spaces; user overrides come after
+    # output_dir, so they win.
     srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1 --export=ALL "${srun_extra[@]}" \
-        "${container[@]}" bash -c "exec torchrun $TORCHRUN_FLAGS "'$POSTTRAIN_TRAIN_CMD --config "$POSTTRAIN_CONFIG" "$@"' \
+        "${container[@]}" bash -c "trap '' USR1; exec torchrun $TORCHRUN_FLAGS "'$POSTTRAIN_TRAIN_CMD --config "$POSTTRAIN_CONFIG" "$@"' \
         posttrain-node "output_dir=$output_dir" "$@" &
-    local pid=$! status=0
+    pid=$!
     wait "$pid" || status=$?
     while kill -0 "$pid" 2>/dev/null; do  # a trap interrupted `wait`: keep waiting for srun itself
         status=0
         wait "$pid" || status=$?
     done
+    if [[ -n $forwarder ]]; then
+        pkill -P "$forwarder" 2>/dev/null; kill "$forwarder" 2>/dev/null
+    fi
+    if ((stop_signalled && status == 0)); then
+        requeue_if_stopped "$output_dir"
+    fi
     return "$status"
 }
 

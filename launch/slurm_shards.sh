@@ -38,7 +38,8 @@ mkdir -p "$OUT_DIR/slurm"
 SBATCH_COMMON=(--cpus-per-task="${SHARDS_CPUS:-16}" --time="${SHARDS_TIME:-04:00:00}" --requeue)
 [[ -n "${SHARDS_PARTITION:-}" ]] && SBATCH_COMMON+=(--partition="$SHARDS_PARTITION")
 [[ -n "${SHARDS_ACCOUNT:-}" ]] && SBATCH_COMMON+=(--account="$SHARDS_ACCOUNT")
-ACTIVATE=${POSTTRAIN_VENV:+source "$POSTTRAIN_VENV/bin/activate" &&}
+# --wrap scripts run under /bin/sh, which has `.` but not `source`
+ACTIVATE=${POSTTRAIN_VENV:+. "$POSTTRAIN_VENV/bin/activate" &&}
 
 # printf %q keeps every user argument (paths with spaces, globs already expanded) intact in --wrap.
 BUILD_ARGS=$(printf ' %q' "$@")

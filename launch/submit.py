@@ -4,17 +4,27 @@
     python launch/submit.py demo --local --gpus-per-node 2 train.device=cpu
 
 submitit starts one task per GPU (no torchrun); each task exports the torch.distributed variables
-from the SLURM (or local) job environment and runs ``posttrain.train.trainer.train``. Near the time
-limit (or on preemption) submitit calls ``checkpoint()`` on global rank 0 inside a signal handler:
-it only asks for a requeue. Collective DeepSpeed checkpoints are written periodically by the training
-loop; the requeued job resumes from ``<output_dir>/checkpoints/latest`` (``checkpoint.resume=auto``),
-so the output directory must stay the same: it is fixed here, at submission.
+from the SLURM (or local) job environment, with the first node's address as SLURM reaches it
+(``NodeAddr``: its name need not resolve), and runs ``posttrain.train.trainer.train``.
+
+Near the time limit (or on a preemption announced with it) SLURM signals every task with submitit's
+signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise; ``--signal-delay-s`` ahead). submitit's
+own handler would call ``checkpoint()`` on global rank 0 alone, inside the handler, where a collective
+save would hang. So for the run the trainer's handler takes the signal on every rank (it is the run's
+``checkpoint.stop_signal``): the ranks agree on it at the end of the step, write one collective
+checkpoint and stop; only then does rank 0 hand over to submitit's handler, which calls
+``checkpoint()`` (a resubmission of the same callable) and requeues. The requeued job resumes from
+``<output_dir>/checkpoints/latest`` (``checkpoint.resume=auto``), so the output directory must stay the
+same: it is fixed here, at submission.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,18 +59,46 @@ class PosttrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> Any:
         # Keep every GPU visible: the default (one GPU per task) leaves LOCAL_RANK > 0 pointing at a
         # device the task cannot see, which breaks torch.cuda.set_device(LOCAL_RANK).
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        environment = submitit.helpers.TorchDistributedEnvironment()
+        environment.export(set_cuda_visible_devices=False, overwrite=True)
+        os.environ["MASTER_ADDR"] = node_address(environment.master_addr)
         return self.train()
 
     def train(self) -> Any:
+        from posttrain import console
         from posttrain.config import load_config
         from posttrain.train.trainer import train
 
-        return train(load_config(self.config_path, self.overrides))
+        console.configure()  # the job's log says what `posttrain train` says: its resume point, its checkpoints
+        cfg = load_config(self.config_path, self.overrides)
+        result = train(cfg)
+        if result.stopped is not None and os.environ.get("RANK") == "0":
+            # the collective checkpoint is written: submitit's handler (back in place) requeues and exits
+            stop_signal = signal.Signals[result.stopped.signal]
+            signal.getsignal(stop_signal)(stop_signal, None)
+        return result
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         # Runs on rank 0 only, inside a signal handler: a collective save here would hang. Requeue only.
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def node_address(node: str) -> str:
+    """The address SLURM reaches ``node`` at (its ``NodeAddr``); the name itself outside a SLURM job or
+    when scontrol does not know it."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return node
+    try:
+        shown = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return node
+    match = re.search(r"NodeAddr=(\S+)", shown.stdout)
+    return match.group(1) if shown.returncode == 0 and match else node
+
+
+def stop_signal_override() -> str:
+    """The run's stop signal is the one submitit asks SLURM to send (its ``--signal``)."""
+    return f"checkpoint.stop_signal=SIG{submitit.JobEnvironment.USR_SIG}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,7 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logs", default="logs/submitit",
                         help="submitit's folder (pickles, logs; default: %(default)s)")
     parser.add_argument("--local", action="store_true", help="run on this machine (submitit LocalExecutor)")
-    return parser.parse_args(argv)
+    # overrides may come before, between or after the options (the usage above puts them last)
+    return parser.parse_intermixed_args(argv)
 
 
 def make_executor(args: argparse.Namespace, job_name: str) -> submitit.AutoExecutor:
@@ -126,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     job_name = args.job_name or f"posttrain-{config.stem}"
     output_dir = args.output_dir or str(Path("runs") / config.stem / job_name)
     # submission-time overrides first, so the user's own output_dir=... still wins
-    job = PosttrainJob(str(config), [f"output_dir={Path(output_dir).resolve()}", *args.overrides])
+    job = PosttrainJob(str(config), [f"output_dir={Path(output_dir).resolve()}", stop_signal_override(),
+                                     *args.overrides])
     problem = check_before_submit(job)
     if problem:
         print(f"launch/submit.py: error: {problem}", file=sys.stderr)

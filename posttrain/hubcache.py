@@ -71,3 +71,27 @@ def locate_pretrained(source: str) -> Path:
         raise FileNotFoundError(f"model.pretrained: {source!r} is not in the Hugging Face cache "
                                 f"({constants.HF_HUB_CACHE}) that an offline job reads; {hf_download_hint(source)}")
     return Path(found["config.json"]).parent
+
+
+def pretrained_folder(source: str) -> Path:
+    """The local folder ``model.pretrained`` is read from when its weights are loaded file by file (a
+    ZeRO-3 build in partitions): a local folder, or the repo's snapshot in the Hugging Face cache with the
+    weights ``from_pretrained`` would fetch (safetensors where the repo has them; every shard of an index).
+    ``OSError`` when it cannot be had (offline and not cached, no such repo)."""
+    import json
+
+    from transformers.utils import cached_file
+
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return local
+    cached_file(source, "config.json")
+    for name in PRETRAINED_WEIGHT_FILES:
+        found = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+        if found is None:
+            continue
+        if name.endswith(".index.json"):
+            for shard in sorted(set(json.loads(Path(found).read_text(encoding="utf-8"))["weight_map"].values())):
+                cached_file(source, shard)
+        return Path(found).parent
+    raise OSError(f"{source}: no weights ({', '.join(PRETRAINED_WEIGHT_FILES)})")

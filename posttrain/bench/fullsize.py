@@ -223,7 +223,7 @@ def measure_activations(preset: str, clip_seconds: list[float], threads: int) ->
             model.zero_grad(set_to_none=False)  # gradients allocated before the baseline
             base = rss_bytes()
             reset_peak_rss()
-            loss = torch.nn.functional.cross_entropy(model(batch.waveforms, batch.lengths).float(), batch.labels)
+            loss = model.sample_losses(model(batch.waveforms, batch.lengths), batch.labels).mean()
             loss.backward()
             rows.append({"checkpointing": checkpointing, "clip_seconds": seconds,
                          "peak_above_base_bytes": peak_rss_bytes() - base})

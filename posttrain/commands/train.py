@@ -34,4 +34,7 @@ def run(args: argparse.Namespace) -> int:
     best = "n/a" if progress.best_valid_eer is None else f"{100 * progress.best_valid_eer:.2f} %"
     print(f"trained {progress.step} steps ({progress.samples} samples, {progress.skipped_steps} skipped), "
           f"epoch {progress.epoch}; best validation EER {best}; last checkpoint {result.last_checkpoint}")
+    if result.stopped is not None:
+        print(f"stopped early on {result.stopped.signal} (received after step {result.stopped.received_after_step}); "
+              f"the same command resumes from {result.last_checkpoint} (checkpoint.resume=auto)")
     return 0

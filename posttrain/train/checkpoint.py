@@ -31,6 +31,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -143,8 +144,10 @@ def load_rng(tag_dir: Path, rank: int) -> bool:
 
 
 def save_checkpoint(engine: "DeepSpeedEngine", root: Path, tag: str, metadata: dict[str, Any],
-                    config_yaml: str, keep_last: int, *, best: bool = False) -> Path:
-    """Collective: every rank calls it. Returns the tag folder."""
+                    config_yaml: str, keep_last: int, *, best: bool = False, companions: list[Any] = ()) -> Path:
+    """Collective: every rank calls it. Returns the tag folder. ``companions``: what a step mode keeps
+    beside the engine (``StepContext.companions``), each written by its ``save(tag_dir)`` (collective)
+    before the checkpoint is marked complete."""
     assert_not_perturbed(engine, "write a checkpoint")  # never between a perturbing step's two passes
     root = Path(root)
     tag_dir = root / tag
@@ -155,7 +158,9 @@ def save_checkpoint(engine: "DeepSpeedEngine", root: Path, tag: str, metadata: d
     tmp = rng_file.with_name(rng_file.name + ".tmp")
     torch.save(rng_state(), tmp)
     os.replace(tmp, rng_file)
-    barrier()  # every rank has finished its DeepSpeed files and RNG state
+    for companion in companions:
+        companion.save(tag_dir)
+    barrier()  # every rank has finished its DeepSpeed files, RNG state and the step mode's files
     if rank == 0:
         write_text_atomic(tag_dir / "config.yaml", config_yaml)
         record = {"format": METADATA_FORMAT, "version": METADATA_VERSION, "tag": tag, **metadata}
@@ -250,20 +255,44 @@ def consolidate_fp32(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     ``posttrain.json`` metadata, from a tag folder or a checkpoints root (its ``latest``).
 
     DeepSpeed's files are pickles: use this on checkpoints you trust (your own training runs)."""
+    tag_dir = resolve_checkpoint(path)
+    metadata = read_metadata(tag_dir)
+    state = _zero_to_fp32(tag_dir, lazy=False)
+    return {key: value.float().contiguous() for key, value in state.items()}, metadata
+
+
+def open_checkpoint(path: str | Path) -> tuple[dict[str, Any], Callable[[], dict[str, Callable[[], torch.Tensor]]]]:
+    """``consolidate_fp32`` without consolidating: ``(metadata, open_readers)``, ``open_readers()`` a
+    reader of each fp32 tensor (DeepSpeed's lazy consolidation: the optimiser files are mapped, each
+    tensor assembled from its partitions when read), for ``posttrain.models.partitioned.load_into_partitions``.
+    Only for checkpoints you trust, as ``consolidate_fp32``."""
+    tag_dir = resolve_checkpoint(path)
+    metadata = read_metadata(tag_dir)
+
+    def open_readers() -> dict[str, Callable[[], torch.Tensor]]:
+        state = _zero_to_fp32(tag_dir, lazy=True)
+        return {key: functools.partial(_assembled, value) for key, value in state.items()}
+
+    return metadata, open_readers
+
+
+def _assembled(value: Any) -> torch.Tensor:
+    return value.contiguous().float()  # a lazy GatheredTensor, or a plain tensor (buffers)
+
+
+def _zero_to_fp32(tag_dir: Path, *, lazy: bool) -> dict[str, Any]:
+    """DeepSpeed's fp32 consolidation of ``tag_dir``, its reports kept off stdout: zero_to_fp32 prints a
+    progress report on every load ("Processing zero checkpoint ...") and a "Loading checkpoint shards" bar,
+    which would mix with the results of eval/score/publish (and stay off the console unless --verbose)."""
     from unittest import mock
 
     from deepspeed.utils import zero_to_fp32
     from tqdm import tqdm
 
-    tag_dir = resolve_checkpoint(path)
-    metadata = read_metadata(tag_dir)
-    # zero_to_fp32 prints a progress report on every load ("Processing zero checkpoint ...") and a
-    # "Loading checkpoint shards" bar: kept off stdout, where they would mix with the results of
-    # eval/score/publish, and off the console unless --verbose
     bar = functools.partial(tqdm, disable=console.current() != console.VERBOSE)
     with contextlib.redirect_stdout(io.StringIO()), mock.patch.object(zero_to_fp32, "tqdm", bar):
-        state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    return {key: value.float().contiguous() for key, value in state.items()}, metadata
+        return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                                     lazy_mode=lazy)
 
 
 def model_config_from_metadata(metadata: dict[str, Any]) -> ModelConfig:

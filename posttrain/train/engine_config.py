@@ -63,6 +63,11 @@ def deepspeed_config(cfg: PosttrainConfig, *, load_universal: bool = False,
     return checked_deepspeed_config(merge_dicts(config, train.deepspeed_overrides), cfg, "train.deepspeed_overrides")
 
 
+def builds_in_partitions(cfg: PosttrainConfig) -> bool:
+    """Whether the run's model is built straight into ZeRO-3 partitions (``train.partitioned_init``)."""
+    return cfg.train.zero_stage == 3 and cfg.train.partitioned_init
+
+
 def check_precision_supported(precision: str, device: torch.device) -> None:
     """A precision the DeepSpeed accelerator of this machine refuses is one line naming the key, not
     DeepSpeed's traceback from inside ``initialize`` (its CPU accelerator reports fp16 only where oneDNN

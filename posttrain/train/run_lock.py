@@ -153,3 +153,22 @@ def _reclaim(path: Path, holder: LockHolder, reason: str) -> None:
     finally:
         os.close(descriptor)
         takeover.unlink()
+
+
+def acquire_run_lock(output_dir: Path, rank: int) -> RunLock | None:
+    """Rank 0 takes the output folder's run lock; every rank raises ``RunLockError`` if it could not."""
+    import torch.distributed as torch_dist
+
+    lock, refusal = None, None
+    if rank == 0:
+        try:
+            lock = RunLock.acquire(output_dir)
+        except RunLockError as error:
+            refusal = str(error)
+    if torch_dist.get_world_size() > 1:
+        box = [refusal]
+        torch_dist.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal is not None:
+        raise RunLockError(refusal)
+    return lock

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from posttrain.config import load_config
 from posttrain.data.batch import normalize_waveforms
-from posttrain.data.stream import ShardSet
+from posttrain.data.shard_set import ShardSet
 from posttrain.dist import free_port
 from posttrain.models.detector import build_detector
 from posttrain.train.checkpoint import consolidate_fp32, load_detector_from_checkpoint, read_metadata, read_pointer
@@ -51,6 +52,8 @@ def probe_step(engine, micro_batches, ctx):
     step, rank = ctx.step + 1, dist.get_rank()
     if PROBE.get("crash_at") == step:
         raise InjectedCrash(f"injected crash at step {step}")
+    if rank in PROBE.get("signal_at", {}).get(step, ()):  # as the batch shell's forwarded warning would
+        os.kill(os.getpid(), signal.SIGUSR1)
     injected = None
     if rank in PROBE.get("nan_loss_at", {}).get(step, ()):
         batch = next((b for b in micro_batches if not b.is_empty), None)
@@ -103,6 +106,27 @@ def _run(name, cfg, probe_dir, **probe):
     return train(cfg)
 
 
+def _signal_inside_save(rank_to_signal, at_step):
+    """Wrap the checkpoint writer so ``rank_to_signal`` gets SIGUSR1 after DeepSpeed's files and before
+    the metadata and the ``latest`` pointer: a warning that lands in the middle of a write."""
+    from posttrain.train import checkpoint as ckpt
+
+    save, rng_state = ckpt.save_checkpoint, ckpt.rng_state
+    armed = []
+
+    def armed_save(engine, root, tag, metadata, *args, **kwargs):
+        armed[:] = [dist.get_rank() == rank_to_signal and metadata["progress"]["step"] == at_step]
+        return save(engine, root, tag, metadata, *args, **kwargs)
+
+    def signalling_rng_state():
+        if armed == [True]:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return rng_state()
+
+    ckpt.save_checkpoint, ckpt.rng_state = armed_save, signalling_rng_state
+    return lambda: (setattr(ckpt, "save_checkpoint", save), setattr(ckpt, "rng_state", rng_state))
+
+
 def _result(probe_dir, name, **values):
     if dist.get_rank() == 0:
         (Path(probe_dir) / f"result-{name}.json").write_text(json.dumps(values))
@@ -128,12 +152,31 @@ def _zero2_program(shards, work):
     except InjectedCrash:
         pass
     _run("C2", _cfg(shards, work / "C"), work)
+    _signal_program_part(shards, work, total_steps=a.progress.step)
     try:
         _run("D", _cfg(shards, work / "D", "train.max_consecutive_skips=3", "train.max_epochs=3"), work,
              nan_loss_at={2: [0], 5: [0, 1], 6: [0, 1]}, nan_grad_at={4: [1]})
         _result(work, "D", error=None)
     except NonFiniteTrainingError as error:
         _result(work, "D", error=str(error))
+
+
+def _signal_program_part(shards, work, total_steps):
+    """S: SIGUSR1 on rank 0 in the middle of the step-2 periodic checkpoint (S1 stops after step 3), then
+    on rank 1 during step ``total_steps - 2`` of the resumed run (S2), then S3 runs to A's end."""
+    stops = []
+    restore = _signal_inside_save(rank_to_signal=0, at_step=2)
+    try:
+        s1 = _run("S1", _cfg(shards, work / "S", "checkpoint.every_steps=2"), work)
+    finally:
+        restore()
+    stops.append(s1.stopped and vars(s1.stopped))
+    s2 = _run("S2", _cfg(shards, work / "S"), work, signal_at={total_steps - 2: [1]})
+    stops.append(s2.stopped and vars(s2.stopped))
+    s3 = _run("S3", _cfg(shards, work / "S"), work)
+    stops.append(s3.stopped)
+    _result(work, "S", stops=stops, stopped_file_after=(work / "S" / "stopped.json").exists(),
+            steps=[s1.progress.step, s2.progress.step, s3.progress.step])
 
 
 def _zero3_program(shards, work):
@@ -289,6 +332,33 @@ def test_mid_epoch_resume_gives_identical_batches_and_weights(zero2):
     c, metadata = _weights(zero2 / "C" / "checkpoints")
     assert metadata["progress"]["epoch"] == 2 and metadata["progress"]["step"] == max(s for _, s in a_steps)
     assert _max_diff(a, c) <= 1e-6
+
+
+def test_a_stop_signal_checkpoints_at_the_step_end_and_the_resumed_runs_end_identical(zero2):
+    """SIGUSR1 to one rank, once in the middle of a checkpoint write and once mid-step: every rank stops
+    after the same step with one collective checkpoint, ``stopped.json`` names it, and the two resumed
+    runs train every step exactly once on the samples A's step did, ending with A's weights."""
+    total = json.loads((zero2 / "result-A.json").read_text())["steps"]
+    result = json.loads((zero2 / "result-S.json").read_text())
+    first, second, third = result["stops"]
+    assert first == {"signal": "SIGUSR1", "received_after_step": 2, "stopped_after_step": 3,
+                     "checkpoint": "step-00000003"}
+    assert second == {"signal": "SIGUSR1", "received_after_step": total - 3, "stopped_after_step": total - 2,
+                      "checkpoint": f"step-{total - 2:08d}"}
+    assert third is None and not result["stopped_file_after"]
+    assert result["steps"] == [3, total - 2, total]
+    # the step-2 checkpoint the signal interrupted is complete and was kept; nothing half-written anywhere
+    root = zero2 / "S" / "checkpoints"
+    assert read_metadata(root / "step-00000002")["progress"]["step"] == 2
+    assert read_pointer(root) == f"step-{total:08d}"
+    runs = [{(r["rank"], r["step"]): r["ids"] for r in _steps(zero2, name)} for name in ("S1", "S2", "S3")]
+    assert [sorted({step for _, step in run}) for run in runs] == [
+        [1, 2, 3], list(range(4, total - 1)), list(range(total - 1, total + 1))]
+    merged = {key: ids for run in runs for key, ids in run.items()}
+    assert merged == {(r["rank"], r["step"]): r["ids"] for r in _steps(zero2, "A")}
+    a, _ = _weights(zero2 / "A" / "checkpoints")
+    s, _ = _weights(root)
+    assert _max_diff(a, s) == 0.0
 
 
 def test_non_finite_steps_are_skipped_on_every_rank_and_stop_training(zero2):

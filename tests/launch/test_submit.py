@@ -81,6 +81,29 @@ def test_checkpoint_only_resubmits_the_same_callable():
     assert (requeued.config_path, requeued.overrides) == (job.config_path, job.overrides)
 
 
+def test_the_documented_usage_lines_parse_with_overrides_anywhere():
+    """The module doc's own usage lines (overrides after the options), and overrides in between."""
+    usage = [line.split("submit.py", 1)[1].split() for line in submit.__doc__.splitlines()
+             if line.strip().startswith("python launch/submit.py")]
+    assert len(usage) == 2
+    first = submit.parse_args(usage[0])
+    assert (first.preset, first.nodes, first.gpus_per_node, first.partition) == ("xlsr_2b", 4, 8, "gpu")
+    assert first.overrides == ["[key=value", "...]"]  # the placeholder, parsed as overrides like any others
+    second = submit.parse_args(usage[1])
+    assert (second.preset, second.local, second.gpus_per_node, second.overrides) == ("demo", True, 2,
+                                                                                       ["train.device=cpu"])
+    mixed = submit.parse_args(["demo", "optim.lr=1e-5", "--nodes", "2", "train.max_steps=9", "--local"])
+    assert (mixed.nodes, mixed.local, mixed.overrides) == (2, True, ["optim.lr=1e-5", "train.max_steps=9"])
+
+
+def test_the_stop_signal_is_the_one_submitit_asks_slurm_for():
+    from posttrain.config import load_config
+
+    override = submit.stop_signal_override()
+    assert override == f"checkpoint.stop_signal=SIG{submitit.JobEnvironment.USR_SIG}"
+    assert load_config(None, [override]).checkpoint.stop_signal == "SIGUSR2"
+
+
 def test_slurm_executor_parameters(tmp_path, monkeypatch):
     # SlurmExecutor only checks that srun exists; nothing is submitted
     srun = tmp_path / "bin" / "srun"
