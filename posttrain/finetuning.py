@@ -5,7 +5,8 @@ checkpoints, MLflow, validation) with three differences:
 
 - the weights start from ``finetune.init_from``, any ``posttrain.loading.load_model`` spec (a posttrain checkpoint, a
   transformers export, a converted AntiDeepfake release, a hub id), rebuilt with this run's training
-  settings (no LayerDrop, dropout, SpecAugment, activation checkpointing);
+  settings (no LayerDrop, dropout, SpecAugment, activation checkpointing); under ZeRO-3 the model is built
+  in its partitions and the weights are read into them one module at a time (``train.partitioned_init``);
 - the DeepSpeed engine comes from ``accelerator.prepare(model, optimizer, scheduler)``: accelerate's
   config (its ``deepspeed_config_file`` or ``zero_stage``/offload flags) decides the ZeRO stage and
   offload, posttrain's config what the step logic depends on (micro-batch 1, accumulation steps,
@@ -42,18 +43,20 @@ from posttrain.errors import UserError
 from posttrain.train.checkpoint import BEST, CheckpointError, checkpoint_root, read_pointer
 from posttrain.dist import choose_device, start_process_group
 from posttrain.train.trainer import Trainer, TrainResult
-from posttrain.train.engine_config import checked_deepspeed_config, deepspeed_config, merge_dicts
+from posttrain.train.engine_config import (builds_in_partitions, checked_deepspeed_config, deepspeed_config,
+                                        merge_dicts)
 from posttrain.train.tracking import Tracker
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from posttrain.eval.inference import SampleOutput
+    from posttrain.models.score_definitions import ScoreDefinition
     from posttrain.models.detector import Detector
 
 log = logging.getLogger(__name__)
 
-# (spec, device, *, preset) -> (Detector in eval mode, identity): ``posttrain.loading.load_model``
+# (spec, device, *, preset, build) -> (Detector in eval mode, identity): ``posttrain.loading.load_model``
 ModelLoader = Callable[..., tuple["Detector", dict[str, Any]]]
 # ``posttrain.data.df2024`` names segment k of file F cut at N seconds "<F>-<N>s-<k>"
 SEGMENT_ID = re.compile(r"^(?P<file_id>.+)-(?P<seconds>\d+)s-(?P<index>\d+)$")
@@ -150,20 +153,44 @@ def make_accelerator(cfg: FinetuneConfig) -> "Accelerator":
                        deepspeed_plugin=plugin)
 
 
-def initial_detector(cfg: FinetuneConfig, metadata: dict[str, Any] | None,
-                     load_model: "ModelLoader") -> tuple["Detector", FinetuneConfig]:
+# the model settings a loaded model decides, whatever the fine-tune config says (its head is its weights')
+HEAD_KEYS = ("head", "oc_margin_real", "oc_margin_fake", "oc_scale")
+
+
+def model_resolved(cfg: FinetuneConfig, preset: str | None, head: dict[str, Any]) -> FinetuneConfig:
+    """``cfg`` with the loaded model's preset (when it names one) and head settings."""
+    overrides = {"model.preset": preset or cfg.model.preset}
+    overrides.update({f"model.{key}": value for key, value in head.items() if key in HEAD_KEYS})
+    return resolved(cfg, overrides)
+
+
+def initial_detector(cfg: FinetuneConfig, metadata: dict[str, Any] | None, load_model: "ModelLoader",
+                     zero3: dict[str, Any] | None = None) -> tuple["Detector", FinetuneConfig]:
     """The detector to train and ``cfg`` resolved for it: from a resumed checkpoint's architecture (its
     weights come with the DeepSpeed state), else from ``finetune.init_from`` (read by ``load_model``),
     rebuilt under ``cfg.model``'s training settings. The model's identity wins over the config: its
-    preset (when it names one) and its waveform normalisation (a model is trained as it was before)."""
+    preset (when it names one) and its waveform normalisation (a model is trained as it was before).
+
+    ``zero3`` (the DeepSpeed config of a ZeRO-3 run): built in its partitions, the ``init_from`` weights
+    read into them module by module (never a full state dict per rank)."""
     from posttrain.models.detector import build_detector
 
-    training = {"layerdrop_conflicts": layerdrop_conflicts(cfg), "layerdrop_seed": cfg.train.seed}
+    training = {"layerdrop_conflicts": layerdrop_conflicts(cfg), "layerdrop_seed": cfg.train.seed, "zero3": zero3}
     if metadata is not None:
-        cfg = resolved(cfg, {"model.preset": metadata.get("preset") or cfg.model.preset})
+        saved_model = (metadata.get("config") or {}).get("model") or {}
+        cfg = model_resolved(cfg, metadata.get("preset"), {key: saved_model[key] for key in HEAD_KEYS if key in saved_model})
         return build_detector(cfg.model, ssl_config=metadata["ssl_config"], **training), cfg
+    if zero3 is not None:
+        built: dict[str, FinetuneConfig] = {}
+
+        def build(ssl_config: dict[str, Any], identity: dict[str, Any]) -> "Detector":
+            built["cfg"] = model_resolved(cfg, identity.get("preset"), identity.get("head") or {})
+            return build_detector(built["cfg"].model, ssl_config=ssl_config, **training)
+
+        detector, _ = load_model(cfg.finetune.init_from, preset=cfg.finetune.init_preset, build=build)
+        return detector.train(), built["cfg"]
     loaded, identity = load_model(cfg.finetune.init_from, preset=cfg.finetune.init_preset)
-    cfg = resolved(cfg, {"model.preset": identity.get("preset") or cfg.model.preset})
+    cfg = model_resolved(cfg, identity.get("preset"), loaded.head_settings)
     detector = build_detector(cfg.model, ssl_config=loaded.ssl_config.to_dict(), **training)
     detector.load_state_dict(loaded.state_dict(), strict=True)
     return detector.train(), cfg
@@ -184,13 +211,16 @@ class FinetuneTrainer(Trainer):
         super().__init__(cfg, device=accelerator.device)
 
     def _build_model(self, metadata: dict[str, Any] | None) -> tuple[torch.nn.Module, FinetuneConfig]:
-        return initial_detector(self.cfg, metadata, self.load_model)
+        plugin_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        zero3 = plugin_deepspeed_config(plugin_config, self.cfg) if builds_in_partitions(self.cfg) else None
+        return initial_detector(self.cfg, metadata, self.load_model, zero3=zero3)
 
     def _build_engine(self, load_universal: bool) -> Any:
         plugin_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
         merged = plugin_deepspeed_config(plugin_config, self.cfg, load_universal=load_universal)
         plugin_config.clear()  # in place: accelerate's plugin keeps this very dict
         plugin_config.update(merged)
+        self.engine_config = merged
         # the scheduler is not one DeepSpeed knows, so its engine never steps it: finish_step does
         engine, _, _ = self.accelerator.prepare(self.model, self.optimizer, self.scheduler)
         return engine
@@ -228,14 +258,14 @@ def file_of(segment_id: str, mapping: dict[str, tuple[str, int]] | None) -> tupl
     return match["file_id"], int(match["index"])
 
 
-def segment_records(outputs: list["SampleOutput"]) -> list[dict[str, Any]]:
+def segment_records(outputs: list["SampleOutput"], definition: "ScoreDefinition") -> list[dict[str, Any]]:
     from posttrain.eval.scoring import score_record
 
-    return [score_record(out.id, out.logits, out.meta) for out in outputs]
+    return [score_record(out.id, out.logits, out.meta, definition) for out in outputs]
 
 
 def file_records(outputs: list["SampleOutput"], mapping: dict[str, tuple[str, int]] | None,
-                 rule: str) -> list[dict[str, Any]]:
+                 rule: str, definition: "ScoreDefinition") -> list[dict[str, Any]]:
     """One record per source file: its segments' logits aggregated (``scoring.aggregate``, weights =
     segment lengths, segments in index order). A file whose segments disagree on the label raises."""
     from posttrain.eval.scoring import aggregate, score_record
@@ -253,7 +283,7 @@ def file_records(outputs: list["SampleOutput"], mapping: dict[str, tuple[str, in
         first = parts[0][1].meta
         logits, _ = aggregate(np.array([out.num_samples for _, out in parts]),
                               np.stack([out.logits for _, out in parts]), None, rule)
-        records.append(score_record(file_id, logits, first))  # every segment carries the file's label
+        records.append(score_record(file_id, logits, first, definition))  # every segment carries the file's label
     return records
 
 
@@ -275,7 +305,7 @@ def evaluate_test_sets(cfg: FinetuneConfig, checkpoint: Path, device: torch.devi
     from posttrain.eval.inference import ShardSource, run_inference
     from posttrain.eval.scoring import InferenceConfig
     from posttrain.eval.report import SCORE_TYPES, write_report
-    from posttrain.eval.scoring import SCORE_TYPE, WindowConfig
+    from posttrain.eval.scoring import WindowConfig
 
     section = cfg.finetune
     window = section.eval_window_seconds
@@ -283,7 +313,8 @@ def evaluate_test_sets(cfg: FinetuneConfig, checkpoint: Path, device: torch.devi
                                 batch_seconds=section.eval_batch_seconds,
                                 precision="bf16" if cfg.train.precision == "bf16" else "fp32", progress=False)
     model, identity = load_model(checkpoint, device)
-    definition = SCORE_TYPES[SCORE_TYPE]
+    scoring = model.score_definition  # the head's: logit_diff, or the one-class head's cosine
+    definition = SCORE_TYPES[scoring.name]
     outcomes = []
     for test in section.test_sets:
         source = ShardSource(test.shards)
@@ -298,8 +329,8 @@ def evaluate_test_sets(cfg: FinetuneConfig, checkpoint: Path, device: torch.devi
         skipped = [item.to_dict() for item in result.skipped]
         out_dir = Path(cfg.output_dir) / "eval" / test.name
         reports, eers = {}, {}
-        per_file = file_records(result.outputs, mapping, section.file_aggregation)
-        for level, records in (("segments", segment_records(result.outputs)), ("files", per_file)):
+        per_file = file_records(result.outputs, mapping, section.file_aggregation, scoring)
+        for level, records in (("segments", segment_records(result.outputs, scoring)), ("files", per_file)):
             level_data = data if level == "segments" else {**data, "file_aggregation": section.file_aggregation}
             report = write_report(out_dir / level, records, score_definition=definition, model_identity=identity,
                                   data_identity=level_data, skipped=skipped, scoring=inference.summary())

@@ -30,16 +30,17 @@ def run(args: argparse.Namespace) -> int:
     load_index(args.shards)
     locate_model(args.model)
     from posttrain.dist import process_group
+    from posttrain.eval.inference import ShardSource
     from posttrain.loading import load_model
-    from posttrain.select.embed import embed_shards
+    from posttrain.select.embed import embed_source
 
     with process_group() as info:
         try:
             cfg = config_from_args(args)
             device = device_from_args(args, info)
             model, identity = load_model(args.model, device)
-            manifest = embed_shards(model, args.shards, args.out, cfg, model_identity=identity, device=device,
-                                    dtype=args.dtype, info=info)
+            manifest = embed_source(model, ShardSource(args.shards), args.out, cfg, model_identity=identity,
+                                    device=device, dtype=args.dtype, info=info)
         except (ValueError, FileNotFoundError) as error:  # shard, model or option errors
             print(f"posttrain embed: error: {error}", file=sys.stderr)
             return 2

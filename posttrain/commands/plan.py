@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+# --grpo / the config's grpo variant -> frozen models GRPO keeps beside the policy
+FROZEN_MODELS = {"off": 0, "grpo2": 1, "grpo3": 2}
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from posttrain.train.plan import DEFAULT_GPU, GPUS, PlanRequest
@@ -40,6 +43,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sam-variant", choices=["sam", "looksam", "esam"], default=None,
                         help=f"SAM every step, LookSAM or ESAM (default: the config's, else "
                              f"{defaults.sam_variant})")
+    parser.add_argument("--grpo", choices=["off", "grpo2", "grpo3"], default=None,
+                        help="count GRPO's frozen models: grpo2 (GRPO_s) the reference, grpo3 (GRPO) reference and "
+                             "old policy (default: the config's grpo section, else off)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help=f"activation checkpointing (default: the config's, else "
                              f"{defaults.gradient_checkpointing})")
@@ -55,6 +61,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=float, default=1.0, help="epochs over --audio-hours")
     parser.add_argument("--reserve-gib", type=float, default=defaults.reserve_gib,
                         help="CUDA context, NCCL and allocator fragmentation")
+    parser.add_argument("--checkpoint-write-gbps", type=float, default=defaults.checkpoint_write_gbps,
+                        help="GB/s one node writes to the shared file system (default %(default)s, an assumption)")
+    parser.add_argument("--checkpoint-seconds", type=float, default=defaults.checkpoint_seconds,
+                        help="a measured checkpoint write time (a run's checkpoint/write_seconds metric) instead of "
+                             "the estimate: the signal lead time follows it")
 
 
 def gpu_count(args: argparse.Namespace) -> int:
@@ -84,14 +95,20 @@ def request_from(args: argparse.Namespace):
                     "gpu_memory_gib": gpu.memory_gib if args.gpu_memory_gib is None else args.gpu_memory_gib,
                     "peak_tflops": gpu.peak_bf16_tflops if args.peak_tflops is None else args.peak_tflops,
                     "clip_seconds": args.clip_seconds, "hfu": args.hfu, "audio_hours": args.audio_hours,
-                    "epochs": args.epochs, "reserve_gib": args.reserve_gib}
+                    "epochs": args.epochs, "reserve_gib": args.reserve_gib, "nodes": args.nodes or 1,
+                    "checkpoint_write_gbps": args.checkpoint_write_gbps, "checkpoint_seconds": args.checkpoint_seconds}
     if args.preset is not None:
         from posttrain.models.presets import PRESETS
 
         if args.preset not in PRESETS:
             raise UserError(f"--preset: unknown preset {args.preset!r} (known: {', '.join(sorted(PRESETS))})")
     if args.config:
-        cfg = load_config(args.config)
+        from posttrain.config import FinetuneConfig, PosttrainConfig, load_yaml
+
+        is_finetune = "finetune" in (load_yaml(args.config) or {})
+        cfg = load_config(args.config, cls=FinetuneConfig if is_finetune else PosttrainConfig)
+        grpo = getattr(cfg, "grpo", None)
+        fields["frozen_models"] = FROZEN_MODELS[grpo.variant if grpo is not None and grpo.enabled else "off"]
         fields.update(preset=cfg.model.preset, zero_stage=cfg.train.zero_stage, precision=cfg.train.precision,
                       batch_seconds=cfg.data.train.max_batch_seconds, sam=cfg.sam.enabled,
                       sam_variant=cfg.sam.variant, looksam_every_steps=cfg.sam.looksam_every_steps,
@@ -107,6 +124,8 @@ def request_from(args: argparse.Namespace):
              "gradient_checkpointing": args.gradient_checkpointing, "grad_accum_steps": args.grad_accum_steps,
              "steps": args.steps}
     fields.update({key: value for key, value in flags.items() if value is not None})
+    if args.grpo is not None:
+        fields["frozen_models"] = FROZEN_MODELS[args.grpo]
     known = {f.name for f in dataclasses.fields(PlanRequest)}
     return PlanRequest(**{key: value for key, value in fields.items() if key in known})
 

@@ -9,7 +9,7 @@ overrides use dotted keys and YAML values. The homes: ``schema`` (the machinery)
 """
 
 from posttrain.config.data import CropConfig, DataConfig, StreamConfig
-from posttrain.config.finetune import EvalSetConfig, FinetuneConfig, FinetuneSection
+from posttrain.config.finetune import GRPO_VARIANTS, EvalSetConfig, FinetuneConfig, FinetuneSection, GrpoConfig
 from posttrain.config.loading import load_config
 from posttrain.config.schema import (SAMPLE_RATE_HZ, YAML11_EXPONENT, ConfigError, Conflict, Section, StepModeDecl,
                                      apply_overrides, blamed_override, dump_config, from_dict, load_yaml, require,
@@ -19,8 +19,8 @@ from posttrain.config.training import (CheckpointConfig, DualPathConfig, ModelCo
                                        enabled_step_modes, layerdrop_conflicts, step_mode_declarations,
                                        step_mode_sections)
 
-__all__ = ["SAMPLE_RATE_HZ", "YAML11_EXPONENT", "CheckpointConfig", "ConfigError", "Conflict", "CropConfig",
-           "DataConfig", "DualPathConfig", "EvalSetConfig", "FinetuneConfig", "FinetuneSection", "ModelConfig",
+__all__ = ["GRPO_VARIANTS", "SAMPLE_RATE_HZ", "YAML11_EXPONENT", "CheckpointConfig", "ConfigError", "Conflict", "CropConfig",
+           "DataConfig", "DualPathConfig", "EvalSetConfig", "FinetuneConfig", "FinetuneSection", "GrpoConfig", "ModelConfig",
            "OptimConfig", "PosttrainConfig", "RawBoostConfig", "SamConfig", "ScheduleConfig", "Section",
            "StepModeDecl", "StreamConfig", "TrackingConfig", "TrainConfig", "apply_overrides", "blamed_override",
            "dump_config", "enabled_step_modes", "from_dict", "layerdrop_conflicts", "load_config", "load_yaml",

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from posttrain.config.schema import Section, require
-
-
+from posttrain.config.schema import Conflict, Section, StepModeDecl, require, require_choice
 from posttrain.config.training import (OptimConfig, PosttrainConfig, RawBoostConfig, ScheduleConfig,
                                        TrainConfig)
+
+GRPO_VARIANTS = ("grpo3", "grpo2")
 
 @dataclass
 class EvalSetConfig(Section):
@@ -57,6 +57,44 @@ class FinetuneSection(Section):
 
 
 @dataclass
+class GrpoConfig(Section):
+    """GRPO fine-tuning as AntiDeepfake's ``algo/rl.py`` defines it (Interspeech 2026; posttrain.train.grpo).
+
+    Per utterance the policy (train mode) samples ``sample_num`` labels from its own softmax; reward 1 where
+    a label is the truth; advantages normalised over every sample of the batch (AD's code; ``normalise:
+    group`` per utterance instead, the GRPO paper's); KL ``exp(ref - logp) - (ref - logp) - 1`` against
+    the initial model weighted by ``beta``. ``grpo3`` (the paper's GRPO): clipped ratio against an old policy
+    refreshed after every ``inner_step_size``-th optimiser step (AD counts batches: the same without
+    gradient accumulation, which none of its recipes uses); ``grpo2`` (GRPO_s): no old policy, no clipping."""
+
+    STEP_MODE: ClassVar[StepModeDecl] = StepModeDecl(
+        "grpo", "posttrain.train.grpo",
+        # the one-class head has no softmax over two labels to sample from
+        conflicts=(Conflict("model.head", lambda cfg: cfg.model.head != "linear",
+                            "grpo.enabled samples labels from the linear head's softmax: use model.head=linear"),))
+
+    enabled: bool = False
+    variant: Literal["grpo3", "grpo2"] = "grpo3"
+    sample_num: int = 64  # labels sampled per utterance (AD: sample_num)
+    beta: float = 0.04  # KL weight (AD's recipes; AD's code defaults to 1.0 when the key is absent)
+    epsilon: float = 0.2  # grpo3's ratio clip
+    std_floor: float = 1e-5  # added to the advantage's standard deviation
+    inner_step_size: int = 1000  # grpo3: the old policy is refreshed after every this many optimiser steps
+    normalise: Literal["batch", "group"] = "batch"
+
+    def validate(self) -> None:
+        require_choice(self.variant, "variant", list(GRPO_VARIANTS))
+        require_choice(self.normalise, "normalise", ["batch", "group"])
+        require(self.sample_num >= 1, "sample_num", "must be >= 1")
+        require(self.normalise == "batch" or self.sample_num >= 2, "sample_num",
+                "must be >= 2 with normalise=group (the standard deviation of one sample is undefined)")
+        require(self.beta >= 0, "beta", "must be >= 0")
+        require(0 < self.epsilon < 1, "epsilon", "must be in (0, 1)")
+        require(self.std_floor > 0, "std_floor", "must be > 0")
+        require(self.inner_step_size >= 1, "inner_step_size", "must be >= 1")
+
+
+@dataclass
 class FinetuneConfig(PosttrainConfig):
     """Post-training's schema with the Deepfake-Eval-2024 fine-tune defaults (AntiDeepfake: lr 1e-6,
     10 epochs, at most 50k steps, RawBoost algo 5) and the ``finetune`` section. The schedule here is a
@@ -70,6 +108,7 @@ class FinetuneConfig(PosttrainConfig):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=50_000, max_epochs=10))
     rawboost: RawBoostConfig = field(default_factory=lambda: RawBoostConfig(enabled=True, algo=5))
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
 
     def validate(self) -> None:
         super().validate()

@@ -3,6 +3,7 @@ trainer, checkpoints and tracking, composed into ``PosttrainConfig``."""
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
@@ -40,6 +41,13 @@ class ModelConfig(Section):
     # sdpa, flash_attention_2 (needs the flash-attn package, CUDA and bf16), eager (the reference maths)
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
     compile: bool = False  # torch.compile the encoder's transformer layers (posttrain.models.detector)
+    # the classifier on the pooled embedding: "linear" (two logits [fake, real], AntiDeepfake's proj_fc) or
+    # "oc_softmax" (AntiDeepfake's one-class softmax, Zhang et al. 2021: one renormalised weight vector,
+    # score = cosine, trained with margins oc_margin_real / oc_margin_fake and scale oc_scale)
+    head: Literal["linear", "oc_softmax"] = "linear"
+    oc_margin_real: float = 0.9  # AD's w_posi
+    oc_margin_fake: float = 0.2  # AD's w_nega
+    oc_scale: float = 20.0  # AD's alpha
 
     def validate(self) -> None:
         require_choice(self.attn_implementation, "attn_implementation", ["auto", "sdpa", "flash_attention_2", "eager"])
@@ -52,6 +60,10 @@ class ModelConfig(Section):
                 "must be > 0 (or null: the preset's value); freeze the extractor with freeze_feature_encoder")
         require(self.input_norm_eps is None or self.input_norm_eps > 0, "input_norm_eps",
                 "must be > 0 (or null: the model's own)")
+        require_choice(self.head, "head", ["linear", "oc_softmax"])
+        require(-1.0 < self.oc_margin_fake < self.oc_margin_real < 1.0, "oc_margin_real",
+                "must satisfy -1 < oc_margin_fake < oc_margin_real < 1")
+        require(self.oc_scale > 0, "oc_scale", "must be > 0")
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -203,6 +215,10 @@ class TrainConfig(Section):
     max_epochs: int = 30
     grad_accum_steps: int = 1
     zero_stage: int = 2
+    # ZeRO-3 only: build the model straight into its partitions and load weights into them module by module
+    # (posttrain.models.partitioned), so no rank holds the whole model; false: every rank builds it in full
+    # first and DeepSpeed partitions it at initialize (the former start-up, 4 bytes per parameter per rank)
+    partitioned_init: bool = True
     # bf16 (posttrain's choice: no loss scaling, no overflow-skipped steps), fp16 with DeepSpeed's dynamic
     # loss scaling as AntiDeepfake's torch GradScaler (init 2^16, halve on overflow, double after 2000
     # clean steps; plain steps only), or fp32
@@ -244,11 +260,20 @@ class CheckpointConfig(Section):
     every_minutes: float = 60.0  # 0 = off
     keep_last: int = 3
     resume: str = "auto"  # auto (from <output_dir>/checkpoints/latest if present) | none | a tag dir
+    # the scheduler's warning before a time limit or preemption (sbatch --signal=B:USR1@N, forwarded to
+    # every rank): the ranks agree on it at the end of the step, write a checkpoint and stop; null = ignore
+    stop_signal: str | None = "SIGUSR1"
 
     def validate(self) -> None:
         require(self.every_steps >= 0, "every_steps", "must be >= 0")
         require(self.every_minutes >= 0, "every_minutes", "must be >= 0")
         require(self.keep_last >= 1, "keep_last", "must be >= 1")
+        if self.stop_signal is not None:
+            if not self.stop_signal.startswith("SIG"):  # SLURM's spelling (USR1) is accepted too
+                self.stop_signal = f"SIG{self.stop_signal}"
+            catchable = {s.name for s in signal.Signals} - {"SIGKILL", "SIGSTOP"}
+            require(self.stop_signal in catchable, "stop_signal",
+                    f"must be a catchable signal name such as SIGUSR1, or null to ignore signals; got {self.stop_signal!r}")
 
 
 @dataclass

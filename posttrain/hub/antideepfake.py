@@ -2,10 +2,13 @@
 
 A release is one ``model.safetensors`` (Hugging Face) or a SpeechBrain ``.ckpt`` torch pickle
 (Zenodo) holding the state dict of a wrapper around a fairseq wav2vec 2.0 / HuBERT model:
-``m_ssl.model.<fairseq names>`` plus the head ``proj_fc.{weight,bias}``. The encoder shape (conv
-stack, norm kind, width, depth, positional conv) is read off the tensors; attention heads and conv
-strides leave no trace in the weights, so the preset with that shape supplies them. Every key must
-be accounted for: mapped to transformers, or a known pre-training-only module; anything else is an
+``m_ssl.model.<fairseq names>`` plus the head ``proj_fc.{weight,bias}``. AD's ``models/W2V.py`` keeps its
+one-class head (``loss='ocsoftmax'``) under the same name: ``proj_fc`` is then an ``OCAngleLayer``, one
+``proj_fc.weight`` of shape ``(D, 1)`` and no bias, which converts to a detector with ``model.head=oc_softmax``
+(AD's default margins and scale, the ones its layer is built with; the weight layout is posttrain's own).
+The encoder shape (conv stack, norm kind, width, depth, positional conv) is read off the tensors;
+attention heads and conv strides leave no trace in the weights, so the preset with that shape supplies them.
+Every key must be accounted for: mapped to transformers, or a known pre-training-only module; anything else is an
 error naming the key, as is a required key that is missing.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +29,14 @@ from posttrain.hub.export import matching_presets
 from posttrain.data.batch import ANTIDEEPFAKE_INPUT_EPS
 from posttrain.models.backbones import BACKBONES, fairseq_family
 from posttrain.models.detector import INPUT_EPS_FIELD, Detector, build_detector
+from posttrain.models.heads import LINEAR, OC_SOFTMAX
+from posttrain.models.partitioned import TensorReaders
 from posttrain.models.presets import PRESETS
+from posttrain.models.tensor_files import mapped_pickle, read_safetensor, safetensors_meta
 
 ENCODER_PREFIX = "m_ssl.model."
 HEAD_KEYS = {"proj_fc.weight": "head.weight", "proj_fc.bias": "head.bias"}
+OC_HEAD_KEYS = {"proj_fc.weight": "head.weight"}  # AD's OCAngleLayer: weight (D, 1), no bias
 LICENSE = "cc-by-nc-sa-4.0"  # the released checkpoints' licence: carried over to anything converted
 NDA_SUFFIX = "-nda"  # the models post-trained without data augmentation
 # fairseq modules used only by the pre-training objectives (relative to ENCODER_PREFIX); mask_emb is
@@ -97,17 +105,20 @@ def checkpoint_file(path: str | Path) -> Path:
                           f"found {[p.name for p in pickles] or 'neither'}")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, *, lazy: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file: safetensors, or a torch pickle loaded with ``weights_only=True``
-    (an untrusted pickle never runs code: one that needs more than tensors and containers is refused)."""
+    (an untrusted pickle never runs code: one that needs more than tensors and containers is refused).
+
+    ``lazy``: no data read (``posttrain.models.tensor_files``): a safetensors file's tensors as meta
+    tensors (names and shapes; read each with ``read_safetensor``), a pickle's backed by the file."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return read_safetensors(path)
+        return read_safetensors(path, lazy=lazy)
     if path.suffix not in TORCH_PICKLE_SUFFIXES:
         raise ConversionError(f"{path}: unknown checkpoint type (expected .safetensors or "
                               f"{'/'.join(TORCH_PICKLE_SUFFIXES)})")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = mapped_pickle(path) if lazy else torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ConversionError(f"{path}: a legacy pickle checkpoint that needs {pickle_globals(error)} to load; "
                               "posttrain never runs code from a checkpoint. Convert it to safetensors where "
@@ -117,12 +128,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, *, lazy: bool = False) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        return load_file(path)
+        return safetensors_meta(path) if lazy else load_file(path)
     except SafetensorError as error:
         raise corrupt_safetensors(path, error) from None
 
@@ -227,41 +238,64 @@ def fairseq_key_map(shape: FairseqShape) -> dict[str, str]:
 def to_detector_state(state: dict[str, torch.Tensor], where: str = "checkpoint"
                       ) -> tuple[FairseqShape, dict[str, torch.Tensor], list[str]]:
     """fairseq-layout state -> (shape, Detector state dict, pre-training keys ignored)."""
+    shape, sources, ignored = detector_sources(state, where)
+    converted = {key: (state[source] if isinstance(source, str) else source).to(torch.float32)
+                 for key, source in sources.items()}
+    return shape, converted, ignored
+
+
+def detector_sources(state: dict[str, torch.Tensor], where: str = "checkpoint"
+                     ) -> tuple[FairseqShape, dict[str, str | torch.Tensor], list[str]]:
+    """fairseq-layout state -> (shape, where each Detector key comes from, pre-training keys ignored).
+    A source is the key in ``state``, or a tensor made here (the identity projection fairseq omits).
+    Only the names and shapes of ``state`` are read: meta tensors do."""
     if not any(key.startswith(ENCODER_PREFIX) for key in state) and any(key.startswith(TRANSFORMERS_PREFIXES)
                                                                          for key in state):
         raise ConversionError(f"{where}: already a transformers export (no conversion needed): pass its folder "
                               "as --model, or publish it as it is")
-    encoder_state, ignored = {}, []
+    encoder_state: dict[str, torch.Tensor] = {}
+    origin: dict[str, str | torch.Tensor] = {}
+    head_keys = OC_HEAD_KEYS if release_head(state) == OC_SOFTMAX else HEAD_KEYS
     for key, tensor in state.items():
-        if key in HEAD_KEYS:
+        if key in head_keys:
             continue
         if not key.startswith(ENCODER_PREFIX):
             raise ConversionError(f"{where}: unknown key {key!r} (expected {ENCODER_PREFIX}* or proj_fc.*)")
         name = key[len(ENCODER_PREFIX):]
-        encoder_state[POS_CONV_ALIASES.get(name, name)] = tensor
+        name = POS_CONV_ALIASES.get(name, name)
+        encoder_state[name], origin[name] = tensor, key
     shape = infer_shape(encoder_state, where)
     if "post_extract_proj.weight" not in encoder_state and shape.conv_dim[-1] == shape.hidden_size:
         # fairseq builds no projection when the conv width equals the encoder width; transformers
         # always has one: the identity
-        encoder_state["post_extract_proj.weight"] = torch.eye(shape.hidden_size)
-        encoder_state["post_extract_proj.bias"] = torch.zeros(shape.hidden_size)
+        origin["post_extract_proj.weight"] = torch.eye(shape.hidden_size)
+        origin["post_extract_proj.bias"] = torch.zeros(shape.hidden_size)
     mapping = fairseq_key_map(shape)
-    converted: dict[str, torch.Tensor] = {}
-    for key, tensor in encoder_state.items():
+    sources: dict[str, str | torch.Tensor] = {}
+    ignored = []
+    for key, source in origin.items():
         if key in mapping:
-            converted[f"encoder.{mapping[key]}"] = tensor.to(torch.float32)
+            sources[f"encoder.{mapping[key]}"] = source
         elif PRETRAINING_ONLY.match(key):
             ignored.append(ENCODER_PREFIX + key)
         else:
             raise ConversionError(f"{where}: unknown key {ENCODER_PREFIX + key!r} (neither an encoder weight "
                                   f"of this {shape.architecture} shape nor a known pre-training module)")
-    missing = [ENCODER_PREFIX + key for key in mapping if key not in encoder_state]
-    missing += [key for key in HEAD_KEYS if key not in state]
+    missing = [ENCODER_PREFIX + key for key in mapping if key not in origin]
+    missing += [key for key in head_keys if key not in state]
     if missing:
         raise ConversionError(f"{where}: missing required key(s) {missing[:5]}"
                               f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}")
-    converted.update({HEAD_KEYS[key]: state[key].to(torch.float32) for key in HEAD_KEYS})
-    return shape, converted, sorted(ignored)
+    sources.update({detector_key: key for key, detector_key in head_keys.items()})
+    return shape, sources, sorted(ignored)
+
+
+def release_head(state: dict[str, torch.Tensor]) -> str:
+    """The head kind of a release (names and shapes only): ``oc_softmax`` for AD's ``OCAngleLayer`` (a
+    ``proj_fc.weight`` of one column and no ``proj_fc.bias``), else ``linear`` (``proj_fc``, 2 x D + bias)."""
+    weight = state.get("proj_fc.weight")
+    oc = weight is not None and "proj_fc.bias" not in state and weight.ndim == 2 and weight.shape[1] == 1
+    return OC_SOFTMAX if oc else LINEAR
 
 
 def choose_preset(shape: FairseqShape, preset: str | None = None, where: str = "checkpoint") -> tuple[str, list[str]]:
@@ -291,18 +325,61 @@ def convert_checkpoint(path: str | Path, *, preset: str | None = None,
     """
     weights = checkpoint_file(path)
     where = str(weights)
-    if preset is None and repo_id in released_checkpoints():
-        preset = released_checkpoints()[repo_id]
-    shape, state, ignored = to_detector_state(read_state_dict(weights), where)
-    name, matches = choose_preset(shape, preset, where)
+    tensors = read_state_dict(weights)
+    shape, state, ignored = to_detector_state(tensors, where)
+    name, matches = choose_preset(shape, _released_preset(preset, repo_id), where)
+    detector = release_shell(name, release_head(tensors))
+    detector.load_state_dict(state, strict=True, assign=True)
+    return detector.eval(), _identity(name, repo_id, weights, matches, ignored)
+
+
+def open_release(path: str | Path, *, preset: str | None = None, repo_id: str | None = None
+                 ) -> tuple[Detector, dict[str, Any], Callable[[], TensorReaders]]:
+    """``convert_checkpoint`` without reading the weights: ``(shell, identity, open_readers)``, the shell
+    a meta-device detector (its config and identity), ``open_readers()`` a reader of each Detector tensor
+    (for ``posttrain.models.partitioned.load_into_partitions``). Same errors as ``convert_checkpoint``."""
+    weights = checkpoint_file(path)
+    where = str(weights)
+    tensors = read_state_dict(weights, lazy=True)
+    shape, sources, ignored = detector_sources(tensors, where)
+    name, matches = choose_preset(shape, _released_preset(preset, repo_id), where)
+    return (release_shell(name, release_head(tensors)), _identity(name, repo_id, weights, matches, ignored),
+            lambda: _release_readers(weights, tensors, sources))
+
+
+def release_shell(preset: str, head: str = LINEAR) -> Detector:
+    """A meta-device detector of ``preset`` and ``head`` (``release_head``; AD's default OC margins and scale)
+    with AntiDeepfake's input normalisation in its config."""
     with torch.device("meta"):  # the weights come from the file: skip random init
-        detector = build_detector(ModelConfig(preset=name))
+        detector = build_detector(ModelConfig(preset=preset, head=head))
     # scored (and fine-tuned) with the normalisation AntiDeepfake trained it with; kept in the config,
     # so exports and checkpoints of this model and of models fine-tuned from it keep it too
     setattr(detector.ssl_config, INPUT_EPS_FIELD, ANTIDEEPFAKE_INPUT_EPS)
-    detector.load_state_dict(state, strict=True, assign=True)
-    identity = {"preset": name, "license": LICENSE, "base_model": repo_id,
-                "source": {"kind": "antideepfake", "repo_id": repo_id, "path": str(weights),
-                           "sha256": file_sha256(weights), "architecture_matches": matches,
-                           "ignored_pretraining_keys": ignored}}
-    return detector.eval(), identity
+    return detector
+
+
+def _released_preset(preset: str | None, repo_id: str | None) -> str | None:
+    if preset is None and repo_id in released_checkpoints():
+        return released_checkpoints()[repo_id]
+    return preset
+
+
+def _identity(name: str, repo_id: str | None, weights: Path, matches: list[str], ignored: list[str]) -> dict[str, Any]:
+    return {"preset": name, "license": LICENSE, "base_model": repo_id,
+            "source": {"kind": "antideepfake", "repo_id": repo_id, "path": str(weights),
+                       "sha256": file_sha256(weights), "architecture_matches": matches,
+                       "ignored_pretraining_keys": ignored}}
+
+
+def _release_readers(weights: Path, tensors: dict[str, torch.Tensor],
+                     sources: dict[str, str | torch.Tensor]) -> TensorReaders:
+    """A reader per Detector key: one safetensors tensor read on demand, a file-backed pickle tensor, or
+    a tensor made by the conversion; each as fp32, as ``to_detector_state`` converts it."""
+    def reader(source: str | torch.Tensor) -> Callable[[], torch.Tensor]:
+        if not isinstance(source, str):
+            return lambda: source.to(torch.float32)
+        if weights.suffix == ".safetensors":
+            return lambda: read_safetensor(weights, source).to(torch.float32)
+        return lambda: tensors[source].to(torch.float32)
+
+    return {key: reader(source) for key, source in sources.items()}

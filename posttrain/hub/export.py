@@ -16,8 +16,9 @@ so a half-written export never replaces a good one.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,15 +27,19 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, Wav2Vec2
 from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.data.batch import ANTIDEEPFAKE_INPUT_EPS, TRANSFORMERS_INPUT_EPS
 from posttrain.data.labels import FAKE_LABEL, LABEL_IDS, REAL_LABEL
-from posttrain.models.detector import NUM_CLASSES, Detector
+from posttrain.models.detector import Detector, encoder_key
+from posttrain.models.heads import LINEAR, NUM_CLASSES
+from posttrain.models.score_definitions import LOGIT_DIFF
+from posttrain.models.partitioned import TensorReaders
+from posttrain.models.tensor_files import folder_readers
 from posttrain.models.backbones import BACKBONES, backbone_of, get_backbone
 from posttrain.models.presets import PRESETS
-from posttrain.hub.folders import ExportError, check_out_dir, write_export_folder
+from posttrain.hub.folders import ExportError, write_export_folder
 
 ID2LABEL = {FAKE_LABEL: "fake", REAL_LABEL: "real"}
 IDENTITY_NAME = "posttrain.json"
 IDENTITY_FORMAT, IDENTITY_VERSION = "posttrain-model", 1
-SCORE_DEFINITION = "logit_diff"  # real logit minus fake logit: higher = bona fide
+CLASSIFIER_KEYS = ("projector.", "classifier.")  # the head of an audio classifier: classifier o projector
 # Inference-time encoder settings: no LayerDrop, no SpecAugment (so no mask embedding either).
 INFERENCE_SETTINGS = {"layerdrop": 0.0, "apply_spec_augment": False, "mask_time_prob": 0.0,
                       "mask_feature_prob": 0.0}
@@ -132,9 +137,21 @@ def with_stock_pipeline_gap(detector: Detector, identity: Mapping[str, Any]) -> 
     return {**identity, "stock_pipeline_gap": stock_pipeline_gap(detector)}
 
 
+def check_exportable(detector: Detector) -> None:
+    """Only a linear head has a stock transformers classifier: a one-class (OC-softmax) head outputs a cosine
+    to a renormalised weight, which ``projector``/``classifier`` cannot compute. One line naming what to do."""
+    kind = detector.head_settings["head"]
+    if kind != LINEAR:
+        raise ExportError(f"model.head={kind}: no stock transformers classifier computes this head's cosine score, "
+                          f"so it has no transformers export; share the posttrain checkpoint folder (or the "
+                          f"AntiDeepfake release) instead: eval, score, serve and finetune accept it as --model")
+
+
 def to_transformers(detector: Detector) -> PreTrainedModel:
     """A ``*ForSequenceClassification`` whose logits equal ``detector``'s. Its parameters are the
-    detector's own tensors (no copy: a 2B model fits once in memory), so don't train both."""
+    detector's own tensors (no copy: a 2B model fits once in memory), so don't train both. Linear heads only
+    (``check_exportable``)."""
+    check_exportable(detector)
     architecture = architecture_of(detector.ssl_config)
     classifier_cls = get_backbone(architecture).classifier_class
     config = classifier_cls.config_class.from_dict({
@@ -159,18 +176,31 @@ def from_transformers(model: PreTrainedModel) -> Detector:
     """The detector computing ``model``'s logits in [fake, real] order: ``head = classifier o projector``
     (any two-label audio classifier whose labels are named fake/real, without a weighted layer sum)."""
     config = model.config
-    if getattr(config, "use_weighted_layer_sum", False):
-        raise ExportError("config.json: use_weighted_layer_sum: posttrain pools the last layer only")
-    order = _label_rows(config.id2label)
+    check_classifier_config(config)
     encoder = getattr(model, model.base_model_prefix)
     detector = Detector(encoder)
     with torch.no_grad():
-        projector, classifier = model.projector, model.classifier
-        weight = classifier.weight @ projector.weight
-        bias = classifier.weight @ projector.bias + classifier.bias
-        detector.head.weight.copy_(weight[order])
-        detector.head.bias.copy_(bias[order])
+        weight, bias = head_of(config, {key: tensor for key, tensor in model.state_dict().items()
+                                        if key.startswith(CLASSIFIER_KEYS)})
+        detector.head.weight.copy_(weight)
+        detector.head.bias.copy_(bias)
     return detector.eval()
+
+
+def check_classifier_config(config: PretrainedConfig) -> None:
+    """An audio classifier a detector can compute: last-layer pooling, two labels named fake and real."""
+    if getattr(config, "use_weighted_layer_sum", False):
+        raise ExportError("config.json: use_weighted_layer_sum: posttrain pools the last layer only")
+    _label_rows(config.id2label)
+
+
+def head_of(config: PretrainedConfig, classifier: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The detector head (weight, bias) computing ``classifier o projector`` of an audio classifier (its
+    ``projector.*`` and ``classifier.*`` tensors), rows in [fake, real] order."""
+    order = _label_rows(config.id2label)
+    weight = classifier["classifier.weight"] @ classifier["projector.weight"]
+    bias = classifier["classifier.weight"] @ classifier["projector.bias"] + classifier["classifier.bias"]
+    return weight[order], bias[order]
 
 
 def _label_rows(id2label: Mapping[int, str]) -> list[int]:
@@ -199,7 +229,8 @@ def identity_document(detector: Detector, *, preset: str | None, calibration: Ma
             "architecture": architecture_of(detector.ssl_config),
             "ssl_config": detector.ssl_config.to_dict(),
             "input_normalisation": input_normalisation(detector),
-            "labels": [ID2LABEL[i] for i in range(NUM_CLASSES)], "score_definition": SCORE_DEFINITION,
+            "labels": [ID2LABEL[i] for i in range(NUM_CLASSES)], "head": detector.head_settings,
+            "score_definition": detector.score_definition.name,
             "sample_rate_hz": SAMPLE_RATE_HZ, "calibration": dict(calibration) if calibration else None,
             "license": license_id, "base_model": base_model, "source": dict(source or {}),
             "training": dict(training) if training else None}
@@ -252,14 +283,47 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[D
     classifier_cls = get_backbone(architecture_of(config)).classifier_class
     model = classifier_cls.from_pretrained(path, **INFERENCE_SETTINGS)
     detector = from_transformers(model).to(device)
+    return detector, _export_identity(path, detector)
+
+
+def open_export(path: str | Path) -> tuple[Detector, dict[str, Any], Callable[[], TensorReaders]]:
+    """``load_export`` without reading the weights: ``(shell, identity, open_readers)``, the shell a
+    meta-device detector (its config and identity), ``open_readers()`` a reader of each Detector tensor
+    (for ``posttrain.models.partitioned.load_into_partitions``): the encoder's tensors as stored, the
+    head computed as ``from_transformers`` computes it."""
+    path = Path(path)
+    _check_preprocessor(path)
+    config = AutoConfig.from_pretrained(path, **INFERENCE_SETTINGS)
+    check_classifier_config(config)
+    backbone = get_backbone(architecture_of(config))
+    with torch.device("meta"):
+        shell = Detector(backbone.encoder_class(config))
+    return shell, _export_identity(path, shell), lambda: _export_readers(path, config, backbone.classifier_class)
+
+
+def _export_readers(path: Path, config: PretrainedConfig, classifier_cls: type[PreTrainedModel]) -> TensorReaders:
+    files = folder_readers(path)
+    prefix = classifier_cls.base_model_prefix
+    readers = {f"encoder.{encoder_key(key, prefix)}": read for key, read in files.items()
+               if key.startswith(f"{prefix}.") and not key.endswith("masked_spec_embed")}
+
+    def head(index: int) -> torch.Tensor:
+        return head_of(config, {key: read() for key, read in files.items() if key.startswith(CLASSIFIER_KEYS)})[index]
+
+    return {**readers, "head.weight": lambda: head(0), "head.bias": lambda: head(1)}
+
+
+def _export_identity(path: Path, detector: Detector) -> dict[str, Any]:
+    """The folder's ``posttrain.json``, or for someone else's model one described from its config."""
     identity = read_identity(path)
-    if identity is None:  # someone else's model: describe it from its config
+    if identity is None:
+        config = detector.ssl_config
         matches = matching_presets(architecture_of(config), config_shape(config))
         identity = {"format": IDENTITY_FORMAT, "version": IDENTITY_VERSION,
                     "preset": matches[0] if matches else None, "architecture": architecture_of(config),
                     "ssl_config": detector.ssl_config.to_dict(), "calibration": None,
-                    "score_definition": SCORE_DEFINITION}
-    return detector, identity
+                    "head": detector.head_settings, "score_definition": LOGIT_DIFF.name}
+    return identity
 
 
 def _check_preprocessor(path: Path) -> None:

@@ -1,4 +1,8 @@
-"""The detector: SSL encoder -> mean over *valid* frames -> ``Linear(D, 2)``; logits are [fake, real].
+"""The detector: SSL encoder -> mean over *valid* frames -> head; outputs are ``[B, 2]`` in [fake, real] order.
+
+The head is ``model.head`` (``posttrain.models.heads``): ``Linear(D, 2)`` logits, or AntiDeepfake's one-class
+softmax giving ``[-cos, cos]``; the head also decides the training loss (``Detector.sample_losses``) and what
+the outputs mean as a score (``Detector.score_definition``).
 
 Unlike AntiDeepfake, padding never reaches the pooled vector: the frame mask comes from the true
 sample lengths through the feature extractor's own output-length arithmetic, and the same mask
@@ -14,9 +18,10 @@ was batched with.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,31 +30,57 @@ from transformers import PretrainedConfig, PreTrainedModel
 from posttrain.config import ModelConfig
 from posttrain.data.batch import TRANSFORMERS_INPUT_EPS, normalize_waveforms
 from posttrain.errors import hf_download_hint
-from posttrain.hubcache import hub_offline
+from posttrain.hubcache import hub_offline, pretrained_folder
 from posttrain.models.backbones import get_backbone
+from posttrain.models.heads import build_head, config_settings, head_settings
+from posttrain.models.score_definitions import ScoreDefinition
+from posttrain.models.heads import sample_losses as head_sample_losses
+from posttrain.models.heads import score_definition as head_score_definition
 from posttrain.models.masked_norm import first_conv_frames, install_masked_group_norm
+from posttrain.models.partitioned import (cast_partitions, initialise_partitioned, load_into_partitions,
+                                          partition_dtype, partitioned_build)
 from posttrain.models.presets import get_preset
 from posttrain.models.regularise import SyncedLayerDrop, install_feature_grad_mult
+from posttrain.models.tensor_files import folder_readers
 
-NUM_CLASSES = 2  # [fake, real]
 # The input normalisation eps a model was trained with, kept in its encoder config so that it travels
 # with checkpoints (saved ssl_config) and exports (config.json); absent = TRANSFORMERS_INPUT_EPS.
 INPUT_EPS_FIELD = "posttrain_input_norm_eps"
+# weight-norm names of checkpoints saved before torch's parametrizations (what from_pretrained renames)
+LEGACY_WEIGHT_NORM = {".weight_g": ".parametrizations.weight.original0",
+                      ".weight_v": ".parametrizations.weight.original1"}
 
 
 class Detector(nn.Module):
-    def __init__(self, encoder: PreTrainedModel, *, pool_over_padding: bool = False, layerdrop_seed: int = 0):
+    def __init__(self, encoder: PreTrainedModel, *, pool_over_padding: bool = False, layerdrop_seed: int = 0,
+                 head: dict[str, Any] | None = None):
+        """``head``: the head's settings (``posttrain.models.heads.head_settings``; None = linear)."""
         super().__init__()
         self.encoder = encoder
         self.pool_over_padding = pool_over_padding
         self.layerdrop_sync = SyncedLayerDrop(layerdrop_seed)
-        self.head = nn.Linear(encoder.config.hidden_size, NUM_CLASSES)
+        self.head = build_head(head, encoder.config.hidden_size)
         # a plain attribute (a tuple), not a submodule: its parameters are the encoder's own
         self._group_norm = (install_masked_group_norm(encoder),)
 
     @property
     def ssl_config(self) -> PretrainedConfig:
         return self.encoder.config
+
+    @property
+    def head_settings(self) -> dict[str, Any]:
+        """The head's ``model.*`` settings (kind, margins, scale): recorded in identities, rebuilt from them."""
+        return head_settings(self.head)
+
+    @property
+    def score_definition(self) -> ScoreDefinition:
+        """What this model's outputs mean as a score (logit_diff, or the OC head's cosine)."""
+        return head_score_definition(self.head)
+
+    def sample_losses(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-sample training loss ``[B]`` (float32) of ``forward``'s outputs: the head's (cross-entropy, or
+        the OC-softmax loss with its margins and scale)."""
+        return head_sample_losses(self, outputs, labels)
 
     @property
     def input_eps(self) -> float:
@@ -155,22 +186,35 @@ def enable_activation_checkpointing(encoder: PreTrainedModel) -> None:
 
 
 def build_detector(cfg: ModelConfig, ssl_config: PretrainedConfig | dict | None = None, *,
-                   layerdrop_conflicts: Sequence[str] = (), layerdrop_seed: int = 0) -> Detector:
+                   layerdrop_conflicts: Sequence[str] = (), layerdrop_seed: int = 0,
+                   zero3: dict[str, Any] | None = None) -> Detector:
     """A detector for ``cfg``: random init from the preset (or from ``ssl_config``, e.g. the one saved
     with a checkpoint), or pre-trained SSL weights from ``cfg.pretrained`` (hub id or local path), with
-    the training regularisation of ``regularisation(cfg, layerdrop_conflicts)``."""
+    the training regularisation of ``regularisation(cfg, layerdrop_conflicts)``.
+
+    ``zero3``: the DeepSpeed config of a ZeRO-3 run; the detector is then built straight into its
+    partitions (``posttrain.models.partitioned``), with the weights a plain build draws for the same seed,
+    and its partitions in the run's precision. With ``cfg.pretrained`` it is built as a random one and the
+    SSL weights are read into it (``_load_pretrained_partitions``): those are ``from_pretrained``'s, bit for
+    bit; the head is drawn after a full random initialisation, so from the same distribution but with other
+    numbers than a plain ``from_pretrained`` build draws (whose RNG use depends on transformers' loading)."""
     preset = get_preset(cfg.preset)
     encoder_cls = get_backbone(preset.architecture).encoder_class
     values = regularisation(cfg, layerdrop_conflicts)
     overrides = ssl_overrides(cfg, values)
-    if cfg.pretrained:
-        encoder = _load_pretrained(encoder_cls, cfg.pretrained, {**overrides, **preset.pretrained_overrides})
-    else:
-        if isinstance(ssl_config, dict):
-            ssl_config = encoder_cls.config_class(**{**ssl_config, **overrides})
-        elif ssl_config is None:
-            ssl_config = preset.ssl_config(**overrides)
-        encoder = encoder_cls(ssl_config)
+    # only the constructors run inside zero.Init: it gathers (and broadcasts) every module's parameters
+    # around any Module.apply, which transformers' activation-checkpointing switch uses
+    with partitioned_build(zero3) if zero3 else contextlib.nullcontext():
+        if cfg.pretrained and not zero3:
+            encoder = _load_pretrained(encoder_cls, cfg.pretrained, {**overrides, **preset.pretrained_overrides})
+        else:
+            encoder = encoder_cls(_encoder_config(cfg, encoder_cls, ssl_config, overrides))
+            if zero3:
+                initialise_partitioned(encoder)
+                if cfg.pretrained:
+                    _load_pretrained_partitions(encoder, cfg.pretrained)
+        detector = Detector(encoder, pool_over_padding=cfg.pool_over_padding, layerdrop_seed=layerdrop_seed,
+                            head=config_settings(cfg))
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(encoder)
     if cfg.freeze_feature_encoder:
@@ -180,12 +224,65 @@ def build_detector(cfg: ModelConfig, ssl_config: PretrainedConfig | dict | None 
         setattr(encoder.config, INPUT_EPS_FIELD, cfg.input_norm_eps)
     if cfg.compile:
         compile_encoder(encoder)
-    return Detector(encoder, pool_over_padding=cfg.pool_over_padding, layerdrop_seed=layerdrop_seed)
+    if zero3:
+        cast_partitions(detector, partition_dtype(zero3))
+    return detector
+
+
+def _encoder_config(cfg: ModelConfig, encoder_cls: type[PreTrainedModel], ssl_config: PretrainedConfig | dict | None,
+                    overrides: dict) -> PretrainedConfig:
+    """The encoder config of a detector built here rather than loaded: ``cfg.pretrained``'s (read without
+    its weights), ``ssl_config`` (a dict: the overrides applied) or the preset's."""
+    preset = get_preset(cfg.preset)
+    if cfg.pretrained:
+        return _pretrained_config(encoder_cls, cfg.pretrained, {**overrides, **preset.pretrained_overrides})
+    if isinstance(ssl_config, dict):
+        return encoder_cls.config_class(**{**ssl_config, **overrides})
+    return preset.ssl_config(**overrides) if ssl_config is None else ssl_config
 
 
 def _load_pretrained(encoder_cls: type[PreTrainedModel], source: str, overrides: dict) -> PreTrainedModel:
-    try:
+    with _pretrained_errors(source):
         return encoder_cls.from_pretrained(source, **overrides)
+
+
+def _pretrained_config(encoder_cls: type[PreTrainedModel], source: str, overrides: dict) -> PretrainedConfig:
+    with _pretrained_errors(source):
+        config = encoder_cls.config_class.from_pretrained(source, **overrides)
+    config.name_or_path = source  # as from_pretrained records it
+    return config
+
+
+def _load_pretrained_partitions(encoder: PreTrainedModel, source: str) -> None:
+    """``from_pretrained``'s weights into a partitioned encoder, as transformers would load them (under
+    ZeRO-3 its own loading fails on this family: see ``posttrain.models.partitioned``): the base-model
+    prefix dropped, legacy weight-norm names renamed, keys the encoder lacks (pre-training heads) skipped,
+    and parameters the checkpoint lacks left as initialised."""
+    def open_readers() -> dict:
+        with _pretrained_errors(source):
+            readers = folder_readers(pretrained_folder(source))
+        wanted = dict(encoder.named_parameters())
+        renamed = {encoder_key(key, encoder.base_model_prefix): read for key, read in readers.items()}
+        return {key: read for key, read in renamed.items() if key in wanted}
+
+    load_into_partitions(encoder, open_readers, strict=False)
+
+
+def encoder_key(key: str, base_prefix: str) -> str:
+    """A transformers checkpoint key as the encoder names it: the model's base prefix (``wav2vec2.``) dropped
+    and legacy weight-norm names renamed, as ``from_pretrained`` does."""
+    key = key.removeprefix(f"{base_prefix}.")
+    for legacy, current in LEGACY_WEIGHT_NORM.items():
+        if key.endswith(legacy):
+            return key[: -len(legacy)] + current
+    return key
+
+
+@contextlib.contextmanager
+def _pretrained_errors(source: str) -> Iterator[None]:
+    """``model.pretrained`` that cannot be read: one line with the fix (offline: how to download it)."""
+    try:
+        yield
     except OSError as error:
         offline = hub_offline()
         hint = (f"it is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {hf_download_hint(source)} "

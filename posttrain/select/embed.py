@@ -1,11 +1,11 @@
-"""Pooled (penultimate) embeddings of every sample of a shard set, for data selection and drift, into the
-folder ``posttrain.select.embeddings`` describes. A sample longer than the scoring window is embedded as
-the length-weighted mean of its window embeddings (``posttrain.eval.scoring``; the head is linear, so
-the head of that mean is the sample's mean logits).
+"""Pooled (penultimate) embeddings of every sample of a source (a shard set, an audio folder, a protocol),
+for data selection and drift, into the folder ``posttrain.select.embeddings`` describes. A sample longer
+than the scoring window is embedded as the length-weighted mean of its window embeddings
+(``posttrain.eval.scoring``; a linear head of that mean is the sample's mean logits; not so a one-class head).
 
-Ranks write their rows into their own part file (``np.lib.format.open_memmap``, row count known from
-the index), streaming as samples complete; rank 0 then copies the parts into ``embeddings.npy`` in
-index order, in bounded chunks. Part files rather than one shared memmap: writes to one file from
+Ranks write their rows into their own part file (``np.lib.format.open_memmap``, a row per sample of their
+tasks, in the order samples complete), streaming; rank 0 then copies the parts into ``embeddings.npy``
+in the source's order, in bounded chunks. Part files rather than one shared memmap: writes to one file from
 several nodes through page caches are not coherent on network filesystems. Every final file is
 written under a temporary name and renamed; the manifest goes last.
 """
@@ -23,7 +23,7 @@ import torch
 
 from posttrain.data.files import write_bytes_atomic
 from posttrain.dist import DistInfo, dist_info
-from posttrain.eval.inference import ShardSource, Skipped, gather, iter_outputs, rank_inputs, rank_tasks
+from posttrain.eval.inference import Skipped, Source, gather, iter_outputs, rank_inputs, rank_tasks
 from posttrain.eval.scoring import InferenceConfig, logit_columns
 from posttrain.models.detector import Detector
 from posttrain.select.embeddings import (DTYPES, EMBEDDINGS_NAME, MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION,
@@ -38,31 +38,27 @@ def _row_meta(output, local_row: int) -> dict[str, Any]:
             "num_windows": output.num_windows, **logit_columns(output.logits), "_local_row": local_row}
 
 
-def embed_shards(model: Detector, shards: str | Path, out_dir: str | Path, cfg: InferenceConfig, *,
+def embed_source(model: Detector, source: Source, out_dir: str | Path, cfg: InferenceConfig, *,
                  model_identity: Mapping[str, Any], device: torch.device | str = "cpu", dtype: str = "float32",
                  info: DistInfo | None = None) -> dict[str, Any] | None:
-    """Embed every sample of ``shards`` into ``out_dir``; returns the manifest on rank 0, None elsewhere."""
+    """Embed every sample of ``source`` into ``out_dir``; returns the manifest on rank 0, None elsewhere."""
     cfg.validate()
     if dtype not in DTYPES:
         raise ValueError(f"dtype: {dtype!r} is not one of {DTYPES}")
     info = info or dist_info()
     out_dir = Path(out_dir)
-    source = ShardSource(shards)
     tasks = rank_tasks(source.tasks(), info)
-    positions = sorted(p for task in tasks for p in range(task.payload[2], task.payload[2] + task.count))
-    local_rows = {position: row for row, position in enumerate(positions)}
     dim = int(model.ssl_config.hidden_size)
     part_path = out_dir / PARTS_NAME / f"rank-{info.rank:05d}.npy"
     part_path.parent.mkdir(parents=True, exist_ok=True)
-    part = np.lib.format.open_memmap(part_path, mode="w+", dtype=dtype, shape=(len(positions), dim))
+    part = np.lib.format.open_memmap(part_path, mode="w+", dtype=dtype, shape=(sum(t.count for t in tasks), dim))
     rows, skipped = [], []
     for item in iter_outputs(model, rank_inputs(source, cfg, info), cfg, device=device, embeddings=True):
         if isinstance(item, Skipped):
             skipped.append(item)
             continue
-        row = local_rows[item.position]
-        part[row] = item.embedding
-        rows.append((item.position, info.rank, _row_meta(item, row)))
+        part[len(rows)] = item.embedding  # in completion order: the merge puts rows in source order
+        rows.append((item.position, info.rank, _row_meta(item, len(rows))))
     part.flush()
     del part
     # gather returns on rank 0 only once every rank has sent, i.e. after every part is flushed

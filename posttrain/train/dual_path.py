@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from posttrain.data.batch import Batch
-from posttrain.dist import global_sums, world_group
 from posttrain.train.align import AlignStats, GradientAligner
 from posttrain.optim.partitions import discard_gradients, flat_copy, owned_gradients, owned_parameters
 from posttrain.train.step import (StepContext, StepStats, finish_step, forward_backward, global_counts, loss_scale,

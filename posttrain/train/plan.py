@@ -25,6 +25,10 @@
 * **SAM's extra copy**: none in bf16 and under ZeRO-1/2 (the weights are restored from the fp32 master,
   ``posttrain.train.sam``); 4 P / N under ZeRO-3 fp32 (a saved copy of the owned partitions); LookSAM
   keeps the plain gradient's owned partitions in fp32 on top (4 P / N).
+* **GRPO's frozen models** (``frozen_models``: 1 reference for GRPO_s, + the old policy for GRPO): each
+  holds the weights as the policy does, in the training precision, 2 P / N under ZeRO-3 (a DeepSpeed
+  engine without an optimiser over the same partitions, ``posttrain.train.grpo``), the full 2 P under
+  ZeRO-1/2; their no-grad forwards add one forward (1/3 of a training pass) each to the step time.
 * **communication buffers**: gradients are reduced through a flat bucket of ``reduce_bucket_elements``
   (``train.reduce_bucket_elements``; ZeRO-1/2 keep two in flight with ``overlap_comm``).
 * **activations**: ``batch_seconds`` x bytes per audio-second. The per-audio-second figure is an
@@ -35,6 +39,14 @@
   clips) divided by the element count. ``ACTIVATION_FIT`` records the fit; the GPU benchmark
   (``python -m posttrain.bench gpu``) prints the measured peak next to this prediction.
 * a fixed **reserve** for the CUDA context, NCCL and the caching allocator's fragmentation.
+
+Checkpoint: DeepSpeed writes the module's weights in the training precision (2 P, fp32 4 P; rank 0
+alone under ZeRO-1/2, partitioned under ZeRO-3) and every rank its optimiser partition, 12 P / N in every
+precision (the fp32 flat partition ZeRO keeps even for fp32 training, and Adam's two moments). The busiest node writes its share at ``checkpoint_write_gbps`` (the shared file system's write
+rate per node, an assumption until measured: the trainer logs ``checkpoint/write_seconds``; give it as
+``checkpoint_seconds``). A stop on the scheduler's warning needs one step to end and one checkpoint to be
+written: ``stop_lead_seconds`` (1.5 x that + 30 s for the signal's way and the requeue, rounded up to
+10 s, at least 60 s) is the N of ``sbatch --signal=B:USR1@N``.
 
 Checked against CPU measurements (``python -m posttrain.bench fullsize``, docs/scaling.md), bf16, per
 rank: xlsr_300m at world size 2 ZeRO-2 +3 % (SAM step; plain +10 %), ZeRO-3 -11 % (0.5 GiB of gather
@@ -120,6 +132,10 @@ class PlanRequest:
     epochs: float = 1.0
     reserve_gib: float = DEFAULT_RESERVE_GIB
     fused_adamw: bool = True  # training fuses AdamW on CUDA; the CPU's unfused step needs temporaries
+    nodes: int = 1  # the gpus spread over this many nodes (checkpoint bytes per node)
+    checkpoint_write_gbps: float = 1.0  # GB/s one node writes to the shared file system (assumed)
+    checkpoint_seconds: float = 0.0  # a measured checkpoint write time (the trainer's checkpoint/write_seconds); 0: estimate
+    frozen_models: int = 0  # GRPO: 1 (GRPO_s: the reference) or 2 (GRPO: reference + old policy)
 
     def validate(self) -> None:
         checks = [(self.zero_stage in (1, 2, 3), "zero_stage", "must be 1, 2 or 3"),
@@ -131,10 +147,14 @@ class PlanRequest:
                   (self.sam_variant in ("sam", "looksam", "esam"), "sam_variant", "must be sam, looksam or esam"),
                   (0 < self.esam_data_fraction <= 1, "esam_data_fraction", "must be in (0, 1]"),
                   (self.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1"),
+                  (self.frozen_models in (0, 1, 2), "frozen_models", "must be 0, 1 (GRPO_s) or 2 (GRPO)"),
                   (0 < self.hfu <= 1, "hfu", "must be in (0, 1]"),
                   (self.peak_tflops > 0, "peak_tflops", "must be > 0"),
                   (self.steps >= 0 and self.audio_hours >= 0 and self.epochs > 0, "steps",
-                   "steps and audio_hours must be >= 0, epochs > 0")]
+                   "steps and audio_hours must be >= 0, epochs > 0"),
+                  (self.nodes >= 1 and self.gpus % self.nodes == 0, "nodes", "must be >= 1 and divide gpus"),
+                  (self.checkpoint_write_gbps > 0, "checkpoint_write_gbps", "must be > 0"),
+                  (self.checkpoint_seconds >= 0, "checkpoint_seconds", "must be >= 0")]
         for ok, key, message in checks:
             if not ok:
                 raise ValueError(f"plan.{key}: {message}")
@@ -149,6 +169,7 @@ class MemoryBreakdown:
     optimizer_states: float
     optimizer_step_transient: float
     sam_extra: float
+    frozen_models: float
     communication_buffers: float
     activations: float
     reserve: float
@@ -174,11 +195,21 @@ class Plan:
     step_seconds: float
     steps: int
     run_seconds: float
+    checkpoint: "CheckpointPlan"
 
     @property
     def mfu(self) -> float:
         """Model-FLOPs utilisation (the usual convention: 3 forward-units a pass, no recompute counted)."""
         return self.request.hfu / recompute_factor(self.request)
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    total_bytes: float  # one checkpoint, all ranks
+    busiest_node_bytes: float  # what the node writing most writes (node 0 under ZeRO-1/2: the weights)
+    write_seconds: float  # measured (request.checkpoint_seconds) or estimated
+    measured: bool
+    stop_lead_seconds: int  # sbatch --signal=B:USR1@N
 
 
 # ------------------------------------------------------------------------------------------ counts
@@ -251,6 +282,12 @@ def model_state_bytes(parameters: int, largest: int, stage: int, precision: str,
     return 4 * p, 4 * p if stage == 1 else 4 * p / n, 8 * p / n
 
 
+def params_without_gather(request: PlanRequest, parameters: int) -> float:
+    """One more copy of the weights sharded as the policy's (its gather buffer is the policy's, reused)."""
+    weights = _bytes(request.precision) * parameters
+    return weights / request.gpus if request.zero_stage == 3 else weights
+
+
 def optimizer_step_bytes(request: PlanRequest, parameters: int) -> float:
     """Temporaries of the AdamW update on the owned fp32 partition: none for the fused kernel (CUDA);
     torch's unfused update builds ``exp_avg_sq.sqrt()`` and its quotient (two partition-sized fp32
@@ -281,6 +318,7 @@ def memory_breakdown(request: PlanRequest, batch_seconds: float | None = None) -
     return MemoryBreakdown(parameters=params, gradients=grads, optimizer_states=optim,
                            optimizer_step_transient=optimizer_step_bytes(request, parameters),
                            sam_extra=sam_extra_bytes(request, parameters),
+                           frozen_models=request.frozen_models * params_without_gather(request, parameters),
                            communication_buffers=communication_bytes(request),
                            activations=seconds * activation_bytes_per_second(request),
                            reserve=request.reserve_gib * GIB)
@@ -301,7 +339,7 @@ def step_seconds(request: PlanRequest, batch_seconds: float | None = None) -> fl
 
     seconds = (request.batch_seconds if batch_seconds is None else batch_seconds) * request.grad_accum_steps
     flops = training_flops_per_audio_second(_ssl_config(request.preset), request.clip_seconds) * seconds
-    flops *= sam_pass_factor(request) * recompute_factor(request)
+    flops *= sam_pass_factor(request) * recompute_factor(request) + request.frozen_models / 3.0
     return flops / (request.hfu * request.peak_tflops * 1e12)
 
 
@@ -314,6 +352,21 @@ def sam_pass_factor(request: PlanRequest) -> float:
     if request.sam_variant == "esam":
         return 1.0 + 1.0 / 3.0 + request.esam_data_fraction
     return 1.0 + (1.0 if request.sam_variant == "sam" else 1.0 / request.looksam_every_steps)
+
+
+def checkpoint_plan(request: PlanRequest, parameters: int, step: float) -> CheckpointPlan:
+    """Bytes and time of one checkpoint, and the signal lead time a stop on the scheduler's warning needs;
+    see the module doc."""
+    # GRPO's old policy is saved with the policy's weights, sharded alike
+    weights = _bytes(request.precision) * parameters * (2 if request.frozen_models == 2 else 1)
+    optimiser = 12 * parameters
+    per_node_optimiser = optimiser / request.nodes
+    busiest = (weights + optimiser) / request.nodes if request.zero_stage == 3 else weights + per_node_optimiser
+    measured = request.checkpoint_seconds > 0
+    write = request.checkpoint_seconds if measured else busiest / (request.checkpoint_write_gbps * 1e9)
+    lead = max(60, 10 * math.ceil((1.5 * (step + write) + 30) / 10))
+    return CheckpointPlan(total_bytes=weights + optimiser, busiest_node_bytes=busiest, write_seconds=write,
+                          measured=measured, stop_lead_seconds=lead)
 
 
 def planned_steps(request: PlanRequest) -> int:
@@ -335,7 +388,8 @@ def plan(request: PlanRequest) -> Plan:
     steps = planned_steps(request)
     return Plan(request=request, parameters=parameters, largest_layer_parameters=largest, memory=memory,
                 activation_bytes_per_second=per_second, fits=memory.total <= budget, max_batch_seconds=max_seconds,
-                step_seconds=step, steps=steps, run_seconds=steps * step)
+                step_seconds=step, steps=steps, run_seconds=steps * step,
+                checkpoint=checkpoint_plan(request, parameters, step))
 
 
 def format_plan(result: Plan) -> str:
@@ -353,6 +407,9 @@ def format_plan(result: Plan) -> str:
         f"  optimiser states       {gib(m.optimizer_states)}",
         f"  optimiser step temps   {gib(m.optimizer_step_transient)}",
         f"  SAM extra copy         {gib(m.sam_extra)}",
+        f"  GRPO frozen models     {gib(m.frozen_models)}  ({r.frozen_models}: reference"
+        f"{' + old policy' if r.frozen_models == 2 else ''})" if r.frozen_models else
+        "  GRPO frozen models         0.00 GiB  (no GRPO)",
         f"  communication buffers  {gib(m.communication_buffers)}",
         f"  activations            {gib(m.activations)}  ({result.activation_bytes_per_second / 2**20:.1f} MiB per "
         f"audio-second)",
@@ -368,4 +425,10 @@ def format_plan(result: Plan) -> str:
     if result.steps:
         lines.append(f"run: {result.steps:,} steps x {result.step_seconds:.3f} s = {result.run_seconds / 3600:,.1f} h "
                      f"wall ({result.run_seconds * r.gpus / 3600:,.0f} GPU-hours)")
+    c = result.checkpoint
+    how = "measured" if c.measured else f"at {r.checkpoint_write_gbps:g} GB/s per node (--checkpoint-write-gbps)"
+    lines += [f"checkpoint: {c.total_bytes / 1e9:,.1f} GB, the busiest of {r.nodes} node(s) writes "
+              f"{c.busiest_node_bytes / 1e9:,.1f} GB: {c.write_seconds:,.0f} s {how}",
+              f"stop on the scheduler's warning (one step + one checkpoint, 1.5x + 30 s): "
+              f"sbatch --signal=B:USR1@{c.stop_lead_seconds}"]
     return "\n".join(lines)

@@ -16,8 +16,8 @@ the training loop calls ``get_step_mode(step_mode_name(cfg))`` and never knows w
 3. ``micro_loss(engine, batch, scale)`` then ``backward(engine, loss, is_last)``, per micro-batch
    (a join batch, ``B == 0``, runs a tiny dummy input with loss x 0 so ZeRO's hooks and collectives
    stay in lockstep across ranks);
-4. ``finish_step(engine, ctx, ...)``: one all_reduce of (loss sum, non-finite count, the mode's
-   own sums) so every rank
+4. ``finish_step(engine, ctx, ...)``: one all_reduce of (loss sum, non-finite count, the stop
+   signal flag, the mode's own sums) so every rank
    takes the same decision; a non-finite step leaves weights, optimiser state and schedule
    untouched, while ``engine.step()`` still runs so DeepSpeed's counters and gradient buffers
    advance and clear as on any boundary.
@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
 from posttrain.config import (FinetuneConfig, PosttrainConfig, StepModeDecl, enabled_step_modes,
                               step_mode_declarations)
 from posttrain.data.batch import TRANSFORMERS_INPUT_EPS, Batch, normalize_waveforms
 from posttrain.dist import all_reduce_sum, global_sums, world_group
+from posttrain.train.stop import StopRequest
 
 if TYPE_CHECKING:  # deepspeed picks its accelerator at import: the engine module imports it first
     from deepspeed import DeepSpeedEngine
@@ -72,6 +72,7 @@ class StepStats:
     audio_seconds: float  # global, padding excluded
     skipped: bool
     extra: dict[str, float] = field(default_factory=dict)  # mode-specific metrics, logged as-is
+    stop_requested: bool = False  # a rank got the stop signal: every rank checkpoints and stops now
 
 
 @dataclass
@@ -92,6 +93,15 @@ class StepContext:
     # mode buffers that live for the run but are not checkpointed (device tensors, e.g. LookSAM's stored
     # direction): a resumed run starts them afresh
     scratch: dict[str, Any] = field(default_factory=dict)
+    stop: StopRequest | None = None  # the scheduler's warning, agreed in finish_step's all_reduce
+    # a copy of the trained model for a mode's frozen models (GRPO's reference and old policy), sharded
+    # as the engine's: ``build_model(True)`` holds the run's initial weights, ``build_model(False)`` only
+    # the architecture (its weights to be filled in); ``engine_config`` is the engine's DeepSpeed config
+    build_model: Callable[[bool], torch.nn.Module] | None = None
+    engine_config: dict[str, Any] = field(default_factory=dict)
+    # what a mode keeps beside the engine (``register_step_mode(..., setup=)``), each with
+    # ``save(tag_dir)``: collective, called in every checkpoint before it is marked complete
+    companions: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sample_rate_hz(self) -> int:
@@ -99,12 +109,17 @@ class StepContext:
 
 
 StepFn = Callable[["DeepSpeedEngine", list[Batch], StepContext], StepStats]
+# (engine, ctx, resumed tag folder or None) -> None: builds what the mode keeps beside the engine into
+# ``ctx.companions`` (collective), restoring it from the tag folder on a resume
+SetupFn = Callable[["DeepSpeedEngine", StepContext, Any], None]
 
 _STEP_MODES: dict[str, StepFn] = {}
+_SETUPS: dict[str, SetupFn] = {}
 
 
-def register_step_mode(name: str) -> Callable[[StepFn], StepFn]:
+def register_step_mode(name: str, *, setup: SetupFn | None = None) -> Callable[[StepFn], StepFn]:
     """Decorator: ``@register_step_mode("sam") def sam_step(engine, micro_batches, ctx): ...``.
+    ``setup``: run once by the trainer after the engine is built (and restored), before the first step.
 
     A mode other than ``plain`` is turned on by a config section that declares it (``STEP_MODE``, a
     ``posttrain.config.StepModeDecl``: its module, whether it edits ZeRO partitions, reads gradients
@@ -116,6 +131,8 @@ def register_step_mode(name: str) -> Callable[[StepFn], StepFn]:
         if name in _STEP_MODES and _STEP_MODES[name] is not fn:
             raise ValueError(f"step mode {name!r} is already registered ({_STEP_MODES[name].__qualname__})")
         _STEP_MODES[name] = fn
+        if setup is not None:
+            _SETUPS[name] = setup
         return fn
 
     return register
@@ -161,6 +178,13 @@ def get_step_mode(name: str, cfg: PosttrainConfig | None = None) -> StepFn:
     if name not in _STEP_MODES:
         raise ValueError(f"unknown step mode {name!r} (registered: {sorted(_STEP_MODES)})")
     return _STEP_MODES[name]
+
+
+def set_up_step_mode(name: str, engine: "DeepSpeedEngine", ctx: StepContext, resumed_from: Any) -> None:
+    """The mode's ``setup`` (collective), if it registered one; ``get_step_mode`` has imported it."""
+    setup = _SETUPS.get(name)
+    if setup is not None:
+        setup(engine, ctx, resumed_from)
 
 
 # ------------------------------------------------------------------------------------------ blocks
@@ -222,18 +246,21 @@ def dummy_batch(sample_rate_hz: int, device: torch.device) -> Batch:
 
 def micro_loss(engine: "DeepSpeedEngine", batch: Batch, scale: float,
                ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to back-propagate, detached per-sample cross-entropy ``[B]`` of the real samples).
+    """(loss to back-propagate, detached per-sample loss ``[B]`` of the real samples): the head's own
+    loss (``Detector.sample_losses``: cross-entropy, or the OC-softmax loss of ``model.head=oc_softmax``).
 
     A join batch forwards ``dummy_batch`` and returns its loss x 0 (zero gradient, same hooks and
     collectives) and no per-sample losses."""
+    from posttrain.models.heads import sample_losses as head_losses
+
     if batch.is_empty:
         dummy = dummy_batch(ctx.sample_rate_hz, ctx.device)
-        logits = engine(dummy.waveforms, dummy.lengths)
-        loss = F.cross_entropy(logits.float(), dummy.labels, reduction="sum") * 0.0
+        outputs = engine(dummy.waveforms, dummy.lengths)
+        loss = head_losses(engine.module, outputs, dummy.labels).sum() * 0.0
         return loss, torch.zeros(0, device=ctx.device)
-    logits = engine(batch.waveforms, batch.lengths)
-    ce = F.cross_entropy(logits.float(), batch.labels, reduction="none")
-    return ce.sum() * scale, ce.detach()
+    outputs = engine(batch.waveforms, batch.lengths)
+    losses = head_losses(engine.module, outputs, batch.labels)
+    return losses.sum() * scale, losses.detach()
 
 
 def backward(engine: "DeepSpeedEngine", loss: torch.Tensor, is_last: bool) -> None:
@@ -251,10 +278,11 @@ def finish_step(engine: "DeepSpeedEngine", ctx: StepContext, loss_sum: torch.Ten
     ``sample_sums``: more per-rank sums (scalar tensors) reduced in the same collective and logged in
     ``extra`` as means over the step's global samples (e.g. SAM's loss increase)."""
     names = list(sample_sums or {})
+    stop = loss_sum.new_tensor(float(ctx.stop is not None and ctx.stop.requested), dtype=torch.float64)
     local = torch.stack([loss_sum.detach().double().reshape(()), (~torch.isfinite(loss_sum)).double().reshape(()),
-                         *[sample_sums[name].detach().double().reshape(()).to(loss_sum.device) for name in names]])
+                         stop, *[sample_sums[name].detach().double().reshape(()).to(loss_sum.device) for name in names]])
     local = global_sums(local, world_group())
-    total_loss, bad, *sums = local.tolist()
+    total_loss, bad, stops, *sums = local.tolist()
     extra = dict(extra or {})
     extra.update({name: value / samples if samples else 0.0 for name, value in zip(names, sums)})
     nonfinite = bad > 0 or not math.isfinite(total_loss)
@@ -271,7 +299,7 @@ def finish_step(engine: "DeepSpeedEngine", ctx: StepContext, loss_sum: torch.Ten
     grad_norm = engine.get_global_grad_norm()
     grad_norm = float("nan") if grad_norm is None else float(grad_norm)
     return StepStats(loss=total_loss / samples if samples else 0.0, grad_norm=grad_norm, lr=lr,
-                     samples=samples, audio_seconds=seconds, skipped=skipped, extra=extra)
+                     samples=samples, audio_seconds=seconds, skipped=skipped, extra=extra, stop_requested=stops > 0)
 
 
 # -------------------------------------------------------------------------------------------- plain

@@ -26,13 +26,15 @@ import torch.distributed as torch_dist
 from posttrain.config import ConfigError, PosttrainConfig, dump_config, layerdrop_conflicts, to_dict
 from posttrain.data.batch import Batch
 from posttrain.data.files import write_text_atomic
-from posttrain.dist import all_gather_objects, broadcast_flag, choose_device, collective_device, start_process_group
+from posttrain.dist import (all_gather_objects, all_reduce_sum, broadcast_flag, choose_device, collective_device,
+                            start_process_group)
 from posttrain.train import checkpoint as ckpt
-from posttrain.train.engine_config import check_precision_supported, deepspeed_config
-from posttrain.train.run_lock import RunLock, RunLockError
+from posttrain.train.engine_config import builds_in_partitions, check_precision_supported, deepspeed_config
+from posttrain.train.run_lock import acquire_run_lock
 from posttrain.train.schedule import build_scheduler
 from posttrain.train.step import (SkippableAdamW, StepContext, StepStats, dummy_batch, get_step_mode, make_augment,
-                                  model_inputs, step_mode_name)
+                                  model_inputs, set_up_step_mode, step_mode_name)
+from posttrain.train.stop import SignalStop, StopRequest, clear_stopped, write_stopped
 from posttrain.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class TrainResult:
     last_checkpoint: Path | None
     mlflow_run_id: str | None
     history: list[dict[str, float]] = field(default_factory=list)  # one row per logged step
+    stopped: SignalStop | None = None  # the run stopped early, checkpointed, on the scheduler's signal
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -196,21 +199,6 @@ def silence_deepspeed_noise() -> None:
         logger.addFilter(_DropDeepSpeedNoise())
 
 
-def acquire_run_lock(output_dir: Path, rank: int) -> RunLock | None:
-    """Rank 0 takes the output folder's run lock; every rank raises ``RunLockError`` if it could not."""
-    lock, refusal = None, None
-    if rank == 0:
-        try:
-            lock = RunLock.acquire(output_dir)
-        except RunLockError as error:
-            refusal = str(error)
-    if torch_dist.get_world_size() > 1:
-        box = [refusal]
-        torch_dist.broadcast_object_list(box, src=0)
-        refusal = box[0]
-    if refusal is not None:
-        raise RunLockError(refusal)
-    return lock
 
 
 class Trainer:
@@ -231,6 +219,9 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.root = ckpt.checkpoint_root(self.output_dir)
         self.run_lock = acquire_run_lock(self.output_dir, self.rank)
+        # from here on, a scheduler's warning (even one during set-up) ends in a checkpoint
+        self.stop = StopRequest(cfg.checkpoint.stop_signal, lambda: self.progress.step).install()
+        self.progress = Progress()
         try:
             self._set_up()
         except BaseException:
@@ -238,7 +229,9 @@ class Trainer:
             raise
 
     def release(self) -> None:
-        """Let another run write into the output folder (the end of ``fit``, or a failed set-up)."""
+        """Let another run write into the output folder (the end of ``fit``, or a failed set-up); hand
+        the stop signal back to whoever had it before."""
+        self.stop.restore()
         if self.run_lock is not None:
             self.run_lock.release()
             self.run_lock = None
@@ -264,11 +257,15 @@ class Trainer:
         self.progress = Progress()
         self.ctx = StepContext(cfg=cfg, optimizer=self.optimizer, scheduler=self.scheduler, device=self.device,
                                world_size=self.world_size, augment=make_augment(cfg),
-                               input_eps=self.model.input_eps)
+                               input_eps=self.model.input_eps, stop=self.stop, build_model=self._model_copy,
+                               engine_config=self.engine_config)
         run_id = None
         seed_everything(cfg.train.seed + 1000 * (self.rank + 1))  # dropout/masks differ per rank
         if metadata is not None:
             run_id = self._restore(resume, metadata, universal)
+        mode = step_mode_name(cfg)
+        get_step_mode(mode, cfg)
+        set_up_step_mode(mode, self.engine, self.ctx, resume if metadata is not None else None)
         self.tracker = Tracker(cfg.tracking, active=self.rank == 0)
         self.run_id = self.tracker.start(run_id, to_dict(cfg)) or run_id
         self.last_checkpoint: Path | None = resume
@@ -278,20 +275,33 @@ class Trainer:
 
     def _build_model(self, metadata: dict[str, Any] | None) -> tuple[torch.nn.Module, PosttrainConfig]:
         """The model to train and the config resolved for it (a new validated copy, never ``self.cfg``
-        changed in place); here the config as given."""
+        changed in place); here the config as given. Under ZeRO-3 it is built in its partitions."""
         from posttrain.models.detector import build_detector
 
+        zero3 = deepspeed_config(self.cfg, device_type=self.device.type) if builds_in_partitions(self.cfg) else None
         return build_detector(self.cfg.model, ssl_config=metadata["ssl_config"] if metadata else None,
                               layerdrop_conflicts=layerdrop_conflicts(self.cfg),
-                              layerdrop_seed=self.cfg.train.seed), self.cfg
+                              layerdrop_seed=self.cfg.train.seed, zero3=zero3), self.cfg
 
     def _build_engine(self, load_universal: bool) -> Any:
         import deepspeed
 
-        engine, *_ = deepspeed.initialize(model=self.model, optimizer=self.optimizer,
-                                          config=deepspeed_config(self.cfg, load_universal=load_universal,
-                                                                          device_type=self.device.type))
+        self.engine_config = deepspeed_config(self.cfg, load_universal=load_universal, device_type=self.device.type)
+        engine, *_ = deepspeed.initialize(model=self.model, optimizer=self.optimizer, config=self.engine_config)
         return engine
+
+    def _model_copy(self, initial: bool) -> torch.nn.Module:
+        """``StepContext.build_model``: the run's initial model (``_build_model`` again, from the same seed), or
+        (not ``initial``) the architecture only, built in partitions as the engine's model; the RNG streams
+        of training are left as they were."""
+        from posttrain.models.detector import build_detector
+
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            seed_everything(self.cfg.train.seed)
+            if initial:
+                return self._build_model(None)[0]
+            zero3 = self.engine_config if builds_in_partitions(self.cfg) else None
+            return build_detector(self.cfg.model, ssl_config=self.model.ssl_config.to_dict(), zero3=zero3)
 
     def _restore(self, tag_dir: Path, metadata: dict[str, Any], universal: bool) -> str | None:
         ckpt.restore_engine(self.engine, tag_dir, universal=universal)
@@ -324,12 +334,18 @@ class Trainer:
             tag = f"{tag}-epoch{self.progress.epoch}"
         if best:
             self.progress.best_tag = tag
+        started = time.monotonic()
         loader_state = self.stream.global_state_dict()  # collective
         tag_dir = ckpt.save_checkpoint(self.engine, self.root, tag, self._metadata(loader_state), self.config_yaml,
-                                       self.cfg.checkpoint.keep_last, best=best)
+                                       self.cfg.checkpoint.keep_last, best=best,
+                                       companions=list(self.ctx.companions.values()))
         self.last_checkpoint, self.last_saved_step = tag_dir, self.progress.step
         self.last_save_time = time.monotonic()
-        self.tracker.log_metrics({"checkpoint/step": self.progress.step}, self.progress.step)
+        # what a stop on the scheduler's warning must fit in: `posttrain plan --checkpoint-seconds` sizes it
+        write_seconds = self.last_save_time - started
+        log.info("checkpoint %s written in %.1f s", tag_dir, write_seconds)
+        self.tracker.log_metrics({"checkpoint/step": self.progress.step, "checkpoint/write_seconds": write_seconds},
+                                 self.progress.step)
         return tag_dir
 
     def _checkpoint_due(self) -> bool:
@@ -384,7 +400,8 @@ class Trainer:
             meter.reset()
 
     def _run_epoch(self, step_fn: Any, meter: _Meter, bar: Any) -> bool:
-        """Train until the epoch ends (True) or ``max_steps`` is reached (False)."""
+        """Train until the epoch ends (True), or ``max_steps`` is reached or the ranks agreed to stop on
+        the scheduler's signal (False)."""
         cfg, progress = self.cfg, self.progress
         self.stream.set_epoch(progress.epoch)
         self.ctx.epoch = progress.epoch
@@ -392,6 +409,9 @@ class Trainer:
             self.ctx.step = progress.step
             stats = step_fn(self.engine, micro_batches, self.ctx)
             self._after_step(stats, meter, bar)
+            if stats.stop_requested and progress.step < cfg.train.max_steps:  # agreed in the step's all_reduce
+                self._stop_on_signal()
+                return False
             improved = bool(cfg.train.valid_every_steps) and progress.step % cfg.train.valid_every_steps == 0 \
                 and self.run_validation()
             if improved or self._checkpoint_due():
@@ -400,12 +420,32 @@ class Trainer:
                 return False
         return True
 
+    def _stop_agreed(self) -> bool:
+        """Whether any rank got the stop signal (one all_reduce; within a step it rides on the step's)."""
+        return all_reduce_sum([float(self.stop.requested)], collective_device())[0] > 0
+
+    def _stop_on_signal(self) -> None:
+        """The collective checkpoint (unless this step's is written), then (rank 0) ``stopped.json``
+        naming it: only a complete checkpoint is announced, so a requeue never resumes from less."""
+        tag_dir = self.save() if self.last_saved_step != self.progress.step else self.last_checkpoint
+        received = self.stop.received_after_step
+        agreed = all_gather_objects(received)  # which rank saw it first (None: not this one)
+        self.stopped = SignalStop(signal=str(self.cfg.checkpoint.stop_signal),
+                                  received_after_step=min(step for step in agreed if step is not None),
+                                  stopped_after_step=self.progress.step, checkpoint=tag_dir.name)
+        if self.rank == 0:
+            write_stopped(self.output_dir, self.stopped)
+        log.warning("%s received after step %d: checkpoint %s written at step %d, stopping for the requeue",
+                    self.stopped.signal, self.stopped.received_after_step, tag_dir, self.progress.step)
+
     def fit(self) -> TrainResult:
         from tqdm import tqdm
 
         cfg, progress = self.cfg, self.progress
+        self.stopped = None
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            clear_stopped(self.output_dir)  # a previous stop is this run's resume point, not its outcome
             write_text_atomic(self.output_dir / "config.yaml", self.config_yaml)
             self.tracker.log_artifact(self.output_dir / "config.yaml")
             for directory in cfg.data.train.shards + cfg.data.valid.shards:
@@ -429,15 +469,20 @@ class Trainer:
                 self.stream.set_epoch(progress.epoch)  # the checkpoint then resumes at the next epoch
                 improved = self.run_validation()
                 self.save(best=improved)
+                # it came during the epoch's last step, its validation or save (the last epoch just ends)
+                if progress.epoch < cfg.train.max_epochs and progress.step < cfg.train.max_steps \
+                        and self._stop_agreed():
+                    self._stop_on_signal()
+                    break
             if self.last_saved_step != progress.step:
                 self.save(best=False)
-            status = "FINISHED"
+            status = "KILLED" if self.stopped else "FINISHED"  # MLflow's word for a run stopped from outside
         finally:
             bar.close()
             self.tracker.finish(status)
             self.release()
         return TrainResult(progress=progress, output_dir=self.output_dir, last_checkpoint=self.last_checkpoint,
-                           mlflow_run_id=self.run_id, history=self.history)
+                           mlflow_run_id=self.run_id, history=self.history, stopped=self.stopped)
 
 
 def train(cfg: PosttrainConfig) -> TrainResult:

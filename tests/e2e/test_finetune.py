@@ -19,6 +19,7 @@ import yaml
 from posttrain.cli import main as cli_main
 from posttrain.config import ConfigError, FinetuneConfig, load_config
 from posttrain.eval.inference import SampleOutput
+from posttrain.models.score_definitions import LOGIT_DIFF
 from posttrain.train.checkpoint import read_metadata, resolve_checkpoint
 from posttrain.finetuning import file_records, plugin_deepspeed_config, resolve_data, with_plugin_stage
 
@@ -57,7 +58,7 @@ def test_antideepfake_parity_config_ramps_to_6_25e_7_and_tests_the_best_checkpoi
     # AD's WarmAndExpDecayLRSchedule(n_warmup_steps=80000, total_steps=50000): the 50,000th step at 50k/80k
     factors = [lr_factor(step, cfg.schedule) for step in (0, 24_999, cfg.train.max_steps - 1)]
     assert [cfg.optim.lr * f for f in factors] == pytest.approx([1e-6 / 80_000, 1e-6 * 25_000 / 80_000, 6.25e-7])
-    assert (cfg.train.precision, cfg.train.valid_every_steps, cfg.finetune.test_checkpoint) == ("fp16", 20_000, "best")
+    assert (cfg.train.precision, cfg.train.valid_every_steps, cfg.finetune.test_checkpoint) == ("fp32", 20_000, "best")
     with pytest.raises(ConfigError, match=r"^finetune.test_checkpoint: 'best' needs a validation set"):
         load_config(None, ["finetune.init_from=x", "finetune.test_checkpoint=best"], cls=FinetuneConfig)
     cfg = load_config(None, ["finetune.init_from=x", f"output_dir={tmp_path}", "finetune.test_checkpoint=best",
@@ -121,16 +122,16 @@ def _output(sample_id: str, logits: list[float], num_samples: int, label: str) -
 def test_file_scores_from_segments_by_id_convention():
     outputs = [_output("DF2024-x-4s-1", [0.0, -1.0], 16000, "fake"), _output("DF2024-y-4s-0", [0.5, 2.5], 64000, "real"),
                _output("DF2024-x-4s-0", [1.0, 3.0], 64000, "fake"), _output("DF2024-x-4s-2", [0.2, 0.0], 8000, "fake")]
-    mean = {r["id"]: r for r in file_records(outputs, None, "mean_logits")}
+    mean = {r["id"]: r for r in file_records(outputs, None, "mean_logits", LOGIT_DIFF)}
     # x: logit_diff per segment 2.0 (64000), -1.0 (16000), -0.2 (8000)
     assert mean["DF2024-x"]["score"] == pytest.approx((2.0 * 64000 - 1.0 * 16000 - 0.2 * 8000) / 88000)
     assert (mean["DF2024-y"]["score"], mean["DF2024-y"]["label"]) == (2.0, "real")
-    worst = {r["id"]: r for r in file_records(outputs, None, "max_fake")}
+    worst = {r["id"]: r for r in file_records(outputs, None, "max_fake", LOGIT_DIFF)}
     assert (worst["DF2024-x"]["logit_fake"], worst["DF2024-x"]["logit_real"]) == (0.0, -1.0)
     with pytest.raises(ValueError, match="different labels"):
-        file_records(outputs + [_output("DF2024-x-4s-3", [0.0, 0.0], 100, "real")], None, "mean_logits")
+        file_records(outputs + [_output("DF2024-x-4s-3", [0.0, 0.0], 100, "real")], None, "mean_logits", LOGIT_DIFF)
     with pytest.raises(ValueError, match="no segments.csv"):
-        file_records([_output("DF2024-x", [0.0, 0.0], 100, "real")], None, "mean_logits")
+        file_records([_output("DF2024-x", [0.0, 0.0], 100, "real")], None, "mean_logits", LOGIT_DIFF)
 
 
 # ------------------------------------------------------------------------------------ the whole stage

@@ -205,3 +205,34 @@ def test_a_converted_release_normalises_its_input_as_antideepfakes_layer_norm(tm
         ours = model.normalise(quiet, torch.tensor([4000]))
         torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
     assert (F.layer_norm(quiet, quiet.shape, eps=1e-7) - reference).abs().max() > 1e-3  # the eps matters here
+
+
+def test_a_one_class_release_converts_to_the_oc_head_and_refuses_a_transformers_export(tmp_path):
+    """AD's ``Model(loss='ocsoftmax')`` keeps its OCAngleLayer under ``proj_fc``: one (D, 1) weight, no bias."""
+    from posttrain.cli import main
+    from posttrain.loading import _load_into, load_model
+    from posttrain.models.oc_softmax import OCSoftmaxHead
+
+    reference = random_detector("tiny")
+    state = fairseq_release_state(reference)
+    del state["proj_fc.bias"]
+    oc_weight = torch.randn(reference.ssl_config.hidden_size, 1, generator=torch.Generator().manual_seed(4))
+    state["proj_fc.weight"] = oc_weight
+    write_release(reference, tmp_path / "release", state)
+
+    detector, identity = load_model(tmp_path / "release")
+    assert isinstance(detector.head, OCSoftmaxHead) and torch.equal(detector.head.weight.detach(), oc_weight)
+    assert identity["head"]["head"] == "oc_softmax" and identity["score_definition"] == "cosine"
+    assert (detector.head.w_posi, detector.head.w_nega, detector.head.alpha) == (0.9, 0.2, 20.0)  # AD's layer defaults
+    waves, lengths = padded_batch()
+    with torch.no_grad():
+        pooled = reference.eval().embed(reference.normalise(waves, lengths), lengths).double()
+        outputs = detector(detector.normalise(waves, lengths), lengths).double()
+    cos = pooled @ oc_weight.double()[:, 0] / (pooled.norm(dim=1) * oc_weight.double().norm())
+    torch.testing.assert_close(outputs, torch.stack([-cos, cos], dim=1), atol=1e-5, rtol=1e-5)
+
+    with pytest.raises(ValueError, match="model.head=oc_softmax"):  # a lazily opened release keeps it too
+        _load_into(lambda ssl_config, identity: build_detector(ModelConfig(preset="tiny"), ssl_config=ssl_config),
+                   tmp_path / "release", "antideepfake", None, None)
+    assert main(["hub", "convert", str(tmp_path / "release"), "--out", str(tmp_path / "export")]) == 2
+    assert not (tmp_path / "export").exists()

@@ -13,7 +13,8 @@ from posttrain.data.shards import iter_shard, load_index, shard_paths
 from posttrain.eval.scoring import InferenceConfig
 from posttrain.eval.scoring import WindowConfig
 from posttrain.loading import load_model
-from posttrain.select.embed import embed_shards
+from posttrain.eval.inference import ShardSource
+from posttrain.select.embed import embed_source
 from posttrain.select.embeddings import EmbeddingsError, load_embeddings
 
 
@@ -38,7 +39,7 @@ def test_rows_equal_embed_of_each_sample_alone(tiny_export_dir, make_shard_set, 
     model, identity = load_model(tiny_export_dir)
     shards, _ = make_shard_set("emb", [4, 3, 5], seconds=(0.3, 2.5), corrupt={"EMB-1_1": "audio"})
     cfg = InferenceConfig(window=WindowConfig(1.0, 1.0, 0.25), batch_seconds=6, max_batch_size=4, progress=False)
-    manifest = embed_shards(model, shards, tmp_path / "out", cfg, model_identity=identity)
+    manifest = embed_source(model, ShardSource(shards), tmp_path / "out", cfg, model_identity=identity)
     array, meta = load_embeddings(tmp_path / "out")
     assert isinstance(array, np.memmap) and array.dtype == np.float32
     reference = _reference(model, shards)
@@ -53,7 +54,7 @@ def test_rows_equal_embed_of_each_sample_alone(tiny_export_dir, make_shard_set, 
     # equals the whole-sample embedding only for one-window samples; compare those exactly, and
     # re-run the rest whole (window 0) to check they are the same samples in the same rows
     whole = InferenceConfig(window=WindowConfig(0.0), batch_seconds=6, max_batch_size=4, progress=False)
-    embed_shards(model, shards, tmp_path / "whole", whole, model_identity=identity)
+    embed_source(model, ShardSource(shards), tmp_path / "whole", whole, model_identity=identity)
     whole_array, whole_meta = load_embeddings(tmp_path / "whole")
     assert [m["id"] for m in whole_meta] == [m["id"] for m in meta]
     assert all(m["num_windows"] == 1 for m in whole_meta)

@@ -148,3 +148,48 @@ def test_plan_takes_a_gpu_by_name_nodes_by_gpus_per_node_and_names_a_bad_preset_
     assert "--preset: unknown preset 'xlsr_3b'" in err and "model.preset" not in err
     for name, spec in planner.GPUS.items():  # every entry is a dense (not sparse) figure of a real part
         assert 100 < spec.peak_bf16_tflops < 2000 and 16 <= spec.memory_gib <= 256, name
+
+
+def test_checkpoint_bytes_match_a_real_deepspeed_checkpoint_and_the_lead_time_covers_step_and_write(tiny_checkpoint):
+    """The tiny run's ZeRO-1 fp32 checkpoint on disk (DeepSpeed's own files) against the planned bytes:
+    pickling and buffers add a little, never less than planned."""
+    from posttrain.train.checkpoint import read_pointer
+
+    tag_dir = tiny_checkpoint / "checkpoints" / read_pointer(tiny_checkpoint / "checkpoints")
+    written = sum(path.stat().st_size for path in tag_dir.glob("*.pt"))
+    request = planner.PlanRequest(preset="tiny", zero_stage=1, precision="fp32", gpus=1, fused_adamw=False)
+    planned = planner.plan(request).checkpoint
+    assert 1.0 <= written / planned.total_bytes <= 1.1
+    # measured time replaces the estimate; the lead covers a step and the write with margin
+    slow = planner.plan(dataclasses.replace(request, checkpoint_seconds=200.0))
+    assert slow.checkpoint.measured and slow.checkpoint.write_seconds == 200.0
+    assert slow.checkpoint.stop_lead_seconds == 10 * math.ceil((1.5 * (slow.step_seconds + 200.0) + 30) / 10)
+    # ZeRO-3 spreads the weights too: the busiest of 8 nodes writes an eighth
+    spread = planner.plan(planner.PlanRequest(preset="xlsr_2b", zero_stage=3, gpus=64, nodes=8)).checkpoint
+    assert spread.busiest_node_bytes == pytest.approx(spread.total_bytes / 8)
+
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_grpo_frozen_models_cost_a_weight_copy_each_sharded_as_the_policy_and_a_forward_each(zero_stage, capsys):
+    request = _request(preset="xlsr_2b", zero_stage=zero_stage, precision="bf16", gpus=64, gradient_checkpointing=True)
+    base = planner.plan(request)
+    parameters, largest = planner.parameter_counts("xlsr_2b")
+    # the policy's own bf16 weights per GPU, without ZeRO-3's gathered module (the frozen models reuse the gather)
+    policy_weights = base.memory.parameters - (2 * largest if zero_stage == 3 else 0)
+    assert policy_weights == pytest.approx(2 * parameters / 64 if zero_stage == 3 else 2 * parameters)
+    for frozen in (1, 2):
+        grpo = planner.plan(dataclasses.replace(request, frozen_models=frozen))
+        assert grpo.memory.frozen_models == pytest.approx(frozen * policy_weights)
+        assert grpo.memory.total - base.memory.total == pytest.approx(frozen * policy_weights)
+        # each frozen model runs one no-grad forward: 1 of the 4 forward-units a checkpointed step executes
+        assert grpo.step_seconds == pytest.approx(base.step_seconds * (4 + frozen) / 4)
+    # GRPO (reference + old policy) saves the old policy with every checkpoint: one more copy of the weights
+    assert (planner.plan(dataclasses.replace(request, frozen_models=2)).checkpoint.total_bytes
+            - base.checkpoint.total_bytes) == pytest.approx(2 * parameters)
+    from posttrain.cli import main
+
+    assert main(["plan", "--config", "configs/finetune/df2024_grpo.yaml", "--gpus", "64", "--zero-stage", "3"]) == 0
+    assert "(2: reference + old policy)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"plan\.frozen_models"):
+        planner.plan(_request(frozen_models=3))
