@@ -39,7 +39,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sharpness correlate": ("sharpness_correlate", "EER vs sharpness over nested subsets"),
     "embed": ("embed", "pooled embeddings for every sample of a shard set"),
     "select nc": ("select_nc", "neural-collapse data selection from embeddings"),
+    "drift": ("drift", "data drift of incoming data from a reference set, in a detector's embedding space"),
     "publish": ("publish", "export a checkpoint as a stock transformers model (and push it)"),
+    "export": ("export", "any model as a transformers or ONNX folder (ONNX: raw audio in, onnxruntime alone)"),
     "hub download": ("hub_download", "download a released AntiDeepfake checkpoint and convert it"),
     "hub convert": ("hub_convert", "convert a local AntiDeepfake checkpoint to a transformers export"),
 }

@@ -19,7 +19,7 @@ QUIET_FLAGS, VERBOSE_FLAGS = ("-q", "--quiet"), ("-v", "--verbose")
 # loggers of the libraries we run, silenced below ERROR unless --verbose
 THIRD_PARTY_LOGGERS = ("DeepSpeed", "deepspeed", "transformers", "accelerate", "mlflow", "alembic", "urllib3",
                        "httpx", "filelock", "huggingface_hub", "torch.distributed", "matplotlib", "PIL",
-                       "numexpr")
+                       "numexpr", "torch.onnx", "torch._dynamo", "torch.export", "onnx_ir", "onnxscript")
 _QUIET_ENVIRONMENT = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
                       "MLFLOW_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -46,7 +46,9 @@ def missing_input(out: str) -> dict[str, list[str]]:
         "sharpness correlate": ["--model", f"{MISSING}/model", "--shards", f"{MISSING}/shards", "--out", f"{out}/c"],
         "embed": ["--model", f"{MISSING}/model", "--shards", f"{MISSING}/shards", "--out", f"{out}/e"],
         "select nc": ["--embeddings", f"{MISSING}/emb", "--protocol", f"{MISSING}/p.csv", "--out", f"{out}/nc"],
+        "drift": ["--reference", f"{MISSING}/ref", "--incoming", f"{MISSING}/new", "--out", f"{out}/drift"],
         "publish": ["--checkpoint", f"{MISSING}/ckpt", "--out", f"{out}/pub"],
+        "export": [f"{MISSING}/model", "--format", "onnx", "--out", f"{out}/onnx"],
         "hub download": ["nobody-posttrain/absent-release", "--out", f"{out}/dl"],
         "hub convert": [f"{MISSING}/model.safetensors", "--out", f"{out}/conv"],
     }

@@ -2,8 +2,9 @@
 and write the report (score file, metrics.json, table, DET and histogram plots, result.yaml).
 
 Runs on several ranks under torchrun (each rank scores a disjoint share; rank 0 writes the report).
-The score of record is ``logit_diff`` (real logit minus fake logit); with a calibration (given, or
-stored with the model) actDCF and Cllr are computed on its LLRs. ``--mode antideepfake`` scores every
+The score of record is the model's (``logit_diff``, real logit minus fake logit; ``cosine`` for a one-class
+head); with a calibration (given, or stored with the model, and fitted on that score) actDCF and Cllr are
+computed on its LLRs. ``--mode antideepfake`` scores every
 file whole and alone (AntiDeepfake's test protocol) instead of in batched 13 s windows; the report
 (table, metrics.json, result.yaml) names the mode that produced it.
 """
@@ -42,7 +43,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="true segments of a partial-spoof set (`posttrain data partialspoof`): also report "
                              "segment-level EER per PartialSpoof resolution and how well the fake regions are "
                              "located; needs windows with a hop <= 0.64 s (default: none)")
-    add_arguments(parser)
+    add_arguments(parser, backends=True)
 
 
 def _segment_truth(path: Path | None, cfg) -> tuple[dict, dict] | None:
@@ -84,24 +85,21 @@ def run(args: argparse.Namespace) -> int:
     cfg, truth = _check_inputs(args)  # a bad input is one line and exit 2 before torch loads
     from posttrain.commands.inference_options import device_from_args
     from posttrain.dist import process_group
-    from posttrain.eval.calibration import CalibrationError
     from posttrain.eval.inference import ProtocolSource, ShardSource, run_inference
     from posttrain.eval.report import SCORE_TYPES, write_report
-    from posttrain.eval.scoring import SCORE_TYPE, Decision, resolve_calibration, score_record
+    from posttrain.eval.scoring import Decision, resolve_calibration, score_record
     from posttrain.eval.segments import evaluate_segments
-    from posttrain.loading import load_model
+    from posttrain.loading import load_scorer
 
-    definition = SCORE_TYPES[SCORE_TYPE]
     with process_group() as info:
         try:
             source = ShardSource(args.shards) if args.shards else ProtocolSource(
                 args.protocol, args.root, max_file_seconds=args.max_file_seconds)
             device = device_from_args(args, info)
-            model, identity = load_model(args.model, device)
-            calibration, calibration_source = resolve_calibration(args.calibration, identity)
-            if calibration is not None and calibration.score_definition not in ("", definition, SCORE_TYPE):
-                raise CalibrationError(f"the calibration maps {calibration.score_definition!r}, eval scores "
-                                       f"are {definition!r}")
+            model, identity = load_scorer(args.model, device, backend=cfg.backend)
+            scoring = model.score_definition
+            definition = SCORE_TYPES[scoring.name]
+            calibration, calibration_source = resolve_calibration(args.calibration, identity, scoring)
         except (ValueError, FileNotFoundError) as error:  # config, protocol, shard, model, calibration errors
             print(f"posttrain eval: error: {error}", file=sys.stderr)
             return 2
@@ -111,9 +109,10 @@ def run(args: argparse.Namespace) -> int:
         if not result.outputs:
             print(f"posttrain eval: error: no sample could be scored ({len(result.skipped)} skipped)", file=sys.stderr)
             return 1
-        records = [score_record(out.id, out.logits, out.meta) for out in result.outputs]
+        records = [score_record(out.id, out.logits, out.meta, scoring) for out in result.outputs]
         segments = None if truth is None else evaluate_segments(
-            result.outputs, *truth, hop_seconds=cfg.window.hop_seconds, threshold=Decision.of(calibration).threshold)
+            result.outputs, *truth, hop_seconds=cfg.window.hop_seconds,
+            threshold=Decision.of(calibration, definition=scoring).threshold, definition=scoring)
         data_identity = {**source.identity(), "scored": len(result.outputs), "skipped": len(result.skipped),
                          "audio_seconds": result.seconds, "windows": result.windows, "world_size": info.world_size,
                          "inference": cfg.describe(), "calibration_source": calibration_source}

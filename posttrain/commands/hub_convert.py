@@ -33,15 +33,24 @@ def add_out_option(parser: argparse.ArgumentParser) -> None:
 def convert_to_export(path: str | Path, out: Path, *, preset: str | None = None, repo_id: str | None = None,
                       overwrite: bool = False) -> Path:
     """Convert a release and write its transformers export (weights, configs, card, identity)."""
-    from posttrain.hub.card import CardInputs, render_card
-    from posttrain.hub.export import export_detector, with_stock_pipeline_gap
-    from posttrain.models.detector import count_parameters
     from posttrain.loading import convert_release
 
     detector, identity = convert_release(path, preset=preset, repo_id=repo_id)
-    identity = with_stock_pipeline_gap(detector, identity)  # the card states the stock route's gap
+    return transformers_export(detector, identity, out, kind=EXPORT_KIND, overwrite=overwrite)
+
+
+def transformers_export(detector, identity: dict, out: Path, *, kind: str = EXPORT_KIND,
+                        overwrite: bool = False) -> Path:
+    """The transformers export of ``detector`` with its card (the stock pipeline's gap stated when its
+    normalisation is not the stock extractor's): what ``export --format transformers`` and ``hub convert`` /
+    ``hub download`` write (``kind``: the folder's export kind)."""
+    from posttrain.hub.card import CardInputs, render_card
+    from posttrain.hub.export import export_detector, with_stock_pipeline_gap
+    from posttrain.models.detector import count_parameters
+
+    identity = with_stock_pipeline_gap(detector, identity)
     card = render_card(CardInputs(identity=identity, num_parameters=count_parameters(detector)))
-    return export_detector(detector, out, identity, card, kind=EXPORT_KIND, overwrite=overwrite)
+    return export_detector(detector, out, identity, card, kind=kind, overwrite=overwrite)
 
 
 def report(out: Path) -> None:

@@ -6,13 +6,17 @@ from __future__ import annotations
 import argparse
 
 from posttrain.data.audio import DEFAULT_MAX_FILE_SECONDS
-from posttrain.eval.scoring import AGGREGATIONS, PRECISIONS, SCORING_MODES, InferenceConfig, WindowConfig
+from posttrain.eval.scoring import AGGREGATIONS, BACKENDS, PRECISIONS, SCORING_MODES, InferenceConfig, WindowConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, batch_seconds: float = 200.0) -> None:
-    """The inference options shared by ``eval``, ``score`` and ``embed``."""
+def add_arguments(parser: argparse.ArgumentParser, *, batch_seconds: float = 200.0, backends: bool = False) -> None:
+    """The inference options shared by ``eval``, ``score`` and ``embed`` (``backends``: ``--backend`` too)."""
     defaults = WindowConfig()
     group = parser.add_argument_group("inference")
+    if backends:
+        group.add_argument("--backend", choices=BACKENDS, default="torch",
+                           help="onnxruntime: run an ONNX export (`posttrain export --format onnx`; --model is its "
+                                "folder) on the CPU, fp32")
     group.add_argument("--mode", choices=SCORING_MODES, default="windowed",
                        help="antideepfake: AntiDeepfake's test protocol (every file whole, batch 1; "
                             "no window options); windowed: long files in windows, files batched")
@@ -38,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, batch_seconds: float = 200
 
 
 def config_from_args(args: argparse.Namespace) -> InferenceConfig:
-    shared = {"precision": args.precision, "num_workers": args.num_workers, "progress": not args.no_progress}
+    shared = {"precision": args.precision, "num_workers": args.num_workers, "progress": not args.no_progress,
+              "backend": getattr(args, "backend", "torch")}
     if args.mode == "antideepfake":
         defaults = WindowConfig()
         windowing = {"--window-seconds": (args.window_seconds, defaults.window_seconds),
@@ -62,4 +67,6 @@ def device_from_args(args: argparse.Namespace, info):
 
     from posttrain.dist import choose_device
 
+    if getattr(args, "backend", "torch") == "onnxruntime":  # a CPU backend: cuda only when asked (then refused)
+        return torch.device(args.device or "cpu")
     return torch.device(args.device) if args.device else choose_device("auto", info.local_rank)

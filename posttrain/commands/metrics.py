@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from posttrain.eval.metrics import OPERATING_POINTS
     from posttrain.eval.report import GROUPINGS, LOGIT_SCORES
 
     parser.add_argument("scores", type=Path, help="score file: posttrain, AntiDeepfake (ID,Score,Label) or "
@@ -18,6 +19,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     calibration.add_argument("--calibration", type=Path, help="calibration.json mapping scores to LLRs")
     calibration.add_argument("--fit-calibration", type=Path, metavar="DEV_SCORES",
                              help="fit the calibration on this dev score file; saved as OUT/calibration.json")
+    parser.add_argument("--dev-split", default=None, metavar="NAME",
+                        help="the name of the development split --fit-calibration fits on, stored with the "
+                             "calibration and its operating points (default: the dev score file's name)")
+    parser.add_argument("--operating-point", choices=OPERATING_POINTS, default=None,
+                        help="decide at this operating point of the calibration (fitted on its dev split) instead "
+                             "of --threshold: eer, far1 (at most 1 %% of spoofs accepted), frr1, min_dcf")
     parser.add_argument("--prior-bona-fide", type=float, default=0.5,
                         help="prior of the calibration objective (0.5: minimise Cllr)")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
@@ -43,14 +50,21 @@ def run(args: argparse.Namespace) -> int:
             calibration = load_calibration(args.calibration)
         elif args.fit_calibration is not None:
             dev = read_scores(args.fit_calibration, logit_score=args.logit_score)
+            refuse_test_trials(dev.ids, table.ids, args.fit_calibration, args.scores)
             calibration = fit_calibration(
                 dev.scores, dev.labels, prior_bona_fide=args.prior_bona_fide,
-                score_definition=dev.score_definition,
+                score_definition=dev.score_definition, dev_split=args.dev_split or args.fit_calibration.stem,
                 fitted_on={"path": str(args.fit_calibration), "sha256": file_sha256(args.fit_calibration)})
             save_calibration(calibration, out_dir / "calibration.json")
         if calibration is not None and calibration.score_definition not in ("", table.score_definition):
             raise CalibrationError(f"the calibration maps {calibration.score_definition!r} but "
                                    f"{args.scores} holds {table.score_definition!r}")
+        threshold = args.threshold
+        if args.operating_point is not None:
+            if calibration is None:
+                raise CalibrationError(f"--operating-point {args.operating_point}: needs a calibration with operating "
+                                       "points (--calibration, or --fit-calibration DEV_SCORES --dev-split NAME)")
+            threshold = calibration.operating_threshold(args.operating_point)
     except (ScoreFileError, CalibrationError, ValueError) as error:
         print(f"posttrain metrics: error: {error}", file=sys.stderr)
         return 2
@@ -59,7 +73,19 @@ def run(args: argparse.Namespace) -> int:
         model_identity={"recorded": False, "note": "posttrain metrics reads scores only"},
         data_identity={"score_file": str(args.scores), "format": table.source_format, "trials": len(table)},
         group_by=list(dict.fromkeys(args.by)), calibration=calibration, score_file=args.scores,
-        bootstrap_resamples=args.bootstrap, seed=args.seed, threshold=args.threshold)
+        bootstrap_resamples=args.bootstrap, seed=args.seed, threshold=threshold)
     print(report["table"], end="")
     print(f"report: {out_dir}")
     return 0
+
+
+def refuse_test_trials(dev_ids: list[str], test_ids: list[str], dev_path: Path, test_path: Path) -> None:
+    """A calibration or threshold fitted on trials of the reported test set makes its numbers silently
+    optimistic: refused, naming both files."""
+    shared = set(dev_ids) & set(test_ids)
+    if shared:
+        from posttrain.eval.calibration import CalibrationError
+
+        raise CalibrationError(f"--fit-calibration {dev_path} shares {len(shared)} of its {len(dev_ids)} trials with "
+                               f"{test_path} (e.g. {sorted(shared)[0]!r}): a calibration or threshold fitted on the "
+                               "test set gives optimistic numbers; fit it on a development split")

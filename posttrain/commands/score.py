@@ -1,11 +1,12 @@
 """``posttrain score --model M FILE_OR_DIR ...``: score audio files of any format and length.
 
-Per file: P(real), the score (``logit_diff``), the LLR when a calibration is known (``--calibration``
-or stored with the model) and a decision: at the calibration's Bayes threshold, or ``logit_diff >= 0``
-when uncalibrated (the line above the results says which). Files longer than the window are scored
-in windows (``posttrain.eval.scoring``); ``--mode antideepfake`` scores every file whole and alone, as
-AntiDeepfake's evaluation does. A file that cannot be read gets an error line and the others are
-still scored; the exit code is non-zero only when nothing could be scored. Near-silent input gets a
+Per file: P(real), the score (the model's: ``logit_diff``, or ``cosine`` for a one-class head, whose P(real)
+only comes from a calibration), the LLR when a calibration is known (``--calibration`` or stored with the
+model) and a decision: at the calibration's Bayes threshold, or the score's own uncalibrated one
+(``logit_diff >= 0``; the OC margins' midpoint) (the line above the results says which). Files longer
+than the window are scored in windows (``posttrain.eval.scoring``); ``--mode antideepfake`` scores every
+file whole and alone, as AntiDeepfake's evaluation does. A file that cannot be read gets an error line and
+the others are still scored; the exit code is non-zero only when nothing could be scored. Near-silent input gets a
 WARNING line (its score says nothing). ``--scores-out`` with ``--labels`` writes the score file
 ``posttrain eval`` writes and ``posttrain metrics`` reads.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from posttrain.commands.inference_options import add_arguments
+    from posttrain.eval.metrics import OPERATING_POINTS
 
     parser.add_argument("--model", required=True,
                         help="transformers export folder, posttrain checkpoint, AntiDeepfake release or hub id")
@@ -27,6 +29,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="audio files (wav/flac/ogg/mp3/m4a/mp4/...) or folders searched recursively")
     parser.add_argument("--calibration", type=Path, default=None,
                         help="calibration.json (default: the one stored with the model, if any)")
+    parser.add_argument("--operating-point", choices=OPERATING_POINTS, default=None,
+                        help="decide at this operating point of the calibration, fitted on its named dev split "
+                             "(`posttrain metrics --fit-calibration DEV --dev-split NAME`): eer, far1 (at most 1 %% "
+                             "of spoofs accepted there), frr1, min_dcf (default: the calibration's Bayes threshold)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT_JSON", help="also write the results as JSON")
     parser.add_argument("--scores-out", type=Path, default=None, metavar="SCORES_CSV",
                         help="also write a score file in the format `posttrain eval` writes and `posttrain metrics` "
@@ -39,7 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also write per file the score of every window (NAME.timeline.csv/.json, calibrated "
                              "when a calibration is known) and a PNG of it with the threshold and the regions "
                              "called fake into DIR (default: none)")
-    add_arguments(parser, batch_seconds=100.0)
+    add_arguments(parser, batch_seconds=100.0, backends=True)
 
 
 def _read_labels(args: argparse.Namespace) -> list | None:
@@ -52,17 +58,29 @@ def _read_labels(args: argparse.Namespace) -> list | None:
     return None if args.labels is None else read_protocol(args.labels)
 
 
+def window_spread(out, scoring) -> float | None:
+    """The file's uncertainty: the standard deviation of its window scores (the score's units; None for one
+    window). The windows are separate looks at the same file, so a spread as large as the distance to the
+    threshold says the file's evidence disagrees with itself (a partly spoofed or unstable recording), which
+    one aggregated score hides; it needs no extra forward pass, unlike test-time augmentation."""
+    import numpy as np
+
+    if out.window_logits is None or len(out.window_logits) < 2:
+        return None
+    return float(np.std(scoring.scores(out.window_logits), ddof=1))
+
+
 def timeline_stems(ids: list[str]) -> list[str]:
     """A file-name stem per scored file: its name, numbered by position where two names collide."""
     names = [Path(file_id).name for file_id in ids]
     return [name if names.count(name) == 1 else f"{position:04d}-{name}" for position, name in enumerate(names)]
 
 
-def _write_timelines(directory: Path, outputs: list, rows: list[dict], decision, calibration) -> None:
+def _write_timelines(directory: Path, outputs: list, rows: list[dict], decision, calibration, scoring) -> None:
     from posttrain.eval.timeline import timeline_of, write_timeline
 
     for out, row, stem in zip(outputs, rows, timeline_stems([out.id for out in outputs])):
-        paths = write_timeline(timeline_of(out, decision, calibration), directory, stem)
+        paths = write_timeline(timeline_of(out, decision, calibration, scoring), directory, stem)
         row["timeline"] = {kind: str(path) for kind, path in paths.items()}
     print(f"timelines: {len(outputs)} file(s) in {directory} (NAME.timeline.csv/.json/.png)")
 
@@ -102,18 +120,19 @@ def run(args: argparse.Namespace) -> int:
     from posttrain.data.files import write_bytes_atomic
     from posttrain.dist import process_group
     from posttrain.eval.inference import FileSource, run_inference
-    from posttrain.eval.scoring import (NEAR_SILENT_DBFS, Decision, labelled_file_records, logit_columns, logit_diff,
-                                        near_silent, p_real, resolve_calibration)
-    from posttrain.loading import load_model
+    from posttrain.eval.scoring import (NEAR_SILENT_DBFS, Decision, labelled_file_records, logit_columns, near_silent,
+                                        p_real, resolve_calibration)
+    from posttrain.loading import load_scorer
 
     with process_group() as info:
         try:
             cfg = config_from_args(args)
             source = FileSource(paths, max_file_seconds=args.max_file_seconds)
             device = device_from_args(args, info)
-            model, identity = load_model(args.model, device)
-            calibration, calibration_source = resolve_calibration(args.calibration, identity)
-            decision = Decision.of(calibration)
+            model, identity = load_scorer(args.model, device, backend=cfg.backend)
+            scoring = model.score_definition
+            calibration, calibration_source = resolve_calibration(args.calibration, identity, scoring)
+            decision = Decision.of(calibration, definition=scoring, operating_point=args.operating_point)
         except (ValueError, FileNotFoundError) as error:
             print(f"posttrain score: error: {error}", file=sys.stderr)
             return 2
@@ -122,18 +141,24 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"decision: {decision.rule}")
     print(f"scoring: {cfg.summary()}")
+    if not scoring.logits and calibration is None:
+        print(f"P(real): none (a {scoring.name} is no probability): fit a calibration on scored dev files "
+              f"(`posttrain metrics --fit-calibration`) and pass it as --calibration")
     rows: list[dict] = []
     for out in result.outputs:
-        score = float(logit_diff(out.logits))
+        score = float(scoring.scores(out.logits))
         llr = None if calibration is None else float(calibration.llr([score])[0])
-        row = {"file": out.id, "p_real": float(p_real(out.logits)), "logit_diff": score, "llr": llr,
-               "decision": decision.label(score), "seconds": out.seconds, "windows": out.num_windows,
-               **logit_columns(out.logits)}
+        probability = p_real(out.logits, scoring, calibration)
+        row = {"file": out.id, "p_real": None if probability is None else float(probability), scoring.name: score,
+               "llr": llr, "decision": decision.label(score), "seconds": out.seconds, "windows": out.num_windows,
+               "window_spread": window_spread(out, scoring),
+               **(logit_columns(out.logits) if scoring.logits else {})}
         row.update(level_dbfs=out.meta.get("level_dbfs"), near_silent=near_silent(out.meta),
                    warnings=list(out.meta.get("warnings", ())))
         rows.append(row)
         llr_text = "" if llr is None else f"  LLR {llr:+.4f}"
-        print(f"{out.id}  P(real) {row['p_real']:.4f}  logit_diff {score:+.4f}{llr_text}  -> {row['decision']}"
+        p_text = "-" if row["p_real"] is None else f"{row['p_real']:.4f}"
+        print(f"{out.id}  P(real) {p_text}  {scoring.name} {score:+.4f}{llr_text}  -> {row['decision']}"
               f"  ({out.seconds:.1f} s, {out.num_windows} window{'s' * (out.num_windows != 1)})")
         if row["near_silent"]:
             print(f"WARNING {out.id}: near-silent input ({row['level_dbfs']:.0f} dBFS RMS, below "
@@ -142,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         for warning in row["warnings"]:
             print(f"WARNING {out.id}: {warning}")
     if args.timeline is not None:
-        _write_timelines(args.timeline, result.outputs, rows, decision, calibration)
+        _write_timelines(args.timeline, result.outputs, rows, decision, calibration, scoring)
     for item in result.skipped:
         print(f"ERROR {item.id}: {item.reason}: {item.detail}")
     quiet = sum(row["near_silent"] for row in rows)
@@ -152,11 +177,13 @@ def run(args: argparse.Namespace) -> int:
         from posttrain.eval.report import ScoreTable, write_scores
 
         write_scores(args.scores_out, ScoreTable.from_records(
-            labelled_file_records(result.outputs, labels, args.root, str(args.labels))))
+            labelled_file_records(result.outputs, labels, args.root, str(args.labels), scoring)))
         print(f"score file: {args.scores_out} (`posttrain metrics {args.scores_out}`)")
     if args.json is not None:
-        document = {"scoring": cfg.summary(), "decision_rule": decision.rule, "threshold_logit_diff": decision.threshold,
-                    "calibration_source": calibration_source, "inference": cfg.describe(),
+        document = {"scoring": cfg.summary(), "decision_rule": decision.rule, "score_definition": scoring.name,
+                    "operating_point": args.operating_point,
+                    decision.threshold_key: decision.threshold, "calibration_source": calibration_source,
+                    "inference": cfg.describe(),
                     "model": identity, "results": rows, "errors": [item.to_dict() for item in result.skipped]}
         write_bytes_atomic(args.json, (json.dumps(document, indent=2, default=str) + "\n").encode("utf-8"))
     return 0 if result.outputs else 1

@@ -17,9 +17,14 @@ Flow
 
 Ranks
     Under torchrun (several ranks) each rank takes a disjoint share of the tasks, balanced by seconds
-    (bytes for plain files) with ``posttrain.data.stream.balance``; ``gather`` brings outputs and
+    (bytes for plain files) with ``posttrain.data.read_order.balance``; ``gather`` brings outputs and
     skips to rank 0, which orders them by position, so the result does not depend on the world size.
     Inside a rank, DataLoader workers (``num_workers``) decode tasks in parallel.
+
+Backends (``InferenceConfig.backend``)
+    ``torch``: a ``Detector`` as above. ``onnxruntime``: an ONNX export (``posttrain.eval.onnx_runtime``) on the
+    CPU; the same windows and batches go in raw (its graph normalises and masks), logits come out (no
+    embeddings), so scores agree with the torch backend's within float rounding.
 
 Scoring modes (``InferenceConfig.mode``; every report says which one produced it)
     ``windowed`` (default): long files in windows, windows of many files batched as above.
@@ -34,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +55,11 @@ from posttrain.data.batch import Batch
 from posttrain.data.batching import batch_by_seconds, bucket_edges
 from posttrain.data.protocol import read_protocol, row_to_dict
 from posttrain.data.shards import SampleError, decode_sample, file_sha256, iter_shard, load_index, shard_paths
-from posttrain.data.stream import balance
+from posttrain.data.read_order import balance
 from posttrain.dist import DistInfo, dist_info
-from posttrain.eval.scoring import InferenceConfig, WindowConfig, aggregate
+from posttrain.errors import UserError
+from posttrain.eval.onnx_runtime import OnnxModel
+from posttrain.eval.scoring import InferenceConfig, aggregate
 from posttrain.models.detector import Detector
 
 ROWS_PER_TASK = 64  # protocol rows decoded by one task: enough to amortise a worker hand-off
@@ -334,10 +341,13 @@ def min_input_samples(model: Detector) -> int:
 
 
 @torch.inference_mode()
-def forward_windows(model: Detector, waves: list[np.ndarray], device: torch.device,
-                    precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+def forward_windows(model: Detector | OnnxModel, waves: list[np.ndarray], device: torch.device,
+                    precision: str = "fp32") -> tuple[np.ndarray, np.ndarray | None]:
     """``(logits [B, 2], pooled [B, D])`` float32 of windows, each normalised on its own (with the
-    model's normalisation: a model is scored as it was trained)."""
+    model's normalisation: a model is scored as it was trained). An ONNX model (the onnxruntime backend)
+    normalises inside its graph and has no pooled output (None)."""
+    if isinstance(model, OnnxModel):
+        return model.logits(waves), None
     batch = Batch.collate([torch.from_numpy(np.ascontiguousarray(w)) for w in waves], [0] * len(waves),
                           [], []).to(device)
     inputs = model.normalise(batch.waveforms, batch.lengths)
@@ -349,11 +359,13 @@ def forward_windows(model: Detector, waves: list[np.ndarray], device: torch.devi
     return logits.float().cpu().numpy(), pooled.float().cpu().numpy()
 
 
-def iter_outputs(model: Detector, inputs: Iterable[Sample | Skipped], cfg: InferenceConfig, *,
+def iter_outputs(model: Detector | OnnxModel, inputs: Iterable[Sample | Skipped], cfg: InferenceConfig, *,
                  device: torch.device | str = "cpu", embeddings: bool = False,
                  meter: WindowMeter | None = None) -> Iterator[SampleOutput | Skipped]:
     """Each input's output (or its ``Skipped``), yielded as soon as its last window is scored;
     not in input order (a sample's windows may wait in a bucket)."""
+    if embeddings and isinstance(model, OnnxModel):
+        raise UserError(f"{model.folder}: an ONNX export outputs logits only, no embeddings; use the torch model")
     device, meter = torch.device(device), meter or WindowMeter()
     model.eval()
     min_samples = min_input_samples(model)
@@ -421,7 +433,7 @@ class InferenceResult:
         return sum(output.seconds for output in self.outputs)
 
 
-def run_inference(model: Detector, source: Source, cfg: InferenceConfig, *, device: torch.device | str = "cpu",
+def run_inference(model: Detector | OnnxModel, source: Source, cfg: InferenceConfig, *, device: torch.device | str = "cpu",
                   info: DistInfo | None = None) -> InferenceResult | None:
     """Logits of every sample of ``source`` (no embeddings); gathered and ordered on rank 0, None on
     other ranks. Every sample appears exactly once, in ``outputs`` or in ``skipped``."""

@@ -110,6 +110,34 @@ def min_dcf(bona: np.ndarray, spoof: np.ndarray, costs: DetectionCosts = ASVSPOO
     return float(dcf[best] / costs.normaliser), float(curve.thresholds[best])
 
 
+# named operating points: the EER, FAR 1 % (the least FRR with at most 1 % of spoofs accepted), FRR 1 % (the
+# least FAR with at most 1 % of bona fide rejected) and the minDCF point
+OPERATING_POINTS = ("eer", "far1", "frr1", "min_dcf")
+OPERATING_RATE = 0.01
+
+
+def operating_points(bona: np.ndarray, spoof: np.ndarray, costs: DetectionCosts = ASVSPOOF5_COSTS
+                     ) -> dict[str, dict[str, float]]:
+    """``{name: {"threshold", "far", "frr"}}`` of each ``OPERATING_POINTS`` entry: an ``accepts`` threshold
+    and the rates it gives on these trials, counted at realisable thresholds (a tie group is accepted or
+    rejected whole)."""
+    ordered_bona, ordered_spoof = np.sort(bona), np.sort(spoof)
+    candidates = np.append(np.unique(np.concatenate([bona, spoof])), np.inf)  # +inf accepts nothing
+    # counted in trials, not fractions: 3 of 300 is exactly 1 % (a float 1 - 297/300 is not)
+    rejected_bona = np.searchsorted(ordered_bona, candidates, side="left")
+    accepted_spoof = spoof.size - np.searchsorted(ordered_spoof, candidates, side="left")
+
+    def at(threshold: float) -> dict[str, float]:
+        return {"threshold": float(threshold), "far": float(np.mean(spoof >= threshold)),
+                "frr": float(np.mean(bona < threshold))}
+
+    eer_accept = float(np.nextafter(eer(bona, spoof)[1], np.inf))
+    dcf_accept = float(np.nextafter(min_dcf(bona, spoof, costs)[1], np.inf))
+    far1 = candidates[int(np.argmax(accepted_spoof <= math.floor(OPERATING_RATE * spoof.size)))]  # lowest within
+    frr1 = candidates[int(np.nonzero(rejected_bona <= math.floor(OPERATING_RATE * bona.size))[0][-1])]  # highest
+    return {"eer": at(eer_accept), "far1": at(far1), "frr1": at(frr1), "min_dcf": at(dcf_accept)}
+
+
 def bayes_threshold(costs: DetectionCosts = ASVSPOOF5_COSTS) -> float:
     """The LLR above which deciding *bona fide* minimises the expected cost."""
     return -math.log(costs.c_miss * (1 - costs.p_spoof) / (costs.c_fa * costs.p_spoof))

@@ -5,8 +5,8 @@ scores come from a two-logit head, ``LogitFake,LogitReal``; ``Label`` is 1 (real
 first three columns read like AntiDeepfake's ``ID,Score,Label``. Three inputs are read: that file,
 AntiDeepfake's score files (``Score`` is the list ``[fake, real]`` of logits) and a plain
 ``id,score,label`` file from another toolkit. A report is ``metrics.json``, ``metrics.txt`` (the
-table), ``det.png``, ``histograms.png`` and ``result.yaml``; every file is written to a temporary
-name and renamed, so a half-written file never replaces a good one.
+table), ``det.png``, ``histograms.png``, ``result.yaml`` (and ``antideepfake_scores.csv``: ``ad_scorefile``);
+every file is written to a temporary name and renamed, so a half-written file never replaces a good one.
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ import yaml
 from posttrain.data.files import write_bytes_atomic
 from posttrain.data.labels import label_id
 from posttrain.data.shards import REJECTS_NAME, file_sha256
+from posttrain.eval.ad_scorefile import ANTIDEEPFAKE_SCORES, write_antideepfake_scores
 from posttrain.eval.metrics import (ASVSPOOF5_COSTS, METRICS, DetectionCosts, compute_metrics, det_curve,
                                     group_mask, metrics_by_group, split_classes)
 from posttrain.eval.segments import localisation_lines
+from posttrain.models.score_definitions import SCORE_DESCRIPTIONS
 
 if TYPE_CHECKING:
     from posttrain.eval.calibration import Calibration
@@ -39,9 +41,8 @@ LOGIT_COLUMNS = ("LogitFake", "LogitReal")
 # grouping -> whether each group is scored against all bona fide samples (the per-attack convention:
 # attack names live on spoofs, bona fide rows carry "-")
 GROUPINGS: dict[str, bool] = {"corpus": False, "attack": True, "language": False}
-# ScoreType values and what they mean (higher = bona fide); the first two turn a [fake, real] logit
-# pair into one score, "score" is a number taken as written by another toolkit
-SCORE_TYPES: dict[str, str] = {"logit_diff": "real logit minus fake logit", "real_logit": "real logit",
+# ScoreType -> meaning (higher = bona fide): each head's score (models.heads), AD's real logit, as written
+SCORE_TYPES: dict[str, str] = {**SCORE_DESCRIPTIONS, "real_logit": "real logit",
                                "score": "score as written in the file"}
 LOGIT_SCORES = ("logit_diff", "real_logit")
 UNKNOWN = "-"
@@ -57,9 +58,6 @@ class ScoreFileError(ValueError):
     def __init__(self, path: str | Path, line: int | None, message: str):
         self.path, self.line = str(path), line
         super().__init__(f"{path}:{line}: {message}" if line is not None else f"{path}: {message}")
-
-
-# ----------------------------------------------------------------------------------------- files
 
 
 # ----------------------------------------------------------------------------------------- table
@@ -332,14 +330,14 @@ def format_table(document: Mapping[str, Any], score_definition: str = "") -> str
 # ----------------------------------------------------------------------------------------- plots
 
 
-def _figure(width_in: float = 6.0, height_in: float = 5.0):
+def new_figure(width_in: float = 6.0, height_in: float = 5.0):
     # the object API renders with Agg without touching pyplot's global backend state
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width_in, height_in), dpi=100)
 
 
-def _save_png(figure, path: Path) -> None:
+def save_png(figure, path: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     write_bytes_atomic(path, buffer.getvalue())
@@ -349,7 +347,7 @@ def plot_det(path: str | Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray
     """DET curves (probit-scaled FAR vs FRR) of ``{name: (bona fide scores, spoof scores)}``."""
     from scipy.stats import norm
 
-    figure = _figure()
+    figure = new_figure()
     axes = figure.add_subplot()
     # zero rates are drawn at half a trial of the largest class, so the axes fit the data size
     floor = max(1e-6, min(0.5 / max(bona.size, spoof.size) for bona, spoof in curves.values()))
@@ -371,13 +369,13 @@ def plot_det(path: str | Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray
     axes.set_ylabel("false rejection rate (bona fide rejected) %")
     axes.grid(True, linewidth=0.3)
     axes.legend(fontsize=7, loc="upper right")
-    _save_png(figure, Path(path))
+    save_png(figure, Path(path))
 
 
 def plot_histograms(path: str | Path, bona: np.ndarray, spoof: np.ndarray, *, score_label: str,
                     threshold: float | None = None) -> None:
     """Per-class score histograms (densities on shared bins) with the EER threshold marked."""
-    figure = _figure(7.0, 4.0)
+    figure = new_figure(7.0, 4.0)
     axes = figure.add_subplot()
     edges = np.histogram_bin_edges(np.concatenate([bona, spoof]), bins=60)
     for scores, name, colour in ((bona, "bona fide", "tab:green"), (spoof, "spoof", "tab:red")):
@@ -388,7 +386,7 @@ def plot_histograms(path: str | Path, bona: np.ndarray, spoof: np.ndarray, *, sc
     axes.set_xlabel(score_label)
     axes.set_ylabel("density")
     axes.legend(fontsize=8)
-    _save_png(figure, Path(path))
+    save_png(figure, Path(path))
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -466,6 +464,8 @@ def write_report(out_dir: str | Path, scores: ScoreTable | Iterable[Mapping[str,
     if score_file is None:
         score_file = files["scores"] = out_dir / "scores.csv"
         sha256 = write_scores(score_file, table)
+        if write_antideepfake_scores(out_dir / ANTIDEEPFAKE_SCORES, table):  # for AntiDeepfake's evaluation.py
+            files["antideepfake_scores"] = out_dir / ANTIDEEPFAKE_SCORES
     else:
         score_file = Path(score_file)
         sha256 = file_sha256(score_file)

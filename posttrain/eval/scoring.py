@@ -14,21 +14,23 @@ Windows
 
 Aggregation (window outputs -> one file output)
     ``mean_logits`` (default): the mean of the window logits weighted by window length in samples.
-    The head is linear, so this equals the head applied to the length-weighted mean of the pooled
-    window embeddings, and the file's ``logit_diff`` is the length-weighted mean of the windows'.
+    A linear head commutes with it: this equals the head applied to the length-weighted mean of the
+    pooled window embeddings, and the file's score is the length-weighted mean of the windows'
+    (the OC head's outputs ``[-cos, cos]`` average the same way: the file's cosine is the windows' mean).
     ``max_fake``: the file takes the logits (and embedding) of its most fake window, the one with the
-    lowest ``logit_diff`` (highest P(fake); the earliest on ties): a file is as fake as its worst
-    window, for audio where only a part is synthetic.
+    lowest ``logit_diff`` (highest P(fake); the earliest on ties; the OC head's ``logit_diff`` is 2 cos,
+    the same window): a file is as fake as its worst window, for audio where only a part is synthetic.
 
 Scores (higher = bona fide)
-    ``logit_diff = logit_real - logit_fake`` is the score of record; ``p_real = softmax(logits)[real]
-    = sigmoid(logit_diff)``; ``llr`` = the calibration's affine map of ``logit_diff`` when a
-    calibration is given or stored with the model.
+    The model's head defines the score of record (``posttrain.models.score_definitions.ScoreDefinition``, the model's
+    ``score_definition``): ``logit_diff = logit_real - logit_fake`` for the linear head, the ``cosine``
+    (column 1) for the one-class head. ``p_real``: for logits ``softmax(logits)[real] = sigmoid(logit_diff)``;
+    a cosine is no logit, so its P(real) only comes from a calibration (else none). ``llr`` = the
+    calibration's affine map of the score when a calibration is given or stored with the model.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -38,10 +40,11 @@ import numpy as np
 from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.data.protocol import ProtocolRow, row_to_dict
 from posttrain.errors import UserError
-from posttrain.eval.calibration import Calibration, CalibrationError, load_calibration
+from posttrain.eval.calibration import Calibration, CalibrationError, calibration_from_dict, load_calibration
 from posttrain.eval.metrics import ASVSPOOF5_COSTS, DetectionCosts, accepts
+from posttrain.models.score_definitions import LOGIT_DIFF, SCORE_DESCRIPTIONS, ScoreDefinition
 
-SCORE_TYPE = "logit_diff"  # the ScoreType written to score files (posttrain.eval.report.SCORE_TYPES)
+SCORE_TYPE = LOGIT_DIFF.name  # a linear head's ScoreType in score files (posttrain.eval.report.SCORE_TYPES)
 # Input quieter than this (RMS, dB full scale) is flagged: the detectors normalise every input to zero
 # mean and unit variance, so a near-silent file's noise floor is scored as if it were speech, often
 # confidently; such a score says nothing about the recording. Speech sits around -40..-10 dBFS.
@@ -54,6 +57,9 @@ def near_silent(meta: Mapping[str, Any]) -> bool:
     return level is not None and level < NEAR_SILENT_DBFS
 AGGREGATIONS = ("mean_logits", "max_fake")
 PRECISIONS = ("fp32", "bf16")  # inference precision: bf16 is autocast on CUDA only
+# what runs the model: torch (any model spec), or onnxruntime on the CPU (a `posttrain export --format onnx`
+# folder; posttrain.eval.onnx_runtime)
+BACKENDS = ("torch", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,7 @@ class InferenceConfig:
     precision: str = "fp32"  # bf16 autocast on CUDA only
     num_workers: int = 0  # decoding processes per rank
     progress: bool = True
+    backend: str = "torch"  # one of BACKENDS
 
     @classmethod
     def antideepfake(cls, **settings: Any) -> "InferenceConfig":
@@ -122,6 +129,11 @@ class InferenceConfig:
             raise ValueError(f"aggregation: {self.aggregation!r} is not one of {AGGREGATIONS}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: {self.precision!r} is not one of {PRECISIONS}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: {self.backend!r} is not one of {BACKENDS}")
+        if self.backend == "onnxruntime" and self.precision != "fp32":
+            raise ValueError(f"precision {self.precision}: the onnxruntime backend runs the exported fp32 graph; "
+                             f"drop --precision")
         if self.batch_seconds <= 0 or self.max_batch_size < 1 or self.num_buckets < 1 or self.num_workers < 0:
             raise ValueError("batch_seconds must be > 0, max_batch_size and num_buckets >= 1, num_workers >= 0")
 
@@ -133,11 +145,15 @@ class InferenceConfig:
     def describe(self) -> dict[str, Any]:
         return {"mode": self.mode, "summary": self.summary(), **asdict(self.window), "aggregation": self.aggregation,
                 "batch_seconds": self.batch_seconds, "max_batch_size": self.max_batch_size,
-                "precision": self.precision, "sample_rate_hz": SAMPLE_RATE_HZ,
+                "precision": self.precision, "backend": self.backend, "sample_rate_hz": SAMPLE_RATE_HZ,
                 "normalisation": "per window, zero mean unit variance, the model's eps (model.input_normalisation)"}
 
     def summary(self) -> str:
         """One line for reports: how the scores were produced."""
+        backend = "" if self.backend == "torch" else f" ({self.backend})"
+        return self._summary() + backend
+
+    def _summary(self) -> str:
         if self.mode == "antideepfake":
             return "antideepfake: AntiDeepfake's test protocol, every file whole, batch 1"
         window = self.window
@@ -173,16 +189,18 @@ def logit_columns(logits: np.ndarray) -> dict[str, float]:
     return {"logit_fake": float(logits[0]), "logit_real": float(logits[1])}
 
 
-def score_record(sample_id: str, logits: np.ndarray, meta: Mapping[str, Any]) -> dict[str, Any]:
-    """One row of a score file (``posttrain.eval.report`` reads these): the ``logit_diff`` score of
-    ``[fake, real]`` logits with the sample's label and groups from its metadata."""
-    return {"id": sample_id, "score": float(logit_diff(logits)), "label": meta["label"],
+def score_record(sample_id: str, logits: np.ndarray, meta: Mapping[str, Any],
+                 definition: ScoreDefinition = LOGIT_DIFF) -> dict[str, Any]:
+    """One row of a score file (``posttrain.eval.report`` reads these): the score (``definition``, the
+    model's) of ``[fake, real]`` outputs with the sample's label and groups from its metadata; the two
+    logits too when the outputs are logits."""
+    return {"id": sample_id, "score": float(definition.scores(logits)), "label": meta["label"],
             "attack": meta.get("attack"), "language": meta.get("language"), "corpus": meta.get("corpus"),
-            "score_type": SCORE_TYPE, **logit_columns(logits)}
+            "score_type": definition.name, **(logit_columns(logits) if definition.logits else {})}
 
 
 def labelled_file_records(outputs: Iterable[Any], rows: Iterable[ProtocolRow], root: str | Path | None,
-                          where: str) -> list[dict[str, Any]]:
+                          where: str, definition: ScoreDefinition = LOGIT_DIFF) -> list[dict[str, Any]]:
     """Score-file rows of scored audio files, each labelled by the protocol row whose path it is.
 
     ``outputs`` carry ``id`` (the file path as scored) and ``logits``; ``where`` names the protocol in
@@ -195,18 +213,23 @@ def labelled_file_records(outputs: Iterable[Any], rows: Iterable[ProtocolRow], r
         if row is None:
             unlabelled.append(out.id)
             continue
-        records.append(score_record(row.id, out.logits, row_to_dict(row)))
+        records.append(score_record(row.id, out.logits, row_to_dict(row), definition))
     if unlabelled:
         raise UserError(f"{where}: no row for {len(unlabelled)} scored file(s), e.g. {unlabelled[0]}; "
                         f"add them (Path matched after $ROOT = --root) or score only listed files")
     return records
 
 
-def p_real(logits: np.ndarray) -> np.ndarray:
-    """Softmax probability of the real class: ``sigmoid(logit_diff)`` (scipy's overflow-free expit)."""
+def p_real(logits: np.ndarray, definition: ScoreDefinition = LOGIT_DIFF,
+           calibration: Calibration | None = None) -> np.ndarray | None:
+    """P(real) of ``[..., 2]`` outputs. Logits: the softmax probability of the real class,
+    ``sigmoid(logit_diff)`` (scipy's overflow-free expit). Other scores (the OC head's cosine) are no
+    logits: the calibration's posterior when there is one, else None (no probability, never a sigmoid)."""
     from scipy.special import expit
 
-    return expit(logit_diff(logits))
+    if definition.logits:
+        return expit(logit_diff(logits))
+    return None if calibration is None else calibration.probability(definition.scores(logits))
 
 
 def calibration_from_identity(identity: Mapping[str, Any]) -> Calibration | None:
@@ -214,39 +237,66 @@ def calibration_from_identity(identity: Mapping[str, Any]) -> Calibration | None
     stored = identity.get("calibration")
     if not stored:
         return None
-    try:
-        values = {key: float(stored[key]) for key in ("slope", "offset", "prior_bona_fide")}
-    except (KeyError, TypeError, ValueError) as error:
-        raise CalibrationError(f"posttrain.json: calibration: unusable entry ({error!r})") from None
-    if not all(math.isfinite(value) for value in values.values()):
-        raise CalibrationError(f"posttrain.json: calibration: non-finite values {values}")
-    return Calibration(**values, score_definition=str(stored.get("score_definition", "")),
-                       fitted_on=dict(stored.get("fitted_on") or {}))
+    if not isinstance(stored, dict):
+        raise CalibrationError(f"posttrain.json: calibration: expected a mapping, got {type(stored).__name__}")
+    return calibration_from_dict(stored, "posttrain.json: calibration")
 
 
-def resolve_calibration(path: str | Path | None, identity: Mapping[str, Any]) -> tuple[Calibration | None, str]:
-    """``(calibration, where it came from)``: an explicit file wins over the model's stored one."""
-    if path is not None:
-        return load_calibration(path), str(path)
-    stored = calibration_from_identity(identity)
-    return stored, ("model posttrain.json" if stored is not None else "none")
+def resolve_calibration(path: str | Path | None, identity: Mapping[str, Any],
+                        definition: ScoreDefinition = LOGIT_DIFF) -> tuple[Calibration | None, str]:
+    """``(calibration, where it came from)``: an explicit file wins over the model's stored one. A
+    calibration of another score than ``definition`` (the model's) is refused: its LLRs would be wrong."""
+    calibration, source = (load_calibration(path), str(path)) if path is not None else \
+        (calibration_from_identity(identity), "model posttrain.json")
+    if calibration is None:
+        return None, "none"
+    if calibration.score_definition not in ("", definition.name, definition.description):
+        fitted = SCORE_DESCRIPTIONS.get(calibration.score_definition, calibration.score_definition)
+        raise CalibrationError(f"{source}: the calibration maps {fitted!r} scores, this model's are "
+                               f"{definition.name} ({definition.description}): fit one on its scores")
+    return calibration, source
+
+
+def threshold_key(score_name: str) -> str:
+    """The key of a decision threshold in results: ``threshold_logit_diff``, ``threshold_cosine``."""
+    return f"threshold_{score_name}"
 
 
 @dataclass(frozen=True)
 class Decision:
     """How a score becomes a bona fide / spoof decision."""
 
-    threshold: float  # on logit_diff; the decision is ``metrics.accepts`` (bona fide when score >= threshold)
+    threshold: float  # on the score; the decision is ``metrics.accepts`` (bona fide when score >= threshold)
     rule: str
+    score_name: str = LOGIT_DIFF.name  # the score it thresholds (the model's ScoreDefinition.name)
 
     @staticmethod
-    def of(calibration: Calibration | None, costs: DetectionCosts = ASVSPOOF5_COSTS) -> "Decision":
+    def of(calibration: Calibration | None, costs: DetectionCosts = ASVSPOOF5_COSTS,
+           definition: ScoreDefinition = LOGIT_DIFF, operating_point: str | None = None) -> "Decision":
+        """At ``operating_point`` (a name of ``metrics.OPERATING_POINTS``) of the calibration, else at the
+        calibration's Bayes threshold, else at the score's own uncalibrated threshold."""
+        name = definition.name
+        if operating_point is not None:
+            if calibration is None:
+                raise CalibrationError(f"--operating-point {operating_point}: the model carries no calibration; "
+                                       "fit one with its operating points on a development split (`posttrain "
+                                       "metrics --fit-calibration DEV_SCORES --dev-split NAME`) and pass --calibration")
+            threshold = calibration.operating_threshold(operating_point)
+            point = calibration.operating_points[operating_point]
+            return Decision(threshold, f"operating point {operating_point} fitted on {calibration.dev_split or 'dev'} "
+                                       f"(there FAR {100 * point['far']:.2f} %, FRR {100 * point['frr']:.2f} %): "
+                                       f"bona fide when {name} >= {threshold:.6g}", name)
         if calibration is None:
-            return Decision(0.0, "uncalibrated: bona fide when logit_diff >= 0 (a tie of the two logits is bona fide)")
+            return Decision(definition.threshold, f"uncalibrated: bona fide when {name} >= {definition.threshold:g} "
+                                                  f"({definition.threshold_reason})", name)
         threshold = calibration.score_threshold(costs)
         return Decision(threshold, f"calibrated: bona fide when the LLR >= the Bayes threshold of costs "
                                    f"(P_spoof {costs.p_spoof}, C_miss {costs.c_miss}, C_fa {costs.c_fa}), "
-                                   f"i.e. logit_diff >= {threshold:.6g}")
+                                   f"i.e. {name} >= {threshold:.6g}", name)
+
+    @property
+    def threshold_key(self) -> str:
+        return threshold_key(self.score_name)
 
     def label(self, score: float) -> str:
         return "real" if accepts(score, self.threshold) else "fake"

@@ -8,14 +8,15 @@ end), and each segment is one trial.
 - Label: a segment is *fake* when it overlaps a spoofed region by at least one sample (so a segment
   that only touches a region at its edge is real); otherwise real. Boundaries are compared in
   samples at 16 kHz, so float rounding never moves a segment across a boundary.
-- Score: the overlap-weighted mean of the ``logit_diff`` of the timeline's windows that overlap the
-  segment (``posttrain.eval.timeline``: the windows that gave the file its score).
+- Score: the overlap-weighted mean of the model's score (``logit_diff``, or the one-class head's ``cosine``)
+  of the timeline's windows that overlap the segment (``posttrain.eval.timeline``: the windows that gave
+  the file its score).
 - Resolutions: those of PartialSpoof's 20/40/80/160/320/640 ms that are at least the timeline's hop
   (``supported_resolutions``): a finer segment gets no new score, only a copy of its neighbour's.
 
 Localisation, per file that holds a spoofed region, at the file decision's threshold (``Decision``:
-the calibration's Bayes threshold, else ``logit_diff >= 0`` is real): the region called fake is the
-union of the finest segments whose score is below the threshold (``metrics.accepts`` says real).
+the calibration's Bayes threshold, else the score's own, e.g. ``logit_diff >= 0`` is real): the region
+called fake is the union of the finest segments whose score is below the threshold (``metrics.accepts`` says real).
 Reported: the mean IoU of called vs true fake time; the share of those files where any called-fake
 time overlaps the true region; the boundary error (seconds from each true boundary inside the file
 to the nearest called boundary) and the boundaries with no called boundary at all; the share of
@@ -33,11 +34,12 @@ import numpy as np
 from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.data.labels import FAKE_LABEL, REAL_LABEL
 from posttrain.eval.metrics import accepts
-from posttrain.eval.scoring import logit_diff
+from posttrain.eval.scoring import threshold_key
+from posttrain.models.score_definitions import LOGIT_DIFF, ScoreDefinition
 
 PARTIALSPOOF_RESOLUTIONS_S = (0.02, 0.04, 0.08, 0.16, 0.32, 0.64)
 LABEL_RULE = "fake when it overlaps a spoofed region by >= 1 sample (touching is not overlapping)"
-SCORE_RULE = "overlap-weighted mean logit_diff of the timeline windows overlapping the segment"
+SCORE_RULE = "overlap-weighted mean {score} of the timeline windows overlapping the segment"  # .format(score=name)
 Span = tuple[int, int]
 
 
@@ -129,13 +131,14 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
-def summarise_localisation(files: Sequence[FileLocalisation], resolution_s: float, threshold: float) -> dict[str, Any]:
+def summarise_localisation(files: Sequence[FileLocalisation], resolution_s: float, threshold: float,
+                           score_name: str = LOGIT_DIFF.name) -> dict[str, Any]:
     spoofed = [f for f in files if f.iou is not None]
     real = [f for f in files if f.iou is None]
     errors = [error for f in files for error in f.boundary_errors_s]
     hits = [f.lowest_window_hit for f in files if f.lowest_window_hit is not None]
     return {
-        "resolution_s": resolution_s, "threshold_logit_diff": threshold,
+        "resolution_s": resolution_s, "score_definition": score_name, threshold_key(score_name): threshold,
         "files_with_spoof": len(spoofed), "real_files": len(real),
         "mean_iou": _mean([f.iou for f in spoofed]),
         "found_rate": _mean([f.iou > 0 for f in spoofed]),
@@ -164,14 +167,16 @@ def _summary_line(name: str, summary: Mapping[str, Any]) -> str:
 
 def localisation_lines(summary: Mapping[str, Any]) -> list[str]:
     """The report table's lines for the localisation summary: all files, then per attack."""
+    name = summary.get("score_definition", LOGIT_DIFF.name)
     return [f"localisation ({_show(summary['resolution_s'] * 1000, digits=0)} ms segments called fake below "
-            f"logit_diff {summary['threshold_logit_diff']:+.4g}; {summary['files_with_spoof']} files with spoof, "
+            f"{name} {summary[threshold_key(name)]:+.4g}; {summary['files_with_spoof']} files with spoof, "
             f"{summary['real_files']} real):", _summary_line("all files", summary),
             *(_summary_line(f"attack={name}", group) for name, group in summary.get("by_attack", {}).items())]
 
 
 def evaluate_segments(outputs: Sequence[Any], regions: Mapping[str, Sequence[Span]], file_samples: Mapping[str, int],
-                      *, hop_seconds: float, threshold: float) -> dict[str, Any]:
+                      *, hop_seconds: float, threshold: float,
+                      definition: ScoreDefinition = LOGIT_DIFF) -> dict[str, Any]:
     """Segment trials per resolution and the localisation summary of scored files (``SampleOutput``s
     with their windows). ``regions``/``file_samples``: each file's true spoofed spans and length in
     samples, from the segments sidecar; a scored file missing from it, or of another length, is a
@@ -185,7 +190,7 @@ def evaluate_segments(outputs: Sequence[Any], regions: Mapping[str, Sequence[Spa
         if out.num_samples != file_samples[out.id]:
             raise ValueError(f"{out.id}: {out.num_samples} samples scored, the segments file covers "
                              f"{file_samples[out.id]}: not the same audio")
-        scores = logit_diff(out.window_logits)
+        scores = definition.scores(out.window_logits)
         for resolution in resolutions:
             grid = segment_grid(out.num_samples, round(resolution * SAMPLE_RATE_HZ))
             trials[resolution_name(resolution)][0].append(segment_scores(grid, out.window_spans, scores))
@@ -195,9 +200,11 @@ def evaluate_segments(outputs: Sequence[Any], regions: Mapping[str, Sequence[Spa
                                  round(resolutions[0] * SAMPLE_RATE_HZ))))
     files = [file for _, file in located]
     by_attack = {attack: summarise_localisation([file for name, file in located if name == attack], resolutions[0],
-                                                threshold)
+                                                threshold, definition.name)
                  for attack in sorted({name for name, _ in located})}
-    return {"label_rule": LABEL_RULE, "score_rule": SCORE_RULE, "resolutions_s": list(resolutions),
+    return {"label_rule": LABEL_RULE, "score_rule": SCORE_RULE.format(score=definition.name),
+            "resolutions_s": list(resolutions),
             "trials": {name: (np.concatenate(s), np.concatenate(l)) for name, (s, l) in trials.items()},
-            "localisation": {**summarise_localisation(files, resolutions[0], threshold), "by_attack": by_attack},
+            "localisation": {**summarise_localisation(files, resolutions[0], threshold, definition.name),
+                             "by_attack": by_attack},
             "files": files}

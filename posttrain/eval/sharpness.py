@@ -21,14 +21,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.data.batch import Batch, normalize_waveforms
-from posttrain.data.labels import GROUP_FIELDS
 from posttrain.data.shards import SampleError, SampleMeta, decode_audio, decode_meta, load_index, shard_paths
 from posttrain.dist import DistInfo, all_gather_objects, global_sums, is_initialized, world_group
+from posttrain.models.heads import sample_losses
 from posttrain.optim.ascent import ascent_direction_, module_parameters, perturb_, restore_, takes_ascent
 
 
@@ -161,9 +160,10 @@ class SetSharpness:
                 "skipped": self.skipped}
 
 
-def _cross_entropy(model: nn.Module, batch: Batch, device: torch.device) -> Callable[[], torch.Tensor]:
+def _training_loss(model: nn.Module, batch: Batch, device: torch.device) -> Callable[[], torch.Tensor]:
+    """The batch's mean training loss: the head's own (``Detector.sample_losses``), as the train step's."""
     waveforms, lengths, labels = batch.waveforms.to(device), batch.lengths.to(device), batch.labels.to(device)
-    return lambda: F.cross_entropy(model(waveforms, lengths).float(), labels)
+    return lambda: sample_losses(model, model(waveforms, lengths), labels).mean()
 
 
 def measure_sets(model: nn.Module, sets: dict[str, Sequence[CatalogEntry]], cfg: SharpnessConfig, *,
@@ -185,7 +185,7 @@ def measure_sets(model: nn.Module, sets: dict[str, Sequence[CatalogEntry]], cfg:
         row[4] += len(skipped)
         if len(batch.labels) == 0:
             continue
-        value, loss = batch_sharpness(model, _cross_entropy(model, batch, device), cfg.rho,
+        value, loss = batch_sharpness(model, _training_loss(model, batch, device), cfg.rho,
                                       adaptive=cfg.adaptive, eta=cfg.adaptive_eta)
         size = len(batch.labels)
         row += torch.tensor([size * value, size * loss, size, 1, 0], dtype=torch.float64)
@@ -305,8 +305,8 @@ def plot_correlation(path: str | Path, sharpness: Sequence[float], eers: Sequenc
 
 def scores_of(model: nn.Module, entries: Sequence[CatalogEntry], cfg: SharpnessConfig, *, device: torch.device,
               info: DistInfo = DistInfo(), progress: bool = False) -> dict[str, float]:
-    """``logit_real - logit_fake`` per sample id (this rank's share of fixed-order batches, then
-    gathered on every rank)."""
+    """The model's score (``Detector.score_definition``: ``logit_real - logit_fake``, or the OC head's cosine)
+    per sample id (this rank's share of fixed-order batches, then gathered on every rank)."""
     from tqdm import tqdm
 
     model.eval()
@@ -319,7 +319,7 @@ def scores_of(model: nn.Module, entries: Sequence[CatalogEntry], cfg: SharpnessC
             if len(batch.labels) == 0:
                 continue
             logits = model(batch.waveforms.to(device), batch.lengths.to(device)).float().cpu()
-            scores.update(zip(batch.ids, (logits[:, 1] - logits[:, 0]).tolist()))
+            scores.update(zip(batch.ids, model.score_definition.scores(logits.numpy()).tolist()))
     if info.world_size > 1 and is_initialized():
         scores = {k: v for part in all_gather_objects(scores) for k, v in part.items()}
     return scores

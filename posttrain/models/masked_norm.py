@@ -15,6 +15,9 @@ that activation checkpointing recomputes the layer with the same statistics duri
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -27,6 +30,9 @@ class MaskedGroupNorm(nn.GroupNorm):
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
         super().__init__(num_groups, num_channels, eps=eps, affine=affine)
         self.valid_frames: torch.Tensor | None = None  # [B] int64, set per batch
+        # True while a graph exporter traces the model (``traceable_group_norm``): always the masked
+        # statistics, never the all-valid fast path, whose choice depends on the data
+        self.traceable = False
 
     @classmethod
     def replacing(cls, norm: nn.GroupNorm) -> "MaskedGroupNorm":
@@ -41,7 +47,7 @@ class MaskedGroupNorm(nn.GroupNorm):
         if frames is not None and frames.shape[0] != hidden.shape[0]:
             raise RuntimeError(f"MaskedGroupNorm: lengths set for {frames.shape[0]} rows, input has "
                                f"{hidden.shape[0]}; run the encoder through Detector.embed")
-        if frames is None or bool((frames >= hidden.shape[-1]).all()):
+        if frames is None or (not self.traceable and bool((frames >= hidden.shape[-1]).all())):
             return super().forward(hidden)  # nothing padded: the stock kernel, bit for bit
         batch, channels, width = hidden.shape
         # fp32 statistics, as fairseq's Fp32GroupNorm and autocast's group_norm
@@ -68,6 +74,22 @@ def install_masked_group_norm(encoder: nn.Module) -> MaskedGroupNorm | None:
         return None
     first.layer_norm = MaskedGroupNorm.replacing(norm)
     return first.layer_norm
+
+
+@contextlib.contextmanager
+def traceable_group_norm(encoder: nn.Module) -> Iterator[None]:
+    """While inside, the encoder's ``MaskedGroupNorm`` (if any) always takes the masked statistics, so a
+    graph exporter (ONNX) records one path valid for every batch; equal to the stock kernel up to rounding
+    when nothing is padded."""
+    norm = getattr(encoder.feature_extractor.conv_layers[0], "layer_norm", None)
+    if not isinstance(norm, MaskedGroupNorm):
+        yield
+        return
+    norm.traceable = True
+    try:
+        yield
+    finally:
+        norm.traceable = False
 
 
 def first_conv_frames(encoder: nn.Module, lengths: torch.Tensor) -> torch.Tensor:

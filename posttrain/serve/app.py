@@ -3,12 +3,16 @@
 Endpoints
     ``POST /v1/score``        one upload: raw audio bytes (``audio/*``, ``video/mp4|webm|ogg``,
                               ``application/octet-stream``) or ``multipart/form-data`` with one file
-                              -> file score, P(real), calibrated probability, decision, timeline, warnings
+                              -> file score, P(real), calibrated probability, decision, timeline, warnings;
+                              options ``start_seconds``, ``end_seconds``, ``window_seconds`` (query or
+                              form fields: ``posttrain.serve.options``)
     ``POST /v1/score/batch``  ``multipart/form-data`` with up to ``max_batch_files`` files -> one
                               result or one error per file, in upload order
     ``GET /healthz``          the process answers; ``GET /readyz``: the model is loaded and its thread runs
     ``GET /metrics``          Prometheus: requests, latency, queue depth, audio in flight, errors by kind
     ``GET /v1/model``         the model, its decision rule and the service's limits
+    ``GET /v1/drift``         with ``--drift-reference``: the recent files' drift from the reference
+                              (``posttrain.serve.drift``); else ``{"enabled": false}``
     ``GET /``                 a page to drop or record a file and see verdict, probability and timeline
 
 The state lives on ``app.state.service`` (``posttrain.serve.service.ServiceState``), created at startup
@@ -33,8 +37,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from posttrain.select.drift import SlicedReference
 from posttrain.serve.config import ServeConfig
 from posttrain.serve.metrics import OTHER_ENDPOINT
+from posttrain.serve.options import OPENAPI_PARAMETERS, ScoreOptions
 from posttrain.serve.receive import (Limits, RequestError, guarded_protocol, is_audio_type, receive_form,
                                      receive_raw, remove)
 from posttrain.serve.service import ServiceState
@@ -59,12 +65,16 @@ def _limits(service: ServiceState) -> Limits:
     return Limits(cfg.max_upload_bytes, cfg.read_timeout_seconds, cfg.upload_timeout_seconds)
 
 
-@api.post("/v1/score", summary="Score one upload (raw audio bytes, or multipart with one file)")
+@api.post("/v1/score", summary="Score one upload (raw audio bytes, or multipart with one file)",
+          openapi_extra={"parameters": OPENAPI_PARAMETERS})
 async def score(request: Request) -> dict[str, Any]:
     service = _service(request)
+    query = request.query_params.multi_items()
+    ScoreOptions.parse(query).check_window(service.window_bounds())  # a bad URL option costs no upload
+    fields: list[tuple[str, str]] = []
     kind = request.headers.get("content-type", "")
     if kind.lower().startswith("multipart/form-data"):
-        received = await receive_form(request, service.temp, _limits(service), 1)
+        received = await receive_form(request, service.temp, _limits(service), 1, fields)
     elif is_audio_type(kind):
         name = Path(request.headers.get("x-filename", "upload")).name or "upload"
         received = [(name, await receive_raw(request, service.temp, _limits(service)))]
@@ -72,7 +82,7 @@ async def score(request: Request) -> dict[str, Any]:
         raise RequestError(415, "content_type", f"content type {kind or '(none)'} is not audio: send audio/* or "
                                                 f"application/octet-stream bytes, or multipart/form-data")
     try:
-        return await service.score_file(received[0][1], received[0][0])
+        return await service.score_file(received[0][1], received[0][0], ScoreOptions.parse(query, fields))
     finally:
         remove(received)
 
@@ -103,9 +113,19 @@ async def model_info(request: Request) -> dict[str, Any]:
     service = _service(request)
     cfg = service.cfg
     return {"model": service.identity.get("loaded_from"), "decision_rule": service.decision.rule,
-            "threshold_logit_diff": service.decision.threshold, "calibration_source": service.calibration_source,
+            "score_definition": service.scoring.name, service.decision.threshold_key: service.decision.threshold,
+            "calibration_source": service.calibration_source,
             "window_seconds": cfg.window_seconds, "hop_seconds": cfg.hop_seconds,
+            "request_window_bounds_seconds": list(service.window_bounds()),
             "max_upload_bytes": cfg.max_upload_bytes, "max_upload_seconds": cfg.max_upload_seconds}
+
+
+@api.get("/v1/drift", summary="The drift of the recent files' embeddings from the reference set")
+async def drift(request: Request) -> dict[str, Any]:
+    monitor = _service(request).drift
+    if monitor is None:
+        return {"enabled": False, "detail": "start the service with --drift-reference to monitor drift"}
+    return monitor.status()
 
 
 @api.get("/metrics", summary="Prometheus metrics")
@@ -152,12 +172,13 @@ def _authorised(request: Request, tokens: tuple[str, ...]) -> bool:
     return any(hmac.compare_digest(given.strip().encode(), token.encode()) for token in tokens)
 
 
-def create_app(cfg: ServeConfig, model, identity: dict[str, Any], device) -> FastAPI:
-    """The service around a loaded model."""
+def create_app(cfg: ServeConfig, model, identity: dict[str, Any], device,
+               drift_reference: SlicedReference | None = None) -> FastAPI:
+    """The service around a loaded model (and the drift reference, ``posttrain.serve.drift.load_reference``)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.service = ServiceState(cfg, model, identity, device)
+        app.state.service = ServiceState(cfg, model, identity, device, drift_reference)
         try:
             yield
         finally:
@@ -225,14 +246,17 @@ def serve(cfg: ServeConfig) -> int:
     import uvicorn
 
     from posttrain.loading import load_model
+    from posttrain.serve.drift import load_reference
 
     logging.getLogger("posttrain").setLevel(cfg.log_level.upper())  # the console set-up is posttrain.console's
     device = torch.device(cfg.device)
     model, identity = load_model(cfg.model, device)
+    drift_reference = None if cfg.drift_reference is None else load_reference(
+        cfg.drift_reference, cfg.window_seconds, int(model.ssl_config.hidden_size))
     auth = f"{len(cfg.tokens)} bearer token(s)" if cfg.tokens else "no authentication"
     print(f"posttrain serve: {cfg.model} on http://{cfg.host}:{cfg.port} ({auth}; page at /, API at /docs)",
           flush=True)
-    config = uvicorn.Config(create_app(cfg, model, identity, device), host=cfg.host, port=cfg.port,
+    config = uvicorn.Config(create_app(cfg, model, identity, device, drift_reference), host=cfg.host, port=cfg.port,
                             log_level=cfg.log_level, access_log=False,
                             http=guarded_protocol(cfg.read_timeout_seconds, cfg.max_connections),
                             timeout_graceful_shutdown=max(1, round(cfg.shutdown_timeout_seconds)),

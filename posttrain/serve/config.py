@@ -10,7 +10,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from posttrain.eval.metrics import OPERATING_POINTS as OPERATING_POINT_NAMES
 from posttrain.eval.scoring import AGGREGATIONS, PRECISIONS
+from posttrain.select.embeddings import MANIFEST_NAME
 
 TOKENS_ENV = "POSTTRAIN_SERVE_TOKENS"  # comma-separated bearer tokens (an alternative to a token file)
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
@@ -37,10 +39,18 @@ class ServeConfig:
         f"bearer tokens, one a line (also: {TOKENS_ENV}=a,b); default: no authentication"))
     calibration: Path | None = field(default=None, metadata=_option(
         "calibration.json (default: the one stored with the model, if any)"))
+    operating_point: str | None = field(default=None, metadata=_option(
+        "decide at this operating point of the calibration (fitted on its named dev split): eer, far1, frr1, "
+        "min_dcf (default: the calibration's Bayes threshold)", choices=OPERATING_POINT_NAMES))
     window_seconds: float = field(default=4.0, metadata=_option("timeline window length"))
     hop_seconds: float = field(default=2.0, metadata=_option("timeline hop"))
     min_tail_seconds: float = field(default=1.0, metadata=_option(
         "a last window shorter than this is merged into the one before it"))
+    min_window_seconds: float = field(default=1.0, metadata=_option(
+        "shortest window_seconds a /v1/score request may ask (never below --min-tail-seconds)"))
+    max_window_seconds: float | None = field(default=None, metadata=_option(
+        "longest window_seconds a /v1/score request may ask (default: what one pass holds, "
+        "--max-batch-seconds minus --min-tail-seconds)"))
     aggregation: str = field(default="mean_logits", metadata=_option("window outputs -> file output",
                                                                      choices=AGGREGATIONS))
     max_upload_bytes: int = field(default=32 * 2**20, metadata=_option(
@@ -75,6 +85,14 @@ class ServeConfig:
         "where the service makes its temporary folder (created if missing; default: the system's); "
         "folders left there by a killed service are removed at start"))
     log_level: str = field(default="info", metadata=_option("log level of the service", choices=LOG_LEVELS))
+    drift_reference: Path | None = field(default=None, metadata=_option(
+        "embeddings folder (`posttrain drift` or `posttrain embed`, with this service's --window-seconds) the "
+        "recent files' embeddings are compared with, at /v1/drift and /metrics; default: no drift monitoring"))
+    drift_window_files: int = field(default=1000, metadata=_option(
+        "the drift compares the embeddings of this many most recent files", flag="--drift-window"))
+    drift_every_files: int = field(default=50, metadata=_option("the drift is recomputed after this many new files"))
+    drift_every_seconds: float = field(default=30.0, metadata=_option(
+        "... or this long after its last computation, when a file has arrived since"))
     tokens: tuple[str, ...] = field(default=(), repr=False, metadata=_option("from read_tokens(); never printed",
                                                                              cli=False))
 
@@ -91,14 +109,14 @@ class ServeConfig:
             raise ValueError(f"serve.port: must be in 1..65535, got {self.port}")
         for key in ("window_seconds", "hop_seconds", "max_upload_seconds", "max_batch_seconds",
                     "max_inflight_seconds", "queue_timeout_seconds", "decode_timeout_seconds", "read_timeout_seconds",
-                    "upload_timeout_seconds", "shutdown_timeout_seconds"):
+                    "upload_timeout_seconds", "shutdown_timeout_seconds", "drift_every_seconds"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"serve.{key}: must be > 0, got {getattr(self, key)}")
         if self.hop_seconds > self.window_seconds:
             raise ValueError(f"serve.hop_seconds: must be <= window_seconds ({self.window_seconds}), "
                              f"got {self.hop_seconds} (a larger hop would leave audio unscored)")
         for key in ("max_upload_bytes", "max_batch_files", "max_batch_size", "max_queue", "retry_after_seconds",
-                    "decode_workers", "max_connections"):
+                    "decode_workers", "max_connections", "drift_every_files"):
             if getattr(self, key) < 1:
                 raise ValueError(f"serve.{key}: must be >= 1, got {getattr(self, key)}")
         for key in ("max_batch_wait_ms", "min_tail_seconds", "short_lane_seconds"):
@@ -110,10 +128,29 @@ class ServeConfig:
         if self.max_batch_seconds < self.window_seconds + self.min_tail_seconds:
             raise ValueError(f"serve.max_batch_seconds ({self.max_batch_seconds}) must hold one window "
                              f"(window_seconds + min_tail_seconds = {self.window_seconds + self.min_tail_seconds})")
+        if not self.min_window_seconds > 0:
+            raise ValueError(f"serve.min_window_seconds: must be > 0, got {self.min_window_seconds}")
+        low, high = self.request_window_bounds()
+        if self.max_window_seconds is not None and not low <= high <= self.max_batch_seconds - self.min_tail_seconds:
+            raise ValueError(f"serve.max_window_seconds: must be >= {low:g} (min_window_seconds, min_tail_seconds) "
+                             f"and fit one pass with its tail (<= max_batch_seconds - min_tail_seconds = "
+                             f"{self.max_batch_seconds - self.min_tail_seconds:g}), got {high:g}")
+        if self.drift_window_files < 2:
+            raise ValueError(f"serve.drift_window_files: must be >= 2, got {self.drift_window_files}")
+        if self.drift_reference is not None and not (Path(self.drift_reference) / MANIFEST_NAME).is_file():
+            raise ValueError(f"serve.drift_reference: {self.drift_reference}: not an embeddings folder (no "
+                             f"{MANIFEST_NAME}); write one with `posttrain drift` or `posttrain embed`")
         if not self.tokens and not self.allow_public and not is_loopback(self.host):
             raise ValueError(f"serve.host: {self.host} is reachable beyond this machine and no token is configured; "
                              f"give --token-file (or {TOKENS_ENV}) or --allow-public")
 
+    def request_window_bounds(self) -> tuple[float, float]:
+        """The ``window_seconds`` a request may ask: a window shorter than the tail rule's minimum would be
+        merged with every following one (one window as long as the file), a longer one than a pass holds
+        would make a pass as long as the request likes."""
+        high = self.max_batch_seconds - self.min_tail_seconds if self.max_window_seconds is None \
+            else self.max_window_seconds
+        return max(self.min_window_seconds, self.min_tail_seconds), high
 
 
 def read_tokens(token_file: Path | None) -> tuple[str, ...]:

@@ -11,7 +11,9 @@ the waiting requests in turn (round robin), until it holds ``max_batch_seconds``
 or ``max_batch_size`` windows, or ``max_batch_wait_ms`` has passed since work arrived. So a short clip
 waits for at most the pass running when it arrives, never for every window of the long files ahead of
 it, and no request starves. Each window is normalised on its own as in
-``posttrain.eval.inference.forward_windows``, so a window scores the same alone or batched.
+``posttrain.eval.inference.forward_windows``, so a window scores the same alone or batched; its pooled
+embedding (the head's input, which that pass computes anyway) comes back with its logits, for the
+service's drift monitor.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ class _Job:
 
 class Batcher:
     """One thread running every forward pass; ``submit`` takes one request's windows and returns a future
-    per window (``[2]`` logits), in order."""
+    per window (``([2] logits float64, [D] pooled embedding float32)``), in order."""
 
     def __init__(self, model, device: torch.device, *, max_batch_seconds: float, max_batch_size: int,
                  max_wait_ms: float, precision: str = "fp32", on_pass: Callable[[int], None] = lambda windows: None,
@@ -164,14 +166,14 @@ class Batcher:
             if not batch:
                 continue
             try:
-                logits, _ = forward_windows(self.model, [j.wave for j in batch], self.device, self.precision)
+                logits, pooled = forward_windows(self.model, [j.wave for j in batch], self.device, self.precision)
             except Exception as error:  # noqa: BLE001 - a failed pass fails its requests, not the service
                 for j in batch:
                     j.future.set_exception(error)
                 continue
             self.on_pass(len(batch))
             for row, j in enumerate(batch):
-                j.future.set_result(logits[row].astype(np.float64))
+                j.future.set_result((logits[row].astype(np.float64), pooled[row]))
         with self._ready:  # closing: what still waits fails now rather than hang its request
             for jobs in self._requests:
                 for job in jobs:

@@ -33,6 +33,15 @@ class Metrics:
         in_flight.set_function(lambda: state.admission.in_flight_seconds)
         windows = Gauge("posttrain_serve_windows_queued", "windows waiting for the device", registry=self.registry)
         windows.set_function(lambda: sum(batcher.queued for batcher in state.batchers))
+        if state.drift is not None:  # --drift-reference (posttrain.serve.drift); NaN until there is a value
+            for name, key, text in (
+                    ("posttrain_serve_drift_sliced_w1", "value",
+                     "sliced Wasserstein-1 of the recent files' embeddings from the drift reference"),
+                    ("posttrain_serve_drift_threshold", "threshold",
+                     "95th percentile of that distance for a full window of reference data"),
+                    ("posttrain_serve_drift_window_files", "window_files", "files behind the last drift value")):
+                gauge = Gauge(name, text, registry=self.registry)
+                gauge.set_function(lambda key=key: state.drift.gauge(key))
 
     def count_pass(self, windows: int) -> None:
         self.passes.inc()

@@ -47,7 +47,7 @@ function show(result) {
   $("verdict").className = result.decision;
   $("verdict").textContent = result.decision === "real" ? "real" : "fake";
   $("verdict").dataset.state = "done";
-  $("probability").textContent = result.p_real.toFixed(4);
+  $("probability").textContent = result.p_real === null ? "-" : result.p_real.toFixed(4);
   $("calibrated").textContent = result.probability_real_calibrated === null ? "(uncalibrated)"
     : "(calibrated: " + result.probability_real_calibrated.toFixed(4) + ")";
   draw(result.timeline);
@@ -63,7 +63,8 @@ function timeTicks(seconds) {
 function draw(timeline) {
   const canvas = $("timeline"), g = canvas.getContext("2d"), w = canvas.width, axis = 22, h = canvas.height - axis;
   g.clearRect(0, 0, w, canvas.height);
-  const scores = timeline.windows.map((x) => x.logit_diff).concat([timeline.threshold_logit_diff]);
+  const key = timeline.score_definition || "logit_diff", threshold = timeline["threshold_" + key];
+  const scores = timeline.windows.map((x) => x[key]).concat([threshold]);
   const lo = Math.min(...scores) - 0.5, hi = Math.max(...scores) + 0.5;
   const x = (t) => t / Math.max(timeline.seconds, 1e-3) * w, y = (v) => h - (v - lo) / (hi - lo) * h;
   g.fillStyle = "rgba(200,0,0,0.15)";
@@ -71,10 +72,10 @@ function draw(timeline) {
   g.lineWidth = 3;
   for (const win of timeline.windows) {
     g.strokeStyle = win.decision === "fake" ? "#b00" : "#07a";
-    g.beginPath(); g.moveTo(x(win.start_s), y(win.logit_diff)); g.lineTo(x(win.end_s), y(win.logit_diff)); g.stroke();
+    g.beginPath(); g.moveTo(x(win.start_s), y(win[key])); g.lineTo(x(win.end_s), y(win[key])); g.stroke();
   }
   g.setLineDash([6, 4]); g.lineWidth = 1; g.strokeStyle = "#000";
-  g.beginPath(); g.moveTo(0, y(timeline.threshold_logit_diff)); g.lineTo(w, y(timeline.threshold_logit_diff)); g.stroke();
+  g.beginPath(); g.moveTo(0, y(threshold)); g.lineTo(w, y(threshold)); g.stroke();
   g.setLineDash([]);
   // the time axis: a tick and its label (seconds, or m:ss past a minute) at round steps
   const ticks = timeTicks(timeline.seconds), label = (t) => t < 60 ? t + " s"

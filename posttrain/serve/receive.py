@@ -115,8 +115,10 @@ class _BoundedParser(MultiPartParser):
         super().on_part_data(data, start, end)
 
 
-async def receive_form(request: Request, folder: Path, limits: Limits, max_files: int) -> list[tuple[str, Path]]:
-    """``(name, path)`` of every file of a multipart body, copied into ``folder``."""
+async def receive_form(request: Request, folder: Path, limits: Limits, max_files: int,
+                       fields: list[tuple[str, str]] | None = None) -> list[tuple[str, Path]]:
+    """``(name, path)`` of every file of a multipart body, copied into ``folder``; its text fields are
+    appended to ``fields`` as ``(name, value)`` when given (else ignored)."""
     total = limits.max_file_bytes * max_files
     check_declared_length(request, total)
     parser = _BoundedParser(request.headers, limits.chunks(request.stream(), total, "multipart body"),
@@ -127,8 +129,10 @@ async def receive_form(request: Request, folder: Path, limits: Limits, max_files
         raise RequestError(400, "bad_form", f"multipart body: {error.message}") from None
     received: list[tuple[str, Path]] = []
     try:
-        for _, value in form.multi_items():
+        for key, value in form.multi_items():
             if isinstance(value, str):
+                if fields is not None:
+                    fields.append((key, value))
                 continue
             name = Path(value.filename or "upload").name
             if value.content_type and not is_audio_type(value.content_type):

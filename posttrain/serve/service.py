@@ -10,6 +10,8 @@ audio is refused (422); it is windowed and scored by a batcher: clips of at most
 in the short lane, the rest in the long lane, each lane its own thread (on the CPU, one core each), so
 a short clip never waits for a long file's pass. A header that disagrees with the data
 is reported in ``warnings``. Every refusal is a ``RequestError`` (one-word kind, one-line detail).
+With ``--drift-reference``, each scored file's embedding (from the same pass, aggregated over its
+windows like its logits) goes to the drift monitor (``posttrain.serve.drift``).
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ import torch
 from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.data import audio
 from posttrain.eval.inference import SampleOutput, min_input_samples
-from posttrain.eval.scoring import NEAR_SILENT_DBFS, Decision, WindowConfig, aggregate, logit_diff, p_real
+from posttrain.eval.scoring import NEAR_SILENT_DBFS, Decision, WindowConfig, aggregate, p_real
 from posttrain.eval.timeline import timeline_of
+from posttrain.select.drift import SlicedReference
 from posttrain.serve.config import ServeConfig
+from posttrain.serve.drift import DriftMonitor
 from posttrain.serve.engine import Admission, Batcher, Busy
 from posttrain.serve.metrics import Metrics
+from posttrain.serve.options import ScoreOptions, used
 from posttrain.serve.receive import RequestError
 from posttrain.serve.tempspace import ServiceFolder
 
@@ -42,12 +47,17 @@ _TOO_LARGE_REASONS = ("too_long",)
 class ServiceState:
     """Everything a running service holds."""
 
-    def __init__(self, cfg: ServeConfig, model, identity: dict[str, Any], device):
+    def __init__(self, cfg: ServeConfig, model, identity: dict[str, Any], device,
+                 drift_reference: SlicedReference | None = None):
         from posttrain.eval.scoring import resolve_calibration
 
         self.cfg, self.model, self.identity = cfg, model, identity
-        self.calibration, self.calibration_source = resolve_calibration(cfg.calibration, identity)
-        self.decision = Decision.of(self.calibration)
+        self.drift = None if drift_reference is None else DriftMonitor(
+            drift_reference, window_files=cfg.drift_window_files, every_files=cfg.drift_every_files,
+            every_seconds=cfg.drift_every_seconds)
+        self.scoring = model.score_definition  # logit_diff, or the one-class head's cosine
+        self.calibration, self.calibration_source = resolve_calibration(cfg.calibration, identity, self.scoring)
+        self.decision = Decision.of(self.calibration, definition=self.scoring, operating_point=cfg.operating_point)
         self.window = WindowConfig(cfg.window_seconds, cfg.hop_seconds, cfg.min_tail_seconds)
         self.min_samples = min_input_samples(model)
         self.admission = Admission(cfg.max_inflight_seconds * SAMPLE_RATE_HZ, cfg.max_queue, cfg.queue_timeout_seconds)
@@ -83,14 +93,25 @@ class ServiceState:
     def temp(self) -> Path:
         return self.folder.path
 
+    def window_bounds(self) -> tuple[float, float]:
+        """The ``window_seconds`` a request may ask (``ServeConfig.request_window_bounds``, and never shorter
+        than the model's shortest input)."""
+        low, high = self.cfg.request_window_bounds()
+        return max(low, self.min_samples / SAMPLE_RATE_HZ), high
+
     def close(self) -> None:
         self.closing = True
         for batcher in self.batchers:
             batcher.close(self.cfg.shutdown_timeout_seconds)
+        if self.drift is not None:
+            self.drift.close()
         self.folder.close()
 
-    async def score_file(self, path: Path, name: str) -> dict[str, Any]:
-        """The result of one received file (removed by the caller); ``RequestError`` when refused."""
+    async def score_file(self, path: Path, name: str, options: ScoreOptions | None = None) -> dict[str, Any]:
+        """The result of one received file (removed by the caller), of the region and window ``options``
+        ask (``posttrain.serve.options``); ``RequestError`` when refused."""
+        options = options or ScoreOptions()
+        options.check_window(self.window_bounds())
         info = await anyio.to_thread.run_sync(_probe, path, name, limiter=self.decoders)
         limit = self.cfg.max_upload_seconds
         if info.exact and info.duration_s is not None and info.duration_s > limit:  # checked against the data
@@ -108,12 +129,15 @@ class ServiceState:
             if len(wave.samples) > admitted:  # more than the header said: hold what is really there
                 self.admission.overdraw(len(wave.samples) - admitted)
                 admitted = len(wave.samples)
-            return await self._score_wave(wave, name)
+            return await self._score_wave(wave, name, options)
         finally:
             self.admission.release(admitted)
 
-    async def _score_wave(self, wave: audio.Waveform, name: str) -> dict[str, Any]:
-        samples = wave.samples
+    async def _score_wave(self, wave: audio.Waveform, name: str, options: ScoreOptions | None = None
+                          ) -> dict[str, Any]:
+        options = options or ScoreOptions()
+        region, window = options.region(len(wave.samples)), options.window(self.window)
+        samples = wave.samples[region[0]:region[1]]  # the region is cut from the bounded decode
         level = audio.level_dbfs(samples)
         if level < NEAR_SILENT_DBFS:
             raise RequestError(422, "near_silent", f"{name}: near-silent input ({level:.0f} dBFS RMS, below "
@@ -121,26 +145,36 @@ class ServiceState:
         if len(samples) < self.min_samples:
             raise RequestError(422, "too_short", f"{name}: {len(samples) / SAMPLE_RATE_HZ:.3f} s; the model needs "
                                                  f"at least {self.min_samples / SAMPLE_RATE_HZ:.3f} s")
-        spans = self.window.spans(len(samples))
+        spans = window.spans(len(samples))
         futures = self.lane(len(samples)).submit([samples[start:stop] for start, stop in spans])
-        window_logits = np.stack(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        windows = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        window_logits = np.stack([logits for logits, _ in windows])
+        pooled = None if self.drift is None else np.stack([embedding for _, embedding in windows])
         lengths = np.array([stop - start for start, stop in spans])
-        logits, _ = aggregate(lengths, window_logits, None, self.cfg.aggregation)
-        output = SampleOutput(0, name, {}, logits, None, len(spans), len(samples), tuple(spans), window_logits)
+        logits, embedding = aggregate(lengths, window_logits, pooled, self.cfg.aggregation)
+        in_file = tuple((start + region[0], stop + region[0]) for start, stop in spans)  # the timeline's times
+        output = SampleOutput(0, name, {}, logits, embedding, len(spans), len(samples), in_file, window_logits)
         self.metrics.audio.inc(output.seconds)
-        return {**self._result(output, level), "warnings": list(wave.warnings)}
+        if self.drift is not None and window == self.window:  # the reference was made with the service's windows
+            self.drift.add(embedding)
+        return {**self._result(output, level), "warnings": list(wave.warnings),
+                **(used(region, window) if options.given else {})}
 
     def _result(self, output: SampleOutput, level: float) -> dict[str, Any]:
-        score = float(logit_diff(output.logits))
+        """The score under its name (``logit_diff`` / ``cosine``); ``p_real``: the softmax P(real) of logits,
+        or for a cosine the calibrated one (else null); ``probability_real_calibrated``: the calibration's."""
+        scoring, calibration = self.scoring, self.calibration
+        score = float(scoring.scores(output.logits))
         llr = probability = None
-        if self.calibration is not None:
-            llr = float(self.calibration.llr([score])[0])
-            prior = self.calibration.prior_bona_fide
-            probability = 1.0 / (1.0 + math.exp(-(llr + math.log(prior / (1.0 - prior)))))
+        if calibration is not None:
+            llr = float(calibration.llr([score])[0])
+            probability = float(calibration.probability([score])[0])
+        p_real_of = p_real(output.logits, scoring, calibration)
         return {"file": output.id, "seconds": output.seconds, "windows": output.num_windows,
-                "logit_diff": score, "p_real": float(p_real(output.logits)), "llr": llr,
+                "score_definition": scoring.name, scoring.name: score,
+                "p_real": None if p_real_of is None else float(p_real_of), "llr": llr,
                 "probability_real_calibrated": probability, "decision": self.decision.label(score),
-                "level_dbfs": level, "timeline": timeline_of(output, self.decision, self.calibration).to_dict()}
+                "level_dbfs": level, "timeline": timeline_of(output, self.decision, calibration, scoring).to_dict()}
 
 
 def _refusal(error: audio.AudioError, path: Path, name: str) -> RequestError:

@@ -35,6 +35,10 @@ def test_eval_writes_the_full_report(tiny_export_dir, shard_dir, tmp_path):
     assert len(rows) == index["totals"]["samples"] and {row["ScoreType"] for row in rows} == {"logit_diff"}
     for row in rows:  # the score is the logit difference written beside it
         assert float(row["Score"]) == pytest.approx(float(row["LogitReal"]) - float(row["LogitFake"]), abs=1e-12)
+    with open(out / "antideepfake_scores.csv", newline="") as handle:  # AntiDeepfake's format, same trials
+        ad_rows = [(row["ID"], json.loads(row["Score"]), int(row["Label"])) for row in csv.DictReader(handle)]
+    assert ad_rows == [(row["ID"], [float(row["LogitFake"]), float(row["LogitReal"])], int(row["Label"]))
+                       for row in rows]
     result = yaml.safe_load((out / "result.yaml").read_text())
     assert result["data"]["index_sha256"] == hashlib.sha256((shard_dir / "index.json").read_bytes()).hexdigest()
     assert result["score_file"]["sha256"] == hashlib.sha256((out / "scores.csv").read_bytes()).hexdigest()

@@ -20,7 +20,7 @@ from posttrain.eval.report import ScoreTable, write_scores
 pytestmark = pytest.mark.slow
 
 
-def score_table(seed, n=240):
+def score_table(seed, n=240, prefix=""):
     """Miscalibrated logit differences; corpus B is easier than A, attack A02 harder than A01."""
     rng = np.random.default_rng(seed)
     records = []
@@ -30,7 +30,7 @@ def score_table(seed, n=240):
         attack = "-" if label else ("A01" if i % 4 == 0 else "A02")
         centre = (2.0 if label else (-2.0 if attack == "A01" else -0.5)) * (1.5 if corpus == "B" else 1.0)
         diff = 3.0 * rng.normal(centre, 1.0) + 1.0
-        records.append({"id": f"{corpus}-u{i:04d}", "score": diff, "label": label, "attack": attack,
+        records.append({"id": f"{prefix}{corpus}-u{i:04d}", "score": diff, "label": label, "attack": attack,
                         "language": "en" if i % 5 else "fr", "score_type": "logit_diff",
                         "logit_fake": -diff / 2, "logit_real": diff / 2})
     return ScoreTable.from_records(records)
@@ -43,7 +43,7 @@ def posttrain(*args, cwd):
 
 
 def test_metrics_command_writes_the_full_report(tmp_path):
-    test, dev = score_table(0), score_table(1)
+    test, dev = score_table(0), score_table(1, prefix="dev-")
     write_scores(tmp_path / "test.csv", test)
     write_scores(tmp_path / "dev.csv", dev)
     out = tmp_path / "report"

@@ -21,7 +21,7 @@ import torch
 
 from posttrain.bench.hostile_audio import wav_with_rate
 from posttrain.cli import COMMANDS, main
-from posttrain.errors import EXIT_FAILED, EXIT_USAGE
+from posttrain.errors import EXIT_USAGE
 
 REPO = Path(__file__).resolve().parents[2]
 NOTE = "my notes: not posttrain's to delete\n"
@@ -205,9 +205,19 @@ CASES = [
     Case("select nc", "missing embeddings", lambda i, m: [
         "--embeddings", str(i.path("no_emb")), "--protocol", str(i.path("p.csv")), "--out",
         str(i.occupied("sel_out"))], EXIT_USAGE, lambda i: str(i.path("p.csv")), out="sel_out"),
+    Case("drift", "a reference folder without audio", lambda i, m: [
+        "--reference", str(i.audio_folder("no_audio")), "--incoming", str(i.audio_folder("some_audio", files=2)),
+        "--model", str(i.export), "--out", str(i.occupied("drift_out"))], EXIT_USAGE,
+         lambda i: f"--reference {i.path('no_audio')}: no audio found", out="drift_out"),
     Case("publish", "output folder holds a user's file", lambda i, m: [
         "--checkpoint", str(i.export), "--out", str(i.occupied("pub_out"))], EXIT_USAGE,
          lambda i: f"{i.path('pub_out')}: not empty and not a posttrain export", out="pub_out"),
+    Case("export", "output folder holds a user's file", lambda i, m: [
+        str(i.export), "--format", "onnx", "--out", str(i.occupied("onnx_out"))], EXIT_USAGE,
+         lambda i: f"{i.path('onnx_out')}: not empty and not a posttrain export", out="onnx_out"),
+    Case("score", "onnxruntime backend given a transformers export", lambda i, m: [
+        "--model", str(i.export), str(i.audio_folder("some", files=1)), "--backend", "onnxruntime"], EXIT_USAGE,
+         lambda i: "not an ONNX export (no model.onnx)"),
     Case("hub convert", "already a transformers export", lambda i, m: [str(i.export), "--out", str(i.path("c"))],
          EXIT_USAGE, lambda i: "already a transformers export"),
     Case("hub convert", "legacy pickle", lambda i, m: [str(i.legacy_pickle()), "--out", str(i.path("conv"))],
@@ -226,6 +236,9 @@ CASES = [
     Case("serve", "temp dir that cannot be made", lambda i, m: [
         str(i.export), "--temp-dir", str(i.file("a_file", b"x") / "sub")], EXIT_USAGE,
          lambda i: f"serve.temp_dir: {i.path('a_file')}/sub: cannot create it"),
+    Case("serve", "a drift reference that is not embeddings", lambda i, m: [
+        str(i.export), "--drift-reference", str(i.audio_folder("not_embeddings"))], EXIT_USAGE,
+         lambda i: f"serve.drift_reference: {i.path('not_embeddings')}: not an embeddings folder"),
     Case("serve", "missing token file", lambda i, m: [str(i.export), "--token-file", str(i.path("tokens.txt"))],
          EXIT_USAGE, lambda i: f"serve.token_file: {i.path('tokens.txt')}: No such file or directory"),
 ]

@@ -99,3 +99,25 @@ def test_first_conv_frames_follow_the_conv_arithmetic():
     lengths = torch.tensor([8000, 10, 9, 0])
     expected = [conv(torch.zeros(1, 1, n)).shape[-1] if n >= 10 else 0 for n in lengths.tolist()]
     assert first_conv_frames(detector.encoder, lengths).tolist() == expected
+
+
+def test_traceable_group_norm_always_takes_the_masked_path_and_equals_the_stock_kernel_unpadded():
+    """While an exporter traces (ONNX), the all-valid fast path (a data-dependent branch) is off: the masked
+    statistics of an unpadded batch equal the stock kernel's, and padded rows keep their own statistics."""
+    from posttrain.models.masked_norm import traceable_group_norm
+
+    torch.manual_seed(0)
+    detector = build_detector(ModelConfig(preset="tiny_group_norm")).eval()
+    norm = detector.encoder.feature_extractor.conv_layers[0].layer_norm
+    hidden = torch.randn(2, norm.num_channels, 40)
+    norm.valid_frames = torch.tensor([40, 40])
+    stock = norm(hidden)
+    with traceable_group_norm(detector.encoder):
+        assert norm.traceable
+        traced = norm(hidden)
+        norm.valid_frames = torch.tensor([40, 25])
+        padded = norm(hidden)
+    assert not norm.traceable
+    torch.testing.assert_close(traced, stock, atol=1e-5, rtol=1e-5)
+    expected = F.group_norm(hidden[1:, :, :25], norm.num_groups, norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(padded[1:, :, :25], expected, atol=1e-5, rtol=1e-5)

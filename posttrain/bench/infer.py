@@ -1,0 +1,121 @@
+"""``python -m posttrain.bench infer``: CPU inference speed, torch eager vs onnxruntime fp32 vs int8.
+
+For each preset (random init; default ``tiny`` and ``xlsr_300m``), each thread count and each input length,
+one forward pass of one raw input (batch 1, as ``posttrain score`` runs one window), after a warm-up pass:
+the real-time factor (compute seconds per audio second; below 1 is faster than real time) and the audio
+seconds per core-second (audio seconds / (wall seconds x threads)). The ONNX graphs are exported here
+(``posttrain.hub.onnx_export``) into a temporary folder. The CPU's model name and its AVX-512 / VNNI flags
+(``/proc/cpuinfo``) come first: int8 speed-ups depend on VNNI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+# the ONNX graph materialises [heads, frames, frames] float32 attention tensors (torch's sdpa does not): a cell
+# needing more than this per tensor is skipped (the tiny preset's 20-sample stride gives 48,000 frames a minute)
+MAX_ATTENTION_BYTES = 2 << 30
+
+
+def cpu_summary() -> str:
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    shown = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in CPU_FLAGS)
+    return f"{model}; {shown}"
+
+
+def first_conv_frames_total(config, samples: int) -> int:
+    """Encoder frames of ``samples`` input samples (the conv stack's output length)."""
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+        samples = (samples - kernel) // stride + 1
+    return max(samples, 0)
+
+
+def _time(run, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def bench_preset(preset: str, threads: list[int], seconds: list[float], folder: Path, repeats: int) -> list[dict]:
+    import torch
+
+    from posttrain.config import ModelConfig
+    from posttrain.eval.onnx_runtime import OnnxModel
+    from posttrain.hub.export import identity_document
+    from posttrain.hub.onnx_export import export_onnx
+    from posttrain.models.detector import build_detector
+
+    torch.manual_seed(0)
+    detector = build_detector(ModelConfig(preset=preset)).eval()
+    started = time.perf_counter()
+    out = export_onnx(detector, folder / preset, identity_document(detector, preset=preset), quantize="int8")
+    print(f"{preset}: exported fp32 + int8 in {time.perf_counter() - started:.0f} s", flush=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for count in threads:
+        torch.set_num_threads(count)
+        runners = {"onnx fp32": OnnxModel(out, threads=count), "onnx int8": OnnxModel(out, threads=count, int8=True)}
+        for length in seconds:
+            wave = (0.1 * rng.standard_normal(int(length * 16000))).astype(np.float32)
+            tensor, lengths = torch.from_numpy(wave)[None], torch.tensor([wave.size])
+
+            def eager() -> None:
+                with torch.inference_mode():
+                    detector(detector.normalise(tensor, lengths), lengths)
+
+            backends = {"torch eager": eager, **{name: (lambda model=model: model.logits([wave]))
+                                                 for name, model in runners.items()}}
+            frames = int(first_conv_frames_total(detector.ssl_config, wave.size))
+            attention = frames * frames * detector.ssl_config.num_attention_heads * 4
+            for name, run in backends.items():
+                if name != "torch eager" and attention > MAX_ATTENTION_BYTES:
+                    print(f"  {preset:<10} {name:<12} threads {count}  {length:>4g} s input  skipped: {frames} frames, "
+                          f"{attention / 2**30:.0f} GiB per attention tensor", flush=True)
+                    continue
+                run()  # warm-up: allocations, thread pools
+                wall = _time(run, repeats)
+                rows.append({"preset": preset, "backend": name, "threads": count, "seconds": length,
+                             "wall_s": wall, "rtf": wall / length, "audio_s_per_core_s": length / (wall * count)})
+                print(f"  {preset:<10} {name:<12} threads {count}  {length:>4g} s input  wall {wall:8.3f} s  "
+                      f"RTF {wall / length:.4f}  audio s per core-s {length / (wall * count):8.2f}", flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| preset | backend | threads | input (s) | wall (s) | RTF | audio s / core-s |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['preset']} | {r['backend']} | {r['threads']} | {r['seconds']:g} | {r['wall_s']:.3f} | "
+              f"{r['rtf']:.4f} | {r['audio_s_per_core_s']:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m posttrain.bench infer", description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "xlsr_300m"])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--seconds", nargs="+", type=float, default=[4.0, 60.0])
+    parser.add_argument("--repeats", type=int, default=1, help="timed passes per cell (the fastest is shown)")
+    args = parser.parse_args(argv)
+    print(f"CPU: {cpu_summary()}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="posttrain-bench-infer-") as folder:
+        for preset in args.presets:
+            rows += bench_preset(preset, args.threads, args.seconds, Path(folder), args.repeats)
+    print(table(rows))
+    return 0
