@@ -110,7 +110,7 @@ def load_scorer(spec: str | Path, device: str | torch.device = "cpu", *, backend
     if torch.device(device).type != "cpu":
         raise UserError(f"--device {device}: the onnxruntime backend runs on the CPU; drop --device")
     path, repo_id = locate_model(spec)
-    model = OnnxModel(path, threads=threads)
+    model = OnnxModel(path, threads=threads, int8=backend == "onnxruntime-int8")
     identity = {**model.identity, "loaded_from": {"spec": str(spec), "path": str(path), "format": "onnx",
                                                   "repo_id": repo_id, "backend": backend}}
     return model, identity

@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, batch_seconds: float = 200
     if backends:
         group.add_argument("--backend", choices=BACKENDS, default="torch",
                            help="onnxruntime: run an ONNX export (`posttrain export --format onnx`; --model is its "
-                                "folder) on the CPU, fp32")
+                                "folder) on the CPU, fp32; onnxruntime-int8: its model.int8.onnx (--quantize int8)")
     group.add_argument("--mode", choices=SCORING_MODES, default="windowed",
                        help="antideepfake: AntiDeepfake's test protocol (every file whole, batch 1; "
                             "no window options); windowed: long files in windows, files batched")
@@ -67,6 +67,6 @@ def device_from_args(args: argparse.Namespace, info):
 
     from posttrain.dist import choose_device
 
-    if getattr(args, "backend", "torch") == "onnxruntime":  # a CPU backend: cuda only when asked (then refused)
+    if getattr(args, "backend", "torch").startswith("onnxruntime"):  # a CPU backend: cuda only when asked (then refused)
         return torch.device(args.device or "cpu")
     return torch.device(args.device) if args.device else choose_device("auto", info.local_rank)

@@ -67,6 +67,7 @@ class OnnxModel:
                             f"`posttrain export --format onnx MODEL --out DIR`, or drop --backend onnxruntime")
         self.identity = read_onnx_identity(self.folder)
         name = INT8_NAME if int8 else ONNX_NAME
+        self.backend = "onnxruntime-int8" if int8 else "onnxruntime"
         if not (self.folder / name).is_file():
             raise UserError(f"{self.folder}: no {name} (export with --quantize int8)")
         self.session = session(self.folder / name, threads)

@@ -59,7 +59,8 @@ AGGREGATIONS = ("mean_logits", "max_fake")
 PRECISIONS = ("fp32", "bf16")  # inference precision: bf16 is autocast on CUDA only
 # what runs the model: torch (any model spec), or onnxruntime on the CPU (a `posttrain export --format onnx`
 # folder; posttrain.eval.onnx_runtime)
-BACKENDS = ("torch", "onnxruntime")
+# onnxruntime-int8: the export's dynamically quantised model.int8.onnx (`posttrain export --quantize int8`)
+BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ class InferenceConfig:
             raise ValueError(f"precision: {self.precision!r} is not one of {PRECISIONS}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: {self.backend!r} is not one of {BACKENDS}")
-        if self.backend == "onnxruntime" and self.precision != "fp32":
+        if self.backend.startswith("onnxruntime") and self.precision != "fp32":
             raise ValueError(f"precision {self.precision}: the onnxruntime backend runs the exported fp32 graph; "
                              f"drop --precision")
         if self.batch_seconds <= 0 or self.max_batch_size < 1 or self.num_buckets < 1 or self.num_workers < 0:

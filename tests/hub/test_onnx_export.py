@@ -175,6 +175,12 @@ def test_score_with_onnxruntime_equals_the_torch_backend(onnx_dir, audio_files, 
         for key in ("logit_fake", "logit_real", "logit_diff", "p_real", "llr"):
             assert abs(row[key] - torch_scores[name][key]) < TOLERANCE, (name, key)
     assert json.loads((tmp_path / "onnx.json").read_text())["inference"]["backend"] == "onnxruntime"
+    # --backend onnxruntime-int8 runs model.int8.onnx: close to fp32, not the fp32 graph (never compared exactly:
+    # int8 kernels differ by instruction set)
+    quantised = score_json(onnx_dir, audio_files, tmp_path / "int8.json", "--backend", "onnxruntime-int8")
+    assert json.loads((tmp_path / "int8.json").read_text())["inference"]["backend"] == "onnxruntime-int8"
+    differences = [abs(quantised[name]["logit_diff"] - row["logit_diff"]) for name, row in ours.items()]
+    assert max(differences) < 0.1 and max(differences) > 0
 
 
 def test_eval_with_onnxruntime_writes_the_torch_backend_scores(onnx_dir, tiny_export_dir, tiny_corpus, tmp_path):
