@@ -265,15 +265,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+def with_fixed_mmap_threshold(bench: str, argv: list[str]) -> None:
+    """Re-run ``python -m posttrain.bench BENCH ARGV`` with a fixed mmap threshold (once; returns when it
+    is set). glibc keeps freed heap memory (e.g. the fp32 weights DeepSpeed replaced by bf16 ones) in the
+    RSS as holes, and hides later reuse: a fixed threshold returns every large tensor to the system on
+    free, so the peak RSS is what the tensors need (it must be set before the process starts)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if MMAP_THRESHOLD_ENV not in os.environ:
-        # glibc keeps freed heap memory (e.g. the fp32 weights DeepSpeed replaced by bf16 ones) in the
-        # RSS as holes, and hides later reuse: a fixed mmap threshold returns every large tensor to the
-        # system on free, so the peak RSS is what the tensors need (set before the process starts)
         os.environ[MMAP_THRESHOLD_ENV] = "65536"
-        os.execv(sys.executable, [sys.executable, "-m", "posttrain.bench", "fullsize", *argv])
+        os.execv(sys.executable, [sys.executable, "-m", "posttrain.bench", bench, *argv])
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    with_fixed_mmap_threshold("fullsize", argv)
     if args.activations:
         report = {}
         for preset in args.presets:

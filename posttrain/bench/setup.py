@@ -32,15 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from posttrain.bench.fullsize import (MMAP_THRESHOLD_ENV, clip_batch, peak_rss_bytes, predicted_bytes,
-                                      reset_peak_rss, rss_bytes)
+from posttrain.bench.fullsize import (clip_batch, peak_rss_bytes, predicted_bytes, reset_peak_rss, rss_bytes,
+                                      with_fixed_mmap_threshold)
 
 GB = 1e9  # the goal is stated in GB: 4 P / N + 2 GB
 GOAL_MARGIN_BYTES = 2 * GB
@@ -199,11 +198,7 @@ def _gb(value: float) -> str:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if MMAP_THRESHOLD_ENV not in os.environ:
-        # as the fullsize bench: freed tensors go back to the system, so the peak RSS is what tensors need
-        os.environ[MMAP_THRESHOLD_ENV] = "65536"
-        os.execv(sys.executable, [sys.executable, "-m", "posttrain.bench", "setup", *argv])
+    with_fixed_mmap_threshold("setup", argv)
     rows = []
     what = f"weights from {args.init_from}" if args.init_from else "random init"
     print(f"ZeRO-3 bf16 set-up (construction, {what}), peak RSS per rank above base, GB (1e9 bytes)")
