@@ -243,13 +243,16 @@ run_job() {
         "${container[@]}" bash -c "trap '' USR1; exec torchrun $TORCHRUN_FLAGS "'$POSTTRAIN_TRAIN_CMD --config "$POSTTRAIN_CONFIG" "$@"' \
         posttrain-node "output_dir=$output_dir" "$@" &
     pid=$!
-    wait "$pid" || status=$?
-    while kill -0 "$pid" 2>/dev/null; do  # a trap interrupted `wait`: keep waiting for srun itself
-        status=0
-        wait "$pid" || status=$?
+    # a trap interrupts `wait` (status 138 for USR1), also when srun is exiting at that moment: wait until
+    # srun is gone, then ask for its own status, which bash keeps for an exited background job
+    while kill -0 "$pid" 2>/dev/null; do
+        wait "$pid" || true
     done
+    wait "$pid" || status=$?
     if [[ -n $forwarder ]]; then
-        pkill -P "$forwarder" 2>/dev/null; kill "$forwarder" 2>/dev/null
+        # its sleep, then the loop; `|| true`: the loop may not have started a child yet (set -e would end here)
+        pkill -P "$forwarder" 2>/dev/null || true
+        kill "$forwarder" 2>/dev/null || true
     fi
     if ((stop_signalled && status == 0)); then
         requeue_if_stopped "$output_dir"

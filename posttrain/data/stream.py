@@ -91,9 +91,23 @@ SCHEDULER_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 def ignore_scheduler_signals(worker_id: int) -> None:
     """A loader worker ignores the scheduler's warnings: its rank checkpoints and then stops it, and a
-    worker would otherwise die of the default action (spawned) or run the rank's handler (forked)."""
+    worker would otherwise die of the default action (spawned) or run the rank's handler (forked). One that
+    came while the worker started waited, blocked (``scheduler_signals_blocked``); ignored, it is dropped."""
     for number in SCHEDULER_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SCHEDULER_SIGNALS)
+
+
+@contextlib.contextmanager
+def scheduler_signals_blocked() -> Iterator[None]:
+    """Workers start with this thread's signal mask (fork, spawn and a forkserver started here alike): with
+    the warnings blocked, one sent before a worker ran ``ignore_scheduler_signals`` cannot kill it. The rank
+    gets its own when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SCHEDULER_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager
@@ -198,7 +212,8 @@ class ShardStream:
                                           generator=torch.Generator(), worker_init_fn=ignore_scheduler_signals)
             # the iteration first: it starts (or resumes) the workers, which then take their assignments;
             # a worker not yet reading its queue would block a put larger than a pipe holds (64 KiB)
-            deliveries = iter(self._loader)
+            with scheduler_signals_blocked():
+                deliveries = iter(self._loader)
             for queue, assignment in zip(self._queues, assignments):
                 queue.put(assignment)
             return deliveries

@@ -48,7 +48,7 @@ def _drawn(rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def plot_drift(path: Path, reference: np.ndarray, incoming: np.ndarray, result: DriftResult) -> None:
     """Left: both sets on the reference's first two principal components. Right: histograms along the unit
     direction from the reference mean to the incoming mean (where a shift of the mean shows most)."""
-    from posttrain.eval.report import new_figure, save_png
+    from posttrain.eval.plots import new_figure, save_png
 
     rng = np.random.default_rng(result.config.seed)
     ref, inc = _drawn(reference, rng), _drawn(incoming, rng)

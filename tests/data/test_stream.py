@@ -106,6 +106,30 @@ def test_workers_outlive_the_schedulers_warning(sets):
     stream.close()
 
 
+def test_a_warning_during_a_workers_start_does_not_kill_it(sets, monkeypatch):
+    """The warning can come before a worker has run its ``worker_init_fn``: each worker here is sent both
+    at its very start, before it ignores them (they would kill it: pytest leaves the default action)."""
+    import os
+    import signal
+
+    import posttrain.data.stream as stream_module
+
+    ignore = stream_module.ignore_scheduler_signals
+
+    def warned_then_ignore(worker_id: int) -> None:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        ignore(worker_id)
+
+    monkeypatch.setattr(stream_module, "ignore_scheduler_signals", warned_then_ignore)
+    stream = ShardStream(_cfg(sets["a"], num_workers=2, max_batch_size=2), rank=0, world_size=1)
+    seen = [sample_id for batch in stream for sample_id in batch.ids]
+    assert Counter(seen) == Counter(sets["a_ids"])
+    assert all(worker.is_alive() for worker in stream._loader._iterator._workers)
+    assert not {signal.SIGUSR1, signal.SIGUSR2} & signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the rank's back
+    stream.close()
+
+
 def test_batches_bound_padded_seconds(sets):
     stream = ShardStream(_cfg(sets["a"], sets["b"], max_batch_seconds=2.5, num_buckets=4), rank=0, world_size=1)
     for batch in stream:

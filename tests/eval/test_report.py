@@ -147,7 +147,7 @@ def test_write_report_from_records(tmp_path):
                           skipped=skipped, group_by=["corpus", "attack", "language"], bootstrap_resamples=50)
     out = tmp_path / "out"
     # every file was renamed into place: no temporary names left behind
-    assert sorted(p.name for p in out.iterdir()) == ["det.png", "histograms.png", "metrics.json", "metrics.txt",
+    assert sorted(p.name for p in out.iterdir()) == ["arena_scores.txt", "det.png", "histograms.png", "metrics.json", "metrics.txt",
                                                      "rejects.jsonl", "result.yaml", "scores.csv"]
     assert [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()] == skipped
     assert {role: path.name for role, path in report["files"].items()} == result_files(out)

@@ -55,6 +55,13 @@ flags = [a for a in args if a.startswith("--")]
 command = args[len(flags):]
 with open(record / "srun.jsonl", "a") as out:
     out.write(json.dumps({"flags": flags, "command": command, "env": dict(os.environ)}) + "\n")
+if os.environ.get("FAKE_SRUN_STOPS_AT_ONCE"):  # a run so short that it ends while the batch shell is in its trap
+    import signal
+    output_dir = Path(next(arg for arg in command if arg.startswith("output_dir=")).partition("=")[2])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "stopped.json").write_text('{"received_after_step": 2, "stopped_after_step": 3}')
+    os.kill(os.getppid(), signal.SIGUSR1)
+    sys.exit(0)
 env = dict(os.environ, SLURM_PROCID="0", SLURM_NODEID="0", SLURM_LOCALID="0", SLURM_NTASKS="1", SLURM_STEP_ID="0")
 sys.exit(subprocess.call(command, env=env))
 '''
@@ -235,3 +242,17 @@ def test_self_submit_flags_rendezvous_and_rank_environment(slurm, monkeypatch):
         assert env["NCCL_DEBUG"] == "WARN" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
         assert seen["argv"] == ["--config", config, "output_dir=runs/alpha/posttrain-alpha", "optim.lr=0.5"]
         assert seen["all_reduce"] == 1 + 2  # both ranks joined one process group
+
+
+def test_a_run_that_ends_during_the_usr1_trap_is_requeued_not_failed(slurm, tmp_path, monkeypatch):
+    """USR1 interrupts the batch shell's `wait`; srun may end before the trap returns. Its status must be
+    srun's (0), not the interrupted wait's (138), or a run stopped for the time limit fails instead of
+    being requeued. A slow `date` (the trap's first command) holds the trap until srun is gone."""
+    root, record = slurm
+    slow_date = tmp_path / "bin" / "date"
+    slow_date.write_text("#!/bin/bash\nsleep 1\nexec /bin/date \"$@\"\n")
+    slow_date.chmod(0o755)
+    result = _launch(root, "alpha", NODES="1", FAKE_SRUN_STOPS_AT_ONCE="1")
+    assert result.returncode == 0, result.stderr
+    assert "requeueing job 4242" in result.stderr
+    assert (record / "scontrol.log").read_text().splitlines()[-1] == "requeue 4242"
