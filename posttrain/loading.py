@@ -11,7 +11,7 @@ Accepted everywhere a model is asked (``posttrain eval``, ``score``, ``sharpness
   (``HF_HOME``; ``HF_HUB_OFFLINE=1`` uses the cache only), then read as one of the above.
 
 ``load_scorer`` also takes an ONNX export (``posttrain export --format onnx``) with the onnxruntime backend
-(``score`` and ``eval --backend onnxruntime``).
+(``score``, ``eval`` and ``serve --backend onnxruntime``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def model_format(path: str | Path) -> str:
         return "antideepfake"
     if is_onnx_dir(path):  # before the checkpoint markers: an ONNX export holds a posttrain.json too
         raise UserError(f"{path}: an ONNX export (model.onnx): score it with --backend onnxruntime (posttrain score, "
-                        f"eval), or give the model it was exported from")
+                        f"eval, serve), or give the model it was exported from")
     weights = path / "model.safetensors"
     if weights.is_file() and _has_fairseq_layout(weights):
         return "antideepfake"  # its hub folder may hold a non-transformers config.json as well

@@ -1,11 +1,12 @@
 """``python -m posttrain.bench infer``: CPU inference speed, torch eager vs onnxruntime fp32 vs int8.
 
 For each preset (random init; default ``tiny`` and ``xlsr_300m``), each thread count and each input length,
-one forward pass of one raw input (batch 1, as ``posttrain score`` runs one window), after a warm-up pass:
+one raw input at batch 1, whole and (when longer than one) in ``posttrain score``'s windows, one pass per
+window as ``score`` runs them, after a warm-up pass:
 the real-time factor (compute seconds per audio second; below 1 is faster than real time) and the audio
 seconds per core-second (audio seconds / (wall seconds x threads)). The ONNX graphs are exported here
 (``posttrain.hub.onnx_export``) into a temporary folder. The CPU's model name and its AVX-512 / VNNI flags
-(``/proc/cpuinfo``) come first: int8 speed-ups depend on VNNI.
+(``/proc/cpuinfo``, ``posttrain.eval.int8_check.cpu``) come first: int8 speed-ups depend on VNNI.
 """
 
 from __future__ import annotations
@@ -17,24 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+from posttrain.eval.int8_check import cpu, cpu_text
+from posttrain.eval.scoring import WindowConfig
+
 # the ONNX graph materialises [heads, frames, frames] float32 attention tensors (torch's sdpa does not): a cell
 # needing more than this per tensor is skipped (the tiny preset's 20-sample stride gives 48,000 frames a minute)
 MAX_ATTENTION_BYTES = 2 << 30
-
-
-def cpu_summary() -> str:
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    shown = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in CPU_FLAGS)
-    return f"{model}; {shown}"
 
 
 def first_conv_frames_total(config, samples: int) -> int:
@@ -68,39 +57,57 @@ def bench_preset(preset: str, threads: list[int], seconds: list[float], folder: 
     out = export_onnx(detector, folder / preset, identity_document(detector, preset=preset), quantize="int8")
     print(f"{preset}: exported fp32 + int8 in {time.perf_counter() - started:.0f} s", flush=True)
     rng = np.random.default_rng(0)
+    window = WindowConfig()  # posttrain score's windows: a long file is scored as these, one pass each
     rows = []
     for count in threads:
         torch.set_num_threads(count)
         runners = {"onnx fp32": OnnxModel(out, threads=count), "onnx int8": OnnxModel(out, threads=count, int8=True)}
         for length in seconds:
             wave = (0.1 * rng.standard_normal(int(length * 16000))).astype(np.float32)
-            tensor, lengths = torch.from_numpy(wave)[None], torch.tensor([wave.size])
+            spans = window.spans(wave.size)
+            cuts = {"whole": [wave]}
+            if len(spans) > 1:
+                cuts[f"{window.window_seconds:g} s windows"] = [wave[start:stop] for start, stop in spans]
+            for scored_as, pieces in cuts.items():
+                rows += _bench_cell(detector, runners, pieces, preset=preset, threads=count, seconds=length,
+                                    scored_as=scored_as, repeats=repeats)
+    return rows
 
-            def eager() -> None:
-                with torch.inference_mode():
-                    detector(detector.normalise(tensor, lengths), lengths)
 
-            backends = {"torch eager": eager, **{name: (lambda model=model: model.logits([wave]))
-                                                 for name, model in runners.items()}}
-            frames = int(first_conv_frames_total(detector.ssl_config, wave.size))
-            attention = frames * frames * detector.ssl_config.num_attention_heads * 4
-            for name, run in backends.items():
-                if name != "torch eager" and attention > MAX_ATTENTION_BYTES:
-                    print(f"  {preset:<10} {name:<12} threads {count}  {length:>4g} s input  skipped: {frames} frames, "
-                          f"{attention / 2**30:.0f} GiB per attention tensor", flush=True)
-                    continue
-                run()  # warm-up: allocations, thread pools
-                wall = _time(run, repeats)
-                rows.append({"preset": preset, "backend": name, "threads": count, "seconds": length,
-                             "wall_s": wall, "rtf": wall / length, "audio_s_per_core_s": length / (wall * count)})
-                print(f"  {preset:<10} {name:<12} threads {count}  {length:>4g} s input  wall {wall:8.3f} s  "
-                      f"RTF {wall / length:.4f}  audio s per core-s {length / (wall * count):8.2f}", flush=True)
+def _bench_cell(detector, runners: dict, pieces: list[np.ndarray], *, preset: str, threads: int, seconds: float,
+                scored_as: str, repeats: int) -> list[dict]:
+    """Every backend on one input, given as ``pieces`` (the whole file, or its windows) run one after another."""
+    import torch
+
+    def eager() -> None:
+        with torch.inference_mode():
+            for piece in pieces:
+                tensor, lengths = torch.from_numpy(piece)[None], torch.tensor([piece.size])
+                detector(detector.normalise(tensor, lengths), lengths)
+
+    backends = {"torch eager": eager, **{name: (lambda model=model: [model.logits([piece]) for piece in pieces])
+                                         for name, model in runners.items()}}
+    frames = int(first_conv_frames_total(detector.ssl_config, max(piece.size for piece in pieces)))
+    attention = frames * frames * detector.ssl_config.num_attention_heads * 4
+    rows = []
+    for name, run in backends.items():
+        label = f"{preset:<10} {name:<12} threads {threads}  {seconds:>4g} s {scored_as:<13}"
+        if name != "torch eager" and attention > MAX_ATTENTION_BYTES:
+            print(f"  {label} skipped: {frames} frames, {attention / 2**30:.0f} GiB per attention tensor", flush=True)
+            continue
+        run()  # warm-up: allocations, thread pools
+        wall = _time(run, repeats)
+        rows.append({"preset": preset, "backend": name, "threads": threads, "seconds": seconds, "scored_as": scored_as,
+                     "wall_s": wall, "rtf": wall / seconds, "audio_s_per_core_s": seconds / (wall * threads)})
+        print(f"  {label} wall {wall:8.3f} s  RTF {wall / seconds:.4f}  audio s per core-s "
+              f"{seconds / (wall * threads):8.2f}", flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| preset | backend | threads | input (s) | wall (s) | RTF | audio s / core-s |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['preset']} | {r['backend']} | {r['threads']} | {r['seconds']:g} | {r['wall_s']:.3f} | "
+    lines = ["| preset | backend | threads | input (s) | scored as | wall (s) | RTF | audio s / core-s |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['preset']} | {r['backend']} | {r['threads']} | {r['seconds']:g} | {r['scored_as']} | {r['wall_s']:.3f} | "
               f"{r['rtf']:.4f} | {r['audio_s_per_core_s']:.2f} |" for r in rows]
     return "\n".join(lines)
 
@@ -112,7 +119,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seconds", nargs="+", type=float, default=[4.0, 60.0])
     parser.add_argument("--repeats", type=int, default=1, help="timed passes per cell (the fastest is shown)")
     args = parser.parse_args(argv)
-    print(f"CPU: {cpu_summary()}")
+    print(f"CPU: {cpu_text(cpu())}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="posttrain-bench-infer-") as folder:
         for preset in args.presets:

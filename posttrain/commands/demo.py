@@ -1,6 +1,8 @@
 """The README's main job, end to end on one machine: demo corpus -> shards -> loader statistics ->
 DeepSpeed post-training (local MLflow store) -> evaluation on the held-out test split -> export, the
-test results and the exported model attached to the training's MLflow run.
+test results and the exported model attached to the training's MLflow run -> an ONNX export with its int8
+model, whose EER on the test split and on a partial-spoof set built from it, next to fp32's, is written on
+its card (``export --int8-check``).
 
 Each stage is the same command a user would type, so the demo doubles as a walk through the CLI.
 Stages whose outputs exist are skipped (shard builds resume; training resumes from ``latest``), so a
@@ -37,6 +39,7 @@ def _stage(title: str, argv: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from posttrain.config import load_config
+    from posttrain.data.partialspoof import PROTOCOL_NAME
 
     data_dir = Path(args.data_dir)
     shards_dir = data_dir / "shards"
@@ -65,9 +68,33 @@ def run(args: argparse.Namespace) -> int:
     _stage("export as a stock transformers model, with its card",
            ["publish", "--checkpoint", str(output_dir / "checkpoints"), "--out", str(published),
             "--results", str(report_dir / "result.yaml")])
+    partialspoof = data_dir / "partialspoof"
+    if not (partialspoof / PROTOCOL_NAME).is_file():
+        _stage("a partial-spoof set from the test split",
+               ["data", "partialspoof", "--protocol", str(data_dir / "test.csv"), "--root", str(data_dir),
+                "--out", str(partialspoof), "--no-progress"])
+    onnx_dir = output_dir / "onnx"
+    _stage("ONNX export with its int8 model, checked against fp32 on the test split and the partial-spoof set",
+           ["export", "--format", "onnx", str(output_dir / "checkpoints"), "--out", str(onnx_dir), "--quantize",
+            "int8", "--int8-check", f"test={shards_dir / 'test'}",
+            "--int8-check", f"partialspoof={partialspoof / PROTOCOL_NAME}:{partialspoof}"])
     print(f"\nDone. Report: {report_dir}/ (metrics.json, det.png, histograms.png, result.yaml); model: {published}/")
+    print(_int8_lines(onnx_dir))
     print(_mlflow_line(output_dir, cfg))
     return 0
+
+
+def _int8_lines(onnx_dir: Path) -> str:
+    """The int8 check's numbers, as the ONNX export's card states them, and where that card is."""
+    import json
+
+    from posttrain.eval.int8_check import summary_line
+    from posttrain.eval.onnx_runtime import IDENTITY_NAME
+    from posttrain.hub.onnx_int8_check import CARD_NAME
+
+    check = json.loads((onnx_dir / IDENTITY_NAME).read_text(encoding="utf-8"))["onnx"]["int8_check"]
+    return "\n".join([f"ONNX model: {onnx_dir}/; int8 vs fp32 on its card ({onnx_dir / CARD_NAME}):",
+                      *(f"  {summary_line(row)}" for row in check["sets"])])
 
 
 def _mlflow_line(output_dir: Path, cfg) -> str:

@@ -20,6 +20,7 @@ from posttrain.errors import UserError
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from posttrain.commands.inference_options import add_arguments
+    from posttrain.eval.metrics import DEFAULT_BOOTSTRAP_RESAMPLES, DEFAULT_BOOTSTRAP_SEED
     from posttrain.eval.report import GROUPINGS
 
     parser.add_argument("--model", required=True,
@@ -36,9 +37,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also report per group")
     parser.add_argument("--calibration", type=Path, default=None,
                         help="calibration.json (default: the one stored with the model, if any)")
-    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+    parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP_RESAMPLES, metavar="N",
                         help="bootstrap resamples for the EER's 95 %% confidence interval (0: none)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--seed", type=int, default=DEFAULT_BOOTSTRAP_SEED, help="bootstrap seed")
     parser.add_argument("--segments", type=Path, default=None, metavar="SEGMENTS_CSV",
                         help="true segments of a partial-spoof set (`posttrain data partialspoof`): also report "
                              "segment-level EER per PartialSpoof resolution and how well the fake regions are "

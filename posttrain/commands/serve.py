@@ -24,7 +24,8 @@ def _value_type(spec) -> type:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL_SPEC",
-                        help="transformers export folder, posttrain checkpoint, AntiDeepfake release or hub id")
+                        help="transformers export folder, posttrain checkpoint, AntiDeepfake release or hub id; "
+                             "an ONNX export folder with --backend onnxruntime")
     for spec in cli_fields():
         meta, kind = spec.metadata, _value_type(spec)
         if kind is bool:

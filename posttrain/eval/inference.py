@@ -23,8 +23,9 @@ Ranks
 
 Backends (``InferenceConfig.backend``)
     ``torch``: a ``Detector`` as above. ``onnxruntime``: an ONNX export (``posttrain.eval.onnx_runtime``) on the
-    CPU; the same windows and batches go in raw (its graph normalises and masks), logits come out (no
-    embeddings), so scores agree with the torch backend's within float rounding.
+    CPU; the same windows and batches go in raw (its graph normalises and masks), logits and the pooled
+    embedding come out, so scores and embeddings agree with the torch backend's within float rounding (an
+    export made before the graph had an ``embedding`` output gives logits only: ``embedding_unavailable``).
 
 Scoring modes (``InferenceConfig.mode``; every report says which one produced it)
     ``windowed`` (default): long files in windows, windows of many files batched as above.
@@ -340,14 +341,23 @@ def min_input_samples(model: Detector) -> int:
     return need
 
 
+def embedding_unavailable(model: Detector | OnnxModel) -> str | None:
+    """Why ``model`` gives no pooled embedding (one line with the fix: an ONNX export made before the graph
+    had that output), else None."""
+    if isinstance(model, OnnxModel) and not model.has_embedding:
+        return model.no_embedding_reason
+    return None
+
+
 @torch.inference_mode()
 def forward_windows(model: Detector | OnnxModel, waves: list[np.ndarray], device: torch.device,
                     precision: str = "fp32") -> tuple[np.ndarray, np.ndarray | None]:
     """``(logits [B, 2], pooled [B, D])`` float32 of windows, each normalised on its own (with the
     model's normalisation: a model is scored as it was trained). An ONNX model (the onnxruntime backend)
-    normalises inside its graph and has no pooled output (None)."""
+    normalises inside its graph, on the CPU in fp32 whatever ``device`` and ``precision`` say (its config
+    refuses others); its pooled output is None where the export has none (``embedding_unavailable``)."""
     if isinstance(model, OnnxModel):
-        return model.logits(waves), None
+        return model.outputs(waves)
     batch = Batch.collate([torch.from_numpy(np.ascontiguousarray(w)) for w in waves], [0] * len(waves),
                           [], []).to(device)
     inputs = model.normalise(batch.waveforms, batch.lengths)
@@ -364,8 +374,8 @@ def iter_outputs(model: Detector | OnnxModel, inputs: Iterable[Sample | Skipped]
                  meter: WindowMeter | None = None) -> Iterator[SampleOutput | Skipped]:
     """Each input's output (or its ``Skipped``), yielded as soon as its last window is scored;
     not in input order (a sample's windows may wait in a bucket)."""
-    if embeddings and isinstance(model, OnnxModel):
-        raise UserError(f"{model.folder}: an ONNX export outputs logits only, no embeddings; use the torch model")
+    if embeddings and (missing := embedding_unavailable(model)):
+        raise UserError(missing)
     device, meter = torch.device(device), meter or WindowMeter()
     model.eval()
     min_samples = min_input_samples(model)

@@ -166,6 +166,11 @@ def roc_auc(bona: np.ndarray, spoof: np.ndarray) -> float:
     return float(u_statistic / (bona.size * spoof.size))
 
 
+# the EER's bootstrap CI as `posttrain eval` reports it unless told otherwise (--bootstrap, --seed)
+DEFAULT_BOOTSTRAP_RESAMPLES = 1000
+DEFAULT_BOOTSTRAP_SEED = 0
+
+
 def eer_confidence_interval(bona: np.ndarray, spoof: np.ndarray, *, resamples: int, seed: int,
                             confidence_level: float = 0.95) -> dict[str, object]:
     """Percentile bootstrap CI of the EER; each class is resampled on its own (sizes kept)."""

@@ -4,7 +4,9 @@ the CPU where the torch ``Detector`` would (``posttrain score|eval --backend onn
 The graph takes raw zero-padded 16 kHz audio and the valid lengths and normalises inside
 (``posttrain.hub.onnx_export``), so a batch of windows goes in as ``Batch.collate`` pads it for the torch
 model, before its ``Detector.normalise``. What a torch model says about itself (its encoder config, for the
-shortest input; its score definition) is read from the folder's ``posttrain.json``.
+shortest input; its score definition) is read from the folder's ``posttrain.json``. Beside ``logits`` the
+graph outputs ``embedding``, the pooled embedding the head takes (``Detector.embed``; drift monitoring and
+``embed`` use it); an export made before it had that output still scores and has no embedding (None).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ INT8_NAME = "model.int8.onnx"
 IDENTITY_NAME = "posttrain.json"
 INPUT_NAMES = ("waveforms", "lengths")
 OUTPUT_NAME = "logits"
+EMBEDDING_NAME = "embedding"
+OUTPUT_NAMES = (OUTPUT_NAME, EMBEDDING_NAME)  # the graph's outputs, in this order
 
 
 def is_onnx_dir(path: str | Path) -> bool:
@@ -55,8 +59,8 @@ def padded(waves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 class OnnxModel:
-    """An ONNX export folder as the inference core's model (``posttrain.eval.inference``): ``logits`` of
-    raw windows, the encoder config and score definition of the model it was exported from."""
+    """An ONNX export folder as the inference core's model (``posttrain.eval.inference``): ``logits`` (and
+    ``embedding``) of raw windows, the encoder config and score definition of the model it was exported from."""
 
     backend = "onnxruntime"
 
@@ -67,10 +71,13 @@ class OnnxModel:
                             f"`posttrain export --format onnx MODEL --out DIR`, or drop --backend onnxruntime")
         self.identity = read_onnx_identity(self.folder)
         name = INT8_NAME if int8 else ONNX_NAME
+        self.int8 = int8
         self.backend = "onnxruntime-int8" if int8 else "onnxruntime"
         if not (self.folder / name).is_file():
             raise UserError(f"{self.folder}: no {name} (export with --quantize int8)")
-        self.session = session(self.folder / name, threads)
+        self.path = self.folder / name
+        self.session = session(self.path, threads)
+        self.has_embedding = EMBEDDING_NAME in {output.name for output in self.session.get_outputs()}
         self.ssl_config: PretrainedConfig = get_backbone(self.identity["architecture"]).config_class.from_dict(
             self.identity["ssl_config"])
         head = build_head(self.identity.get("head"), self.ssl_config.hidden_size)
@@ -84,9 +91,30 @@ class OnnxModel:
         return self
 
     def logits(self, waves: list[np.ndarray]) -> np.ndarray:
-        """``[B, 2]`` float32 outputs of raw (un-normalised) 16 kHz windows, batched with zero padding."""
+        """``[B, 2]`` float32 outputs of raw (un-normalised) 16 kHz windows (``outputs``)."""
+        return self.outputs(waves)[0]
+
+    def outputs(self, waves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(logits [B, 2], embedding [B, D])`` float32 of raw windows, batched with zero padding; the
+        embedding is None for an export without that output (``no_embedding_reason``). The int8 graph runs
+        each window alone: dynamic quantisation takes one scale per activation tensor, over the whole batch
+        and its padding, so batched, a window's score would depend on the windows beside it (in ``serve``:
+        on other clients' files)."""
+        if self.int8 and len(waves) > 1:
+            alone = [self.outputs([wave]) for wave in waves]
+            embeddings = [embedding for _, embedding in alone]
+            return (np.concatenate([logits for logits, _ in alone]),
+                    None if embeddings[0] is None else np.concatenate(embeddings))
         inputs, lengths = padded(waves)
-        return self.session.run([OUTPUT_NAME], {INPUT_NAMES[0]: inputs, INPUT_NAMES[1]: lengths})[0]
+        names = list(OUTPUT_NAMES) if self.has_embedding else [OUTPUT_NAME]
+        results = self.session.run(names, {INPUT_NAMES[0]: inputs, INPUT_NAMES[1]: lengths})
+        return results[0], results[1] if self.has_embedding else None
+
+    @property
+    def no_embedding_reason(self) -> str:
+        """Why this export gives no embedding, and the fix (one line)."""
+        return (f"{self.path}: no '{EMBEDDING_NAME}' output (exported before posttrain's ONNX graph had one); "
+                f"export the model again with `posttrain export --format onnx MODEL --out DIR`, or use the torch model")
 
 
 def read_onnx_identity(folder: Path) -> dict[str, Any]:

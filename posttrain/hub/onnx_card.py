@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from posttrain.eval.int8_check import PEARSON_GOAL, cpu_text, eer_text, r_text
 from posttrain.eval.scoring import WindowConfig
 
 SNIPPET_TEMPLATE = '''\
@@ -120,14 +121,17 @@ def render_onnx_card(document: Mapping[str, Any]) -> str:
     source = document.get("source") or {}
     fp32 = onnx["parity_fp32"]
     lines = [f"# {document.get('preset') or document.get('architecture')} deepfake detector (ONNX)", "",
-             "A speech deepfake detector exported from posttrain to ONNX: raw 16 kHz audio in, two outputs "
-             "out, with the model's own input normalisation inside the graph. Runs with onnxruntime alone.", "",
+             "A speech deepfake detector exported from posttrain to ONNX: raw 16 kHz audio in, two logits "
+             "(and the pooled embedding) out, with the model's own input normalisation inside the graph. Runs "
+             "with onnxruntime alone.", "",
              "## Inputs and outputs", "",
              "| name | type | meaning |", "|---|---|---|",
              "| `waveforms` | float32 [batch, samples] | raw 16 kHz mono audio in [-1, 1], zero-padded; any batch "
              "and length |",
              "| `lengths` | int64 [batch] | valid samples of each row (the padding mask is derived from it) |",
-             "| `logits` | float32 [batch, 2] | [fake, real] (`labels.json`) |", "",
+             "| `logits` | float32 [batch, 2] | [fake, real] (`labels.json`) |",
+             f"| `embedding` | float32 [batch, {document['ssl_config']['hidden_size']}] | "
+             "the pooled embedding the head takes (drift monitoring: `posttrain serve --drift-reference`) |", "",
              f"Score of record: `{document.get('score_definition')}` (higher = bona fide). Per-utterance "
              f"normalisation `(x - mean) / sqrt(var + {document.get('input_normalisation', {}).get('eps')})` "
              "over the valid samples is part of the graph: feed raw audio.", "",
@@ -150,6 +154,8 @@ def render_onnx_card(document: Mapping[str, Any]) -> str:
         worst = max(max(values) for values in int8["max_abs_logit_diff"].values())
         lines += ["", f"`model.int8.onnx` (dynamic int8 weights): up to {worst:.3g} from the torch logits on the "
                       "same probe; use it where that is acceptable."]
+    if onnx.get("int8_check"):
+        lines += ["", *int8_check_lines(onnx["int8_check"])]
     calibration = document.get("calibration")
     logits = document.get("score_definition") in (None, "logit_diff")
     if calibration:
@@ -163,3 +169,23 @@ def render_onnx_card(document: Mapping[str, Any]) -> str:
               f"(source: {source.get('kind', '-')}); licence: {document.get('license') or 'see the source model'}; "
               "`posttrain.json` holds the full identity.", ""]
     return "\n".join(lines)
+
+
+def int8_check_lines(check: Mapping[str, Any]) -> list[str]:
+    """The card's section on the int8 model's quality on labelled sets (``posttrain.eval.int8_check``)."""
+    bootstrap = check["bootstrap"]
+    lines = ["## int8 quality on labelled sets", "",
+             f"Every trial scored with `model.onnx` (fp32) and `model.int8.onnx` ({check['scoring']}): each "
+             f"model's EER with its 95 % percentile bootstrap CI ({bootstrap['resamples']} resamples, seed "
+             f"{bootstrap['seed']}) and the Pearson r of the two score lists. Goals: the int8 EER inside fp32's "
+             f"CI, r >= {PEARSON_GOAL}. int8 results depend on the CPU's instruction set; measured on "
+             f"{cpu_text(check['cpu'])} (onnxruntime {check['onnxruntime']}).", "",
+             "| set | data | trials | fp32 EER [95 % CI] | int8 EER [95 % CI] | Pearson r | int8 EER in fp32 CI "
+             f"| r >= {PEARSON_GOAL} |", "|---|---|---:|---|---|---:|---|---|"]
+    for row in check["sets"]:
+        data = row["data"] if row["root"] is None else f"{row['data']} (root {row['root']})"
+        lines.append(f"| {row['name']} | `{data}` | {row['trials']} | {eer_text(row['fp32'])} | "
+                     f"{eer_text(row['int8'])} | {r_text(row['pearson_r'])} | "
+                     f"{'yes' if row['int8_eer_in_fp32_ci'] else 'no'} | "
+                     f"{'yes' if row['pearson_meets_goal'] else 'no'} |")
+    return lines

@@ -2,7 +2,8 @@
 
 The graph (``RawAudioGraph``) takes ``waveforms`` (float32 ``[batch, samples]``, raw zero-padded 16 kHz
 audio, dynamic batch and length) and ``lengths`` (int64 ``[batch]``, valid samples per row) and returns
-``logits`` (float32 ``[batch, 2]``, [fake, real]; ``[-cos, cos]`` for a one-class head): the model's own
+``logits`` (float32 ``[batch, 2]``, [fake, real]; ``[-cos, cos]`` for a one-class head) and ``embedding``
+(float32 ``[batch, hidden]``, the pooled embedding the head takes: ``Detector.embed``): the model's own
 per-utterance normalisation (``Detector.normalise``, its eps) is inside, the padding mask is derived from
 ``lengths`` inside, so it takes audio exactly as ``posttrain score`` hands windows to the torch model.
 
@@ -16,11 +17,13 @@ example's value, which silently scores longer inputs wrong. wav2vec 2.0's weight
 and sdpa attention export as they are.
 
 Every export is checked: onnxruntime against the torch model on ``probe_waveform`` at -60..0 dBFS, batch 1
-and a padded batch, within ``PARITY_TOLERANCE``; the measured differences go into ``posttrain.json``.
+and a padded batch, within ``PARITY_TOLERANCE`` (the logits; the embedding's difference is measured too);
+the measured differences go into ``posttrain.json``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -34,7 +37,8 @@ import torch
 from torch import nn
 
 from posttrain.config import SAMPLE_RATE_HZ
-from posttrain.eval.onnx_runtime import INPUT_NAMES, INT8_NAME, ONNX_NAME, OUTPUT_NAME, padded, session
+from posttrain.eval.onnx_runtime import (EMBEDDING_NAME, INPUT_NAMES, INT8_NAME, ONNX_NAME, OUTPUT_NAME, OUTPUT_NAMES,
+                                         padded, session)
 from posttrain.hub.export import GAP_LEVELS_DBFS, ID2LABEL, IDENTITY_NAME, probe_waveform
 from posttrain.hub.folders import ExportError, write_export_folder
 from posttrain.hub.onnx_card import render_onnx_card
@@ -55,15 +59,17 @@ ATTENTION_KERNELS = ("eager", "sdpa")  # what the exporter traces (flash attenti
 
 
 class RawAudioGraph(nn.Module):
-    """What the ONNX graph computes: raw zero-padded audio and lengths -> ``Detector.forward`` of its
-    normalised input (the model's own normalisation, padding masked by ``lengths``)."""
+    """What the ONNX graph computes: raw zero-padded audio and lengths -> ``(logits, embedding)`` of its
+    normalised input (the model's own normalisation, padding masked by ``lengths``): ``Detector.forward``
+    split at the head's input, so the embedding comes from the pass that scores."""
 
     def __init__(self, detector: Detector):
         super().__init__()
         self.detector = detector
 
-    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.detector(self.detector.normalise(waveforms, lengths), lengths)
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.detector.embed(self.detector.normalise(waveforms, lengths), lengths)
+        return self.detector.head(embedding), embedding
 
 
 def example_inputs(seconds: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,8 +109,26 @@ def onnx_program(detector: Detector):
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)
         program = torch.export.export(graph, inputs, dynamic_shapes=shapes, strict=True)
-        return torch.onnx.export(program, inputs, dynamo=True, input_names=list(INPUT_NAMES),
-                                 output_names=[OUTPUT_NAME], opset_version=OPSET, verbose=False)
+        exported = torch.onnx.export(program, inputs, dynamo=True, input_names=list(INPUT_NAMES),
+                                     output_names=list(OUTPUT_NAMES), opset_version=OPSET, verbose=False)
+    _free_output_names(exported.model)
+    return exported
+
+
+def _free_output_names(model) -> None:
+    """Give another name to every other value named like an output. The exporter names values after their torch
+    ops (WavLM's relative position bias makes an ``embedding``) and renames the outputs without looking: two
+    values of one name make an invalid model."""
+    from onnxscript import ir
+
+    outputs = {id(value) for value in model.graph.outputs}
+    values = [value for node in ir.traversal.RecursiveGraphIterator(model.graph) for value in node.outputs]
+    taken = {value.name for value in values}
+    for value in values:
+        if value.name in OUTPUT_NAMES and id(value) not in outputs:
+            value.name = next(name for name in (f"{value.name}_{index}" for index in itertools.count(1))
+                              if name not in taken)
+            taken.add(value.name)
 
 
 def _name_dynamic_axes(model) -> None:
@@ -122,24 +146,29 @@ def _name_dynamic_axes(model) -> None:
 
 @torch.no_grad()
 def parity(detector: Detector, onnx_path: str | Path, levels_dbfs=GAP_LEVELS_DBFS) -> dict[str, Any]:
-    """Max |logit difference| onnxruntime vs torch on the probe at each level, batch 1 and padded
-    (three rows of 1.0, 0.6 and 0.35 s)."""
+    """Max |logit difference| (and |embedding difference|) onnxruntime vs torch on the probe at each level,
+    batch 1 and padded (three rows of 1.0, 0.6 and 0.35 s)."""
     runner = session(onnx_path)
     probe = probe_waveform()
-    rows: dict[str, list[float]] = {"batch_1": [], "padded_batch": []}
+    rows: dict[str, dict[str, list[float]]] = {name: {"batch_1": [], "padded_batch": []} for name in OUTPUT_NAMES}
     for level in levels_dbfs:
         wave = (probe * 10.0 ** (level / 20.0)).astype(np.float32)
         for mode, waves in (("batch_1", [wave]), ("padded_batch", [wave, wave[:9600], wave[:5600]])):
             inputs, lengths = padded(waves)
-            ours = runner.run([OUTPUT_NAME], {"waveforms": inputs, "lengths": lengths})[0]
-            theirs = RawAudioGraph(detector)(torch.from_numpy(inputs), torch.from_numpy(lengths)).numpy()
-            rows[mode].append(float(np.abs(ours.astype(np.float64) - theirs).max()))
-    return {"levels_dbfs": list(levels_dbfs), "max_abs_logit_diff": rows,
+            ours = runner.run(list(OUTPUT_NAMES), {"waveforms": inputs, "lengths": lengths})
+            theirs = RawAudioGraph(detector)(torch.from_numpy(inputs), torch.from_numpy(lengths))
+            for name, onnx_out, torch_out in zip(OUTPUT_NAMES, ours, theirs):
+                rows[name][mode].append(float(np.abs(onnx_out.astype(np.float64) - torch_out.numpy()).max()))
+    return {"levels_dbfs": list(levels_dbfs), "max_abs_logit_diff": rows[OUTPUT_NAME],
+            "max_abs_embedding_diff": rows[EMBEDDING_NAME],
             "probe": "posttrain.hub.export.probe_waveform; padded batch rows 1.0, 0.6, 0.35 s"}
 
 
 def quantize_int8(source: Path, target: Path) -> None:
-    """Dynamic int8 quantisation of the weights (``onnxruntime.quantization.quantize_dynamic``)."""
+    """Dynamic int8 quantisation of the MatMul weights (``onnxruntime.quantization.quantize_dynamic``). The
+    conv feature encoder stays float32: onnxruntime's ConvInteger is slow on the CPU (xlsr_300m, 4 s, 1 thread,
+    AVX-512 VNNI: RTF 0.40 with the convs in int8 vs 0.27 without, fp32 0.62), and those convs read the raw
+    waveform, where int8 rounding costs the most."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     external = (source.parent / EXTERNAL_DATA_NAME).is_file()
@@ -147,7 +176,8 @@ def quantize_int8(source: Path, target: Path) -> None:
     level = root.level
     root.setLevel(logging.ERROR)  # its advice on pre-processing and on the int64 shape tensors it leaves alone
     try:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, use_external_data_format=external)
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                         use_external_data_format=external)
     finally:
         root.setLevel(level)
 
@@ -194,7 +224,10 @@ def export_onnx(detector: Detector, out_dir: str | Path, identity: Mapping[str, 
             "exported_from": exported_from, "files": files,
             "inputs": {"waveforms": "float32 [batch, samples], raw 16 kHz mono audio, zero-padded",
                        "lengths": "int64 [batch], valid samples per row"},
-            "outputs": {OUTPUT_NAME: "float32 [batch, 2], [fake, real]"}, "opset": OPSET, "exporter": EXPORTER,
+            "outputs": {OUTPUT_NAME: "float32 [batch, 2], [fake, real]",
+                        EMBEDDING_NAME: f"float32 [batch, {detector.ssl_config.hidden_size}], the pooled embedding "
+                                        f"the head takes (mean of the encoder's last layer over valid frames)"},
+            "opset": OPSET, "exporter": EXPORTER,
             "torch": torch.__version__, "onnx": onnx.__version__, "sample_rate_hz": SAMPLE_RATE_HZ,
             "normalisation_in_graph": True, "parity_fp32": checked, "parity_int8": int8}}
         (staging / IDENTITY_NAME).write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")

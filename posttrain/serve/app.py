@@ -12,7 +12,7 @@ Endpoints
     ``GET /metrics``          Prometheus: requests, latency, queue depth, audio in flight, errors by kind
     ``GET /v1/model``         the model, its decision rule and the service's limits
     ``GET /v1/drift``         with ``--drift-reference``: the recent files' drift from the reference
-                              (``posttrain.serve.drift``); else ``{"enabled": false}``
+                              (``posttrain.serve.drift``); else ``{"enabled": false}`` and why
     ``GET /``                 a page to drop or record a file and see verdict, probability and timeline
 
 The state lives on ``app.state.service`` (``posttrain.serve.service.ServiceState``), created at startup
@@ -122,10 +122,11 @@ async def model_info(request: Request) -> dict[str, Any]:
 
 @api.get("/v1/drift", summary="The drift of the recent files' embeddings from the reference set")
 async def drift(request: Request) -> dict[str, Any]:
-    monitor = _service(request).drift
-    if monitor is None:
-        return {"enabled": False, "detail": "start the service with --drift-reference to monitor drift"}
-    return monitor.status()
+    service = _service(request)
+    if service.drift is None:
+        return {"enabled": False,
+                "detail": service.drift_off_reason or "start the service with --drift-reference to monitor drift"}
+    return service.drift.status()
 
 
 @api.get("/metrics", summary="Prometheus metrics")
@@ -241,20 +242,24 @@ def _log_access(request: Request, endpoint: str, status: int, started: float) ->
 
 
 def serve(cfg: ServeConfig) -> int:
-    """Load the model and run the service until SIGTERM/SIGINT (then at most ``shutdown_timeout_seconds``)."""
+    """Load the model (``cfg.backend``: torch, or an ONNX export run by onnxruntime on the CPU) and run the
+    service until SIGTERM/SIGINT (then at most ``shutdown_timeout_seconds``)."""
     import torch
     import uvicorn
 
-    from posttrain.loading import load_model
+    from posttrain.loading import load_scorer
     from posttrain.serve.drift import load_reference
+    from posttrain.serve.service import lane_threads
 
     logging.getLogger("posttrain").setLevel(cfg.log_level.upper())  # the console set-up is posttrain.console's
     device = torch.device(cfg.device)
-    model, identity = load_model(cfg.model, device)
+    # onnxruntime: one session serves both lanes; its intra-op threads are one lane's share, as torch's will be
+    model, identity = load_scorer(cfg.model, device, backend=cfg.backend, threads=lane_threads(cfg))
     drift_reference = None if cfg.drift_reference is None else load_reference(
         cfg.drift_reference, cfg.window_seconds, int(model.ssl_config.hidden_size))
     auth = f"{len(cfg.tokens)} bearer token(s)" if cfg.tokens else "no authentication"
-    print(f"posttrain serve: {cfg.model} on http://{cfg.host}:{cfg.port} ({auth}; page at /, API at /docs)",
+    backend = "" if cfg.backend == "torch" else f" ({cfg.backend})"
+    print(f"posttrain serve: {cfg.model}{backend} on http://{cfg.host}:{cfg.port} ({auth}; page at /, API at /docs)",
           flush=True)
     config = uvicorn.Config(create_app(cfg, model, identity, device, drift_reference), host=cfg.host, port=cfg.port,
                             log_level=cfg.log_level, access_log=False,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.eval.metrics import OPERATING_POINTS as OPERATING_POINT_NAMES
-from posttrain.eval.scoring import AGGREGATIONS, PRECISIONS
+from posttrain.eval.scoring import AGGREGATIONS, BACKENDS, PRECISIONS
 from posttrain.select.embeddings import MANIFEST_NAME
 
 TOKENS_ENV = "POSTTRAIN_SERVE_TOKENS"  # comma-separated bearer tokens (an alternative to a token file)
@@ -29,11 +29,14 @@ def _option(help_text: str, *, flag: str | None = None, choices: tuple[str, ...]
 @dataclass(frozen=True)
 class ServeConfig:
     model: str = field(metadata=_option("transformers export folder, posttrain checkpoint, AntiDeepfake release "
-                                        "or hub id", cli=False))
+                                        "or hub id; an ONNX export folder with --backend onnxruntime", cli=False))
     host: str = field(default="127.0.0.1", metadata=_option("address to listen on"))
     port: int = field(default=8000, metadata=_option("TCP port"))
-    device: str = field(default="cpu", metadata=_option("torch device of the model"))
+    device: str = field(default="cpu", metadata=_option("torch device of the model (the onnxruntime backends: cpu)"))
     precision: str = field(default="fp32", metadata=_option("bf16: autocast on CUDA", choices=PRECISIONS))
+    backend: str = field(default="torch", metadata=_option(
+        "onnxruntime: the model is an ONNX export folder (`posttrain export --format onnx`) run on the CPU in fp32; "
+        "onnxruntime-int8: its model.int8.onnx", choices=BACKENDS))
     allow_public: bool = field(default=False, metadata=_option("listen beyond the loopback without tokens"))
     token_file: Path | None = field(default=None, metadata=_option(
         f"bearer tokens, one a line (also: {TOKENS_ENV}=a,b); default: no authentication"))
@@ -102,9 +105,16 @@ class ServeConfig:
     def validate(self) -> None:
         if not self.model:
             raise ValueError("serve.model: a model spec is needed")
-        for key, choices in (("precision", PRECISIONS), ("aggregation", AGGREGATIONS), ("log_level", LOG_LEVELS)):
+        for key, choices in (("precision", PRECISIONS), ("aggregation", AGGREGATIONS), ("log_level", LOG_LEVELS),
+                             ("backend", BACKENDS)):
             if getattr(self, key) not in choices:
                 raise ValueError(f"serve.{key}: {getattr(self, key)!r} is not one of {choices}")
+        if self.backend != "torch" and self.device.split(":")[0] != "cpu":
+            raise ValueError(f"serve.device: {self.device}: the {self.backend} backend runs on the CPU only; drop "
+                             f"--device, or serve the torch model (--backend torch) on {self.device}")
+        if self.backend != "torch" and self.precision != "fp32":
+            raise ValueError(f"serve.precision: {self.precision}: the {self.backend} backend runs the exported fp32 "
+                             f"graph; drop --precision")
         if not 0 < self.port < 65536:
             raise ValueError(f"serve.port: must be in 1..65535, got {self.port}")
         for key in ("window_seconds", "hop_seconds", "max_upload_seconds", "max_batch_seconds",

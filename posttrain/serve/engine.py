@@ -95,7 +95,8 @@ class _Job:
 
 class Batcher:
     """One thread running every forward pass; ``submit`` takes one request's windows and returns a future
-    per window (``([2] logits float64, [D] pooled embedding float32)``), in order."""
+    per window (``([2] logits float64, [D] pooled embedding float32)``; the embedding is None for an ONNX
+    export without one), in order."""
 
     def __init__(self, model, device: torch.device, *, max_batch_seconds: float, max_batch_size: int,
                  max_wait_ms: float, precision: str = "fp32", on_pass: Callable[[int], None] = lambda windows: None,
@@ -173,7 +174,7 @@ class Batcher:
                 continue
             self.on_pass(len(batch))
             for row, j in enumerate(batch):
-                j.future.set_result((logits[row].astype(np.float64), pooled[row]))
+                j.future.set_result((logits[row].astype(np.float64), None if pooled is None else pooled[row]))
         with self._ready:  # closing: what still waits fails now rather than hang its request
             for jobs in self._requests:
                 for job in jobs:

@@ -11,12 +11,14 @@ in the short lane, the rest in the long lane, each lane its own thread (on the C
 a short clip never waits for a long file's pass. A header that disagrees with the data
 is reported in ``warnings``. Every refusal is a ``RequestError`` (one-word kind, one-line detail).
 With ``--drift-reference``, each scored file's embedding (from the same pass, aggregated over its
-windows like its logits) goes to the drift monitor (``posttrain.serve.drift``).
+windows like its logits) goes to the drift monitor (``posttrain.serve.drift``); an ONNX export without an
+``embedding`` output is served with drift monitoring off, said once at start and at ``/v1/drift``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import tempfile
 from pathlib import Path
@@ -28,7 +30,7 @@ import torch
 
 from posttrain.config import SAMPLE_RATE_HZ
 from posttrain.data import audio
-from posttrain.eval.inference import SampleOutput, min_input_samples
+from posttrain.eval.inference import SampleOutput, embedding_unavailable, min_input_samples
 from posttrain.eval.scoring import NEAR_SILENT_DBFS, Decision, WindowConfig, aggregate, p_real
 from posttrain.eval.timeline import timeline_of
 from posttrain.select.drift import SlicedReference
@@ -40,8 +42,21 @@ from posttrain.serve.options import ScoreOptions, used
 from posttrain.serve.receive import RequestError
 from posttrain.serve.tempspace import ServiceFolder
 
+log = logging.getLogger("posttrain.serve")
+
 # AudioError reasons that are about size, answered 413 like an upload over the byte limit
 _TOO_LARGE_REASONS = ("too_long",)
+
+
+def lanes_of(cfg: ServeConfig) -> tuple[str, ...]:
+    """The batchers' lanes: a short one beside the long one unless ``short_lane_seconds`` is 0."""
+    return ("short", "long") if cfg.short_lane_seconds > 0 else ("long",)
+
+
+def lane_threads(cfg: ServeConfig) -> int:
+    """CPU threads for one lane's passes: torch's threads shared out among the lanes, so a short clip's pass runs
+    beside a long pass rather than after it (read before ``ServiceState`` sets torch's to it)."""
+    return max(1, torch.get_num_threads() // len(lanes_of(cfg)))
 
 
 class ServiceState:
@@ -52,7 +67,11 @@ class ServiceState:
         from posttrain.eval.scoring import resolve_calibration
 
         self.cfg, self.model, self.identity = cfg, model, identity
-        self.drift = None if drift_reference is None else DriftMonitor(
+        # why a --drift-reference is not monitored: an ONNX export without an embedding output still serves
+        self.drift_off_reason = None if drift_reference is None else embedding_unavailable(model)
+        if self.drift_off_reason:
+            log.warning("drift monitoring is off: %s", self.drift_off_reason)
+        self.drift = None if drift_reference is None or self.drift_off_reason else DriftMonitor(
             drift_reference, window_files=cfg.drift_window_files, every_files=cfg.drift_every_files,
             every_seconds=cfg.drift_every_seconds)
         self.scoring = model.score_definition  # logit_diff, or the one-class head's cosine
@@ -67,10 +86,9 @@ class ServiceState:
         tempfile.tempdir = str(self.folder.path)
         self.metrics = Metrics(self)
         self.decoders = anyio.CapacityLimiter(cfg.decode_workers)
-        lanes = ("short", "long") if cfg.short_lane_seconds > 0 else ("long",)
+        lanes = lanes_of(cfg)
         if len(lanes) > 1 and device.type == "cpu":
-            # one core for each lane: a short clip's pass then runs beside a long pass, not after it
-            torch.set_num_threads(max(1, torch.get_num_threads() // len(lanes)))
+            torch.set_num_threads(lane_threads(cfg))
         # the short lane does not wait for windows to join: its clips are latency-bound, not throughput-bound
         self.lanes = {lane: Batcher(model, device, max_batch_seconds=cfg.max_batch_seconds,
                                     max_batch_size=cfg.max_batch_size,

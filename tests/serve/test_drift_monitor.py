@@ -128,7 +128,7 @@ def test_without_a_reference_drift_is_off():
     from posttrain.serve.engine import Admission
     from posttrain.serve.metrics import Metrics
 
-    state = SimpleNamespace(drift=None, admission=Admission(16000, 1, 1.0), batchers=[])
+    state = SimpleNamespace(drift=None, drift_off_reason=None, admission=Admission(16000, 1, 1.0), batchers=[])
     assert b"posttrain_serve_drift" not in generate_latest(Metrics(state).registry)
     request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(service=state)))
     status = asyncio.run(drift(request))
