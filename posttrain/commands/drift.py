@@ -95,13 +95,13 @@ def embed_inputs(args: argparse.Namespace, inputs: list[DriftInput], cfg) -> dic
     from posttrain.commands.inference_options import device_from_args
     from posttrain.dist import process_group
     from posttrain.eval.inference import FileSource, ShardSource
-    from posttrain.loading import load_model
+    from posttrain.loading import load_scorer
     from posttrain.select.embed import embed_source
 
     folders = {}
     with process_group() as info:
         device = device_from_args(args, info)
-        model, identity = load_model(args.model, device)
+        model, identity = load_scorer(args.model, device, backend=cfg.backend)
         for item in inputs:
             source = (ShardSource(item.location) if item.kind == "shards"
                       else FileSource([item.location], max_file_seconds=args.max_file_seconds))

@@ -14,7 +14,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from posttrain.select.embeddings import DTYPES
 
     parser.add_argument("--model", required=True,
-                        help="transformers export folder, posttrain checkpoint, AntiDeepfake release or hub id")
+                        help="transformers export folder, posttrain checkpoint, AntiDeepfake release or hub id; "
+                             "an ONNX export folder with --backend onnxruntime")
     parser.add_argument("--shards", type=Path, required=True, help="shard folder (index.json)")
     parser.add_argument("--out", type=Path, required=True, help="embeddings folder")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="stored precision of the embeddings")
@@ -31,14 +32,14 @@ def run(args: argparse.Namespace) -> int:
     locate_model(args.model)
     from posttrain.dist import process_group
     from posttrain.eval.inference import ShardSource
-    from posttrain.loading import load_model
+    from posttrain.loading import load_scorer
     from posttrain.select.embed import embed_source
 
     with process_group() as info:
         try:
             cfg = config_from_args(args)
             device = device_from_args(args, info)
-            model, identity = load_model(args.model, device)
+            model, identity = load_scorer(args.model, device, backend=cfg.backend)
             manifest = embed_source(model, ShardSource(args.shards), args.out, cfg, model_identity=identity,
                                     device=device, dtype=args.dtype, info=info)
         except (ValueError, FileNotFoundError) as error:  # shard, model or option errors

@@ -44,7 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="true segments of a partial-spoof set (`posttrain data partialspoof`): also report "
                              "segment-level EER per PartialSpoof resolution and how well the fake regions are "
                              "located; needs windows with a hop <= 0.64 s (default: none)")
-    add_arguments(parser, backends=True)
+    add_arguments(parser)
 
 
 def _segment_truth(path: Path | None, cfg) -> tuple[dict, dict] | None:

@@ -9,14 +9,13 @@ from posttrain.data.audio import DEFAULT_MAX_FILE_SECONDS
 from posttrain.eval.scoring import AGGREGATIONS, BACKENDS, PRECISIONS, SCORING_MODES, InferenceConfig, WindowConfig
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, batch_seconds: float = 200.0, backends: bool = False) -> None:
-    """The inference options shared by ``eval``, ``score`` and ``embed`` (``backends``: ``--backend`` too)."""
+def add_arguments(parser: argparse.ArgumentParser, *, batch_seconds: float = 200.0) -> None:
+    """The inference options shared by ``eval``, ``score`` and ``embed``."""
     defaults = WindowConfig()
     group = parser.add_argument_group("inference")
-    if backends:
-        group.add_argument("--backend", choices=BACKENDS, default="torch",
-                           help="onnxruntime: run an ONNX export (`posttrain export --format onnx`; --model is its "
-                                "folder) on the CPU, fp32; onnxruntime-int8: its model.int8.onnx (--quantize int8)")
+    group.add_argument("--backend", choices=BACKENDS, default="torch",
+                       help="onnxruntime: run an ONNX export (`posttrain export --format onnx`; --model is its "
+                            "folder) on the CPU, fp32; onnxruntime-int8: its model.int8.onnx (--quantize int8)")
     group.add_argument("--mode", choices=SCORING_MODES, default="windowed",
                        help="antideepfake: AntiDeepfake's test protocol (every file whole, batch 1; "
                             "no window options); windowed: long files in windows, files batched")
@@ -43,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, batch_seconds: float = 200
 
 def config_from_args(args: argparse.Namespace) -> InferenceConfig:
     shared = {"precision": args.precision, "num_workers": args.num_workers, "progress": not args.no_progress,
-              "backend": getattr(args, "backend", "torch")}
+              "backend": args.backend}
     if args.mode == "antideepfake":
         defaults = WindowConfig()
         windowing = {"--window-seconds": (args.window_seconds, defaults.window_seconds),
@@ -67,6 +66,6 @@ def device_from_args(args: argparse.Namespace, info):
 
     from posttrain.dist import choose_device
 
-    if getattr(args, "backend", "torch").startswith("onnxruntime"):  # a CPU backend: cuda only when asked (then refused)
+    if args.backend.startswith("onnxruntime"):  # a CPU backend: cuda only when asked (then refused)
         return torch.device(args.device or "cpu")
     return torch.device(args.device) if args.device else choose_device("auto", info.local_rank)

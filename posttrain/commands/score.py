@@ -45,7 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also write per file the score of every window (NAME.timeline.csv/.json, calibrated "
                              "when a calibration is known) and a PNG of it with the threshold and the regions "
                              "called fake into DIR (default: none)")
-    add_arguments(parser, batch_seconds=100.0, backends=True)
+    add_arguments(parser, batch_seconds=100.0)
 
 
 def _read_labels(args: argparse.Namespace) -> list | None:

@@ -24,6 +24,7 @@ import torch
 from posttrain.data.files import write_bytes_atomic
 from posttrain.dist import DistInfo, dist_info
 from posttrain.eval.inference import Skipped, Source, gather, iter_outputs, rank_inputs, rank_tasks
+from posttrain.eval.onnx_runtime import OnnxModel
 from posttrain.eval.scoring import InferenceConfig, logit_columns
 from posttrain.models.detector import Detector
 from posttrain.select.embeddings import (DTYPES, EMBEDDINGS_NAME, MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION,
@@ -38,7 +39,7 @@ def _row_meta(output, local_row: int) -> dict[str, Any]:
             "num_windows": output.num_windows, **logit_columns(output.logits), "_local_row": local_row}
 
 
-def embed_source(model: Detector, source: Source, out_dir: str | Path, cfg: InferenceConfig, *,
+def embed_source(model: Detector | OnnxModel, source: Source, out_dir: str | Path, cfg: InferenceConfig, *,
                  model_identity: Mapping[str, Any], device: torch.device | str = "cpu", dtype: str = "float32",
                  info: DistInfo | None = None) -> dict[str, Any] | None:
     """Embed every sample of ``source`` into ``out_dir``; returns the manifest on rank 0, None elsewhere."""

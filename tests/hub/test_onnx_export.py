@@ -207,6 +207,22 @@ def test_an_int8_window_scores_the_same_alone_and_beside_others(onnx_dir):
     assert np.array_equal(batched_embedding[1], alone_embedding[0])
 
 
+def test_embed_with_onnxruntime_writes_the_torch_models_embeddings(onnx_dir, tiny_export_dir, shard_dir, tmp_path):
+    """``posttrain embed --backend onnxruntime`` (and ``drift``, which embeds the same way) from the graph's
+    ``embedding`` output: the torch model's embeddings of every sample, in the same order."""
+    def embeddings(model: Path, name: str, *backend: str) -> tuple[np.ndarray, list[str]]:
+        out = tmp_path / name
+        assert main(["embed", "--model", str(model), "--shards", str(shard_dir), "--out", str(out), "--no-progress",
+                     *backend]) == 0
+        ids = [json.loads(line)["id"] for line in (out / "meta.jsonl").read_text().splitlines()]
+        return np.load(out / "embeddings.npy"), ids
+
+    (torch_rows, torch_ids), (onnx_rows, onnx_ids) = (embeddings(tiny_export_dir, "torch"),
+                                                      embeddings(onnx_dir, "onnx", "--backend", "onnxruntime"))
+    assert onnx_ids == torch_ids and len(torch_ids) > 1
+    assert np.abs(onnx_rows.astype(np.float64) - torch_rows).max() < TOLERANCE
+
+
 def test_eval_with_onnxruntime_writes_the_torch_backend_scores(onnx_dir, tiny_export_dir, tiny_corpus, tmp_path):
     def scores(model: Path, name: str, *backend: str) -> dict[str, float]:
         out = tmp_path / name
