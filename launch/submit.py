@@ -67,11 +67,13 @@ class PosttrainJob(submitit.helpers.Checkpointable):
     def train(self) -> Any:
         from posttrain import console
         from posttrain.config import load_config
+        from posttrain.dist import end_process_group
         from posttrain.train.trainer import train
 
         console.configure()  # the job's log says what `posttrain train` says: its resume point, its checkpoints
         cfg = load_config(self.config_path, self.overrides)
         result = train(cfg)
+        end_process_group()  # as `posttrain train` does: no rank leaves while another's group is up
         if result.stopped is not None and os.environ.get("RANK") == "0":
             # the collective checkpoint is written: submitit's handler (back in place) requeues and exits
             stop_signal = signal.Signals[result.stopped.signal]

@@ -121,6 +121,15 @@ def _prepare_deepspeed(device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
+def end_process_group() -> None:
+    """After a command's last collective: wait for every rank, then take the group down. A rank that exits
+    with its group up can abort a slower rank's gloo threads at exit ("terminate called without an active
+    exception", SIGABRT), and a finished job would then end FAILED (or a stopped one not be requeued)."""
+    if is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
 @contextlib.contextmanager
 def process_group() -> Iterator[DistInfo]:
     """A process group for the duration of an inference command run under torchrun

@@ -27,9 +27,11 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(["preflight ok:", *(f"  {line}" for line in checked)]))
         return 0
     # imported after the config is valid: DeepSpeed picks its accelerator on import (see engine)
+    from posttrain.dist import end_process_group
     from posttrain.train.trainer import train
 
     result = train(cfg)
+    end_process_group()
     progress = result.progress
     best = "n/a" if progress.best_valid_eer is None else f"{100 * progress.best_valid_eer:.2f} %"
     print(f"trained {progress.step} steps ({progress.samples} samples, {progress.skipped_steps} skipped), "

@@ -144,6 +144,10 @@ def _rank_main(rank: int, world_size: int, port: int, program: str, work: str, s
 
     start_process_group(torch.device("cpu"), deepspeed=True)
     globals()[program](Path(work), shards)
+    # every rank done before any leaves: a rank exiting with the group up can abort another's gloo threads
+    # ("terminate called without an active exception", SIGABRT on a loaded machine)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _spawn(program: str, world_size: int, work: Path, shards: dict) -> None:

@@ -237,8 +237,9 @@ def test_a_batch_over_the_per_file_limit_is_refused_while_it_streams(hostile):
     done.set()
     watcher.join()
     assert reply.startswith("HTTP/1.1 413") and "too_large" in reply and "big.wav" in reply, reply[:300]
-    assert sent < 16 * 2**20  # refused long before the 20 MiB file was sent
-    assert 4 * 2**20 < folder_peak[0] <= 9 * 2**20, folder_peak[0]  # up to the 8 MiB of one file, then refused
+    # the server's side decides, not how much the client pushed into the loopback buffers meanwhile (on a
+    # loaded machine most of the 20 MiB): at most the 8 MiB of one file on disk, then refused
+    assert 4 * 2**20 < folder_peak[0] <= 9 * 2**20, folder_peak[0]
     time.sleep(0.3)
     assert _uploads_left(hostile) == []
     _healthy(hostile)
