@@ -175,8 +175,10 @@ class ServiceState:
         self.metrics.audio.inc(output.seconds)
         if self.drift is not None and window == self.window:  # the reference was made with the service's windows
             self.drift.add(embedding)
-        return {**self._result(output, level), "warnings": list(wave.warnings),
-                **(used(region, window) if options.given else {})}
+        result = self._result(output, level)
+        # its windows are in the file's time (above), so its axis runs to the region's end, not its length
+        result["timeline"]["seconds"] = region[1] / SAMPLE_RATE_HZ
+        return {**result, "warnings": list(wave.warnings), **(used(region, window) if options.given else {})}
 
     def _result(self, output: SampleOutput, level: float) -> dict[str, Any]:
         """The score under its name (``logit_diff`` / ``cosine``); ``p_real``: the softmax P(real) of logits,

@@ -74,6 +74,7 @@ def test_a_region_scores_like_that_slice_uploaded_alone(server):
     # the timeline is in the uploaded file's time
     assert [(w["start_s"], w["end_s"]) for w in region["timeline"]["windows"]] == \
         [(w["start_s"] + start, w["end_s"] + start) for w in alone["timeline"]["windows"]]
+    assert region["timeline"]["seconds"] == end == region["timeline"]["windows"][-1]["end_s"]  # the axis holds them
     # the same options as multipart form fields; an end past the file's end is cut to it
     form = _ok(requests.post(f"{server.url}/v1/score", files={"file": ("c.wav", _wav(pcm), "audio/wav")},
                              data={"start_seconds": str(start), "end_seconds": str(end)}, headers=server.headers(),
