@@ -7,7 +7,9 @@ draws). The state is tensors only, so ``torch.load(weights_only=True)`` reads it
 
 from __future__ import annotations
 
+import contextlib
 import random
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -41,3 +43,14 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch_cpu"])
     if "torch_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["torch_cuda"])
+
+
+@contextlib.contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Every generator ``rng_state`` covers is as it was after the block, whatever the block seeds or draws
+    (``torch.random.fork_rng`` keeps torch's only, not Python's or NumPy's)."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)

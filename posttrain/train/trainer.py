@@ -30,6 +30,7 @@ from posttrain.dist import (all_gather_objects, all_reduce_sum, broadcast_flag, 
                             start_process_group)
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.engine_config import builds_in_partitions, check_precision_supported, deepspeed_config
+from posttrain.train.rng import rng_preserved
 from posttrain.train.run_lock import acquire_run_lock
 from posttrain.train.schedule import build_scheduler
 from posttrain.train.step import (SkippableAdamW, StepContext, StepStats, dummy_batch, get_step_mode, make_augment,
@@ -199,8 +200,6 @@ def silence_deepspeed_noise() -> None:
         logger.addFilter(_DropDeepSpeedNoise())
 
 
-
-
 class Trainer:
     """The state of one training run; ``train(cfg)`` is the entry point."""
 
@@ -220,8 +219,8 @@ class Trainer:
         self.root = ckpt.checkpoint_root(self.output_dir)
         self.run_lock = acquire_run_lock(self.output_dir, self.rank)
         # from here on, a scheduler's warning (even one during set-up) ends in a checkpoint
+        self.progress = Progress()  # before the handler that reads it
         self.stop = StopRequest(cfg.checkpoint.stop_signal, lambda: self.progress.step).install()
-        self.progress = Progress()
         try:
             self._set_up()
         except BaseException:
@@ -254,7 +253,6 @@ class Trainer:
         self.engine = self._build_engine(universal)
         self.config_yaml = dump_config(cfg)
         self.stream = ShardStream(cfg.data.train)
-        self.progress = Progress()
         self.ctx = StepContext(cfg=cfg, optimizer=self.optimizer, scheduler=self.scheduler, device=self.device,
                                world_size=self.world_size, augment=make_augment(cfg),
                                input_eps=self.model.input_eps, stop=self.stop, build_model=self._model_copy,
@@ -296,7 +294,7 @@ class Trainer:
         of training are left as they were."""
         from posttrain.models.detector import build_detector
 
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with rng_preserved():
             seed_everything(self.cfg.train.seed)
             if initial:
                 return self._build_model(None)[0]

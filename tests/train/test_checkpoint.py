@@ -119,3 +119,20 @@ def test_no_checkpoint_can_be_written_between_the_two_sam_passes(tmp_path):
     finally:
         perturbation.clear_perturbed(engine)
     assert not engine.saved and not (tmp_path / "step-00000001").exists()
+
+
+def test_rng_preserved_leaves_python_numpy_and_torch_as_they_were():
+    """What GRPO's frozen-model build runs in: it seeds every generator, and training's streams (NumPy's is
+    SpecAugment's) must carry on afterwards as if it had not (torch's fork_rng keeps torch's only)."""
+    import random
+
+    from posttrain.train.rng import rng_preserved
+
+    random.seed(11), np.random.seed(11), torch.manual_seed(11)
+    saved = rng_state()
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    set_rng_state(saved)
+    with rng_preserved():
+        random.seed(3), np.random.seed(3), torch.manual_seed(3)
+        random.random(), np.random.rand(), torch.rand(1)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
