@@ -26,13 +26,6 @@ from posttrain.eval.scoring import WindowConfig
 MAX_ATTENTION_BYTES = 2 << 30
 
 
-def first_conv_frames_total(config, samples: int) -> int:
-    """Encoder frames of ``samples`` input samples (the conv stack's output length)."""
-    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
-        samples = (samples - kernel) // stride + 1
-    return max(samples, 0)
-
-
 def _time(run, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -79,6 +72,8 @@ def _bench_cell(detector, runners: dict, pieces: list[np.ndarray], *, preset: st
     """Every backend on one input, given as ``pieces`` (the whole file, or its windows) run one after another."""
     import torch
 
+    from posttrain.models.backbones.wav2vec2 import conv_output_lengths
+
     def eager() -> None:
         with torch.inference_mode():
             for piece in pieces:
@@ -87,7 +82,7 @@ def _bench_cell(detector, runners: dict, pieces: list[np.ndarray], *, preset: st
 
     backends = {"torch eager": eager, **{name: (lambda model=model: [model.logits([piece]) for piece in pieces])
                                          for name, model in runners.items()}}
-    frames = int(first_conv_frames_total(detector.ssl_config, max(piece.size for piece in pieces)))
+    frames = conv_output_lengths(detector.ssl_config, max(piece.size for piece in pieces))[-1]
     attention = frames * frames * detector.ssl_config.num_attention_heads * 4
     rows = []
     for name, run in backends.items():

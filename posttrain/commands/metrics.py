@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from posttrain.eval.metrics import OPERATING_POINTS
+    from posttrain.eval.metrics import DEFAULT_BOOTSTRAP_RESAMPLES, DEFAULT_BOOTSTRAP_SEED, OPERATING_POINTS
     from posttrain.eval.report import GROUPINGS, LOGIT_SCORES
 
     parser.add_argument("scores", type=Path, help="score file: posttrain, AntiDeepfake (ID,Score,Label) or "
@@ -27,9 +27,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "of --threshold: eer, far1 (at most 1 %% of spoofs accepted), frr1, min_dcf")
     parser.add_argument("--prior-bona-fide", type=float, default=0.5,
                         help="prior of the calibration objective (0.5: minimise Cllr)")
-    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+    parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP_RESAMPLES, metavar="N",
                         help="bootstrap resamples for the EER's 95 %% confidence interval (0: none)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--seed", type=int, default=DEFAULT_BOOTSTRAP_SEED, help="bootstrap seed")
     parser.add_argument("--threshold", type=float, default=None,
                         help="decision threshold for accuracy/precision/recall/F1 (default: the EER threshold)")
     parser.add_argument("--logit-score", choices=LOGIT_SCORES, default="logit_diff",

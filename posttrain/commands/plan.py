@@ -43,7 +43,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sam-variant", choices=["sam", "looksam", "esam"], default=None,
                         help=f"SAM every step, LookSAM or ESAM (default: the config's, else "
                              f"{defaults.sam_variant})")
-    parser.add_argument("--grpo", choices=["off", "grpo2", "grpo3"], default=None,
+    parser.add_argument("--grpo", choices=list(FROZEN_MODELS), default=None,
                         help="count GRPO's frozen models: grpo2 (GRPO_s) the reference, grpo3 (GRPO) reference and "
                              "old policy (default: the config's grpo section, else off)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
-import logging
 import multiprocessing
 import os
 from collections import Counter
@@ -27,9 +26,9 @@ from posttrain.data.labels import LABELS
 from posttrain.data.protocol import ProtocolRow, read_protocols
 from posttrain.data.shards import (FORMAT, INDEX_NAME, REJECTS_NAME, TASK_INDEX_GLOB, TOTAL_GROUPS, VERSION,
                                    file_sha256, sample_key)
-from posttrain.data.shard_plan import (BuildOptions, SPLITS, ShardBuildError, ShardSpec, _meta_bytes, asked_mixed, plan_fingerprint, plan_shards, sample_meta, seconds_range, select_rows, task_shards)
-
-log = logging.getLogger(__name__)
+from posttrain.data.shard_plan import (BuildOptions, SPLITS, ShardBuildError, ShardSpec, _meta_bytes, asked_mixed,
+                                       plan_fingerprint, plan_shards, sample_meta, seconds_range, select_rows,
+                                       task_shards)
 
 STAGING_DIR = ".staging"
 RECORDS_DIR = ".records"

@@ -125,16 +125,14 @@ def scoring_text() -> str:
             f"{cfg.aggregation}), one window per run (--max-batch-size 1)")
 
 
-def _scores(folder: Path, check: CheckSet, precision: str, cfg):
-    """``(ScoreTable, skipped count)`` of every trial of ``check`` scored by the ``precision`` graph."""
+def _scores(model, check: CheckSet, cfg):
+    """``(ScoreTable, skipped count)`` of every trial of ``check`` scored by ``model`` (an ``OnnxModel``)."""
     from posttrain.dist import DistInfo
     from posttrain.errors import UserError
     from posttrain.eval.inference import run_inference
-    from posttrain.eval.onnx_runtime import OnnxModel
     from posttrain.eval.report import ScoreTable
     from posttrain.eval.scoring import score_record
 
-    model = OnnxModel(folder, int8=precision == "int8")
     # one process: an export is no distributed job, whatever torchrun variables are set
     result = run_inference(model, check.source(), cfg, info=DistInfo())
     if not result.outputs:
@@ -145,8 +143,8 @@ def _scores(folder: Path, check: CheckSet, precision: str, cfg):
     return ScoreTable.from_records(records), len(result.skipped)
 
 
-def check_one(folder: Path, check: CheckSet, *, resamples: int, seed: int) -> dict[str, Any]:
-    """The int8-vs-fp32 row of one set (module docstring)."""
+def check_one(models: Mapping[str, Any], check: CheckSet, *, resamples: int, seed: int) -> dict[str, Any]:
+    """The int8-vs-fp32 row of one set (module docstring); ``models``: an ``OnnxModel`` per ``BACKENDS`` key."""
     from scipy import stats
 
     from posttrain.errors import UserError
@@ -154,7 +152,7 @@ def check_one(folder: Path, check: CheckSet, *, resamples: int, seed: int) -> di
 
     tables, rows = {}, {}
     for precision, backend in BACKENDS.items():
-        tables[precision], skipped = _scores(folder, check, precision, scoring_config(backend))
+        tables[precision], skipped = _scores(models[precision], check, scoring_config(backend))
         metrics = compute_metrics(tables[precision].scores, tables[precision].labels,
                                   bootstrap_resamples=resamples, seed=seed)
         if metrics["eer"] is None:
@@ -179,13 +177,15 @@ def check_int8(folder: str | Path, sets: Sequence[CheckSet]) -> dict[str, Any]:
     import onnxruntime
 
     from posttrain.eval.metrics import DEFAULT_BOOTSTRAP_RESAMPLES, DEFAULT_BOOTSTRAP_SEED
+    from posttrain.eval.onnx_runtime import OnnxModel
 
     resamples, seed = DEFAULT_BOOTSTRAP_RESAMPLES, DEFAULT_BOOTSTRAP_SEED  # posttrain eval's --bootstrap, --seed
+    models = {precision: OnnxModel(folder, int8=precision == "int8") for precision in BACKENDS}  # one session each
     return {"scoring": scoring_text(),
             "bootstrap": {"resamples": resamples, "seed": seed},
             "goals": {"int8_eer": "inside the fp32 EER's bootstrap CI", "pearson_r_min": PEARSON_GOAL},
             "cpu": cpu(), "onnxruntime": onnxruntime.__version__,
-            "sets": [check_one(Path(folder), check, resamples=resamples, seed=seed) for check in sets]}
+            "sets": [check_one(models, check, resamples=resamples, seed=seed) for check in sets]}
 
 
 def eer_text(row: Mapping[str, Any]) -> str:

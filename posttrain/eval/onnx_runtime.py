@@ -62,8 +62,6 @@ class OnnxModel:
     """An ONNX export folder as the inference core's model (``posttrain.eval.inference``): ``logits`` (and
     ``embedding``) of raw windows, the encoder config and score definition of the model it was exported from."""
 
-    backend = "onnxruntime"
-
     def __init__(self, folder: str | Path, *, threads: int | None = None, int8: bool = False):
         self.folder = Path(folder)
         if not is_onnx_dir(self.folder):
@@ -72,7 +70,6 @@ class OnnxModel:
         self.identity = read_onnx_identity(self.folder)
         name = INT8_NAME if int8 else ONNX_NAME
         self.int8 = int8
-        self.backend = "onnxruntime-int8" if int8 else "onnxruntime"
         if not (self.folder / name).is_file():
             raise UserError(f"{self.folder}: no {name} (export with --quantize int8)")
         self.path = self.folder / name

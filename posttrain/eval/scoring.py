@@ -44,7 +44,6 @@ from posttrain.eval.calibration import Calibration, CalibrationError, calibratio
 from posttrain.eval.metrics import ASVSPOOF5_COSTS, DetectionCosts, accepts
 from posttrain.models.score_definitions import LOGIT_DIFF, SCORE_DESCRIPTIONS, ScoreDefinition
 
-SCORE_TYPE = LOGIT_DIFF.name  # a linear head's ScoreType in score files (posttrain.eval.report.SCORE_TYPES)
 # Input quieter than this (RMS, dB full scale) is flagged: the detectors normalise every input to zero
 # mean and unit variance, so a near-silent file's noise floor is scored as if it were speech, often
 # confidently; such a score says nothing about the recording. Speech sits around -40..-10 dBFS.

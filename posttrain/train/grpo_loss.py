@@ -29,8 +29,6 @@ import torch.nn.functional as F
 
 from posttrain.dist import global_sums
 
-NORMALISATIONS = ("batch", "group")
-
 
 @dataclass
 class GrpoTerms:

@@ -71,10 +71,5 @@ def write_stopped(output_dir: str | Path, stop: SignalStop) -> None:
     write_text_atomic(stopped_path(output_dir), json.dumps(asdict(stop), indent=1) + "\n")
 
 
-def read_stopped(output_dir: str | Path) -> SignalStop | None:
-    path = stopped_path(output_dir)
-    return SignalStop(**json.loads(path.read_text())) if path.is_file() else None
-
-
 def clear_stopped(output_dir: str | Path) -> None:
     stopped_path(output_dir).unlink(missing_ok=True)
